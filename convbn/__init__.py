@@ -1,0 +1,27 @@
+"""convbn: Conv2D + BatchNorm with one meaning in PyTorch, TensorFlow, JAX and NumPy.
+
+Importing convbn imports no framework; a backend is loaded when a call needs it.
+"""
+
+from __future__ import annotations
+
+from convbn import conventions
+from convbn.api import conv_bn, fuse, to_backend, to_numpy
+from convbn.dispatch import AUTO_ORDER, available_backends
+from convbn.errors import ConvBNError
+from convbn.params import ConvBNParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AUTO_ORDER",
+    "ConvBNError",
+    "ConvBNParams",
+    "__version__",
+    "available_backends",
+    "conv_bn",
+    "conventions",
+    "fuse",
+    "to_backend",
+    "to_numpy",
+]

@@ -1,0 +1,176 @@
+"""The public functional API: `conv_bn`, `fuse`, `to_backend`, `to_numpy`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from convbn import dispatch
+from convbn.errors import ConvBNError
+from convbn.geometry import plan_for
+from convbn.params import ConvBNParams, with_arrays
+
+__all__ = ["conv_bn", "fuse", "to_backend", "to_numpy"]
+
+
+def conv_bn(
+    x: Any,
+    params: ConvBNParams,
+    training: bool = False,
+    *,
+    data_format: str = "NHWC",
+    backend: str | None = None,
+    device: Any = None,
+) -> Any:
+    """Conv2D followed by BatchNorm, with one meaning on every backend.
+
+    ``y = (conv(x, kernel) + bias - mean) / sqrt(var + eps) * gamma + beta``, where in eval mode
+    ``mean``/``var`` are the moving statistics and in training mode the batch statistics (biased
+    variance). Padding ``"SAME"`` is TensorFlow's, including the asymmetric split.
+
+    Args:
+        x: input, ``(N, H, W, C)`` or ``(N, C, H, W)`` per ``data_format``. A torch tensor runs on
+            the torch backend, a ``tf.Tensor``/``tf.Variable`` on TensorFlow, a ``jax.Array`` or
+            tracer on JAX, each on the device where ``x`` lives. A NumPy array runs on
+            ``backend`` (else ``$CONVBN_BACKEND``, else the first installed of torch, jax,
+            tensorflow, numpy) on ``device`` (else the best available) and comes back as NumPy.
+        params: a :class:`ConvBNParams`; its arrays may be of any framework.
+        training: normalize with batch statistics and return updated moving statistics.
+        data_format: ``"NHWC"`` or ``"NCHW"``, for both ``x`` and ``y``.
+        backend: for NumPy input, ``"numpy"``, ``"torch"``, ``"tensorflow"`` or ``"jax"``.
+        device: for NumPy input, ``"cpu"``, ``"cuda"``/``"gpu"`` (``":N"`` suffix allowed),
+            ``"tpu"``, ``"mps"`` or a framework device object.
+
+    Returns:
+        eval: ``y``. training: ``(y, new_params)``, ``new_params`` being ``params`` with the
+        moving statistics updated as ``momentum * old + (1 - momentum) * batch``. Nothing is
+        modified in place. ``y`` has ``x``'s dtype; statistics are computed in float32 or wider.
+
+    Raises:
+        ConvBNError: for a bad data_format, rank, channel count, padding, or a training batch with
+            one value per channel.
+        TypeError: when ``x`` is not an array of a supported framework, or ``params`` is not a
+            ``ConvBNParams``.
+        ImportError: when the requested backend's framework is not installed (names the extra).
+
+    Example:
+        >>> import numpy as np, convbn
+        >>> params = convbn.ConvBNParams(kernel=np.ones((3, 3, 2, 4), np.float32),
+        ...                              moving_mean=np.zeros(4, np.float32),
+        ...                              moving_var=np.ones(4, np.float32), eps=0.0)
+        >>> y = convbn.conv_bn(np.ones((1, 4, 4, 2), np.float32), params, backend="numpy")
+        >>> float(y[0, 1, 1, 0]), float(y[0, 0, 0, 0])
+        (18.0, 8.0)
+    """
+    if not isinstance(params, ConvBNParams):
+        raise TypeError(
+            f"params must be a convbn.ConvBNParams. Received: params of type {type(params).__name__}"
+        )
+    name = dispatch.backend_name_of(x)
+    if name == "numpy":
+        return _conv_bn_numpy(x, params, training, data_format, backend, device)
+    if backend is not None and dispatch.normalize_name(backend) != name:
+        raise ConvBNError(
+            f"backend must match x's framework or be None (x is a {name} array); convert x first. "
+            f"Received: backend={backend!r}"
+        )
+    if device is not None:
+        raise ConvBNError(
+            f"device applies to NumPy input only: a {name} x runs where it lives; move it with "
+            f"{name} first. Received: device={device!r}"
+        )
+    module = dispatch.load_backend(name)
+    plan = plan_for(module.static_shape(x), params, data_format, training)
+    if plan.training and plan.values_per_channel == 0:
+        return _empty_training_call(module, x, params, data_format)
+    return module.conv_bn(x, params, plan)
+
+
+def _empty_training_call(module: Any, x: Any, params: ConvBNParams, data_format: str) -> Any:
+    """A zero-size batch has no statistics: the output is empty and the moving stats are kept."""
+    plan = plan_for(module.static_shape(x), params, data_format, False)
+    return module.conv_bn(x, params, plan), params
+
+
+def _conv_bn_numpy(
+    x: np.ndarray,
+    params: ConvBNParams,
+    training: bool,
+    data_format: str,
+    backend: str | None,
+    device: Any,
+) -> Any:
+    name = dispatch.auto_backend(backend)
+    module = dispatch.load_backend(name)
+    plan = plan_for(x.shape, params, data_format, training)
+    resolved = module.resolve_device(device)
+    key = ("to_backend", name, str(resolved))
+    native = params._cache.get(key)
+    if native is None:
+        native = module.to_backend(params, resolved)
+        params._cache[key] = native
+    xb = module.asarray(x, resolved)
+    if plan.training and plan.values_per_channel == 0:
+        y, _ = _empty_training_call(module, xb, native, data_format)
+        return module.to_numpy(y), params
+    out = module.conv_bn(xb, native, plan)
+    if not plan.training:
+        return module.to_numpy(out)
+    y, new = out
+    return module.to_numpy(y), with_arrays(
+        params,
+        moving_mean=module.to_numpy(new.moving_mean),
+        moving_var=module.to_numpy(new.moving_var),
+    )
+
+
+def fuse(params: ConvBNParams) -> tuple[Any, Any]:
+    """Fold BatchNorm into the conv for inference: ``(kernel, bias)``, kernel HWIO.
+
+    ``W' = W * gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``,
+    with absent gamma/beta/bias taken as 1/0/0. Computed in float32 or wider, returned in the
+    kernel's dtype and framework (the backend of ``params.kernel``).
+
+    Then ``conv(x, W') + b'`` equals ``conv_bn(x, params)`` in eval mode.
+
+    Example:
+        >>> import numpy as np, convbn
+        >>> p = convbn.ConvBNParams(kernel=np.ones((1, 1, 1, 1)), moving_mean=np.array([1.0]),
+        ...                         moving_var=np.array([4.0]), gamma=np.array([2.0]), eps=0.0)
+        >>> w, b = convbn.fuse(p)
+        >>> float(w[0, 0, 0, 0]), float(b[0])
+        (1.0, -1.0)
+    """
+    if not isinstance(params, ConvBNParams):
+        raise TypeError(
+            f"params must be a convbn.ConvBNParams. Received: params of type {type(params).__name__}"
+        )
+    return dispatch.load_backend(dispatch.backend_name_of(params.kernel)).fuse(params)  # type: ignore[no-any-return]
+
+
+def to_backend(params: ConvBNParams, backend: str, device: Any = None) -> ConvBNParams:
+    """``params`` with every array converted to ``backend``'s type, on ``device``.
+
+    Convert once before a loop so calls don't pay a conversion each time.
+
+    Args:
+        params: the params to convert (not modified).
+        backend: ``"numpy"``, ``"torch"``, ``"tensorflow"`` or ``"jax"``.
+        device: as in :func:`conv_bn`; None keeps tensors where they are and puts converted
+            NumPy data on the framework's default device.
+
+    Example:
+        >>> import numpy as np, convbn
+        >>> p = convbn.ConvBNParams(kernel=np.ones((1, 1, 1, 1)), moving_mean=np.zeros(1),
+        ...                         moving_var=np.ones(1))
+        >>> type(convbn.to_backend(p, "numpy").kernel).__name__
+        'ndarray'
+    """
+    name = dispatch.normalize_name(backend)
+    return dispatch.load_backend(name).to_backend(params, device)  # type: ignore[no-any-return]
+
+
+def to_numpy(params: ConvBNParams) -> ConvBNParams:
+    """``params`` with every array as a NumPy array."""
+    return to_backend(params, "numpy")

@@ -1,0 +1,17 @@
+"""One module per framework, each with the same functions.
+
+Every backend module defines:
+
+- ``NAME``: its name.
+- ``static_shape(x)``: ``x``'s shape as a tuple, None for dims unknown at trace time.
+- ``resolve_device(spec)``: the framework's device for a spec (``None`` = best available,
+  ``"cpu"``, ``"cuda"``/``"gpu"``, ``"cuda:1"``, ``"tpu"``, ``"mps"``).
+- ``asarray(a, device=None)``: any array (NumPy or another framework's) as this framework's.
+- ``to_numpy(a)``: this framework's array as NumPy.
+- ``to_backend(params, device=None)``: params with every array converted.
+- ``conv_bn(x, params, plan)``: the op; ``plan`` (:class:`convbn.geometry.Plan`) carries the
+  validated geometry and the mode. Returns ``y`` in eval, ``(y, new_params)`` in training.
+- ``fuse(params)``: ``(kernel, bias)`` with BatchNorm folded into the conv, HWIO.
+
+A backend module imports its framework at the top: it is only loaded after dispatch chose it.
+"""

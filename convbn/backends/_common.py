@@ -1,0 +1,51 @@
+"""Math shared by every backend, written with operators only so it runs on any array type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from convbn.params import ConvBNParams
+
+__all__ = ["fold", "moving_update"]
+
+
+def fold(
+    kernel: Any,
+    bias: Any,
+    gamma: Any,
+    beta: Any,
+    mean: Any,
+    var: Any,
+    eps: float,
+    rsqrt: Callable[[Any], Any],
+) -> tuple[Any, Any]:
+    """BatchNorm folded into an HWIO conv: ``W' = W * s``, ``b' = beta + (b - mean) * s``,
+    ``s = gamma / sqrt(var + eps)``. Absent gamma/beta/bias mean 1/0/0."""
+    scale = rsqrt(var + eps)
+    if gamma is not None:
+        scale = gamma * scale
+    shift = (bias - mean) * scale if bias is not None else -mean * scale
+    if beta is not None:
+        shift = shift + beta
+    return kernel * scale, shift
+
+
+def moving_update(
+    params: ConvBNParams,
+    old_mean: Any,
+    old_var: Any,
+    batch_mean: Any,
+    batch_var_unbiased: Any,
+    count: Any,
+) -> tuple[Any, Any]:
+    """New moving statistics from the batch mean and the *unbiased* batch variance.
+
+    ``count`` is the number of values per channel; the biased variance is derived from the unbiased
+    one in O(channels), so no backend needs a second pass over the data.
+    """
+    m = params.momentum
+    var = batch_var_unbiased if params.var_update == "unbiased" else batch_var_unbiased * ((count - 1) / count)
+    new_mean = old_mean * m + batch_mean * (1.0 - m)
+    new_var = old_var * m + var * (1.0 - m)
+    return new_mean, new_var

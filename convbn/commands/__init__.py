@@ -1,0 +1,1 @@
+"""Subcommands of the ``convbn`` CLI, one module each (see :mod:`convbn.cli`)."""

@@ -1,0 +1,73 @@
+"""``convbn info``: installed backends, their versions and devices, and a one-call agreement check."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from convbn import dispatch, testing
+from convbn.params import ConvBNParams
+
+_DISTRIBUTIONS = {
+    "numpy": ("numpy",),
+    "torch": ("torch",),
+    "tensorflow": ("tensorflow", "tensorflow-cpu"),
+    "jax": ("jax",),
+}
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("info", help="installed backends, devices, and a quick agreement check")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=run)
+
+
+def _version(name: str) -> str | None:
+    for dist in _DISTRIBUTIONS[name]:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    params = ConvBNParams(
+        kernel=rng.standard_normal((3, 3, 3, 4)).astype(np.float32),
+        moving_mean=rng.standard_normal(4).astype(np.float32),
+        moving_var=rng.uniform(0.5, 2, 4).astype(np.float32),
+        bias=rng.standard_normal(4).astype(np.float32),
+        stride=2,
+    )
+    reference = testing.run("numpy", x.astype(np.float64), params)[0]
+    rows = []
+    if "torch" in dispatch.available_backends():
+        import torch  # noqa: F401  (torch before tensorflow)
+    for name in ("numpy", "torch", "tensorflow", "jax"):
+        row: dict[str, Any] = {"backend": name, "version": _version(name), "installed": dispatch.is_installed(name)}
+        if row["installed"]:
+            module = dispatch.load_backend(name)
+            device = module.resolve_device(None)
+            y = testing.run(name, x, params, device=None if name == "numpy" else device)[0]
+            row["device"] = str(device)
+            row["max_rel_err_vs_float64"] = float(np.max(np.abs(y - reference)) / np.max(np.abs(reference)))
+        rows.append(row)
+    if args.json:
+        json.dump({"backends": rows, "auto_order": list(dispatch.AUTO_ORDER)}, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{'backend':<11} {'version':<10} {'device':<28} {'float32 vs float64 (rel)'}")
+    for row in rows:
+        if not row["installed"]:
+            print(f"{row['backend']:<11} {'-':<10} {'not installed':<28} -")
+            continue
+        print(f"{row['backend']:<11} {row['version'] or '?':<10} {row['device']:<28} {row['max_rel_err_vs_float64']:.2e}")
+    print(f"NumPy input picks the first installed of: {', '.join(dispatch.AUTO_ORDER)}")
+    return 0

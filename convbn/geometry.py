@@ -1,0 +1,185 @@
+"""Padding arithmetic and shape validation, in plain Python on static dimensions.
+
+Every backend gets a :class:`Plan` computed here, so TF's SAME split, the output size and every
+shape check are written once and checked before any framework sees the data. Only dimensions that
+are plain ints are checked, so tracing under ``jax.jit`` / ``tf.function`` (unknown batch size) works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from convbn.errors import ConvBNError
+from convbn.params import ConvBNParams, ExplicitPadding, Pair, _shape
+
+__all__ = ["DATA_FORMATS", "Plan", "output_size", "plan_for", "same_pads"]
+
+DATA_FORMATS = ("NHWC", "NCHW")
+Dim = int | None
+
+
+@functools.lru_cache(maxsize=4096)
+def same_pads(n: int, k: int, s: int, d: int) -> tuple[int, int]:
+    """TF 'SAME' padding ``(before, after)`` for one spatial dim; an odd total puts the extra after.
+
+    ``out = ceil(n / s)``, ``k_eff = (k - 1) * d + 1``, ``total = max((out - 1) * s + k_eff - n, 0)``.
+    """
+    out = -(-n // s)
+    k_eff = (k - 1) * d + 1
+    total = max((out - 1) * s + k_eff - n, 0)
+    return (total // 2, total - total // 2)
+
+
+def output_size(n: int, k: int, s: int, d: int, before: int, after: int) -> int:
+    """Output length of a conv over ``n`` inputs padded by ``before``/``after``."""
+    return (n + before + after - ((k - 1) * d + 1)) // s + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one call: resolved padding, sizes, and the checks already done.
+
+    ``pads`` is None only for SAME padding on a spatial size unknown at trace time (TF), in which
+    case the backend passes 'SAME' to the framework, whose SAME is TF's.
+    """
+
+    data_format: str
+    training: bool
+    pads: ExplicitPadding | None
+    stride: Pair
+    dilation: Pair
+    groups: int
+    in_channels: int
+    out_channels: int
+    out_hw: tuple[Dim, Dim]
+    values_per_channel: Dim
+
+    @property
+    def symmetric(self) -> bool:
+        """True when each spatial dim pads the same before and after (one conv call suffices)."""
+        return self.pads is not None and all(b == a for b, a in self.pads)
+
+    @property
+    def depthwise(self) -> bool:
+        """True when every input channel is its own group."""
+        return self.groups == self.in_channels and self.groups > 1
+
+
+def _received(x_shape: tuple[Dim, ...], data_format: str) -> str:
+    return f"Received: x.shape={x_shape} (data_format={data_format!r})"
+
+
+def plan_for(
+    x_shape: tuple[Dim, ...], params: ConvBNParams, data_format: str, training: bool
+) -> Plan:
+    """Validate ``x`` against ``params`` and resolve the geometry; cached per params object.
+
+    Raises:
+        ConvBNError: for a bad data_format, rank, channel count, an input smaller than the
+            dilated kernel, or a training batch with one value per channel.
+    """
+    key = ("plan", x_shape, data_format, training)
+    plan = params._cache.get(key)
+    if plan is None:
+        plan = _make_plan(tuple(x_shape), params, data_format, bool(training))
+        params._cache[key] = plan
+    return plan  # type: ignore[no-any-return]
+
+
+def _make_plan(
+    x_shape: tuple[Dim, ...], params: ConvBNParams, data_format: str, training: bool
+) -> Plan:
+    if data_format not in DATA_FORMATS:
+        raise ConvBNError(
+            f"data_format must be 'NHWC' or 'NCHW'. Received: data_format={data_format!r}"
+        )
+    layout = "(N, H, W, C)" if data_format == "NHWC" else "(N, C, H, W)"
+    if len(x_shape) != 4:
+        raise ConvBNError(
+            f"x must be 4-D {layout} for data_format={data_format!r}. Received: x.shape={x_shape}"
+        )
+    params._check_shapes()  # params rebuilt by pytree transforms skipped __post_init__
+    kh, kw, k_in, out_channels = _shape(params.kernel)  # type: ignore[misc]
+    if k_in is None or out_channels is None or kh is None or kw is None:
+        raise ConvBNError(f"kernel shape must be static. Received: kernel.shape={_shape(params.kernel)}")
+    groups = params.groups
+    in_channels = k_in * groups
+    if data_format == "NHWC":
+        n, h, w, c = x_shape
+    else:
+        n, c, h, w = x_shape
+    if c is not None and c != in_channels:
+        extra = f" ({k_in} per group x groups={groups})" if groups > 1 else ""
+        raise ConvBNError(
+            f"x has {c} channels but the kernel expects {in_channels}{extra}. "
+            + _received(x_shape, data_format)
+        )
+    if c is not None and c % groups:
+        raise ConvBNError(
+            f"groups must divide x's channels. Received: groups={groups}, "
+            + _received(x_shape, data_format)
+        )
+    sh, sw = params.stride
+    dh, dw = params.dilation
+    padding = params.padding
+    pads: ExplicitPadding | None
+    if padding == "SAME":
+        pads = (
+            (same_pads(h, kh, sh, dh), same_pads(w, kw, sw, dw))
+            if h is not None and w is not None
+            else None
+        )
+    elif padding == "VALID":
+        pads = ((0, 0), (0, 0))
+    else:
+        pads = padding
+    out_hw: list[Dim] = []
+    for size, k, s, d, axis, i in ((h, kh, sh, dh, "H", 0), (w, kw, sw, dw, "W", 1)):
+        if size is None:
+            out_hw.append(None)
+            continue
+        before, after = pads[i] if pads is not None else (0, 0)
+        k_eff = (k - 1) * d + 1
+        if size + before + after < k_eff:
+            raise ConvBNError(
+                f"the padded input must be at least as large as the dilated kernel along {axis}: "
+                f"{size} + {before} + {after} < {k_eff} (kernel {k}, dilation {d}). "
+                f"Received: padding={padding!r}, " + _received(x_shape, data_format)
+            )
+        out_hw.append(output_size(size, k, s, d, before, after))
+    values: Dim = None
+    if n is not None and out_hw[0] is not None and out_hw[1] is not None:
+        values = n * out_hw[0] * out_hw[1]
+        if training and values == 1:
+            raise ConvBNError(
+                "training needs more than one value per channel to compute batch statistics "
+                "(N * H_out * W_out = 1); use training=False for single values. "
+                + _received(x_shape, data_format)
+            )
+    return Plan(
+        data_format=data_format,
+        training=training,
+        pads=pads,
+        stride=(sh, sw),
+        dilation=(dh, dw),
+        groups=groups,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        out_hw=(out_hw[0], out_hw[1]),
+        values_per_channel=values,
+    )
+
+
+def describe(params: ConvBNParams) -> dict[str, Any]:
+    """A JSON-friendly summary of the static fields (for metadata and reports)."""
+    return {
+        "stride": list(params.stride),
+        "padding": params.padding if isinstance(params.padding, str) else [list(p) for p in params.padding],
+        "dilation": list(params.dilation),
+        "groups": params.groups,
+        "eps": params.eps,
+        "momentum": params.momentum,
+        "var_update": params.var_update,
+    }
