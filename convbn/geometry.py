@@ -14,7 +14,7 @@ from typing import Any
 from convbn.errors import ConvBNError
 from convbn.params import ConvBNParams, ExplicitPadding, Pair, _shape
 
-__all__ = ["DATA_FORMATS", "Plan", "output_size", "plan_for", "same_pads"]
+__all__ = ["DATA_FORMATS", "Plan", "output_size", "plan_for", "same_pads", "share_plans"]
 
 DATA_FORMATS = ("NHWC", "NCHW")
 Dim = int | None
@@ -74,18 +74,32 @@ def _received(x_shape: tuple[Dim, ...], data_format: str) -> str:
 def plan_for(
     x_shape: tuple[Dim, ...], params: ConvBNParams, data_format: str, training: bool
 ) -> Plan:
-    """Validate ``x`` against ``params`` and resolve the geometry; cached per params object.
+    """Validate ``x`` against ``params`` and resolve the geometry; cached per params object
+    (and shared with the params a training step returns, see :func:`share_plans`).
 
     Raises:
         ConvBNError: for a bad data_format, rank, channel count, an input smaller than the
             dilated kernel, or a training batch with one value per channel.
     """
-    key = ("plan", x_shape, data_format, training)
-    plan = params._cache.get(key)
+    plans = params._cache.get("plans")
+    if plans is None:
+        plans = params._cache.setdefault("plans", {})
+    key = (x_shape, data_format, training)
+    plan = plans.get(key)
     if plan is None:
         plan = _make_plan(tuple(x_shape), params, data_format, bool(training))
-        params._cache[key] = plan
+        plans[key] = plan
     return plan  # type: ignore[no-any-return]
+
+
+def share_plans(source: ConvBNParams, target: ConvBNParams) -> ConvBNParams:
+    """Let ``target`` reuse ``source``'s plans: only for params with the same static config and
+    array shapes (e.g. the moving statistics updated by a training step), so that a training loop
+    that passes each step's new params to the next does not validate and plan again every step."""
+    plans = source._cache.get("plans")
+    if plans is not None:
+        target._cache["plans"] = plans
+    return target
 
 
 def _make_plan(

@@ -17,6 +17,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import math
+import operator
 import sys
 import threading
 from collections.abc import Sequence
@@ -39,6 +40,9 @@ ARRAY_FIELDS = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_var")
 #: The static fields: geometry and BatchNorm convention.
 STATIC_FIELDS = ("stride", "padding", "dilation", "groups", "eps", "momentum", "var_update")
 _VAR_UPDATES = ("unbiased", "biased")
+_ARRAY_SET = frozenset(ARRAY_FIELDS)
+_arrays_getter = operator.attrgetter(*ARRAY_FIELDS)
+_static_getter = operator.attrgetter(*STATIC_FIELDS)
 
 
 def _is_int(value: Any) -> bool:
@@ -256,7 +260,11 @@ class ConvBNParams:
 
     def static_config(self) -> tuple[Any, ...]:
         """The static fields as a hashable tuple (the JAX pytree aux data)."""
-        return tuple(getattr(self, name) for name in STATIC_FIELDS)
+        # Cached: it is computed on every jitted call that takes these params as an argument.
+        static = self._cache.get("static")
+        if static is None:
+            static = self._cache["static"] = _static_getter(self)
+        return static  # type: ignore[no-any-return]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -275,19 +283,27 @@ def _rebuild(arrays: Sequence[Any], static: tuple[Any, ...]) -> ConvBNParams:
     so nothing may be checked here.
     """
     params = object.__new__(ConvBNParams)
-    set_ = object.__setattr__
-    for name, value in zip(ARRAY_FIELDS, arrays, strict=False):
-        set_(params, name, value)
-    for name, value in zip(STATIC_FIELDS, static, strict=False):
-        set_(params, name, value)
-    set_(params, "_cache", {})
+    # One __dict__ update instead of a setattr per field: this runs on every jitted call's output
+    # and every training step.
+    state = params.__dict__
+    state.update(zip(ARRAY_FIELDS, arrays, strict=False))
+    state.update(zip(STATIC_FIELDS, static, strict=False))
+    state["_cache"] = {}
     return params
 
 
 def with_arrays(params: ConvBNParams, **arrays: Any) -> ConvBNParams:
     """``params`` with some array fields replaced, skipping re-validation (internal, hot path)."""
-    values = [arrays.get(name, getattr(params, name)) for name in ARRAY_FIELDS]
-    return _rebuild(values, params.static_config())
+    unknown = arrays.keys() - _ARRAY_SET
+    if unknown:
+        raise TypeError(f"with_arrays takes array fields {ARRAY_FIELDS}. Received: {sorted(unknown)}")
+    new = object.__new__(ConvBNParams)
+    state = new.__dict__
+    state.update(params.__dict__)
+    state.update(arrays)
+    static = params._cache.get("static")
+    state["_cache"] = {} if static is None else {"static": static}
+    return new
 
 
 # -- JAX pytree registration ------------------------------------------------------------------
@@ -307,8 +323,8 @@ def _register_with_jax(jax: ModuleType) -> None:
         def flatten_with_keys(p: ConvBNParams) -> tuple[Any, tuple[Any, ...]]:
             return [(k, getattr(p, n)) for k, n in zip(keys, ARRAY_FIELDS, strict=False)], p.static_config()
 
-        def flatten(p: ConvBNParams) -> tuple[list[Any], tuple[Any, ...]]:
-            return [getattr(p, n) for n in ARRAY_FIELDS], p.static_config()
+        def flatten(p: ConvBNParams) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+            return _arrays_getter(p), p.static_config()
 
         tree_util.register_pytree_with_keys(
             ConvBNParams, flatten_with_keys, lambda aux, leaves: _rebuild(leaves, aux), flatten

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from convbn.params import ConvBNParams
+from convbn.geometry import share_plans
+from convbn.params import ConvBNParams, with_arrays
 
-__all__ = ["fold", "moving_update"]
+__all__ = ["fold", "moving_update", "with_moving_stats"]
 
 
 def fold(
@@ -49,3 +50,8 @@ def moving_update(
     new_mean = old_mean * m + batch_mean * (1.0 - m)
     new_var = old_var * m + var * (1.0 - m)
     return new_mean, new_var
+
+
+def with_moving_stats(params: ConvBNParams, moving_mean: Any, moving_var: Any) -> ConvBNParams:
+    """``params`` with new moving statistics (same shapes), keeping its validated plans."""
+    return share_plans(params, with_arrays(params, moving_mean=moving_mean, moving_var=moving_var))
