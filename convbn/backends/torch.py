@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from convbn.backends._common import fold, moving_update
+from convbn.backends._common import fold, moving_update, with_moving_stats
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan
 from convbn.params import ARRAY_FIELDS, ConvBNParams, with_arrays
@@ -107,37 +107,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _param_tensors(params: ConvBNParams, device: torch.device) -> dict[str, Any]:
-    """The params as tensors on ``device``; foreign arrays are converted once and cached."""
+    """The params as tensors on ``device``, cached per params object and device.
+
+    Foreign arrays are converted once; torch tensors are held as they are (the same objects, so
+    in-place updates stay visible and the fold cache below notices them by version counter).
+    """
     key = ("torch-tensors", device)
     cached = params._cache.get(key)
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
-    out = {n: (None if (v := getattr(params, n)) is None else asarray(v, device)) for n in ARRAY_FIELDS}
-    if not all(isinstance(getattr(params, n), torch.Tensor) for n in params.arrays()):
-        params._cache[key] = out
-    return out
-
-
-def _needs_grad(tensors: dict[str, Any]) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors.values()
-    )
-
-
-def _folded(params: ConvBNParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Folded OIHW weight and bias in ``x``'s dtype; cached unless autograd needs the graph."""
-    t = _param_tensors(params, x.device)
-    if _needs_grad(t):
-        return _fold(t, params.eps, x.dtype)
-    key = ("torch-fold", x.device, x.dtype)
-    versions = tuple(v._version for v in t.values() if v is not None)
-    cached = params._cache.get(key)
-    if cached is not None and cached[0] == versions:
-        return cached[1]  # type: ignore[no-any-return]
-    with torch.no_grad():
-        result = _fold(t, params.eps, x.dtype)
-    params._cache[key] = (versions, result)
-    return result
+    if cached is None:
+        cached = {n: (None if (v := getattr(params, n)) is None else asarray(v, device)) for n in ARRAY_FIELDS}
+        params._cache[key] = cached
+    return cached  # type: ignore[no-any-return]
 
 
 def _fold(t: dict[str, Any], eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,17 +128,43 @@ def _fold(t: dict[str, Any], eps: float, dtype: torch.dtype) -> tuple[torch.Tens
     return w.permute(3, 2, 0, 1).to(dtype).contiguous(), b.to(dtype)
 
 
+def _folded(params: ConvBNParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folded OIHW weight and bias in ``x``'s dtype, cached per params object, device and dtype.
+
+    The cache entry records the in-place version counter of every source tensor and is rebuilt
+    when one moved (an optimizer step on the same tensors). When autograd needs a graph through
+    the params the fold is recomputed per call and not cached.
+    """
+    t = _param_tensors(params, x.device)
+    key = ("torch-fold", x.device, x.dtype)
+    entry = params._cache.get(key)
+    if entry is None:
+        live = tuple(v for v in t.values() if v is not None)
+        entry = [live, None, None]
+        params._cache[key] = entry
+    live = entry[0]
+    if torch.is_grad_enabled() and any(v.requires_grad for v in live):
+        return _fold(t, params.eps, x.dtype)
+    versions = tuple(v._version for v in live)
+    if entry[1] != versions:
+        with torch.no_grad():
+            entry[2] = _fold(t, params.eps, x.dtype)
+        entry[1] = versions
+    return entry[2]  # type: ignore[no-any-return]
+
+
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
-    """Conv of NHWC/NCHW ``x`` with an OIHW weight; returns NCHW (channels_last for NHWC input)."""
+    """Conv of NHWC/NCHW ``x`` with an OIHW weight; returns NCHW (channels_last for NHWC input).
+
+    Symmetric padding goes to the conv itself; TF's asymmetric SAME split (odd total) needs one
+    explicit pad, whose amounts come from the cached plan.
+    """
     xc = x.permute(0, 3, 1, 2) if plan.data_format == "NHWC" else x
-    pads = plan.pads
-    assert pads is not None
-    if plan.symmetric:
-        padding: Any = (pads[0][0], pads[1][0])
-    else:
-        xc = F.pad(xc, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
-        padding = 0
-    return F.conv2d(xc, weight, bias, plan.stride, padding, plan.dilation, plan.groups)
+    (top, bottom), (left, right) = plan.pads  # type: ignore[misc]  # torch shapes are static
+    if top == bottom and left == right:
+        return F.conv2d(xc, weight, bias, plan.stride, (top, left), plan.dilation, plan.groups)
+    xc = F.pad(xc, (left, right, top, bottom))
+    return F.conv2d(xc, weight, bias, plan.stride, 0, plan.dilation, plan.groups)
 
 
 def _layout_out(y: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -169,33 +175,64 @@ def conv_bn(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> Any:
     if not plan.training:
         weight, bias = _folded(params, x)
         return _layout_out(_conv(x, weight, bias, plan), plan)
+    return _train(x, params, plan)
+
+
+def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Tensor, ConvBNParams]:
+    """Conv, then torch's fused batch-norm kernel, which also updates the moving statistics.
+
+    ``F.batch_norm`` updates its running buffers in place as ``(1 - f) * r + f * batch`` with the
+    unbiased batch variance. With ``f = 1 - momentum`` and clones of the old statistics that is
+    exactly the ``"unbiased"`` update, done inside the kernel. For ``"biased"`` the variance buffer
+    starts at 0, so it receives ``(1 - momentum) * unbiased``, and one O(channels) step turns that
+    into ``momentum * old + (1 - momentum) * unbiased * (N - 1) / N``. No second pass over the data.
+    """
     t = _param_tensors(params, x.device)
     dtype = x.dtype
-    cd = _compute_dtype(dtype)
-    weight = t["kernel"].permute(3, 2, 0, 1).to(dtype)
-    conv_bias = None if t["bias"] is None else t["bias"].to(dtype)
-    z = _conv(x, weight, conv_bias, plan)
-    # Scratch buffers: with momentum=1 torch writes the exact batch mean and unbiased variance.
-    mean = torch.zeros(plan.out_channels, dtype=cd, device=x.device)
-    var = torch.zeros(plan.out_channels, dtype=cd, device=x.device)
-    bn_dtype = cd if dtype == torch.float64 else torch.float32
-    gamma = None if t["gamma"] is None else t["gamma"].to(bn_dtype)
-    beta = None if t["beta"] is None else t["beta"].to(bn_dtype)
+    kernel = t["kernel"]
+    if kernel.dtype != dtype:
+        kernel = kernel.to(dtype)
+    conv_bias = t["bias"]
+    if conv_bias is not None and conv_bias.dtype != dtype:
+        conv_bias = conv_bias.to(dtype)
+    z = _conv(x, kernel.permute(3, 2, 0, 1), conv_bias, plan)
+    # Batch-norm parameters and statistics are float32 (float64 for float64 input).
+    bn_dtype = _compute_dtype(dtype)
+    gamma, beta = t["gamma"], t["beta"]
+    if gamma is not None and gamma.dtype != bn_dtype:
+        gamma = gamma.to(bn_dtype)
+    if beta is not None and beta.dtype != bn_dtype:
+        beta = beta.to(bn_dtype)
     if dtype == torch.float16 and z.device.type == "cpu":
         # CPU batch_norm has no float16 kernel with float32 params; compute in float32.
-        y = F.batch_norm(z.float(), mean, var, gamma, beta, True, 1.0, params.eps).to(dtype)
+        z = z.float()
+    old_mean, old_var = t["moving_mean"], t["moving_var"]
+    count = plan.values_per_channel
+    assert count is not None  # torch shapes are static
+    m = params.momentum
+    if old_mean.dtype == bn_dtype and old_var.dtype == bn_dtype:
+        mean = old_mean.clone()
+        unbiased = params.var_update == "unbiased"
+        var = old_var.clone() if unbiased else torch.zeros_like(old_var)
+        y = F.batch_norm(z, mean, var, gamma, beta, True, 1.0 - m, params.eps)
+        if not unbiased:
+            var.mul_((count - 1) / count).add_(old_var, alpha=m)
     else:
-        y = F.batch_norm(z, mean, var, gamma, beta, True, 1.0, params.eps)
-    with torch.no_grad():
-        old_mean, old_var = t["moving_mean"], t["moving_var"]
-        new_mean, new_var = moving_update(
-            params, old_mean.to(cd), old_var.to(cd), mean, var, plan.values_per_channel
-        )
-        new = with_arrays(
-            params,
-            moving_mean=new_mean.to(old_mean.dtype),
-            moving_var=new_var.to(old_var.dtype),
-        )
+        # Statistics stored in another dtype: let torch write the exact batch mean and unbiased
+        # variance into scratch buffers (momentum 1), then update in O(channels).
+        batch_mean = torch.zeros(plan.out_channels, dtype=bn_dtype, device=x.device)
+        batch_var = torch.zeros(plan.out_channels, dtype=bn_dtype, device=x.device)
+        y = F.batch_norm(z, batch_mean, batch_var, gamma, beta, True, 1.0, params.eps)
+        with torch.no_grad():
+            new_mean, new_var = moving_update(
+                params, old_mean.to(bn_dtype), old_var.to(bn_dtype), batch_mean, batch_var, count
+            )
+            mean, var = new_mean.to(old_mean.dtype), new_var.to(old_var.dtype)
+    if y.dtype != dtype:
+        y = y.to(dtype)
+    new = with_moving_stats(params, mean, var)
+    # The next step's params hold the same tensors but for the statistics, already on the device.
+    new._cache[("torch-tensors", x.device)] = {**t, "moving_mean": mean, "moving_var": var}
     return _layout_out(y, plan), new
 
 
