@@ -1,12 +1,15 @@
 """TensorFlow backend.
 
 TF's own 'SAME' is the reference semantics, so SAME padding is passed through as is (this also
-works when the spatial size is unknown inside ``tf.function``). Eval runs one conv with BatchNorm
-folded in (cached per params object in eager mode when no ``tf.Variable`` is involved; inside a
-graph the fold is a handful of O(weights) ops). Training uses the fused batch-norm kernel
-(FusedBatchNormV3), which returns the batch mean and the unbiased variance; float64 and
-``eps < 1.001e-5`` (which cuDNN would clamp) use ``tf.nn.moments`` instead. NCHW is transposed to
-NHWC internally: TF's CPU kernels do not all support NCHW.
+works when the spatial size is unknown inside ``tf.function``). Eval runs one conv and one bias add
+with BatchNorm folded in. Frozen params (eager tensors or NumPy; not ``tf.Variable``) are folded
+once per params object and dtype, also when first seen while tracing a ``tf.function`` (the folded
+tensors are then captured); the fold is skipped from the cache while a GradientTape might record,
+so gradients with respect to watched params stay exact. Variables and graph tensors are folded
+inside each call (O(weights)). Training uses the fused batch-norm kernel (FusedBatchNormV3), which
+also updates the moving statistics; float64 and ``eps < 1.001e-5`` (which cuDNN would clamp) use
+``tf.nn.moments`` instead. NCHW is transposed to NHWC internally: TF's CPU kernels do not all
+support NCHW.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from convbn.backends._common import fold, moving_update
+from convbn.backends._common import fold, moving_update, with_moving_stats
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan
 from convbn.params import ARRAY_FIELDS, ConvBNParams, with_arrays
@@ -36,6 +39,13 @@ __all__ = [
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 _CUDNN_MIN_EPS = 1.001e-5
+with tf.init_scope():  # the module may first be imported while a tf.function is being traced
+    _EagerTensor = type(tf.constant(0.0))
+
+try:  # private, stable since TF 2.13; without it a fold is never cached while a tape might record
+    from tensorflow.python.eager.record import could_possibly_record as _could_possibly_record
+except ImportError:  # pragma: no cover - depends on the TF version
+    _could_possibly_record = None
 
 
 def static_shape(x: Any) -> tuple[int | None, ...]:
@@ -91,46 +101,91 @@ def _compute_dtype(dtype: tf.DType) -> tf.DType:
     return tf.float64 if dtype == tf.float64 else tf.float32
 
 
+def _recording() -> bool:
+    """Whether a GradientTape (or forward accumulator) may be recording: a cached fold would cut
+    the gradient path to params the tape watches. Unknown means yes."""
+    if _could_possibly_record is None:
+        return True
+    return bool(_could_possibly_record())
+
+
+def _frozen(values: Any) -> bool:
+    """True when no value is a ``tf.Variable`` or a graph tensor: the values cannot change."""
+    return not any(
+        isinstance(v, tf.Variable) or (isinstance(v, tf.Tensor) and not isinstance(v, _EagerTensor))
+        for v in values
+        if v is not None
+    )
+
+
 def _param_tensors(params: ConvBNParams) -> dict[str, Any]:
-    """The params as TF tensors; foreign arrays are converted once (eagerly) and cached."""
+    """The params as TF tensors or variables.
+
+    Cached per params object unless a value is a graph tensor (which belongs to one trace); foreign
+    arrays are converted once, eagerly, even when first seen while tracing a ``tf.function``.
+    """
     key = "tf-tensors"
     cached = params._cache.get(key)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     values = {n: getattr(params, n) for n in ARRAY_FIELDS}
-    native = all(isinstance(v, (tf.Tensor, tf.Variable)) for v in values.values() if v is not None)
-    out = {n: (None if v is None else asarray(v)) for n, v in values.items()}
-    if not native and tf.executing_eagerly():
-        params._cache[key] = out
+    if any(isinstance(v, tf.Tensor) and not isinstance(v, _EagerTensor) for v in values.values()):
+        return {n: (None if v is None else asarray(v)) for n, v in values.items()}
+    with tf.init_scope():
+        out = {n: (None if v is None else asarray(v)) for n, v in values.items()}
+    params._cache[key] = out
     return out
 
 
-def _cacheable(t: dict[str, Any]) -> bool:
-    return tf.executing_eagerly() and not any(isinstance(v, tf.Variable) for v in t.values())
-
-
-def _fold(t: dict[str, Any], eps: float, dtype: tf.DType) -> tuple[Any, Any]:
+def _fold(t: dict[str, Any], eps: float, dtype: tf.DType, plan: Plan | None = None) -> tuple[Any, Any]:
     cd = _compute_dtype(dtype)
     c = {n: (None if v is None else tf.cast(v, cd)) for n, v in t.items()}
     w, b = fold(c["kernel"], c["bias"], c["gamma"], c["beta"], c["moving_mean"], c["moving_var"],
                 eps, tf.math.rsqrt)
-    return tf.cast(w, dtype), tf.cast(b, dtype)
+    w = tf.cast(w, dtype)
+    if plan is not None and _use_depthwise(plan):
+        w = _depthwise_kernel(w, plan)
+    return w, tf.cast(b, dtype)
 
 
-def _folded(params: ConvBNParams, dtype: tf.DType) -> tuple[Any, Any]:
+def _folded(params: ConvBNParams, dtype: tf.DType, plan: Plan) -> tuple[Any, Any]:
+    """Folded kernel (already in the conv op's layout) and bias in ``dtype``.
+
+    Frozen params (eager tensors or NumPy, never variables) are folded once per params object and
+    dtype, eagerly, and the result is reused by every later call, eager or traced: inside a
+    ``tf.function`` the folded tensors are captured, so the graph holds one conv and one bias add.
+    Variables (which can be assigned) and graph tensors are folded inside the call.
+    """
     t = _param_tensors(params)
-    if not _cacheable(t):
-        return _fold(t, params.eps, dtype)
-    key = ("tf-fold", dtype)
+    if not _frozen(t.values()) or _recording():
+        return _fold(t, params.eps, dtype, plan)
+    key = ("tf-fold", dtype, _use_depthwise(plan))
     cached = params._cache.get(key)
     if cached is None:
-        cached = _fold(t, params.eps, dtype)
+        with tf.init_scope():
+            cached = _fold(t, params.eps, dtype, plan)
         params._cache[key] = cached
     return cached  # type: ignore[no-any-return]
 
 
-def _conv(x: Any, kernel: Any, params: ConvBNParams, plan: Plan) -> Any:
-    """NHWC conv with an HWIO kernel; depthwise uses the depthwise kernel where TF allows it."""
+def _use_depthwise(plan: Plan) -> bool:
+    # tf.nn.depthwise_conv2d rejects stride > 1 together with dilation > 1, and (on CPU) unequal
+    # row and column strides; the grouped conv takes both.
+    return (
+        plan.depthwise
+        and plan.stride[0] == plan.stride[1]
+        and (plan.stride == (1, 1) or plan.dilation == (1, 1))
+    )
+
+
+def _depthwise_kernel(kernel: Any, plan: Plan) -> Any:
+    kh, kw, _, out = kernel.shape
+    return tf.reshape(kernel, (kh, kw, plan.in_channels, out // plan.in_channels))
+
+
+def _conv(x: Any, kernel: Any, params: ConvBNParams, plan: Plan, prepared: bool = False) -> Any:
+    """NHWC conv with an HWIO kernel (or, when ``prepared``, the kernel already in the op's layout);
+    depthwise uses the depthwise op where TF allows it. SAME goes to TF as is: its SAME is ours."""
     strides = (1, *plan.stride, 1)
     if params.padding == "SAME":
         padding: Any = "SAME"
@@ -139,15 +194,16 @@ def _conv(x: Any, kernel: Any, params: ConvBNParams, plan: Plan) -> Any:
     else:
         assert plan.pads is not None
         padding = [[0, 0], list(plan.pads[0]), list(plan.pads[1]), [0, 0]]
-    # tf.nn.depthwise_conv2d rejects stride > 1 together with dilation > 1; the grouped conv does not.
-    if plan.depthwise and (plan.stride == (1, 1) or plan.dilation == (1, 1)):
-        kh, kw, _, out = kernel.shape
-        dw_kernel = tf.reshape(kernel, (kh, kw, plan.in_channels, out // plan.in_channels))
+    if _use_depthwise(plan):
+        dw_kernel = kernel if prepared else _depthwise_kernel(kernel, plan)
         return tf.nn.depthwise_conv2d(x, dw_kernel, strides, padding, dilations=plan.dilation)
     return tf.nn.conv2d(x, kernel, strides, padding, dilations=plan.dilation)
 
 
+@tf.autograph.experimental.do_not_convert
 def conv_bn(x: Any, params: ConvBNParams, plan: Plan) -> Any:
+    # do_not_convert: there is no tensor-dependent Python control flow here, and converting it
+    # would only slow tracing down.
     if isinstance(x, tf.Variable):
         x = tf.convert_to_tensor(x)
     nchw = plan.data_format == "NCHW"
@@ -155,10 +211,25 @@ def conv_bn(x: Any, params: ConvBNParams, plan: Plan) -> Any:
         x = tf.transpose(x, (0, 2, 3, 1))
     dtype = x.dtype
     if not plan.training:
-        w, b = _folded(params, dtype)
-        y = tf.nn.bias_add(_conv(x, w, params, plan), b)
+        w, b = _folded(params, dtype, plan)
+        y = tf.nn.bias_add(_conv(x, w, params, plan, prepared=True), b)
         return tf.transpose(y, (0, 3, 1, 2)) if nchw else y
+    y, new = _train(x, params, plan)
+    return (tf.transpose(y, (0, 3, 1, 2)) if nchw else y), new
+
+
+def _train(x: Any, params: ConvBNParams, plan: Plan) -> tuple[Any, ConvBNParams]:
+    """Training on NHWC ``x``: conv, then FusedBatchNormV3, which also updates the moving stats.
+
+    With ``exponential_avg_factor = 1 - momentum`` and the old statistics as inputs, the fused op
+    returns ``momentum * old + (1 - momentum) * batch`` for the mean and, with the unbiased batch
+    variance, for the variance: the ``"unbiased"`` update, done inside the kernel. For ``"biased"``
+    the variance input is 0, so the op returns ``(1 - momentum) * unbiased``, and one O(channels)
+    step gives ``momentum * old + (1 - momentum) * unbiased * (N - 1) / N``. Float64 (which the
+    fused op rejects) and ``eps`` below cuDNN's minimum use ``tf.nn.moments`` (two-pass) instead.
+    """
     t = _param_tensors(params)
+    dtype = x.dtype
     cd = _compute_dtype(dtype)
     z = _conv(x, tf.cast(t["kernel"], dtype), params, plan)
     if t["bias"] is not None:
@@ -170,28 +241,32 @@ def conv_bn(x: Any, params: ConvBNParams, plan: Plan) -> Any:
         count: Any = float(plan.values_per_channel)
     else:
         count = tf.cast(tf.size(z) // channels, cd)
+    old_mean, old_var = t["moving_mean"], t["moving_var"]
+    m = params.momentum
     if dtype in _FUSED_DTYPES and params.eps >= _CUDNN_MIN_EPS:
-        empty = tf.zeros([0], tf.float32)
-        y, mean, var_unbiased = tf.raw_ops.FusedBatchNormV3(
-            x=z, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=params.eps,
-            exponential_avg_factor=1.0, data_format="NHWC", is_training=True,
+        unbiased = params.var_update == "unbiased"
+        old_var_cd = tf.cast(old_var, cd)
+        y, new_mean, new_var = tf.raw_ops.FusedBatchNormV3(
+            x=z, scale=gamma, offset=beta, mean=tf.cast(old_mean, cd),
+            variance=old_var_cd if unbiased else tf.zeros([channels], cd), epsilon=params.eps,
+            exponential_avg_factor=1.0 - m, data_format="NHWC", is_training=True,
         )[:3]
+        new_mean, new_var = tf.stop_gradient(new_mean), tf.stop_gradient(new_var)
+        if not unbiased:
+            new_var = old_var_cd * m + new_var * ((count - 1.0) / count)
     else:
         zc = tf.cast(z, cd)
         mean, var = tf.nn.moments(zc, axes=(0, 1, 2))
         y = tf.cast(tf.nn.batch_normalization(zc, mean, var, beta, gamma, params.eps), dtype)
-        var_unbiased = var * (count / (count - 1.0))
-    mean, var_unbiased = tf.stop_gradient(mean), tf.stop_gradient(var_unbiased)
-    old_mean, old_var = t["moving_mean"], t["moving_var"]
-    new_mean, new_var = moving_update(
-        params, tf.cast(old_mean, cd), tf.cast(old_var, cd), mean, var_unbiased, count
-    )
-    new = with_arrays(
-        params,
-        moving_mean=tf.cast(new_mean, old_mean.dtype),
-        moving_var=tf.cast(new_var, old_var.dtype),
-    )
-    return (tf.transpose(y, (0, 3, 1, 2)) if nchw else y), new
+        mean, var_unbiased = tf.stop_gradient(mean), tf.stop_gradient(var * (count / (count - 1.0)))
+        new_mean, new_var = moving_update(
+            params, tf.cast(old_mean, cd), tf.cast(old_var, cd), mean, var_unbiased, count
+        )
+    new_mean, new_var = tf.cast(new_mean, old_mean.dtype), tf.cast(new_var, old_var.dtype)
+    new = with_moving_stats(params, new_mean, new_var)
+    if isinstance(new_mean, _EagerTensor):
+        new._cache["tf-tensors"] = {**t, "moving_mean": new_mean, "moving_var": new_var}
+    return y, new
 
 
 def fuse(params: ConvBNParams) -> tuple[Any, Any]:
