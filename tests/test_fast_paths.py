@@ -218,3 +218,15 @@ def test_jax_eager_fold_matches_traced_and_reference():
     for _ in range(3):
         convbn.conv_bn(jnp.asarray(x), jp)
     assert jb._conv_bias._cache_size() == compiled
+
+
+def test_training_with_eps_zero(framework):
+    # eps = 0 is valid (the variance of a batch with spread is positive); torch's F.batch_norm
+    # wrapper refuses it in training, so the backend calls the kernel directly.
+    case = Case("eps0", (2, 5, 5, 2), (3, 3), 4)
+    x, params = case.params(eps=0.0)
+    y_ref, mean_ref, var_ref = reference.conv_bn(x, reference_params(params, case), training=True)
+    y, new = testing.run(framework, x, params, True)
+    assert rel_err(y, y_ref) < TOL64
+    assert rel_err(new.moving_mean, mean_ref) < TOL64
+    assert rel_err(new.moving_var, var_ref) < TOL64

@@ -3,9 +3,10 @@
 Eval runs one ``F.conv2d`` with BatchNorm folded into the weights; the fold is cached per params
 object and device/dtype, and revalidated with torch's in-place version counters so an optimizer
 step on the tensors is never served a stale fold. Training runs the conv and torch's own
-``F.batch_norm`` kernel with momentum 1, which leaves the exact batch mean and unbiased variance
-in scratch buffers; the moving update for either ``var_update`` is then O(channels).
-NHWC input is handed to torch as a channels_last view, so no copy is made for the layout.
+batch-norm kernel, which also updates (clones of) the moving statistics with momentum
+``1 - momentum``: exactly the ``"unbiased"`` update, and one O(channels) step from the
+``"biased"`` one. NHWC input is handed to torch as a channels_last view, so no copy is made for
+the layout.
 """
 
 from __future__ import annotations
@@ -178,10 +179,27 @@ def conv_bn(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> Any:
     return _train(x, params, plan)
 
 
+def _batch_norm(
+    z: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """Training-mode batch norm updating ``mean``/``var`` in place: ``torch.batch_norm`` itself.
+
+    ``F.batch_norm`` only adds Python checks on top: one for a single value per channel (the plan
+    already rejected that) and one that refuses ``eps = 0`` in training, which convbn allows.
+    """
+    return torch.batch_norm(z, gamma, beta, mean, var, True, momentum, eps, torch.backends.cudnn.enabled)
+
+
 def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Tensor, ConvBNParams]:
     """Conv, then torch's fused batch-norm kernel, which also updates the moving statistics.
 
-    ``F.batch_norm`` updates its running buffers in place as ``(1 - f) * r + f * batch`` with the
+    ``torch.batch_norm`` updates its running buffers in place as ``(1 - f) * r + f * batch`` with the
     unbiased batch variance. With ``f = 1 - momentum`` and clones of the old statistics that is
     exactly the ``"unbiased"`` update, done inside the kernel. For ``"biased"`` the variance buffer
     starts at 0, so it receives ``(1 - momentum) * unbiased``, and one O(channels) step turns that
@@ -214,7 +232,7 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
         mean = old_mean.clone()
         unbiased = params.var_update == "unbiased"
         var = old_var.clone() if unbiased else torch.zeros_like(old_var)
-        y = F.batch_norm(z, mean, var, gamma, beta, True, 1.0 - m, params.eps)
+        y = _batch_norm(z, gamma, beta, mean, var, 1.0 - m, params.eps)
         if not unbiased:
             var.mul_((count - 1) / count).add_(old_var, alpha=m)
     else:
@@ -222,7 +240,7 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
         # variance into scratch buffers (momentum 1), then update in O(channels).
         batch_mean = torch.zeros(plan.out_channels, dtype=bn_dtype, device=x.device)
         batch_var = torch.zeros(plan.out_channels, dtype=bn_dtype, device=x.device)
-        y = F.batch_norm(z, batch_mean, batch_var, gamma, beta, True, 1.0, params.eps)
+        y = _batch_norm(z, gamma, beta, batch_mean, batch_var, 1.0, params.eps)
         with torch.no_grad():
             new_mean, new_var = moving_update(
                 params, old_mean.to(bn_dtype), old_var.to(bn_dtype), batch_mean, batch_var, count
