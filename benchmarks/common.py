@@ -1,0 +1,169 @@
+"""Shapes, the interleaved timer and the result records shared by every backend's benchmark.
+
+A *contest* is convbn against the framework's own idiomatic layers on the same input and weights.
+Both contenders are warmed up (compilation, tracing, caches) before timing starts, then timed in
+alternating order (A B B A A B ...) so that load from other processes on the machine hits both
+alike; each sample is the mean over enough calls to last ``min_time`` seconds, and the reported
+figure is the median over samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SHAPES", "Contest", "Result", "Shape", "Timing", "interleaved", "rel_err"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One benchmark geometry, NHWC: ``x`` is ``(n, h, w, c)``, the kernel ``k x k``."""
+
+    name: str
+    n: int
+    h: int
+    w: int
+    c: int
+    out: int
+    k: int
+    stride: int = 1
+    groups: int = 1
+
+    @property
+    def x_nhwc(self) -> tuple[int, int, int, int]:
+        return (self.n, self.h, self.w, self.c)
+
+    def describe(self) -> str:
+        kind = "depthwise " if self.groups == self.c and self.groups > 1 else ""
+        stride = f", stride {self.stride}" if self.stride != 1 else ""
+        return f"{self.n}x{self.h}x{self.w}x{self.c} -> {self.out}, {kind}{self.k}x{self.k}{stride} SAME"
+
+    def arrays(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """float32 input and weights (HWIO kernel) with running statistics away from 0/1."""
+        rng = np.random.default_rng(seed)
+        fan_in = self.k * self.k * self.c // self.groups
+        return {
+            "x": rng.standard_normal(self.x_nhwc).astype(np.float32),
+            "kernel": (rng.standard_normal((self.k, self.k, self.c // self.groups, self.out)) / np.sqrt(fan_in)).astype(np.float32),
+            "gamma": rng.uniform(0.5, 1.5, self.out).astype(np.float32),
+            "beta": rng.standard_normal(self.out).astype(np.float32),
+            "moving_mean": (rng.standard_normal(self.out) * 0.1).astype(np.float32),
+            "moving_var": rng.uniform(0.5, 2.0, self.out).astype(np.float32),
+            "dy": rng.standard_normal((self.n, -(-self.h // self.stride), -(-self.w // self.stride), self.out)).astype(np.float32),
+        }
+
+
+#: The benchmark geometries (all SAME padding, no conv bias: the usual conv+BN layout).
+SHAPES = (
+    Shape("tiny", 1, 8, 8, 16, 16, 3),
+    Shape("resnet3x3", 8, 56, 56, 64, 64, 3),
+    Shape("bottleneck1x1", 8, 56, 56, 256, 64, 1),
+    Shape("down3x3s2", 8, 56, 56, 64, 128, 3, stride=2),
+    Shape("depthwise3x3", 8, 56, 56, 128, 128, 3, groups=128),
+)
+
+
+@dataclasses.dataclass
+class Contest:
+    """convbn against a native equivalent, plus how to get comparable outputs from both.
+
+    ``convbn``/``native`` run one step and return something to synchronize on; ``outputs()`` runs
+    each once more and returns a dict of NumPy arrays per contender with the same keys and layouts
+    (``y``, and in training the kernel gradient in HWIO and the updated moving statistics).
+    """
+
+    backend: str
+    shape: Shape
+    mode: str  # "eval" or "train"
+    variant: str  # e.g. "NHWC", "NCHW", "NHWC tf.function"
+    convbn: Callable[[], Any]
+    native: Callable[[], Any]
+    outputs: Callable[[], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
+    native_name: str
+    sync: Callable[[Any], Any] = lambda out: out
+
+
+@dataclasses.dataclass
+class Timing:
+    convbn_s: float
+    native_s: float
+    ratio: float
+    ratio_q1: float
+    ratio_q3: float
+    calls_per_sample: int
+    samples: int
+
+
+@dataclasses.dataclass
+class Result:
+    backend: str
+    shape: str
+    geometry: str
+    mode: str
+    variant: str
+    native: str
+    timing: Timing | None
+    max_rel_diff: dict[str, float]
+    note: str = ""
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """``max|a - b| / max|b|``: the difference relative to the reference's scale."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    return float(np.max(np.abs(a - b))) / max(scale, 1e-30) if a.size else 0.0
+
+
+def _time_calls(fn: Callable[[], Any], sync: Callable[[Any], Any], calls: int,
+                clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
+    out = None
+    for _ in range(calls):
+        out = fn()
+    sync(out)
+    return (clock() - start) / calls
+
+
+def interleaved(
+    a: Callable[[], Any],
+    b: Callable[[], Any],
+    sync: Callable[[Any], Any],
+    *,
+    samples: int,
+    min_time: float,
+    warmup: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Timing:
+    """Median per-call seconds of ``a`` and ``b``, sampled alternately after ``warmup`` calls each.
+
+    The order alternates every sample (ABBA...) so that a slow drift in machine load biases
+    neither. ``ratio`` is median(a) / median(b); ``ratio_q1``/``ratio_q3`` are quartiles of the
+    per-pair ratios, a measure of how stable the comparison was under the load at the time.
+    ``clock`` is wall time by default; ``time.process_time`` (CPU time of this process) is far less
+    sensitive to other processes on a busy machine, but counts spinning threads as busy.
+    """
+    for _ in range(warmup):
+        sync(a())
+        sync(b())
+    calls = 1
+    while True:  # calibrate on the slower of the two so each sample lasts about min_time
+        slowest = max(_time_calls(a, sync, calls, clock), _time_calls(b, sync, calls, clock)) * calls
+        if slowest >= min_time or calls >= 1 << 16:
+            break
+        calls = min(calls * max(2, int(min_time / max(slowest, 1e-9))), 1 << 16)
+    ta: list[float] = []
+    tb: list[float] = []
+    for i in range(samples):
+        order: Sequence[tuple[Callable[[], Any], list[float]]] = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
+        for fn, sink in order:
+            sink.append(_time_calls(fn, sync, calls, clock))
+    ratios = sorted(x / y for x, y in zip(ta, tb, strict=True))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    ma, mb = statistics.median(ta), statistics.median(tb)
+    return Timing(ma, mb, ma / mb, q[0], q[2], calls, samples)
