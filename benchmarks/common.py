@@ -90,13 +90,18 @@ class Contest:
 
 @dataclasses.dataclass
 class Timing:
+    """Per-call seconds; ``ratio`` is the median of the per-pair ratios (see :func:`interleaved`)."""
+
     convbn_s: float
     native_s: float
     ratio: float
     ratio_q1: float
     ratio_q3: float
+    ratio_of_medians: float
     calls_per_sample: int
     samples: int
+    convbn_samples: list[float] = dataclasses.field(default_factory=list)
+    native_samples: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -143,8 +148,11 @@ def interleaved(
     """Median per-call seconds of ``a`` and ``b``, sampled alternately after ``warmup`` calls each.
 
     The order alternates every sample (ABBA...) so that a slow drift in machine load biases
-    neither. ``ratio`` is median(a) / median(b); ``ratio_q1``/``ratio_q3`` are quartiles of the
-    per-pair ratios, a measure of how stable the comparison was under the load at the time.
+    neither. Sample ``i`` of ``a`` and sample ``i`` of ``b`` run back to back, under the same load,
+    so ``ratio`` is the median of the per-pair ratios a_i / b_i, with their quartiles in
+    ``ratio_q1``/``ratio_q3``. On a shared machine the per-sample times are often bimodal (the
+    other processes come and go), and median(a) / median(b), kept as ``ratio_of_medians``, can then
+    compare a sample from a busy phase with one from a quiet phase.
     ``clock`` is wall time by default; ``time.process_time`` (CPU time of this process) is far less
     sensitive to other processes on a busy machine, but counts spinning threads as busy.
     """
@@ -166,4 +174,4 @@ def interleaved(
     ratios = sorted(x / y for x, y in zip(ta, tb, strict=True))
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
     ma, mb = statistics.median(ta), statistics.median(tb)
-    return Timing(ma, mb, ma / mb, q[0], q[2], calls, samples)
+    return Timing(ma, mb, statistics.median(ratios), q[0], q[2], ma / mb, calls, samples, ta, tb)

@@ -226,8 +226,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Load average at start/end: {m.get('loadavg_start')} / {m.get('loadavg_end')}.",
         f"Medians of {report['settings']['samples']} interleaved samples of at least "
         f"{report['settings']['min_time']} s each ({report['settings']['clock']} clock, "
-        f"{report['settings']['threads']} thread(s) per framework); ratio = convbn / native "
-        "(below 1: convbn is faster).",
+        f"{report['settings']['threads']} thread(s) per framework). convbn and native are median "
+        "per-call times; ratio is the median of the ratios of back-to-back samples, convbn / native "
+        "(below 1: convbn is faster), with their interquartile range.",
         "",
         "## Layers",
         "",
