@@ -1,8 +1,8 @@
 """Run the benchmark suite: ``python -m benchmarks.run [--quick] [--backends ...] [--out DIR]``.
 
 Each backend runs in its own subprocess (so one framework's thread pools and caches never touch
-another's timings) and the checkpoint-conversion benchmark runs each conversion in a fresh process
-as well. Writes ``DIR/results.md`` (the tables) and ``DIR/results.json`` (everything, including
+another's timings). Checkpoint conversion has its own benchmark, ``benchmarks/checkpoint_conversion.py``.
+Writes ``DIR/results.md`` (the tables) and ``DIR/results.json`` (everything, including
 per-contender medians, ratio quartiles, the machine and the library versions).
 """
 
@@ -164,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time (default) or this process's CPU time, which other processes "
                         "on a busy machine disturb far less")
-    parser.add_argument("--no-conversion", action="store_true", help="skip the checkpoint-conversion benchmark")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/results)")
     parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -202,10 +201,6 @@ def main(argv: list[str] | None = None) -> int:
             continue
         report["environment"][backend] = out["environment"]
         report["layers"].extend(out["results"])
-    if not args.no_conversion:
-        from benchmarks import conversion
-
-        report["conversion"] = conversion.run_all()
     if hasattr(os, "getloadavg"):
         report["machine"]["loadavg_end"] = list(os.getloadavg())
 
@@ -236,10 +231,6 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if report["skipped"]:
         parts += ["", "Skipped: " + "; ".join(report["skipped"])]
-    if "conversion" in report:
-        from benchmarks import conversion
-
-        parts += ["", "## Checkpoint conversion", "", conversion.markdown(report["conversion"])]
     return "\n".join(parts) + "\n"
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import conversion
 from tests.conftest import backend_enabled
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +45,7 @@ def test_quick_suite_on_tiny_shape(tmp_path):
     if not names:
         pytest.skip("no framework backend with its native layers is under test")
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--shapes", "tiny", "--no-conversion",
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--shapes", "tiny",
          "--backends", *names, "--out", str(tmp_path)],
         cwd=ROOT, check=True, timeout=900,
     )
@@ -70,28 +69,3 @@ def test_quick_suite_on_tiny_shape(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert sum(line.startswith("| ") and " | tiny | " in line for line in table.splitlines()) == len(report["layers"])
 
-
-def test_conversion_source_is_resnet50_sized():
-    # torchvision's ResNet-50 has 25,557,032 parameters: fc 2048*1000 + 1000, two per BatchNorm
-    # channel, and the rest in its 53 convs.
-    convs = conversion.resnet50_convs()
-    assert len(convs) == 53
-    bn_channels = sum(shape[0] for _, _, shape in convs)
-    conv_params = sum(math.prod(shape) for _, _, shape in convs)
-    assert conv_params == 25_557_032 - (2048 * 1000 + 1000) - 2 * bn_channels
-    assert [c for c, _, _ in convs[:5]] == [
-        "conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.0.conv3", "layer1.0.downsample.0"]
-
-
-def test_conversion_table_reports_skips_and_growth():
-    report = {
-        "source": {"pairs": 53, "conv_parameters": 23_454_912, "bytes": 100 * 2**20},
-        "results": [
-            {"from": "torch", "to": "safetensors", "import_s": 2.0, "load_s": 0.25, "convert_s": 0.5,
-             "rss_after_import_mb": 300.0, "peak_rss_mb": 450.0, "layers": 53},
-            {"from": "torch", "to": "slim", "skipped": "the 'slim' format module is not available"},
-        ],
-    }
-    table = conversion.markdown(report).splitlines()
-    assert "| torch -> safetensors | 2.00 s | 0.50 s (load 0.25 s) | 450 MiB | 150 MiB | 1.50x |" in table
-    assert "| torch -> slim | skipped: the 'slim' format module is not available | | | | |" in table
