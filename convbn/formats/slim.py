@@ -612,17 +612,86 @@ def read(
     """
     prefix = resolve(path)
     source = _Source(prefix)
-    notes: list[str] = []
-    ckpt = Checkpoint(format=NAME, notes=notes)
+    ckpt = Checkpoint(format=NAME)
     object_based = _OBJECT_GRAPH in source.shapes
+    variables = _variables(source, object_based, use_ema, ckpt)
+    bns = _batchnorms(variables, source)
+    kernels = [v for v in variables.values() if len(v.shape) == 4 and v.role in _KERNEL_ROLES]
+    graph = None if object_based else _load_graph(prefix, variables, bns, ckpt.notes)
+    chosen = _pair(source, variables, kernels, bns, graph, pairs or {}, object_based, ckpt.notes)
 
+    def position(name: str) -> tuple[Any, ...]:
+        if graph is not None and name in graph.order:
+            return (0, graph.order[name])
+        return (1, natural_key(name))
+
+    # One layer per conv, keyed by its scope (by the kernel's name when two kernels share a scope).
+    layer_of: dict[str, str] = {}
+    for kernel_name in sorted(chosen, key=position):
+        scope = variables[kernel_name].scope or kernel_name
+        layer_of[kernel_name] = kernel_name if scope in layer_of.values() else scope
+
+    by_scope: dict[str, list[_Var]] = collections.defaultdict(list)
+    for var in variables.values():
+        by_scope[var.scope].append(var)
+    consumed: set[str] = set()
+    styles: dict[str, list[str]] = collections.defaultdict(list)
+    graph_eps: list[str] = []
+    unfused: list[str] = []
+    for kernel_name, layer in layer_of.items():
+        bn_scope, reason, style = chosen[kernel_name]
+        kernel_var = variables[kernel_name]
+        bias_var = next(
+            (v for v in by_scope[kernel_var.scope] if v.role in _BIAS_ROLES and v.name not in consumed), None
+        )
+        preset = _STYLE_PRESET[style]
+        layer_eps = eps
+        if layer_eps is None and graph is not None and bn_scope in graph.bn_eps:
+            layer_eps = graph.bn_eps[bn_scope]
+            graph_eps.append(layer)
+        var_update = preset.var_update
+        if graph is not None and bn_scope in graph.bn_unfused:
+            var_update = "biased"  # TF's non-fused batch norm updates with the biased variance
+            unfused.append(layer)
+        params, (conv_names, bn_names) = _build_layer(
+            source, kernel_var, bias_var, bns[bn_scope],
+            graph.geometry.get(kernel_name, {}) if graph is not None else {},
+            eps=preset.eps if layer_eps is None else layer_eps,
+            momentum=preset.momentum if momentum is None else momentum,
+            var_update=var_update,
+        )
+        ckpt.layers[layer] = params
+        ckpt.sources[layer] = LayerSource(conv=conv_names, bn=bn_names, reason=reason)
+        styles[style].append(layer)
+        consumed.add(kernel_name)
+        consumed.update(v.name for v in bns[bn_scope].values())
+        if bias_var is not None:
+            consumed.add(bias_var.name)
+
+    # Everything else, in the same order, read one tensor at a time.
+    for name in sorted((n for n in variables if n not in consumed), key=position):
+        var = variables[name]
+        value = source.get(var.key)
+        if var.role == "moving_variance" and var.scope in bns:
+            _check_variance(source, var, value)
+        if value.dtype.kind in "OSU":
+            ckpt.dropped.append(var.key)
+            ckpt.notes.append(f"dropped string tensor {var.key!r}")
+            continue
+        ckpt.tensors[name] = value
+
+    _report(ckpt, styles, graph, graph_eps, unfused, kernels, chosen, bns, eps, momentum)
+    return ckpt
+
+
+def _variables(source: _Source, object_based: bool, use_ema: bool, ckpt: Checkpoint) -> dict[str, _Var]:
+    """The model variables by logical name; optimizer state and unused EMA values go to ``dropped``."""
+    notes = ckpt.notes
     if object_based:
         logical, dropped = _object_graph_names(source)
     else:
-        logical = {k: k for k in source.shapes}
         dropped = [k for k in source.shapes if _is_bookkeeping(k, source.shapes)]
-        for k in dropped:
-            logical.pop(k)
+        logical = {k: k for k in source.shapes if k not in set(dropped)}
     ckpt.dropped.extend(sorted(dropped, key=natural_key))
     if dropped:
         notes.append(
@@ -630,7 +699,7 @@ def read(
             f"{', the object graph' if object_based else ''}); listed in Checkpoint.dropped"
         )
 
-    # ExponentialMovingAverage shadows replace or shadow their variables.
+    # ExponentialMovingAverage shadows: used instead of their variables, or dropped.
     shadows = {n[: -len(_EMA_SUFFIX)]: n for n in logical if n.endswith(_EMA_SUFFIX)}
     shadows = {v: s for v, s in shadows.items() if v in logical}
     if use_ema and not shadows:
@@ -643,25 +712,28 @@ def read(
         if name.endswith(_EMA_SUFFIX) and name[: -len(_EMA_SUFFIX)] in shadows:
             continue
         keys[name] = logical[shadows[name]] if use_ema and name in shadows else key
-    replaced = sorted((logical[v] if use_ema else logical[s]) for v, s in shadows.items())
-    ckpt.dropped.extend(replaced)
+    ckpt.dropped.extend(sorted((logical[v] if use_ema else logical[s]) for v, s in shadows.items()))
     if shadows:
         notes.append(
             f"used the ExponentialMovingAverage shadows of {len(shadows)} variables; their raw values are dropped"
             if use_ema
             else f"dropped {len(shadows)} ExponentialMovingAverage shadows (read with use_ema=True to use them)"
         )
+    variables = {}
+    for name, key in keys.items():
+        shape = source.shapes[key]
+        depthwise = len(shape) == 4 and name.rpartition("/")[2].lstrip("_") in _DEPTHWISE_ROLES
+        variables[name] = _Var(name, key, shape, depthwise)
+    return variables
 
-    variables = {n: _Var(n, k, source.shapes[k]) for n, k in keys.items()}
-    variables = {
-        n: dataclasses.replace(v, depthwise=True) if v.role in _DEPTHWISE_ROLES and len(v.shape) == 4 else v
-        for n, v in variables.items()
-    }
-    bns: dict[str, dict[str, _Var]] = collections.defaultdict(dict)
+
+def _batchnorms(variables: Mapping[str, _Var], source: _Source) -> dict[str, dict[str, _Var]]:
+    """BatchNorm scopes (those holding moving_mean and moving_variance) and their variables by role."""
+    found: dict[str, dict[str, _Var]] = collections.defaultdict(dict)
     for var in variables.values():
         if var.role in _BN_ROLES and var.scope:
-            bns[var.scope][_BN_ROLES[var.role]] = var
-    bns = {s: r for s, r in bns.items() if "moving_mean" in r and "moving_variance" in r}
+            found[var.scope][_BN_ROLES[var.role]] = var
+    bns = {s: r for s, r in found.items() if "moving_mean" in r and "moving_variance" in r}
     for roles in bns.values():
         for role, var in roles.items():
             if len(var.shape) != 1:
@@ -669,27 +741,42 @@ def read(
                     f"BatchNorm {role} must be 1-D. Received: file={source.index}, tensor={var.key!r}, "
                     f"shape={var.shape}"
                 )
-    kernels = [v for v in variables.values() if len(v.shape) == 4 and v.role in _KERNEL_ROLES]
-    by_scope: dict[str, list[_Var]] = collections.defaultdict(list)
-    for var in variables.values():
-        by_scope[var.scope].append(var)
+    return bns
 
-    graph = None if object_based else _load_graph(prefix, variables, bns, notes)
 
-    # -- pairing: explicit, graph, naming, order ---------------------------------------------------
-    chosen: dict[str, tuple[str, str, str]] = {}  # kernel name -> (bn scope, reason, style)
-    used_bns: set[str] = set()
+def _style(kernel: _Var, bn: str, object_based: bool) -> str:
+    """Which source style (and so which convention preset) a conv+BatchNorm pair follows."""
+    if object_based:
+        return "keras2" if "layer_with_weights-" in kernel.name else "keras3"
+    if bn.rpartition("/")[2] == "BatchNorm":
+        return "slim"
+    return {"w": "dcgan", "kernel": "tf_v1_layers"}.get(kernel.role, "slim")
 
-    def style_of(kernel: _Var, bn: str) -> str:
-        if object_based:
-            return "keras2" if "layer_with_weights-" in kernel.name else "keras3"
-        if bn.rpartition("/")[2] == "BatchNorm":
-            return "slim"
-        return {"w": "dcgan", "kernel": "tf_v1_layers"}.get(kernel.role, "slim")
 
-    for conv_name, bn_name in (pairs or {}).items():
-        kernel = variables.get(conv_name) if conv_name in variables else _pick_kernel(
-            [v for v in by_scope.get(conv_name, []) if len(v.shape) == 4]
+def _pair(
+    source: _Source,
+    variables: dict[str, _Var],
+    kernels: list[_Var],
+    bns: dict[str, dict[str, _Var]],
+    graph: _Graph | None,
+    pairs: Mapping[str, str],
+    object_based: bool,
+    notes: list[str],
+) -> dict[str, tuple[str, str, str]]:
+    """``{kernel name: (BatchNorm scope, reason, style)}``: explicit, graph, naming, then order.
+
+    May mark a kernel depthwise in ``variables`` (Keras 3 names depthwise kernels ``kernel``).
+    """
+    chosen: dict[str, tuple[str, str, str]] = {}
+    used: set[str] = set()
+
+    def take(kernel: _Var, bn: str, reason: str) -> None:
+        chosen[kernel.name] = (bn, reason, _style(kernel, bn, object_based))
+        used.add(bn)
+
+    for conv_name, bn_name in pairs.items():
+        kernel = variables.get(conv_name) or _pick_kernel(
+            [v for v in variables.values() if v.scope == conv_name and len(v.shape) == 4]
         )
         if kernel is None or len(kernel.shape) != 4:
             raise ConvBNError(
@@ -702,17 +789,15 @@ def read(
                 f"the checkpoint has {sorted(bns, key=natural_key)[:8]}. "
                 f"Received: pairs[{conv_name!r}]={bn_name!r}"
             )
-        if bn_name in used_bns:
+        if bn_name in used:
             raise ConvBNError(f"pairs must give each BatchNorm one conv. Received: {bn_name!r} twice")
-        chosen[kernel.name] = (bn_name, "explicit", style_of(kernel, bn_name))
-        used_bns.add(bn_name)
+        take(kernel, bn_name, "explicit")
 
     if graph is not None:
         for kernel in kernels:
             bn = graph.bn_of.get(kernel.name)
-            if kernel.name not in chosen and bn is not None and bn not in used_bns:
-                chosen[kernel.name] = (bn, "graph", style_of(kernel, bn))
-                used_bns.add(bn)
+            if kernel.name not in chosen and bn is not None and bn not in used:
+                take(kernel, bn, "graph")
 
     auto_counts = _auto_name_counts(kernels, bns)
     for kernel in sorted(kernels, key=lambda k: natural_key(k.name)):
@@ -722,80 +807,20 @@ def read(
             continue  # the graph shows what this kernel feeds: no naming guess overrides it
         candidates = [
             s for s in _naming_candidates(kernel, set(bns), auto_counts)
-            if s not in used_bns and bns[s]["moving_mean"].shape == (_out_channels(kernel),)
+            if s not in used and bns[s]["moving_mean"].shape == (_out_channels(kernel),)
         ]
         if len(candidates) == 1:
-            chosen[kernel.name] = (candidates[0], "naming", style_of(kernel, candidates[0]))
-            used_bns.add(candidates[0])
+            take(kernel, candidates[0], "naming")
+
     if object_based:
         rest = [k for k in kernels if k.name not in chosen]
-        for name, (bn, depthwise) in _order_pairs(rest, {s: r for s, r in bns.items() if s not in used_bns}).items():
-            chosen[name] = (bn, "order", style_of(variables[name], bn))
-            used_bns.add(bn)
+        for name, (bn, depthwise) in _order_pairs(rest, {s: r for s, r in bns.items() if s not in used}).items():
             if depthwise and not variables[name].depthwise:
                 variables[name] = dataclasses.replace(variables[name], depthwise=True)
-                notes.append(f"read {name!r} as a depthwise kernel: the BatchNorm after it is {bns[bn]['moving_mean'].shape[0]} wide")
-
-    # -- one layer key per conv: its scope (the kernel name when two kernels share a scope) --------
-    def position(name: str) -> tuple[Any, ...]:
-        if graph is not None and name in graph.order:
-            return (0, graph.order[name])
-        return (1, natural_key(name))
-
-    layer_of: dict[str, str] = {}
-    for kernel_name in sorted(chosen, key=position):
-        scope = variables[kernel_name].scope or kernel_name
-        layer_of[kernel_name] = kernel_name if scope in layer_of.values() else scope
-
-    consumed: set[str] = set()
-    styles: dict[str, list[str]] = collections.defaultdict(list)
-    graph_eps: list[str] = []
-    unfused: list[str] = []
-    for kernel_name, layer in layer_of.items():
-        bn_scope, reason, style = chosen[kernel_name]
-        kernel_var = variables[kernel_name]
-        bias_var = next(
-            (v for v in by_scope.get(kernel_var.scope, []) if v.role in _BIAS_ROLES and v.name not in consumed),
-            None,
-        )
-        preset = _STYLE_PRESET[style]
-        layer_eps = eps
-        if layer_eps is None and graph is not None and bn_scope in graph.bn_eps:
-            layer_eps = graph.bn_eps[bn_scope]
-            graph_eps.append(layer)
-        var_update = preset.var_update
-        if graph is not None and bn_scope in graph.bn_unfused:
-            var_update = "biased"
-            unfused.append(layer)
-        geometry = graph.geometry.get(kernel_name, {}) if graph is not None else {}
-        params, source_names = _build_layer(
-            source, kernel_var, bias_var, bns[bn_scope], geometry,
-            eps=preset.eps if layer_eps is None else layer_eps,
-            momentum=preset.momentum if momentum is None else momentum,
-            var_update=var_update,
-        )
-        ckpt.layers[layer] = params
-        ckpt.sources[layer] = LayerSource(conv=source_names[0], bn=source_names[1], reason=reason)
-        styles[style].append(layer)
-        consumed.add(kernel_name)
-        consumed.update(v.name for v in bns[bn_scope].values())
-        if bias_var is not None:
-            consumed.add(bias_var.name)
-
-    # -- everything else, in the same order --------------------------------------------------------
-    for name in sorted((n for n in variables if n not in consumed), key=position):
-        var = variables[name]
-        value = source.get(var.key)
-        if var.role == "moving_variance" and var.scope in bns:
-            _check_variance(source, var, value)
-        if value.dtype.kind in "OSU":
-            ckpt.dropped.append(variables[name].key)
-            notes.append(f"dropped string tensor {variables[name].key!r}")
-            continue
-        ckpt.tensors[name] = value
-
-    _report(ckpt, styles, graph, graph_eps, unfused, kernels, chosen, bns, used_bns, eps, momentum)
-    return ckpt
+                width = bns[bn]["moving_mean"].shape[0]
+                notes.append(f"read {name!r} as a depthwise kernel: the BatchNorm after it is {width} wide")
+            take(variables[name], bn, "order")
+    return chosen
 
 
 def _check_variance(source: _Source, var: _Var, value: np.ndarray) -> None:
@@ -856,9 +881,8 @@ def _report(
     graph_eps: list[str],
     unfused: list[str],
     kernels: list[_Var],
-    chosen: Mapping[str, Any],
+    chosen: Mapping[str, tuple[str, str, str]],
     bns: Mapping[str, Any],
-    used_bns: set[str],
     eps: float | None,
     momentum: float | None,
 ) -> None:
@@ -899,6 +923,7 @@ def _report(
     for kernel in kernels:
         if kernel.name not in chosen:
             notes.append(f"conv {kernel.name!r} has no BatchNorm paired with it: kept in tensors")
+    used_bns = {bn for bn, _, _ in chosen.values()}
     for scope in bns:
         if scope not in used_bns:
             notes.append(f"BatchNorm {scope!r} follows no conv: kept in tensors")

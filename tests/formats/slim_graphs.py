@@ -286,7 +286,31 @@ def build_dcgan(directory: Path) -> dict[str, Any]:
         with tf1.Session() as sess:
             tf1.train.Saver().restore(sess, prefix)
             run = sess.run({"inputs": inputs, "outputs": outputs}, {x: x_test})
-    return {"prefix": prefix, **run}
+    return {"prefix": prefix, "x": x_test, **run}
+
+
+def run_slim_discriminator(prefix: str, x: np.ndarray) -> list[np.ndarray]:
+    """The slim discriminator of docs/dcgan-to-slim.md (widths of this test's DCGAN), restored
+    with a plain ``Saver()``; returns each BatchNorm output."""
+    import tensorflow as tf
+
+    slim = import_slim()
+    tf1 = tf.compat.v1
+    with tf.Graph().as_default():
+        image = tf1.placeholder(tf.float32, x.shape)
+        bn = {"scale": True, "epsilon": 1e-5, "decay": 0.9, "is_training": False}
+        (first, _, width), *rest = DCGAN_LAYERS
+        h = slim.conv2d(image, width, [5, 5], stride=2, activation_fn=None, scope=first)
+        h = tf.nn.leaky_relu(h, 0.2)
+        outputs = []
+        for scope, _, depth in rest:
+            h = slim.conv2d(h, depth, [5, 5], stride=2, activation_fn=None,
+                            normalizer_fn=slim.batch_norm, normalizer_params=bn, scope=scope)
+            outputs.append(h)
+            h = tf.nn.leaky_relu(h, 0.2)
+        with tf1.Session() as sess:
+            tf1.train.Saver().restore(sess, prefix)
+            return list(sess.run(outputs, {image: x}))
 
 
 # -- tf.compat.v1.layers (needs TF_USE_LEGACY_KERAS=1: run in a fresh process) ----------------------

@@ -231,6 +231,14 @@ def test_resolve_follows_the_checkpoint_state_file(tmp_path: Path) -> None:
     # An absolute path from before the directory was moved resolves next to the state file.
     state.write_text('model_checkpoint_path: "/elsewhere/gone/ckpt-1"\n')
     assert slim.resolve(tmp_path / "run") == tmp_path / "run" / "ckpt-1"
+    # A non-ASCII path: TF 2.21 writes it as UTF-8, text-format writers may escape it in octal.
+    moved = _fake_checkpoint(tmp_path / "m\u00f8d", "model.ckpt")
+    (moved.parent / "checkpoint").write_text(f'model_checkpoint_path: "{moved}"\n', encoding="utf-8")
+    assert slim.resolve(moved.parent) == moved
+    escaped = "".join(chr(b) if b < 128 else f"\\{b:03o}" for b in str(moved).encode("utf-8"))
+    (moved.parent / "checkpoint").write_text(f'model_checkpoint_path: "{escaped}"\n')
+    assert "\\303\\270" in (moved.parent / "checkpoint").read_text()
+    assert slim.resolve(moved.parent) == moved
     state.write_text('model_checkpoint_path: "ckpt-9"\n')
     with pytest.raises(convbn.ConvBNError, match=r"ckpt-9\.index is missing"):
         slim.resolve(tmp_path / "run")
@@ -396,6 +404,9 @@ def test_dcgan_checkpoint_reproduces_the_dcgan_graph(dcgan_net: dict[str, Any], 
             assert params.eps == 1e-5 and params.momentum == 0.9
             assert params.bias is not None and params.gamma is not None
             assert rel_err(_run(dcgan_net["inputs"][i], params, stride=2), dcgan_net["outputs"][i]) < TOL
+        explicit = slim.read(prefix, pairs={"d_h1_conv": "d_bn1", "d_h2_conv": "d_bn2"})
+        assert {s.reason for s in explicit.sources.values()} == {"explicit"}
+        _assert_same_checkpoint(ckpt, explicit)
         # Dropping the bias instead of folding it is visibly wrong.
         params = dataclasses.replace(ckpt.layers["d_h1_conv"], bias=None)
         assert rel_err(_run(dcgan_net["inputs"][0], params, stride=2), dcgan_net["outputs"][0]) > 100 * TOL
@@ -425,6 +436,19 @@ def test_dcgan_folded_into_slim_restores_into_a_real_slim_graph(
     back = slim.read(prefix)
     assert back.convention == "slim"
     _assert_same_checkpoint(folded, back)
+
+
+def test_the_documented_slim_discriminator_restores_the_conversion(dcgan_net: dict[str, Any], tmp_path: Path) -> None:
+    """docs/dcgan-to-slim.md: rename the lone conv, fold, write, restore with a plain Saver()."""
+    from tests.formats import slim_graphs
+
+    ckpt = slim.read(dcgan_net["prefix"])
+    ckpt.tensors["d_h0_conv/weights"] = ckpt.tensors.pop("d_h0_conv/w")
+    ckpt = dataclasses.replace(ckpt, layers={k: fold_bias(p, "moving_mean") for k, p in ckpt.layers.items()})  # type: ignore[arg-type]
+    slim.write(ckpt, tmp_path / "model.ckpt")
+    outputs = slim_graphs.run_slim_discriminator(str(tmp_path / "model.ckpt"), dcgan_net["x"])
+    for got, want in zip(outputs, dcgan_net["outputs"], strict=True):
+        assert rel_err(got, want) < TOL
 
 
 # -- tf.compat.v1.layers ---------------------------------------------------------------------------
