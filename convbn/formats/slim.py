@@ -337,11 +337,16 @@ def _load_graph(
     if not any(name in nodes for name in variables):
         notes.append(f"ignored {meta}: it describes none of the checkpoint's variables")
         return None
-    return _analyse_graph(list(proto.graph_def.node), nodes, variables, set(bn_scopes))
+    functions = {f.signature.name: f for f in proto.graph_def.library.function}
+    return _analyse_graph(list(proto.graph_def.node), nodes, functions, variables, set(bn_scopes))
 
 
 def _analyse_graph(
-    node_list: list[Any], nodes: dict[str, Any], variables: Mapping[str, _Var], bn_scopes: set[str]
+    node_list: list[Any],
+    nodes: dict[str, Any],
+    functions: Mapping[str, Any],
+    variables: Mapping[str, _Var],
+    bn_scopes: set[str],
 ) -> _Graph:
     def data_inputs(node: Any) -> list[str]:
         return [i.split(":")[0].lstrip("^") for i in node.input if not i.startswith("^")]
@@ -437,10 +442,18 @@ def _analyse_graph(
         scope = bn_scope_of(node)
         if scope is None:
             continue
-        bn_ops[scope].add(node.op)
-        if node.op in _FUSED_BN_OPS and scope not in bn_eps:
-            # Stored as float32: print the shortest decimal that rounds to it (1e-05, not 9.99e-06).
-            bn_eps[scope] = float(str(np.float32(node.attr["epsilon"].f)))
+        # A BatchNorm under a tensor-valued is_training is a cond: with control flow v2 its ops
+        # live in the branch functions of an If node.
+        inner = [node]
+        if node.op in ("If", "StatelessIf"):
+            for branch in ("then_branch", "else_branch"):
+                function = functions.get(node.attr[branch].func.name)
+                inner.extend(function.node_def if function is not None else ())
+        for op in inner:
+            bn_ops[scope].add(op.op)
+            if op.op in _FUSED_BN_OPS and scope not in bn_eps:
+                # Stored as float32: the shortest decimal that rounds to it (1e-05, not 9.99e-06).
+                bn_eps[scope] = float(str(np.float32(op.attr["epsilon"].f)))
     unfused = {s for s, ops in bn_ops.items() if ops and not ops & _FUSED_BN_OPS and "Rsqrt" in ops}
     return _Graph(order, conv_op, not_conv, bn_of, bn_eps, unfused)
 
@@ -1001,7 +1014,8 @@ def write(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
 
     Args:
         ckpt: the checkpoint; its layers must have no conv bias.
-        path: the checkpoint prefix to write (its directory must exist).
+        path: the checkpoint prefix to write (its directory must exist); a path ending in
+            ``.index`` names the prefix without it.
 
     Raises:
         ConvBNError: for a layer with a conv bias, a name written twice, an existing directory at
@@ -1011,6 +1025,8 @@ def write(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
         >>> write(convbn.convert.Checkpoint(layers={"conv1": params}), "out/model.ckpt")  # doctest: +SKIP
     """
     target = Path(path)
+    if target.name.endswith(".index"):  # the index file named instead of the prefix
+        target = target.with_name(target.name[: -len(".index")])
     if target.is_dir():
         raise ConvBNError(
             f"a TF checkpoint is written at a prefix such as 'dir/model.ckpt', not a directory. Received: path={str(path)!r}"

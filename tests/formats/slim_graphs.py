@@ -222,6 +222,39 @@ def build_graph_pairing(directory: Path) -> str:
     return prefix
 
 
+def build_training_switch(directory: Path) -> dict[str, Any]:
+    """slim layers whose ``is_training`` is a tensor (a cond in the graph): ``c1`` fused with
+    epsilon 1e-4, ``c2`` with ``fused=False``; returns the prefix and each layer's eval input/output."""
+    import tensorflow as tf
+
+    slim = import_slim()
+    tf1 = tf.compat.v1
+    rng = np.random.default_rng(SEED + 6)
+    prefix = str(directory / "switch.ckpt")
+    with tf.Graph().as_default():
+        x = tf1.placeholder(tf.float32, (None, None, None, 3))
+        training = tf1.placeholder_with_default(False, [])
+        y1 = slim.conv2d(x, 4, [3, 3], activation_fn=None, normalizer_fn=slim.batch_norm,
+                         normalizer_params={"is_training": training, "epsilon": 1e-4}, scope="c1")
+        h = tf.nn.relu(y1)
+        y2 = slim.conv2d(h, 4, [3, 3], activation_fn=None, normalizer_fn=slim.batch_norm,
+                         normalizer_params={"is_training": training, "fused": False}, scope="c2")
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            randomize(sess, tf1, rng)
+            tf1.train.Saver().save(sess, prefix)
+            x_test = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+            run = sess.run({"inputs": [x, h], "outputs": [y1, y2]}, {x: x_test})
+            # One training step on a 1x3x3 batch (9 values per channel, so the unbiased and the
+            # biased variance differ by 1/8): the moving statistics slim's updates produce.
+            updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
+            x_train = rng.standard_normal((1, 3, 3, 3)).astype(np.float32)
+            train = sess.run({"inputs": [x, h], "updates": updates}, {x: x_train, training: True})
+            stats = {v.op.name: v for v in tf1.global_variables() if "moving_" in v.op.name}
+            train["stats"] = sess.run(stats)
+    return {"prefix": prefix, **run, "train_inputs": train["inputs"], "train_stats": train["stats"]}
+
+
 # -- DCGAN ---------------------------------------------------------------------------------------
 
 DCGAN_INPUT = (2, 16, 16, 3)
@@ -418,6 +451,37 @@ def build_keras3(directory: Path) -> dict[str, Any]:
             conv_input = h
         previous, h = layer, out
     return {"prefix": prefix, "inputs": inputs, "outputs": outputs}
+
+
+def build_tf_keras(directory: Path) -> dict[str, Any]:
+    """A tf_keras (Keras 2) model saved with ``save_weights`` in TF format after one epoch of Adam:
+    conv/BN and depthwise/BN; returns the prefix and, per pair, its input and the BN output."""
+    import tf_keras
+
+    layers = tf_keras.layers
+    rng = np.random.default_rng(SEED + 5)
+    tf_keras.utils.set_random_seed(SEED)
+    model = tf_keras.Sequential([
+        layers.Conv2D(8, 3, strides=2, padding="same", input_shape=KERAS_INPUT[1:]),
+        layers.BatchNormalization(),
+        layers.ReLU(),
+        layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False),
+        layers.BatchNormalization(),
+    ])
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.standard_normal(n) * 0.5)
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, n))
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(rng.standard_normal((4, *KERAS_INPUT[1:])), rng.standard_normal((4, 5, 5, 16)), epochs=1, verbose=0)
+    prefix = str(directory / "weights")
+    model.save_weights(prefix)  # no .h5 suffix: a TF object-based checkpoint
+    x = rng.standard_normal(KERAS_INPUT).astype(np.float32)
+    h1 = model.layers[1](model.layers[0](x), training=False)
+    relu = model.layers[2](h1)
+    h2 = model.layers[4](model.layers[3](relu), training=False)
+    return {"prefix": prefix, "inputs": [x, np.asarray(relu)], "outputs": [np.asarray(h1), np.asarray(h2)]}
 
 
 if __name__ == "__main__":
