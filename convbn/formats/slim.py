@@ -24,7 +24,7 @@ has a gamma, ``L/BatchNorm/beta`` (zeros when the layer has none), ``L/BatchNorm
 ``L/BatchNorm/moving_variance``, plus every other tensor under its own name. slim has no conv bias:
 a layer with one is refused (fold it first with :func:`convbn.convert.fold_bias`).
 
-Only ``sniff`` works without TensorFlow; ``read`` and ``write`` import it.
+``sniff`` and ``resolve`` work without TensorFlow; ``read`` and ``write`` import it.
 """
 
 from __future__ import annotations
@@ -274,6 +274,11 @@ def _object_graph_names(source: _Source) -> tuple[dict[str, str], list[str]]:
             f"Received: file={source.data_name()}, tensor={_OBJECT_GRAPH!r}"
         ) from None
     nodes = graph.nodes
+    if not nodes:
+        raise ConvBNError(
+            f"a TF2 checkpoint's object graph must have a root object. Received: file={source.data_name()}, "
+            f"tensor={_OBJECT_GRAPH!r} with no objects"
+        )
     slots = {s.slot_variable_node_id for n in nodes for s in n.slot_variables}
     best: dict[int, tuple[str, ...]] = {}
     seen = {(0, False)}
@@ -288,10 +293,8 @@ def _object_graph_names(source: _Source) -> tuple[dict[str, str], list[str]]:
                 seen.add((child.node_id, flag))
                 queue.append((child.node_id, flag, (*path, child.local_name)))
     names: dict[str, str] = {}
-    covered = {_OBJECT_GRAPH}
     for node_id, node in enumerate(nodes):
         for attr in node.attributes:
-            covered.add(attr.checkpoint_key)
             if attr.name == "VARIABLE_VALUE" and node_id in best and node_id not in slots and best[node_id]:
                 names["/".join(best[node_id])] = attr.checkpoint_key
     kept = set(names.values())

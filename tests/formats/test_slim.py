@@ -31,6 +31,12 @@ from tests.conftest import require_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# tf-slim builds on TF's legacy layers, which warn on every use.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`layer.apply` is deprecated:UserWarning"),
+    pytest.mark.filterwarnings("ignore:`tf.layers.flatten` is deprecated:UserWarning"),
+]
+
 # Max |convbn - TF| / max|TF| of a layer's output: the TF graphs run in float32, convbn here in
 # float64 (NumPy backend). Measured 0.6e-7 to 3.2e-7 over every layer below (float32 rounding of
 # dot products of at most 5*5*16 = 400 terms, and of the BatchNorm). 2e-6 leaves 6x headroom and
