@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 import convbn
@@ -37,7 +39,7 @@ def random_checkpoint(seed: int = 0, widths: tuple[int, ...] = (3, 8, 16, 16), *
     """A chain of conv+BN layers ``layer1``, ``layer2``, ... (3x3 kernels)."""
     rng = np.random.default_rng(seed)
     ckpt = Checkpoint(format="test", convention="torch")
-    for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:], strict=True), 1):
+    for i, (cin, cout) in enumerate(itertools.pairwise(widths), 1):
         ckpt.layers[f"layer{i}"] = random_layer(rng, cin, cout, eps=1e-5, momentum=0.9, **kwargs)
     return ckpt
 

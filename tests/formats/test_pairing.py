@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from convbn import ConvBNError
-from convbn.formats._pairing import Unit, layer_key, natural_key, naming_candidates, pair_units, parse_pairs
+from convbn.formats._pairing import Unit, layer_key, naming_candidates, natural_key, pair_units, parse_pairs
 
 
 def _names(pairs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import subprocess
 import sys
@@ -41,7 +42,7 @@ class Net(nn.Module):
     def __init__(self, widths, eps, momentum, bias=True):
         super().__init__()
         self.blocks = nn.ModuleDict()
-        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:], strict=True), 1):
+        for i, (cin, cout) in enumerate(itertools.pairwise(widths), 1):
             block = nn.Module()
             block.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
             block.bn = nn.BatchNorm2d(cout, eps=eps, momentum=momentum)
