@@ -36,6 +36,7 @@ from convbn import conventions
 from convbn.errors import ConvBNError
 from convbn.formats._common import Progress, as_numpy, build_layer, contiguous, head, origin_format, tick
 from convbn.formats._io import atomic_output
+from convbn.formats._pairing import natural_key
 from convbn.params import ARRAY_FIELDS
 
 if TYPE_CHECKING:
@@ -155,7 +156,10 @@ def read(
     if metadata.get("convbn") is None:
         from convbn.formats.torch import layers_from_state_dict
 
-        ckpt = layers_from_state_dict(tensors, source=path, pairs=pairs, eps=eps, momentum=momentum, fmt=NAME)
+        # safetensors stores tensors sorted by dtype and name, not in the model's order: natural sort
+        # of the names restores module order (features.2 before features.10).
+        ordered = {k: tensors[k] for k in sorted(tensors, key=natural_key)}
+        ckpt = layers_from_state_dict(ordered, source=path, pairs=pairs, eps=eps, momentum=momentum, fmt=NAME)
         ckpt.notes.insert(0, "no convbn metadata: read as a torch state_dict (torch names, OIHW kernels)")
         return ckpt
     if pairs:
