@@ -420,6 +420,12 @@ def save_checkpoint(
     if not overwrite and _destination_exists(p, name):
         raise ConvBNError(f"{p} exists; refusing to overwrite it (pass overwrite=True / --force)")
     prepared = prepare_for_format(ckpt, name, fold_bias=fold_bias, conv_bias=conv_bias)
+    if name == "slim" and not prepared.fused:
+        # A TF checkpoint stores no BatchNorm settings; the slim writer leaves this note to us.
+        from convbn.conventions import SLIM
+        from convbn.formats._common import unstored_settings_note
+
+        unstored_settings_note(prepared, "TF checkpoints", SLIM)
     if progress is not None and "progress" in inspect.signature(module.write).parameters:
         module.write(prepared, p, progress=progress)
     else:

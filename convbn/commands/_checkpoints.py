@@ -116,8 +116,8 @@ def layer_rows(ckpt: Checkpoint) -> list[dict[str, Any]]:
         source = ckpt.sources.get(name)
         row: dict[str, Any] = {
             "name": name,
-            "conv": source.conv_name if source else "",
-            "bn": source.bn_name if source else "",
+            "conv": (source.conv_name or source.conv.get("kernel", "")) if source else "",
+            "bn": (source.bn_name or source.bn.get("moving_mean", "")) if source else "",
             "kernel_hwio": list(np.shape(p.kernel)),
             "dtype": dtype_of(p.kernel),
             "bias": p.bias is not None,
