@@ -144,7 +144,7 @@ def test_shape_mismatch_and_malicious_pickle_through_the_cli(tmp_path, capsys):
 
     class Payload:
         def __reduce__(self):
-            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+            return (exec, (f"__import__('pathlib').Path({str(marker)!r}).write_text('ran')",))
 
     evil = tmp_path / "evil.pt"
     with zipfile.ZipFile(evil, "w") as zf:  # torch.save's layout, with a pickle that runs code

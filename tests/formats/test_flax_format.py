@@ -9,10 +9,9 @@ import pytest
 
 import convbn
 from convbn import ConvBNError
-from tests.conftest import require_backend
-from tests.formats.builders import assert_same_arrays, random_checkpoint
+from tests.formats.builders import assert_same_arrays, random_checkpoint, require_backend_for_module
 
-require_backend("jax")
+require_backend_for_module("jax")
 flax = pytest.importorskip("flax")
 import jax  # noqa: E402
 from flax import linen as nn  # noqa: E402

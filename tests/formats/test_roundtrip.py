@@ -12,11 +12,10 @@ import pytest
 
 import convbn
 from convbn.convert import verify_checkpoint
-from tests.conftest import require_backend
-from tests.formats.builders import assert_same_arrays
+from tests.formats.builders import assert_same_arrays, require_backend_for_module
 
-require_backend("torch")
-require_backend("jax")
+require_backend_for_module("torch")
+require_backend_for_module("jax")
 pytest.importorskip("h5py")
 pytest.importorskip("flax")
 keras = pytest.importorskip("keras")

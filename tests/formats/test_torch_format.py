@@ -13,10 +13,9 @@ import pytest
 
 import convbn
 from convbn import ConvBNError
-from tests.conftest import require_backend
-from tests.formats.builders import assert_same_arrays, random_checkpoint
+from tests.formats.builders import assert_same_arrays, random_checkpoint, require_backend_for_module
 
-require_backend("torch")
+require_backend_for_module("torch")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -177,7 +176,7 @@ EVIL = '''
 import os, torch
 class Evil:
     def __reduce__(self):
-        return (exec, ("open(os.environ['MARKER'], 'w').write('ran')",))
+        return (exec, ("__import__('pathlib').Path(os.environ['MARKER']).write_text('ran')",))
 torch.save({"0.weight": torch.zeros(4, 3, 3, 3), "payload": Evil()}, os.environ["TARGET"])
 # It really is malicious: plain unpickling runs the payload (here, in a throwaway process).
 torch.load(os.environ["TARGET"], weights_only=False)
