@@ -199,10 +199,7 @@ def read(
     for module, leaves in modules.items():
         kernel = leaves.get("params:kernel")
         if kernel is not None and arrays[kernel].ndim == 4 and set(leaves) <= {"params:kernel", "params:bias"}:
-            out = arrays[kernel].shape[-1]
-            bias = leaves.get("params:bias")
-            if bias is None or arrays[bias].shape == (out,):
-                units.append(Unit(module, "conv", int(out), payload=leaves))
+            units.append(Unit(module, "conv", int(arrays[kernel].shape[-1]), payload=leaves))
         elif {"stats:mean", "stats:var"} <= set(leaves) and set(leaves) <= {
             "stats:mean", "stats:var", "params:scale", "params:bias",
         } and arrays[leaves["stats:mean"]].ndim == 1:

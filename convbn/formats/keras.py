@@ -223,8 +223,6 @@ def _unit(group: _Group, entry: Mapping[str, Any] | None, notes: list[str]) -> U
         if not shapes or len(shapes[0]) != 4 or len(shapes) > 2:
             return None
         out = shapes[0][3]
-        if len(shapes) == 2 and shapes[1] != (out,):
-            return None
         fields = dict(zip(("kernel", "bias"), group.arrays, strict=False))
         return Unit(group.name, "conv", int(out), payload=(group, fields, cfg))
     if cls == "BatchNormalization":

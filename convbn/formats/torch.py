@@ -226,10 +226,8 @@ def _unit(module: str, leaves: dict[str, str], arrays: Mapping[str, np.ndarray])
     """A conv (4-D ``weight``, optional 1-D ``bias``) or a BatchNorm (running statistics)."""
     shape = {leaf: np.shape(arrays[key]) for leaf, key in leaves.items()}
     if set(leaves) <= {"weight", "bias"} and len(shape.get("weight", ())) == 4:
-        out = shape["weight"][0]
-        if "bias" in leaves and shape["bias"] != (out,):
-            return None
-        return Unit(module, "conv", int(out), payload=dict(leaves))
+        # A bias of the wrong length is reported when the layer is built, naming both tensors.
+        return Unit(module, "conv", int(shape["weight"][0]), payload=dict(leaves))
     if {"running_mean", "running_var"} <= set(leaves) and set(leaves) <= {*_BN_FIELDS, "num_batches_tracked"}:
         n = shape["running_mean"]
         if len(n) != 1:

@@ -221,3 +221,16 @@ def test_legacy_torch_files_are_read(tmp_path):
     torch.save(model.state_dict(), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
     ckpt = convbn.load_checkpoint(tmp_path / "old.pt")
     assert np.array_equal(ckpt.layers["0"].gamma, model[1].weight.detach().numpy())
+
+
+def test_a_bias_of_the_wrong_length_names_the_file_and_tensors(tmp_path):
+    model = _trained(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    state = model.state_dict()
+    state["0.bias"] = torch.zeros(5)
+    torch.save(state, tmp_path / "m.pt")
+    with pytest.raises(ConvBNError) as info:
+        convbn.load_checkpoint(tmp_path / "m.pt")
+    assert str(info.value).startswith(f"{tmp_path / 'm.pt'}: layer '0' (kernel='0.weight', bias='0.bias', ")
+    assert str(info.value).endswith(
+        "bias must have shape (out_channels,) = (8,) to match the kernel. Received: bias.shape=(5,), "
+        "kernel.shape=(3, 3, 3, 8)")
