@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from convbn import conventions
 from convbn.api import conv_bn, fuse, to_backend, to_numpy
+from convbn.convert import Checkpoint, load_checkpoint, save_checkpoint
 from convbn.dispatch import AUTO_ORDER, available_backends
 from convbn.errors import ConvBNError
 from convbn.params import ConvBNParams
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AUTO_ORDER",
+    "Checkpoint",
     "ConvBNError",
     "ConvBNParams",
     "__version__",
@@ -22,6 +24,8 @@ __all__ = [
     "conv_bn",
     "conventions",
     "fuse",
+    "load_checkpoint",
+    "save_checkpoint",
     "to_backend",
     "to_numpy",
 ]

@@ -10,7 +10,19 @@ Every format module defines:
   source order, every other tensor in ``tensors``, and what was deliberately left out in
   ``dropped``. ``pairs`` maps conv names to BatchNorm names and wins over every other rule.
 - ``write(ckpt, path) -> None``: write ``ckpt`` (already folded by ``save_checkpoint`` where the
-  target has no conv bias) through :func:`convbn.formats._io.atomic_output`.
+  target has no conv bias) through :func:`convbn.formats._io.atomic_output`. A writer may append
+  report lines to ``ckpt.notes`` (it gets a copy).
+
+Optional, added later and backward compatible (a module without them keeps working):
+
+- ``write(ckpt, path, *, progress=None)``: when ``write`` accepts ``progress``,
+  ``save_checkpoint`` passes a callable to call with each layer's name once it is written.
+- ``WRITES_FUSED = True``: ``write`` honours ``ckpt.fused`` (write each layer's conv weight and
+  bias, no BatchNorm), so ``convbn fuse`` may target the format.
+
+Shared helpers: :mod:`convbn.formats._pairing` (explicit pairs, graph/naming/order pairing,
+natural sort, mapping files) and :mod:`convbn.formats._common` (sniffing, conventions' defaults,
+layer construction with errors that name the file).
 
 Framework imports happen inside ``read``/``write``, so listing or sniffing formats imports none.
 """
