@@ -15,9 +15,9 @@ from typing import Any, TextIO
 import numpy as np
 
 from convbn import conventions
-from convbn.convert import Checkpoint, LayerCheck, format_for_path
+from convbn.convert import Checkpoint, LayerCheck, detect_format, format_for_path
 from convbn.errors import ConvBNError
-from convbn.formats import FORMATS
+from convbn.formats import FORMATS, import_frameworks, load_format
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +60,22 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
         raise ConvBNError(f"{dst} exists; pass --force to overwrite it")
     if not dst.parent.is_dir():
         raise ConvBNError(f"DST's directory must exist. Received: {str(dst.parent)!r}")
+
+
+def prepare_conversion(src: Path, source_format: str | None, target_format: str | None) -> str:
+    """SRC's format (detected unless given), with the frameworks both formats need imported in a
+    safe order (torch before TensorFlow) before either is read or written."""
+    name = source_format or detect_format(src)
+    import_frameworks(name, *([target_format] if target_format else []))
+    return name
+
+
+def check_target(ckpt: Checkpoint, dst: Path, to: str) -> None:
+    """What the target format refuses at DST itself (a slim prefix's stale ``.meta``), checked
+    before writing to the staging path, where the format's writer cannot see it."""
+    check = getattr(load_format(to), "check_destination", None)
+    if check is not None:
+        check(ckpt, dst)
 
 
 @contextlib.contextmanager
