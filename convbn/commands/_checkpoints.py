@@ -54,12 +54,23 @@ def target_format(args: argparse.Namespace, dst: Path, default: str | None = Non
 
 def check_destination(src: Path, dst: Path, force: bool) -> None:
     """Never write over the source; refuse an existing DST without --force."""
-    if (dst.exists() and src.exists() and os.path.samefile(src, dst)) or dst.resolve() == src.resolve():
+    if (dst.exists() and src.exists() and os.path.samefile(src, dst)) or dst.resolve() == src.resolve() or (
+        _same_tf_checkpoint(src, dst)
+    ):
         raise ConvBNError(f"DST must differ from SRC: convbn never modifies its source. Received: DST={str(dst)!r}")
     if not force and (dst.exists() or Path(f"{dst}.index").exists()):
         raise ConvBNError(f"{dst} exists; pass --force to overwrite it")
     if not dst.parent.is_dir():
         raise ConvBNError(f"DST's directory must exist. Received: {str(dst.parent)!r}")
+
+
+def _same_tf_checkpoint(src: Path, dst: Path) -> bool:
+    """Whether DST, written as a TF checkpoint, would replace SRC's files: a TF checkpoint is named
+    by its prefix, its .index or .data file, or its directory (no TensorFlow needed)."""
+    slim = load_format("slim")
+    if not slim.sniff(src):
+        return False
+    return bool(slim.resolve(src).resolve() == slim.write_prefix(dst).resolve())
 
 
 def prepare_conversion(src: Path, source_format: str | None, target_format: str | None) -> str:

@@ -54,7 +54,9 @@ from convbn.formats._common import not_written_note, origin_format
 from convbn.formats._io import atomic_output
 from convbn.params import ConvBNParams
 
-__all__ = ["FRAMEWORK", "NAME", "WRITES_FUSED", "check_destination", "read", "resolve", "sniff", "write"]
+__all__ = [
+    "FRAMEWORK", "NAME", "WRITES_FUSED", "check_destination", "read", "resolve", "sniff", "write", "write_prefix",
+]
 
 NAME = "slim"
 #: The framework read() and write() import (see convbn.formats.import_frameworks).
@@ -1108,7 +1110,8 @@ def _to_tf(value: np.ndarray) -> Any:
     return tf.constant(value)
 
 
-def _prefix_of(path: str | os.PathLike[str]) -> Path:
+def write_prefix(path: str | os.PathLike[str]) -> Path:
+    """The prefix :func:`write` writes for ``path``: ``path`` itself, or without a final ``.index``."""
     target = Path(path)
     if target.name.endswith(".index"):  # the index file named instead of the prefix
         target = target.with_name(target.name[: -len(".index")])
@@ -1136,7 +1139,7 @@ def check_destination(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
     Example:
         >>> check_destination(ckpt, "out/model.ckpt")  # doctest: +SKIP
     """
-    meta = _meta_path(_prefix_of(path))
+    meta = _meta_path(write_prefix(path))
     if not meta.is_file():
         return
     try:
@@ -1189,7 +1192,7 @@ def write(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
     Example:
         >>> write(convbn.convert.Checkpoint(layers={"conv1": params}), "out/model.ckpt")  # doctest: +SKIP
     """
-    target = _prefix_of(path)
+    target = write_prefix(path)
     if target.is_dir():
         raise ConvBNError(
             f"a TF checkpoint is written at a prefix such as 'dir/model.ckpt', not a directory. Received: path={str(path)!r}"

@@ -950,3 +950,14 @@ def test_bad_variance_of_an_unpaired_batchnorm_is_caught(small: Path) -> None:
 def test_use_ema_without_shadows(small: Path) -> None:
     with pytest.raises(convbn.ConvBNError, match=rf"use_ema=True needs .*Received: file={small}\.index"):
         slim.read(small, use_ema=True)
+
+
+def test_the_cli_never_writes_over_a_source_named_another_way(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from convbn.cli import main
+
+    files = {p: p.read_bytes() for p in small.parent.iterdir()}
+    for src in (small.with_name("small.ckpt.index"), small.parent):  # the .index file, the directory
+        for dst in (small, small.with_name("small.ckpt.index")):
+            assert main(["convert", str(src), str(dst), "--to", "slim", "--force"]) == 2
+            assert "DST must differ from SRC: convbn never modifies its source" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in small.parent.iterdir()} == files
