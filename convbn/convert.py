@@ -58,7 +58,8 @@ class LayerSource:
         conv_name: the conv's own name (module path, variable scope or layer name).
         bn_name: the BatchNorm's own name.
         geometry: whether stride/padding/dilation/groups came from the file (else defaults).
-        settings: whether eps and momentum came from the file (else the convention's defaults).
+        settings: whether eps came from the file, with momentum where the format stores it (a TF
+            ``.meta`` graph states eps only); else the convention's defaults.
 
     Names are those of the original format (:attr:`Checkpoint.metadata` ``["source_format"]``),
     which differs from the file read only for convbn safetensors files.
@@ -546,10 +547,13 @@ def verify_checkpoint(
 ) -> list[LayerCheck]:
     """Run every layer through ``conv_bn`` with source and converted parameters and compare.
 
-    Layers are matched by position. Both sides run on the NumPy backend in float64 from the stored
-    parameters on the same random input, with the source's geometry and eps (the converted side
-    uses its own eps when it is fused or its file stores eps), so the difference is what the
-    conversion changed. An extra or missing layer, or a changed shape, is a failed check.
+    Layers are matched by name when both checkpoints have the same layer names (their order may
+    differ: a TF checkpoint read without its ``.meta`` lists layers in name order), else by
+    position (a target format that renames layers keeps their order). Both sides run on the NumPy
+    backend in float64 from the stored parameters on the same random input, with the source's
+    geometry and eps (the converted side uses its own eps when it is fused or its file stores eps),
+    so the difference is what the conversion changed. An extra or missing layer, or a changed
+    shape, is a failed check.
 
     Returns:
         One :class:`LayerCheck` per layer.
@@ -561,7 +565,10 @@ def verify_checkpoint(
     """
     rng = np.random.default_rng(seed)
     checks: list[LayerCheck] = []
-    target_items = list(converted.layers.items())
+    if set(converted.layers) == set(source.layers):
+        target_items = [(name, converted.layers[name]) for name in source.layers]
+    else:
+        target_items = list(converted.layers.items())
     for i, (name, params) in enumerate(source.layers.items()):
         if i < len(target_items):
             target_name, converted_params = target_items[i]

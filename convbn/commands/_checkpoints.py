@@ -15,9 +15,9 @@ from typing import Any, TextIO
 import numpy as np
 
 from convbn import conventions
-from convbn.convert import Checkpoint, LayerCheck, format_for_path
+from convbn.convert import Checkpoint, LayerCheck, detect_format, format_for_path
 from convbn.errors import ConvBNError
-from convbn.formats import FORMATS
+from convbn.formats import FORMATS, import_frameworks, load_format
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:
@@ -54,12 +54,39 @@ def target_format(args: argparse.Namespace, dst: Path, default: str | None = Non
 
 def check_destination(src: Path, dst: Path, force: bool) -> None:
     """Never write over the source; refuse an existing DST without --force."""
-    if (dst.exists() and src.exists() and os.path.samefile(src, dst)) or dst.resolve() == src.resolve():
+    if (dst.exists() and src.exists() and os.path.samefile(src, dst)) or dst.resolve() == src.resolve() or (
+        _same_tf_checkpoint(src, dst)
+    ):
         raise ConvBNError(f"DST must differ from SRC: convbn never modifies its source. Received: DST={str(dst)!r}")
     if not force and (dst.exists() or Path(f"{dst}.index").exists()):
         raise ConvBNError(f"{dst} exists; pass --force to overwrite it")
     if not dst.parent.is_dir():
         raise ConvBNError(f"DST's directory must exist. Received: {str(dst.parent)!r}")
+
+
+def _same_tf_checkpoint(src: Path, dst: Path) -> bool:
+    """Whether DST, written as a TF checkpoint, would replace SRC's files: a TF checkpoint is named
+    by its prefix, its .index or .data file, or its directory (no TensorFlow needed)."""
+    slim = load_format("slim")
+    if not slim.sniff(src):
+        return False
+    return bool(slim.resolve(src).resolve() == slim.write_prefix(dst).resolve())
+
+
+def prepare_conversion(src: Path, source_format: str | None, target_format: str | None) -> str:
+    """SRC's format (detected unless given), with the frameworks both formats need imported in a
+    safe order (torch before TensorFlow) before either is read or written."""
+    name = source_format or detect_format(src)
+    import_frameworks(name, *([target_format] if target_format else []))
+    return name
+
+
+def check_target(ckpt: Checkpoint, dst: Path, to: str) -> None:
+    """What the target format refuses at DST itself (a slim prefix's stale ``.meta``), checked
+    before writing to the staging path, where the format's writer cannot see it."""
+    check = getattr(load_format(to), "check_destination", None)
+    if check is not None:
+        check(ckpt, dst)
 
 
 @contextlib.contextmanager

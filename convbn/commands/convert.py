@@ -35,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     to = common.target_format(args, dst)
     common.check_destination(src, dst, args.force)
+    source_format = common.prepare_conversion(src, args.source_format, to)
     ckpt = load_checkpoint(
-        src, args.source_format, pairs=args.pair, eps=args.eps, momentum=args.momentum, use_ema=args.use_ema
+        src, source_format, pairs=args.pair, eps=args.eps, momentum=args.momentum, use_ema=args.use_ema
     )
     read_notes = len(ckpt.notes)
     checks: list[LayerCheck] = []
@@ -52,6 +53,7 @@ def _write(
     args: argparse.Namespace, ckpt: Checkpoint, dst: Path, to: str, read_notes: int, checks: list[LayerCheck]
 ) -> Checkpoint:
     """Write into a staging path; with --verify, read it back and check before it reaches DST."""
+    common.check_target(ckpt, dst, to)
     with common.staged(dst) as staging:
         bar = common.ProgressBar(len(ckpt.layers), "writing")
         try:

@@ -14,7 +14,13 @@ from typing import Any
 
 from convbn.commands import _checkpoints as common
 from convbn.commands.convert import report
-from convbn.convert import fuse_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from convbn.convert import (
+    format_for_path,
+    fuse_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from convbn.errors import ConvBNError
 from convbn.formats import load_format
 
@@ -38,8 +44,9 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     common.check_destination(src, dst, args.force)
+    source_format = common.prepare_conversion(src, args.source_format, args.target_format or format_for_path(dst))
     ckpt = load_checkpoint(
-        src, args.source_format, pairs=args.pair, eps=args.eps, momentum=args.momentum, use_ema=args.use_ema
+        src, source_format, pairs=args.pair, eps=args.eps, momentum=args.momentum, use_ema=args.use_ema
     )
     to = common.target_format(args, dst, default=ckpt.format)
     if not getattr(load_format(to), "WRITES_FUSED", False):
@@ -56,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if not all(c.ok for c in checks):
             report(args, ckpt, fused, to, read_notes, checks, written_ok=False, command="fuse")
             return 1
+    common.check_target(fused, dst, to)
     with common.staged(dst) as staging:
         bar = common.ProgressBar(len(ckpt.layers), "writing")
         try:

@@ -9,8 +9,9 @@ Layer ``L`` is stored as ``L/kernel`` (HWIO), ``L/bias``, ``L/gamma``, ``L/beta`
 - ``convbn.source_format`` and ``convbn.convention``: where the data came from and its BatchNorm
   convention preset;
 - ``convbn.layers``: a JSON list, one object per layer in order, with its tensor names, ``eps``,
-  ``momentum`` (fraction kept), ``var_update``, the pairing ``reason``, the source's names, and
-  ``stride``/``padding``/``dilation``/``groups`` where the source stored them;
+  ``momentum`` (fraction kept), ``var_update``, the pairing ``reason``, the source's names,
+  ``stride``/``padding``/``dilation``/``groups``, and ``geometry``: whether the source file stated
+  them (else they are the defaults the reader assumed, or what was set after reading);
 - ``convbn.dropped``, ``convbn.unpaired``, ``convbn.notes``, ``convbn.fused``.
 
 So a later conversion from this file loses nothing. A safetensors file without ``convbn``
@@ -262,9 +263,11 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
                 source_bn=source.bn,
                 geometry=source.geometry,
             )
-        if source is not None and source.geometry:
-            entry.update(stride=list(params.stride), dilation=list(params.dilation), groups=params.groups)
-            entry["padding"] = params.padding if isinstance(params.padding, str) else [list(p) for p in params.padding]
+        # Always stored: the kernel's shape cannot tell a depthwise or grouped conv from a dense one,
+        # and geometry set after reading (dataclasses.replace) must survive. ``geometry`` above says
+        # whether the original file stated it.
+        entry.update(stride=list(params.stride), dilation=list(params.dilation), groups=params.groups)
+        entry["padding"] = params.padding if isinstance(params.padding, str) else [list(p) for p in params.padding]
         layers.append(entry)
     layer_names = {name for name, _ in entries}
     for key, value in ckpt.tensors.items():

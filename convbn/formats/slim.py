@@ -21,8 +21,13 @@ BatchNorm's epsilon), then naming conventions, then (object-based checkpoints on
 Writing produces what ``slim.conv2d(..., normalizer_fn=slim.batch_norm, scope=L)`` restores:
 ``L/weights`` (``L/depthwise_weights`` for a depthwise layer), ``L/BatchNorm/gamma`` iff the layer
 has a gamma, ``L/BatchNorm/beta`` (zeros when the layer has none), ``L/BatchNorm/moving_mean`` and
-``L/BatchNorm/moving_variance``, plus every other tensor under its own name. slim has no conv bias:
-a layer with one is refused (fold it first with :func:`convbn.convert.fold_bias`).
+``L/BatchNorm/moving_variance``; a fused checkpoint gives ``L/weights`` + ``L/biases``. Every other
+tensor is written under its own name when the checkpoint came from a TF checkpoint, and listed in
+the notes as not written otherwise. slim has no conv bias: a layer with one is refused (fold it
+first with :func:`convbn.convert.fold_bias`; ``save_checkpoint`` does). A grouped (not depthwise)
+conv is written as ``L/weights`` and reads back with ``groups=1``: a TF checkpoint does not store
+groups. An existing ``<prefix>.meta`` that does not describe the written variables makes the
+write fail (:func:`check_destination`): a later read would trust it.
 
 ``sniff`` and ``resolve`` work without TensorFlow; ``read`` and ``write`` import it.
 """
@@ -45,12 +50,19 @@ import numpy as np
 from convbn import conventions
 from convbn.convert import Checkpoint, LayerSource, natural_key
 from convbn.errors import ConvBNError
+from convbn.formats._common import not_written_note, origin_format
 from convbn.formats._io import atomic_output
 from convbn.params import ConvBNParams
 
-__all__ = ["NAME", "read", "resolve", "sniff", "write"]
+__all__ = [
+    "FRAMEWORK", "NAME", "WRITES_FUSED", "check_destination", "read", "resolve", "sniff", "write", "write_prefix",
+]
 
 NAME = "slim"
+#: The framework read() and write() import (see convbn.formats.import_frameworks).
+FRAMEWORK = "tensorflow"
+#: write() honours Checkpoint.fused (conv weights + biases, what slim.conv2d without a normalizer has).
+WRITES_FUSED = True
 
 # The last 8 bytes of every TF checkpoint index (a LevelDB-style table): its footer magic.
 _INDEX_MAGIC = bytes.fromhex("57fb808b247547db")
@@ -214,7 +226,7 @@ class _Source:
     """An open checkpoint: reads tensors one at a time, turning TF errors into ConvBNError."""
 
     def __init__(self, prefix: Path) -> None:
-        import tensorflow as tf
+        tf = _tensorflow()
 
         self.prefix = prefix
         self.index = _index_of(prefix)
@@ -247,6 +259,17 @@ class _Source:
                 f"a TF checkpoint's data must hold every tensor its index lists (truncated or corrupt "
                 f"data?): {_first_line(exc)}. Received: file={self.data_name()}, tensor={key!r}"
             ) from None
+
+
+def _tensorflow() -> Any:
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ImportError(
+            "the slim format needs TensorFlow to read and write TF checkpoints: pip install tensorflow "
+            "(or 'convbn[tensorflow]')"
+        ) from None
+    return tf
 
 
 def _first_line(exc: BaseException) -> str:
@@ -322,23 +345,67 @@ class _Graph:
     bn_unfused: set[str]  # BatchNorm scopes whose ops include no fused op
 
 
-def _load_graph(
-    prefix: Path, variables: Mapping[str, _Var], bn_scopes: Iterable[str], notes: list[str]
-) -> _Graph | None:
-    meta = prefix.with_name(prefix.name + ".meta")
-    if not meta.is_file():
-        return None
+def _meta_path(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + ".meta")
+
+
+def _read_meta(meta: Path) -> Any:
+    """The MetaGraphDef in ``meta``; raises ValueError naming why it cannot be read."""
+    _tensorflow()
     from tensorflow.core.protobuf import meta_graph_pb2
 
     proto = meta_graph_pb2.MetaGraphDef()
     try:
         proto.ParseFromString(meta.read_bytes())
     except Exception as exc:
-        notes.append(f"ignored {meta}: not a readable MetaGraphDef ({_first_line(exc)})")
+        raise ValueError(f"not a readable MetaGraphDef ({_first_line(exc)})") from None
+    return proto
+
+
+def _declared_shapes(proto: Any) -> dict[str, tuple[int, ...] | None]:
+    """Variable name -> the shape its graph node declares (-1 for an unknown dimension; None for
+    an unknown rank)."""
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for node in proto.graph_def.node:
+        if node.op in _VARIABLE_OPS and "shape" in node.attr:
+            shape = node.attr["shape"].shape
+            shapes[node.name] = None if shape.unknown_rank else tuple(int(d.size) for d in shape.dim)
+    return shapes
+
+
+def _shape_conflict(
+    declared: Mapping[str, tuple[int, ...] | None], shapes: Iterable[tuple[str, tuple[int, ...]]]
+) -> str | None:
+    """The first variable whose graph shape contradicts ``shapes`` (name, shape), described."""
+    for name, shape in shapes:
+        graph_shape = declared.get(name)
+        if graph_shape is None:
+            continue
+        if len(graph_shape) != len(shape) or any(g >= 0 and g != d for g, d in zip(graph_shape, shape, strict=False)):
+            return f"its variable {name!r} has shape {list(graph_shape)}, the checkpoint's {list(shape)}"
+    return None
+
+
+def _load_graph(
+    prefix: Path, variables: Mapping[str, _Var], bn_scopes: Iterable[str], notes: list[str]
+) -> _Graph | None:
+    meta = _meta_path(prefix)
+    if not meta.is_file():
+        return None
+    try:
+        proto = _read_meta(meta)
+    except ValueError as exc:
+        notes.append(f"ignored {meta}: {exc}")
         return None
     nodes = {n.name: n for n in proto.graph_def.node}
     if not any(name in nodes for name in variables):
         notes.append(f"ignored {meta}: it describes none of the checkpoint's variables")
+        return None
+    # A .meta left from another checkpoint at this prefix must not lend it its order, pairs,
+    # geometry or eps.
+    conflict = _shape_conflict(_declared_shapes(proto), ((v.name, v.shape) for v in variables.values()))
+    if conflict is not None:
+        notes.append(f"ignored {meta}: it belongs to another checkpoint: {conflict}")
         return None
     functions = {f.signature.name: f for f in proto.graph_def.library.function}
     return _analyse_graph(list(proto.graph_def.node), nodes, functions, variables, set(bn_scopes))
@@ -467,7 +534,7 @@ def _geometry(node: Any, nodes: Mapping[str, Any]) -> dict[str, Any]:
     An atrous conv that TF built as SpaceToBatchND -> Conv2D(VALID) -> BatchToSpaceND gets its
     dilation from the block shape and its padding from the space-to-batch paddings.
     """
-    import tensorflow as tf
+    tf = _tensorflow()
 
     fmt = node.attr["data_format"].s.decode() or "NHWC"
     h, w = (1, 2) if fmt == "NHWC" else (2, 3)
@@ -661,9 +728,10 @@ def read(
             (v for v in by_scope[kernel_var.scope] if v.role in _BIAS_ROLES and v.name not in consumed), None
         )
         preset = _STYLE_PRESET[style]
-        layer_eps = eps
-        if layer_eps is None and graph is not None and bn_scope in graph.bn_eps:
-            layer_eps = graph.bn_eps[bn_scope]
+        graph_layer_eps = graph.bn_eps.get(bn_scope) if graph is not None else None
+        eps_from_graph = eps is None and graph_layer_eps is not None
+        layer_eps = graph_layer_eps if eps_from_graph else eps
+        if eps_from_graph:
             graph_eps.append(layer)
         var_update = preset.var_update
         if graph is not None and bn_scope in graph.bn_unfused:
@@ -677,7 +745,17 @@ def read(
             var_update=var_update,
         )
         ckpt.layers[layer] = params
-        ckpt.sources[layer] = LayerSource(conv=conv_names, bn=bn_names, reason=reason)
+        ckpt.sources[layer] = LayerSource(
+            conv=conv_names,
+            bn=bn_names,
+            reason=reason,
+            conv_name=kernel_var.scope or kernel_var.name,
+            bn_name=bn_scope,
+            # stride/padding/dilation from the graph's conv op (a depthwise kernel's shape gives
+            # groups either way); eps from its fused BatchNorm op. momentum is never stored.
+            geometry=graph is not None and kernel_name in graph.geometry,
+            settings=eps_from_graph,
+        )
         styles[style].append(layer)
         consumed.add(kernel_name)
         consumed.update(v.name for v in bns[bn_scope].values())
@@ -948,14 +1026,15 @@ def _report(
 # -- writing ---------------------------------------------------------------------------------------
 
 
-def _slim_entries(ckpt: Checkpoint) -> list[tuple[str, np.ndarray]]:
+def _layer_entries(ckpt: Checkpoint, *, check_bias: bool = True) -> list[tuple[str, np.ndarray]]:
+    """Each layer's variables under tf-slim's names (conv weights and biases when fused)."""
     from convbn.backends.numpy import to_numpy
 
     entries: list[tuple[str, np.ndarray]] = []
     for layer, params in ckpt.layers.items():
         if not isinstance(layer, str) or not layer:
             raise ConvBNError(f"layer names must be non-empty strings. Received: layer={layer!r}")
-        if params.bias is not None:
+        if check_bias and params.bias is not None and not ckpt.fused:
             raise ConvBNError(
                 "a slim checkpoint has no conv bias: fold it into BatchNorm first "
                 "(save_checkpoint(..., fold_bias='beta' or 'moving_mean'), or convbn.convert.fold_bias). "
@@ -968,6 +1047,11 @@ def _slim_entries(ckpt: Checkpoint) -> list[tuple[str, np.ndarray]]:
             entries.append((f"{layer}/depthwise_weights", kernel.reshape(kh, kw, params.groups, out // params.groups)))
         else:
             entries.append((f"{layer}/weights", kernel))
+        if ckpt.fused:
+            # What slim.conv2d without a normalizer restores: weights and biases.
+            bias = np.zeros(out, kernel.dtype) if params.bias is None else to_numpy(params.bias)
+            entries.append((f"{layer}/biases", bias))
+            continue
         mean = to_numpy(params.moving_mean)
         if params.gamma is not None:
             entries.append((f"{layer}/BatchNorm/gamma", to_numpy(params.gamma)))
@@ -975,10 +1059,32 @@ def _slim_entries(ckpt: Checkpoint) -> list[tuple[str, np.ndarray]]:
         entries.append((f"{layer}/BatchNorm/beta", beta))
         entries.append((f"{layer}/BatchNorm/moving_mean", mean))
         entries.append((f"{layer}/BatchNorm/moving_variance", to_numpy(params.moving_var)))
-    for name, value in ckpt.tensors.items():
-        if not isinstance(name, str) or not name:
-            raise ConvBNError(f"tensor names must be non-empty strings. Received: name={name!r}")
-        entries.append((name, to_numpy(value)))
+    return entries
+
+
+def _slim_entries(ckpt: Checkpoint) -> list[tuple[str, np.ndarray]]:
+    """Every variable to write: the layers', then the other tensors when the source is a TF
+    checkpoint too (their names and layouts are TF's). Appends to ``ckpt.notes`` what is not stored."""
+    from convbn.backends.numpy import to_numpy
+
+    entries = _layer_entries(ckpt)
+    grouped = {name: p.groups for name, p in ckpt.layers.items() if p.groups > 1 and np.shape(p.kernel)[2] > 1}
+    if grouped:
+        listed = ", ".join(f"{name} (groups={g})" for name, g in grouped.items())
+        ckpt.notes.append(
+            f"grouped convs written as 'L/weights' (HWIO, in_channels/groups inputs): {listed}. A TF "
+            "checkpoint does not store groups and slim.conv2d has none (tf.nn.conv2d and Keras "
+            "Conv2D(groups=...) use these kernels); reading this file back gives groups=1: set groups "
+            "with dataclasses.replace"
+        )
+    if ckpt.tensors:
+        if origin_format(ckpt) == NAME:
+            for name, value in ckpt.tensors.items():
+                if not isinstance(name, str) or not name:
+                    raise ConvBNError(f"tensor names must be non-empty strings. Received: name={name!r}")
+                entries.append((name, to_numpy(value)))
+        else:
+            ckpt.notes.append(not_written_note(ckpt))
     seen: set[str] = set()
     for name, _ in entries:
         if name in seen:
@@ -992,7 +1098,7 @@ def _slim_entries(ckpt: Checkpoint) -> list[tuple[str, np.ndarray]]:
 
 def _to_tf(value: np.ndarray) -> Any:
     """A TF tensor viewing ``value``'s memory where DLPack allows it (no copy), else a copy."""
-    import tensorflow as tf
+    tf = _tensorflow()
 
     if value.dtype.kind in "biuf" and value.dtype.isnative:
         try:
@@ -1004,6 +1110,60 @@ def _to_tf(value: np.ndarray) -> Any:
     return tf.constant(value)
 
 
+def write_prefix(path: str | os.PathLike[str]) -> Path:
+    """The prefix :func:`write` writes for ``path``: ``path`` itself, or without a final ``.index``."""
+    target = Path(path)
+    if target.name.endswith(".index"):  # the index file named instead of the prefix
+        target = target.with_name(target.name[: -len(".index")])
+    return target
+
+
+def check_destination(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
+    """Refuse a prefix whose ``.meta`` graph does not describe ``ckpt`` as the slim writer writes it.
+
+    A later read takes layer order, pairing, stride, padding, dilation and eps from
+    ``<prefix>.meta`` when one is there. A ``.meta`` is therefore kept only when it declares every
+    variable of every written layer with the same shape (e.g. the graph of the slim model the
+    weights are for); one left by another checkpoint at this prefix, or one that cannot be read,
+    makes the write fail before anything is written. convbn never deletes it: remove or rename it,
+    or write to another prefix. :func:`write` calls this; ``convbn convert`` calls it for the final
+    destination before it writes to a staging directory.
+
+    Args:
+        ckpt: the checkpoint about to be written (as ``save_checkpoint`` passes it to :func:`write`).
+        path: the prefix to write, or its ``.index`` file.
+
+    Raises:
+        ConvBNError: naming the ``.meta`` file and the first variable it contradicts.
+
+    Example:
+        >>> check_destination(ckpt, "out/model.ckpt")  # doctest: +SKIP
+    """
+    meta = _meta_path(write_prefix(path))
+    if not meta.is_file():
+        return
+    try:
+        # A conv bias is folded before writing, which changes no name or shape.
+        shapes = [(name, tuple(np.shape(value))) for name, value in _layer_entries(ckpt, check_bias=False)]
+    except ConvBNError:
+        return  # write() reports what is wrong with the checkpoint itself
+    try:
+        declared = _declared_shapes(_read_meta(meta))
+    except ValueError as exc:
+        problem: str | None = str(exc)
+    else:
+        missing = [name for name, _ in shapes if name not in declared]
+        problem = _shape_conflict(declared, shapes) or (
+            f"it declares no variable {missing[0]!r}" if missing else None
+        )
+    if problem is not None:
+        raise ConvBNError(
+            f"a .meta graph next to the prefix written must describe the new checkpoint, since later reads "
+            f"take layer order, pairing, stride, padding and eps from it; {meta} does not: {problem}. "
+            f"Remove or rename it, or write to another prefix. Received: path={str(path)!r}"
+        )
+
+
 def write(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
     """Write ``ckpt`` as a tf-slim checkpoint at prefix ``path`` (``path.index`` + ``path.data-*``).
 
@@ -1011,25 +1171,28 @@ def write(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
     ``L/BatchNorm/gamma`` (only if the layer has a gamma), ``L/BatchNorm/beta`` (zeros if it has
     none), ``L/BatchNorm/moving_mean`` and ``L/BatchNorm/moving_variance``: what
     ``slim.conv2d(..., normalizer_fn=slim.batch_norm, scope=L)`` restores (pass
-    ``normalizer_params={'scale': True}`` for layers with a gamma). Every ``ckpt.tensors`` entry is
-    written under its own name. Values are written bit for bit, in their own dtypes. Stride,
-    padding, dilation, eps and momentum are not part of a TF checkpoint.
+    ``normalizer_params={'scale': True}`` for layers with a gamma). A fused checkpoint
+    (:func:`convbn.convert.fuse_checkpoint`) becomes ``L/weights`` and ``L/biases``, what
+    ``slim.conv2d`` without a normalizer restores. ``ckpt.tensors`` are written under their own
+    names when the checkpoint came from a TF checkpoint, and listed in ``ckpt.notes`` as not written
+    otherwise (their names and layouts are another framework's). Values are written bit for bit, in
+    their own dtypes. Stride, padding, dilation, groups (of a grouped, non-depthwise conv), eps and
+    momentum are not part of a TF checkpoint. An existing ``path.meta`` is kept only when it
+    describes the new checkpoint (see :func:`check_destination`).
 
     Args:
-        ckpt: the checkpoint; its layers must have no conv bias.
+        ckpt: the checkpoint; its layers must have no conv bias unless it is fused.
         path: the checkpoint prefix to write (its directory must exist); a path ending in
             ``.index`` names the prefix without it.
 
     Raises:
         ConvBNError: for a layer with a conv bias, a name written twice, an existing directory at
-            ``path``, or a failed write; nothing is left at ``path`` then.
+            ``path``, a ``path.meta`` of another graph, or a failed write; nothing is written then.
 
     Example:
         >>> write(convbn.convert.Checkpoint(layers={"conv1": params}), "out/model.ckpt")  # doctest: +SKIP
     """
-    target = Path(path)
-    if target.name.endswith(".index"):  # the index file named instead of the prefix
-        target = target.with_name(target.name[: -len(".index")])
+    target = write_prefix(path)
     if target.is_dir():
         raise ConvBNError(
             f"a TF checkpoint is written at a prefix such as 'dir/model.ckpt', not a directory. Received: path={str(path)!r}"
@@ -1038,8 +1201,19 @@ def write(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
         raise ConvBNError(f"the directory to write the checkpoint into must exist. Received: path={str(path)!r}")
     entries = _slim_entries(ckpt)
     if not entries:
-        raise ConvBNError("a checkpoint to write must hold at least one layer or tensor. Received: an empty checkpoint")
-    import tensorflow as tf
+        what = (
+            f"only other tensors of a {origin_format(ckpt) or 'non-TF'} source, which are not written to slim"
+            if ckpt.tensors
+            else "an empty checkpoint"
+        )
+        raise ConvBNError(f"a checkpoint to write must hold at least one layer or tensor. Received: {what}")
+    check_destination(ckpt, target)
+    if _meta_path(target).is_file():
+        ckpt.notes.append(
+            f"kept {_meta_path(target)}: it declares every variable written, so later reads take layer "
+            "order, pairing, stride, padding and eps from it"
+        )
+    tf = _tensorflow()
 
     with atomic_output(target) as out:
         try:

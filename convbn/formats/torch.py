@@ -45,10 +45,12 @@ if TYPE_CHECKING:
     from convbn.convert import Checkpoint
 
 NAME = "torch"
+#: The framework read() and write() import (see convbn.formats.import_frameworks).
+FRAMEWORK = "torch"
 #: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
 WRITES_FUSED = True
 
-__all__ = ["NAME", "layers_from_state_dict", "read", "sniff", "write"]
+__all__ = ["FRAMEWORK", "NAME", "layers_from_state_dict", "read", "sniff", "write"]
 
 # The pickle of torch's legacy (non-zip) magic number 0x1950a86a20f9469cfc6c, protocol 2.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"

@@ -12,14 +12,67 @@ oracle in ``OUTDIR/outputs.npz``. Nothing here imports TensorFlow at import time
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+import shutil
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 SEED = 0
+
+
+def need_slim() -> None:
+    """Skip unless TensorFlow is under test and tf-slim (with tf_keras behind its batch_norm) is installed."""
+    import pytest
+
+    from tests.conftest import require_backend
+
+    require_backend("tensorflow")
+    pytest.importorskip("tf_slim")
+    pytest.importorskip("tf_keras")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks: each worker builds its own copy
+        yield
+        return
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def shared_build(factory: Any, name: str, build: Callable[[Path], Any]) -> Any:
+    """``build(directory)`` once per test session, across xdist workers; its (pickled) result.
+
+    ``factory`` is pytest's ``tmp_path_factory``. Tests only read what was built (tests that damage
+    files work on copies).
+    """
+    root = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by all workers of this run
+    directory = root / f"slim-{name}"
+    with _locked(root / f"slim-{name}.lock"):
+        done = directory / "result.pickle"
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            result = build(directory)
+            with open(directory / "result.tmp", "wb") as f:
+                pickle.dump(result, f)
+            os.replace(directory / "result.tmp", done)
+        with open(done, "rb") as f:
+            return pickle.load(f)  # written by this test run just above
 
 
 def import_slim() -> Any:
@@ -151,7 +204,8 @@ def run_slim_layers(prefix: str, specs: list[dict[str, Any]], inputs: list[np.nd
     """Restore ``prefix`` into fresh ``slim.conv2d(normalizer_fn=slim.batch_norm)`` layers and run each.
 
     ``specs`` items: scope, outputs, kernel, and optionally stride, padding, rate, scale, epsilon,
-    depthwise (then ``outputs`` is the depth multiplier).
+    depthwise (then ``outputs`` is the depth multiplier), normalizer (False: no BatchNorm, so the
+    layer has ``biases``, as a fused checkpoint does).
     """
     import tensorflow as tf
 
@@ -165,10 +219,11 @@ def run_slim_layers(prefix: str, specs: list[dict[str, Any]], inputs: list[np.nd
             params = {"is_training": False, "scale": spec.get("scale", False)}
             if "epsilon" in spec:
                 params["epsilon"] = spec["epsilon"]
+            normalizer = spec.get("normalizer", True)
             common = dict(
                 stride=spec.get("stride", 1), padding=spec.get("padding", "SAME"), rate=spec.get("rate", 1),
-                activation_fn=None, normalizer_fn=slim.batch_norm, normalizer_params=params,
-                scope=spec["scope"],
+                activation_fn=None, normalizer_fn=slim.batch_norm if normalizer else None,
+                normalizer_params=params if normalizer else None, scope=spec["scope"],
             )
             k = [spec["kernel"], spec["kernel"]]
             if spec.get("depthwise"):

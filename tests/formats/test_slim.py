@@ -8,15 +8,14 @@ workers through a file lock, and only read afterwards; tests that damage files w
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
 import os
-import pickle
 import re
+import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from convbn.convert import Checkpoint, fold_bias
 from convbn.formats import slim
 from tests.cases import rel_err
 from tests.conftest import require_backend
+from tests.formats.slim_graphs import need_slim, shared_build
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,71 +47,15 @@ TOL = 2e-6
 # >= 5.7e-6 on the 9-values-per-channel batch used.
 STATS_TOL = 5e-7
 
-# -- shared fixtures ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # no POSIX locks: each worker builds its own copy
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _shared(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Any:
-    """``build(directory)`` once per session, across xdist workers; its (pickled) result."""
-    root = factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by all workers of this run
-    directory = root / f"slim-{name}"
-    with _locked(root / f"slim-{name}.lock"):
-        done = directory / "result.pickle"
-        if not done.exists():
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir()
-            result = build(directory)
-            with open(directory / "result.tmp", "wb") as f:
-                pickle.dump(result, f)
-            os.replace(directory / "result.tmp", done)
-        with open(done, "rb") as f:
-            return pickle.load(f)  # written by this test run just above
-
-
-def _need_slim() -> None:
-    require_backend("tensorflow")
-    pytest.importorskip("tf_slim")
-    pytest.importorskip("tf_keras")
-
-
-@pytest.fixture(scope="module")
-def slim_net(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    _need_slim()
-    from tests.formats import slim_graphs
-
-    return _shared(tmp_path_factory, "slim", slim_graphs.build_slim)  # type: ignore[no-any-return]
-
-
-@pytest.fixture(scope="module")
-def dcgan_net(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    _need_slim()
-    from tests.formats import slim_graphs
-
-    return _shared(tmp_path_factory, "dcgan", slim_graphs.build_dcgan)  # type: ignore[no-any-return]
+# -- shared fixtures (slim_net and dcgan_net live in conftest.py: other modules convert them too) --
 
 
 @pytest.fixture(scope="module")
 def graph_pairing(tmp_path_factory: pytest.TempPathFactory) -> str:
-    _need_slim()
+    need_slim()
     from tests.formats import slim_graphs
 
-    return _shared(tmp_path_factory, "graph", slim_graphs.build_graph_pairing)  # type: ignore[no-any-return]
+    return shared_build(tmp_path_factory, "graph", slim_graphs.build_graph_pairing)  # type: ignore[no-any-return]
 
 
 def _build_v1_in_subprocess(directory: Path) -> str:
@@ -126,8 +70,8 @@ def _build_v1_in_subprocess(directory: Path) -> str:
 
 @pytest.fixture(scope="module")
 def v1_net(tmp_path_factory: pytest.TempPathFactory) -> str:
-    _need_slim()  # tf_keras backs tf.compat.v1.layers under TF_USE_LEGACY_KERAS=1
-    return _shared(tmp_path_factory, "v1", _build_v1_in_subprocess)  # type: ignore[no-any-return]
+    need_slim()  # tf_keras backs tf.compat.v1.layers under TF_USE_LEGACY_KERAS=1
+    return shared_build(tmp_path_factory, "v1", _build_v1_in_subprocess)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +80,7 @@ def keras3_net(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pytest.importorskip("keras")
     from tests.formats import slim_graphs
 
-    return _shared(tmp_path_factory, "keras3", slim_graphs.build_keras3)  # type: ignore[no-any-return]
+    return shared_build(tmp_path_factory, "keras3", slim_graphs.build_keras3)  # type: ignore[no-any-return]
 
 
 def _copy_checkpoint(prefix: str | Path, directory: Path, *, meta: bool = True) -> Path:
@@ -284,6 +228,11 @@ def test_slim_checkpoint_reproduces_the_slim_graph(slim_net: dict[str, Any]) -> 
     assert p["conv10"].stride == (2, 2) and p["conv3"].dilation == (2, 2) and p["conv3"].padding == "VALID"
     assert p["conv2"].groups == 16 and p["conv2"].kernel.shape == (3, 3, 1, 32)
     assert ckpt.sources["conv10"].bn["gamma"] == "conv10/BatchNorm/gamma"
+    # Provenance: the scopes, and that geometry and eps came from the .meta graph.
+    assert [(s.conv_name, s.bn_name) for s in ckpt.sources.values()] == [
+        (name, f"{name}/BatchNorm") for name in ("conv1", "conv10", "conv2", "conv3")
+    ]
+    assert all(s.geometry and s.settings for s in ckpt.sources.values())
     raw = slim_net["raw"]
     for i, params in enumerate(p.values()):
         assert rel_err(_run(raw["inputs"][i], params), raw["outputs"][i]) < TOL
@@ -344,6 +293,8 @@ def test_without_meta_layers_come_in_natural_order_paired_by_naming(slim_net: di
     assert list(ckpt.layers) == ["conv1", "conv2", "conv3", "conv10"]
     assert {s.reason for s in ckpt.sources.values()} == {"naming"}
     assert all(p.stride == (1, 1) and p.padding == "SAME" for p in ckpt.layers.values())
+    assert not any(s.geometry or s.settings for s in ckpt.sources.values())
+    assert ckpt.sources["conv2"].conv_name == "conv2" and ckpt.sources["conv2"].bn_name == "conv2/BatchNorm"
     assert any("no .meta graph" in n for n in ckpt.notes)
     for name, params in ckpt.layers.items():
         assert _bits_equal(params.kernel, with_meta.layers[name].kernel)
@@ -381,7 +332,7 @@ def test_graph_pairing_beats_naming(graph_pairing: str, tmp_path: Path) -> None:
 
 
 def test_graph_gives_eps_and_variance_update_through_a_training_switch(tmp_path: Path) -> None:
-    _need_slim()
+    need_slim()
     from tests.formats import slim_graphs
 
     net = slim_graphs.build_training_switch(tmp_path)
@@ -448,20 +399,11 @@ def test_dcgan_checkpoint_reproduces_the_dcgan_graph(dcgan_net: dict[str, Any], 
         assert rel_err(_run(dcgan_net["inputs"][0], params, stride=2), dcgan_net["outputs"][0]) > 100 * TOL
 
 
-@pytest.mark.parametrize("into", ["beta", "moving_mean"])
-def test_dcgan_folded_into_slim_restores_into_a_real_slim_graph(
-    dcgan_net: dict[str, Any], tmp_path: Path, into: str
-) -> None:
+def _assert_restores_dcgan(prefix: str | Path, dcgan_net: dict[str, Any]) -> None:
+    """``prefix`` restored into ``slim.conv2d(normalizer_fn=slim.batch_norm, normalizer_params=
+    {'scale': True, 'epsilon': 1e-5})`` layers reproduces the DCGAN graph's BatchNorm outputs."""
     from tests.formats import slim_graphs
 
-    ckpt = slim.read(dcgan_net["prefix"])
-    folded = dataclasses.replace(ckpt, layers={k: fold_bias(p, into) for k, p in ckpt.layers.items()})  # type: ignore[arg-type]
-    prefix = tmp_path / "slim.ckpt"
-    slim.write(folded, prefix)
-    names = set(_tf_values(prefix))
-    assert "d_h1_conv/weights" in names and "d_h1_conv/BatchNorm/gamma" in names
-    assert not any(n.endswith(("/biases", "/w")) and n.startswith(("d_h1", "d_h2")) for n in names)
-    assert {"d_h0_conv/w", "d_h0_conv/biases"} <= names  # the lone conv travels as tensors
     specs = [
         {"scope": scope, "outputs": out, "kernel": 5, "stride": 2, "scale": True, "epsilon": 1e-5}
         for scope, bn, out in slim_graphs.DCGAN_LAYERS if bn is not None
@@ -469,22 +411,86 @@ def test_dcgan_folded_into_slim_restores_into_a_real_slim_graph(
     outputs = slim_graphs.run_slim_layers(str(prefix), specs, dcgan_net["inputs"])
     for got, want in zip(outputs, dcgan_net["outputs"], strict=True):
         assert rel_err(got, want) < TOL
-    back = slim.read(prefix)
+
+
+@pytest.mark.parametrize("into", ["beta", "moving_mean"])
+def test_dcgan_converts_to_slim_with_either_fold(dcgan_net: dict[str, Any], tmp_path: Path, into: str) -> None:
+    ckpt = convbn.load_checkpoint(dcgan_net["prefix"])
+    prefix = tmp_path / "slim.ckpt"
+    written = convbn.save_checkpoint(ckpt, prefix, "slim", fold_bias=into)
+    # save_checkpoint returns the checkpoint as written; the one passed in is left alone.
+    assert all(p.bias is None for p in written.layers.values())
+    assert all(p.bias is not None for p in ckpt.layers.values())
+    assert any(f"folded the conv bias of 2 layer(s) into {into}" in n for n in written.notes)
+    assert any("build the target BatchNorm layers with eps=1e-05, momentum=0.9" in n for n in written.notes)
+    names = set(_tf_values(prefix))
+    assert "d_h1_conv/weights" in names and "d_h1_conv/BatchNorm/gamma" in names
+    assert not any(n.endswith(("/biases", "/w")) and n.startswith(("d_h1", "d_h2")) for n in names)
+    assert {"d_h0_conv/w", "d_h0_conv/biases"} <= names  # the lone conv travels as tensors
+    _assert_restores_dcgan(prefix, dcgan_net)
+    back = convbn.load_checkpoint(prefix)
     assert back.convention == "slim"
-    _assert_same_checkpoint(folded, back)
+    _assert_same_checkpoint(written, back)
 
 
-def test_the_documented_slim_discriminator_restores_the_conversion(dcgan_net: dict[str, Any], tmp_path: Path) -> None:
-    """docs/dcgan-to-slim.md: rename the lone conv, fold, write, restore with a plain Saver()."""
+DOC = ROOT / "docs" / "dcgan-to-slim.md"
+
+
+def _doc_block(fence: str, containing: str) -> str:
+    """The one ``fence`` code block of docs/dcgan-to-slim.md that contains ``containing``."""
+    blocks = re.findall(rf"^```{fence}\n(.*?)^```", DOC.read_text(encoding="utf-8"), re.S | re.M)
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+def _copy_as(prefix: str | Path, new_prefix: Path) -> Path:
+    """A checkpoint's files (.index, .data-*, .meta) copied under another prefix."""
+    prefix = Path(prefix)
+    new_prefix.parent.mkdir(parents=True, exist_ok=True)
+    for file in prefix.parent.glob(prefix.name + ".*"):
+        shutil.copy(file, new_prefix.with_name(new_prefix.name + file.name[len(prefix.name):]))
+    return new_prefix
+
+
+def test_the_documented_python_conversions_run_as_written(
+    dcgan_net: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/dcgan-to-slim.md's two Python snippets, executed from the doc itself."""
     from tests.formats import slim_graphs
 
-    ckpt = slim.read(dcgan_net["prefix"])
-    ckpt.tensors["d_h0_conv/weights"] = ckpt.tensors.pop("d_h0_conv/w")
-    ckpt = dataclasses.replace(ckpt, layers={k: fold_bias(p, "moving_mean") for k, p in ckpt.layers.items()})  # type: ignore[arg-type]
-    slim.write(ckpt, tmp_path / "model.ckpt")
-    outputs = slim_graphs.run_slim_discriminator(str(tmp_path / "model.ckpt"), dcgan_net["x"])
+    monkeypatch.chdir(tmp_path)
+    _copy_as(dcgan_net["prefix"], tmp_path / "checkpoint" / "DCGAN.model-1000")
+    (tmp_path / "slim").mkdir()
+    # load_checkpoint, rename the lone conv, save_checkpoint(fold_bias="moving_mean"); then the doc's
+    # discriminator (at this test's widths) restores everything with a plain Saver().
+    exec(_doc_block("python", "convbn.load_checkpoint("), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == ["d_h1_conv graph d_h1_conv/w -> d_bn1/moving_mean", "d_h2_conv graph d_h2_conv/w -> d_bn2/moving_mean"]
+    assert any("build the target BatchNorm layers with eps=1e-05, momentum=0.9" in line for line in printed)
+    outputs = slim_graphs.run_slim_discriminator("slim/model.ckpt", dcgan_net["x"])
     for got, want in zip(outputs, dcgan_net["outputs"], strict=True):
         assert rel_err(got, want) < TOL
+    # Per-layer control: slim.read, fold_bias("beta"), slim.write.
+    exec(_doc_block("python", "slim.read("), {})
+    _assert_restores_dcgan("slim/model.ckpt", dcgan_net)
+    assert "d_h0_conv/w" in _tf_values("slim/model.ckpt")
+
+
+def test_the_documented_command_converts_and_verifies(
+    dcgan_net: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from convbn.cli import main
+
+    (command,) = [line[2:] for line in _doc_block("console", "convbn convert").splitlines() if line.startswith("$ ")]
+    program, *argv = shlex.split(command)
+    assert program == "convbn" and "--verify" in argv
+    monkeypatch.chdir(tmp_path)
+    _copy_as(dcgan_net["prefix"], tmp_path / "dcgan.ckpt")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "verified: all 2 layer(s) within tolerance"
+    assert out.count("folded into beta") == 2
+    _assert_restores_dcgan(tmp_path / "slim.ckpt", dcgan_net)
 
 
 # -- tf.compat.v1.layers ---------------------------------------------------------------------------
@@ -601,7 +607,7 @@ def test_slim_round_trip_is_bit_exact_and_restores_into_slim(slim_net: dict[str,
 
 
 def test_object_based_and_v1_round_trips(keras3_net: dict[str, Any], v1_net: str, tmp_path: Path) -> None:
-    _need_slim()
+    need_slim()
     for i, source in enumerate((keras3_net["prefix"], v1_net)):
         ckpt = slim.read(source)
         # slim has no conv bias: fold it (moving_mean is exact in any dtype), then round-trip.
@@ -634,7 +640,9 @@ def test_write_read_round_trip_keeps_dtype_and_bits(tmp_path: Path, dtype: str) 
         moving_var=np.abs(arr(6)),
     )
     dw = convbn.ConvBNParams(kernel=arr(3, 3, 1, 8), groups=4, moving_mean=arr(8), moving_var=np.abs(arr(8)))
-    ckpt = Checkpoint(layers={"block/conv": layer, "dw": dw}, tensors={"logits/weights": arr(6, 3), "step_scale": arr()})
+    ckpt = Checkpoint(
+        layers={"block/conv": layer, "dw": dw}, tensors={"logits/weights": arr(6, 3), "step_scale": arr()}, format="slim"
+    )
     slim.write(ckpt, tmp_path / "x.ckpt.index")  # the index named: the prefix is x.ckpt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ckpt.data-00000-of-00001", "x.ckpt.index"]
     back = slim.read(tmp_path / "x.ckpt")
@@ -670,7 +678,7 @@ def test_write_refuses_bad_targets_and_names(tmp_path: Path) -> None:
     with pytest.raises(convbn.ConvBNError, match="directory .* must exist"):
         slim.write(Checkpoint(layers={"a": _layer()}), tmp_path / "no" / "x.ckpt")
     with pytest.raises(convbn.ConvBNError, match="'a/weights' twice"):
-        slim.write(Checkpoint(layers={"a": _layer()}, tensors={"a/weights": np.ones(2)}), tmp_path / "x.ckpt")
+        slim.write(Checkpoint(layers={"a": _layer()}, tensors={"a/weights": np.ones(2)}, format="slim"), tmp_path / "x.ckpt")
     with pytest.raises(convbn.ConvBNError, match="at least one"):
         slim.write(Checkpoint(), tmp_path / "x.ckpt")
     assert list(tmp_path.iterdir()) == []
@@ -693,8 +701,165 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytes
     monkeypatch.undo()
     # A value TF cannot hold fails the write too.
     with pytest.raises(convbn.ConvBNError, match="writing the TF checkpoint failed"):
-        slim.write(Checkpoint(layers={"a": _layer()}, tensors={"odd": np.array([object()])}), tmp_path / "x.ckpt")
+        slim.write(
+            Checkpoint(layers={"a": _layer()}, tensors={"odd": np.array([object()])}, format="slim"), tmp_path / "x.ckpt"
+        )
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_slim_to_safetensors_and_back_is_bit_exact_and_keeps_geometry(slim_net: dict[str, Any], tmp_path: Path) -> None:
+    original = _tf_values(slim_net["prefix"])
+    bare = _copy_checkpoint(slim_net["prefix"], tmp_path / "bare", meta=False)
+    for i, source in enumerate((slim_net["prefix"], bare)):
+        ckpt = convbn.load_checkpoint(source)
+        convbn.save_checkpoint(ckpt, tmp_path / f"m{i}.safetensors", "safetensors")
+        neutral = convbn.load_checkpoint(tmp_path / f"m{i}.safetensors")
+        assert neutral.metadata["source_format"] == "slim"
+        for name, p in ckpt.layers.items():
+            q, src = neutral.layers[name], neutral.sources[name]
+            # Geometry (from the .meta, or the defaults), groups of the depthwise conv2, eps, provenance.
+            assert (q.stride, q.padding, q.dilation, q.groups, q.eps) == (p.stride, p.padding, p.dilation, p.groups, p.eps)
+            assert (src.conv_name, src.bn_name, src.geometry) == (name, f"{name}/BatchNorm", i == 0)
+        prefix = tmp_path / f"back{i}.ckpt"
+        convbn.save_checkpoint(neutral, prefix, "slim")
+        back = _tf_values(prefix)
+        assert set(back) == set(original) - set(ckpt.dropped)  # every tensor: the source is slim
+        for name, value in back.items():
+            assert _bits_equal(value, original[name]), name
+
+
+def test_verify_matches_slim_layers_by_name_with_the_eps_of_their_graph(
+    slim_net: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from convbn.cli import main
+    from convbn.convert import verify_checkpoint
+
+    graph = slim.read(slim_net["prefix"])  # eps 1e-3, read from the .meta's fused BatchNorm ops
+    bare = slim.read(_copy_checkpoint(slim_net["prefix"], tmp_path, meta=False))  # eps assumed
+    assert list(bare.layers) != list(graph.layers)  # name order, not graph order: matched by name
+    for_1e5 = slim.read(slim_net["prefix"], eps=1e-5)
+    checks = verify_checkpoint(graph, bare)
+    assert [(c.source, c.target, c.ok, c.max_abs) for c in checks] == [(n, n, True, 0.0) for n in graph.layers]
+    # The graph runs these layers with 1e-3: a source meant for 1e-5 does not match it ...
+    checks = verify_checkpoint(for_1e5, graph)
+    assert not any(c.ok for c in checks) and min(c.max_rel for c in checks) > 100 * checks[0].tolerance
+    # ... while a file that states no eps is run with the source's.
+    assert all(c.ok for c in verify_checkpoint(for_1e5, bare))
+    # So slim -> slim verifies, though the staged file read back has no .meta.
+    assert main(["convert", slim_net["prefix"], str(tmp_path / "out.ckpt"), "--verify"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "verified: all 4 layer(s) within tolerance"
+
+
+def test_inspect_names_the_scopes_and_the_graph_geometry(slim_net: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    from convbn.cli import main
+
+    assert main(["inspect", slim_net["prefix"], "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    assert [(r["conv"], r["bn"], r["geometry_from_file"], r["stride"]) for r in rows] == [
+        ("conv1", "conv1/BatchNorm", True, [1, 1]), ("conv10", "conv10/BatchNorm", True, [2, 2]),
+        ("conv2", "conv2/BatchNorm", True, [1, 1]), ("conv3", "conv3/BatchNorm", True, [1, 1]),
+    ]
+
+
+def test_other_tensors_are_written_only_from_a_tf_source(tmp_path: Path) -> None:
+    require_backend("tensorflow")
+    layer_names = {"a/weights", "a/BatchNorm/beta", "a/BatchNorm/moving_mean", "a/BatchNorm/moving_variance"}
+    fc = np.arange(6, dtype=np.float32).reshape(2, 3)
+    from_torch = Checkpoint(layers={"a": _layer()}, tensors={"fc.weight": fc}, format="torch")
+    written = convbn.save_checkpoint(from_torch, tmp_path / "t.ckpt", "slim")
+    assert set(_tf_values(tmp_path / "t.ckpt")) == layer_names
+    assert "not written: 1 other tensor(s) of the torch source (fc.weight); only conv+BatchNorm layers convert" in " ".join(written.notes)
+    # A TF source's tensors travel, also by way of safetensors.
+    from_slim = Checkpoint(layers={"a": _layer()}, tensors={"fc/weights": fc}, format="slim")
+    convbn.save_checkpoint(from_slim, tmp_path / "s.safetensors", "safetensors")
+    convbn.save_checkpoint(convbn.load_checkpoint(tmp_path / "s.safetensors"), tmp_path / "s.ckpt", "slim")
+    values = _tf_values(tmp_path / "s.ckpt")
+    assert set(values) == layer_names | {"fc/weights"} and _bits_equal(values["fc/weights"], fc)
+    with pytest.raises(convbn.ConvBNError, match=r"Received: only other tensors of a torch source, which are not written"):
+        convbn.save_checkpoint(Checkpoint(tensors={"fc.weight": fc}, format="torch"), tmp_path / "e.ckpt", "slim")
+    assert not list(tmp_path.glob("e.ckpt*"))
+
+
+def test_a_grouped_conv_is_written_as_weights_and_reported(tmp_path: Path) -> None:
+    require_backend("tensorflow")
+    rng = np.random.default_rng(3)
+    grouped = convbn.ConvBNParams(
+        kernel=rng.standard_normal((3, 3, 2, 6)).astype(np.float32), groups=2,
+        moving_mean=rng.standard_normal(6).astype(np.float32), moving_var=rng.uniform(0.5, 2, 6).astype(np.float32),
+    )
+    written = convbn.save_checkpoint(Checkpoint(layers={"g": grouped}), tmp_path / "g.ckpt", "slim")
+    assert any("grouped convs written as 'L/weights'" in n and "g (groups=2)" in n for n in written.notes)
+    back = convbn.load_checkpoint(tmp_path / "g.ckpt").layers["g"]
+    assert back.groups == 1 and _bits_equal(back.kernel, grouped.kernel)
+    # The file holds the grouped layer: with groups set again, it computes what the original does.
+    x = rng.standard_normal((1, 5, 5, 4))
+    assert np.array_equal(_run(x, dataclasses.replace(back, groups=2)), _run(x, grouped))
+
+
+def test_a_meta_of_another_graph_at_the_prefix_is_refused(
+    slim_net: dict[str, Any], dcgan_net: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from convbn.cli import main
+
+    meta = tmp_path / "out.ckpt.meta"
+    shutil.copy(slim_net["prefix"] + ".meta", meta)  # e.g. left by an earlier checkpoint at this prefix
+    dcgan = convbn.load_checkpoint(dcgan_net["prefix"])
+    message = rf"{re.escape(str(meta))} does not: it declares no variable 'd_h1_conv/weights'. Remove or rename it"
+    with pytest.raises(convbn.ConvBNError, match=message):
+        convbn.save_checkpoint(dcgan, tmp_path / "out.ckpt", "slim")
+    # The CLI writes to a staging directory first; it checks the real destination all the same.
+    assert main(["convert", dcgan_net["prefix"], str(tmp_path / "out.ckpt"), "--force"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.ckpt.meta"]
+    (tmp_path / "junk.ckpt.meta").write_bytes(b"\xff not a graph")
+    with pytest.raises(convbn.ConvBNError, match=r"junk\.ckpt\.meta does not: not a readable MetaGraphDef"):
+        convbn.save_checkpoint(dcgan, tmp_path / "junk.ckpt", "slim")
+    # The graph the weights are for is kept, and a later read takes order, pairs and geometry from it.
+    written = convbn.save_checkpoint(convbn.load_checkpoint(slim_net["prefix"]), tmp_path / "out.ckpt", "slim")
+    assert any(n.startswith(f"kept {meta}: it declares every variable written") for n in written.notes)
+    back = convbn.load_checkpoint(tmp_path / "out.ckpt")
+    assert list(back.layers) == ["conv1", "conv10", "conv2", "conv3"]
+    assert {s.reason for s in back.sources.values()} == {"graph"} and back.layers["conv10"].stride == (2, 2)
+
+
+def test_a_meta_whose_shapes_disagree_is_ignored_on_read(slim_net: dict[str, Any], tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    values = {
+        "conv1/weights": rng.standard_normal((3, 3, 3, 4)).astype(np.float32),  # the graph's has 8 outputs
+        "conv1/BatchNorm/beta": rng.standard_normal(4).astype(np.float32),
+        "conv1/BatchNorm/moving_mean": rng.standard_normal(4).astype(np.float32),
+        "conv1/BatchNorm/moving_variance": rng.uniform(0.5, 2, 4).astype(np.float32),
+    }
+    prefix = _save_raw(tmp_path / "model.ckpt", values)
+    shutil.copy(slim_net["prefix"] + ".meta", tmp_path / "model.ckpt.meta")
+    ckpt = slim.read(prefix)
+    assert any(
+        "model.ckpt.meta: it belongs to another checkpoint: its variable 'conv1/weights' has shape [3, 3, 3, 8], "
+        "the checkpoint's [3, 3, 3, 4]" in n for n in ckpt.notes
+    )
+    assert ckpt.sources["conv1"].reason == "naming" and not ckpt.sources["conv1"].geometry
+    assert _bits_equal(ckpt.layers["conv1"].kernel, values["conv1/weights"])
+
+
+# A fused layer (float32 W * gamma / sqrt(var + eps)) in a TF graph vs the unfused TF graph: measured
+# 1.0e-7 to 2.6e-7, within TOL.
+def test_fuse_to_slim_restores_into_slim_conv2d_without_batchnorm(
+    slim_net: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from convbn.cli import main
+    from tests.formats import slim_graphs
+
+    prefix = tmp_path / "fused.ckpt"
+    assert main(["fuse", slim_net["prefix"], str(prefix), "--verify"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "verified: all 4 layer(s) within tolerance"
+    names = set(_tf_values(prefix))
+    assert {"conv1/weights", "conv1/biases", "conv2/depthwise_weights", "conv2/biases", "head/weights"} <= names
+    assert not any(n.startswith(("conv1/", "conv10/", "conv2/", "conv3/")) and "BatchNorm" in n for n in names)
+    specs = [dict(spec, normalizer=False) for spec in slim_graphs.slim_specs()]
+    raw = slim_net["raw"]
+    outputs = slim_graphs.run_slim_layers(str(prefix), specs, raw["inputs"])
+    for got, want in zip(outputs, raw["outputs"], strict=True):
+        assert rel_err(got, want) < TOL
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -785,3 +950,14 @@ def test_bad_variance_of_an_unpaired_batchnorm_is_caught(small: Path) -> None:
 def test_use_ema_without_shadows(small: Path) -> None:
     with pytest.raises(convbn.ConvBNError, match=rf"use_ema=True needs .*Received: file={small}\.index"):
         slim.read(small, use_ema=True)
+
+
+def test_the_cli_never_writes_over_a_source_named_another_way(small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from convbn.cli import main
+
+    files = {p: p.read_bytes() for p in small.parent.iterdir()}
+    for src in (small.with_name("small.ckpt.index"), small.parent):  # the .index file, the directory
+        for dst in (small, small.with_name("small.ckpt.index")):
+            assert main(["convert", str(src), str(dst), "--to", "slim", "--force"]) == 2
+            assert "DST must differ from SRC: convbn never modifies its source" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in small.parent.iterdir()} == files
