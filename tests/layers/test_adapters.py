@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -191,6 +192,8 @@ def test_assign_torch_checks_geometry_and_sets_the_convention():
 
 
 def _keras():
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        pytest.skip("these tests use Keras's TensorFlow backend")
     require_backend("tensorflow")
     return pytest.importorskip("keras")
 
