@@ -17,10 +17,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from convbn import adapters
@@ -125,50 +126,59 @@ class ConvBN2d(nn.Module):
             template.dilation, groups, bias, device=device, dtype=dtype,
         )
         self.bn = nn.BatchNorm2d(out_channels, eps, momentum, device=device, dtype=dtype)
-        self._state_key: tuple[Any, ...] | None = None
-        self._state_params: ConvBNParams | None = None
-        self._folds: dict[tuple[Any, Any], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._states: dict[bool, tuple[tuple[Any, ...], ConvBNParams]] = {}
+        self._folds: dict[tuple[Any, Any], tuple[tuple[Any, ...], list[int], tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # -- params ------------------------------------------------------------------------------------
 
-    def _live_params(self) -> tuple[ConvBNParams, bool]:
-        """Params viewing the live tensors, rebuilt only when a tensor or a setting changed, and
-        whether any parameter requires grad.
+    def _live_params(self) -> tuple[ConvBNParams, tuple[torch.Tensor | None, ...], tuple[Any, ...]]:
+        """Params viewing the live tensors, rebuilt only when a tensor or a setting changed; the
+        tensors (weight, bias, gamma, beta, running mean, running var); and the key they match.
 
-        The key holds each tensor's identity (parameters replaced), data pointer (``.to()``,
-        ``.half()`` and ``channels_last`` swap the storage under the same Parameter) and version
-        counter (in-place updates: optimizer steps, ``load_state_dict``, the training update), and
-        the grad mode: the HWIO kernel view made under ``no_grad`` carries no autograd history, so
-        it must not serve a call that needs gradients. The cached params keep their tensors alive,
-        so a key can never match a different, newer tensor.
+        The key holds each tensor's identity (parameters replaced, parametrizations) and data
+        pointer (``.to()``, ``.half()`` and ``channels_last`` swap the storage under the same
+        Parameter). In-place updates keep the params valid (they are views). One params object is
+        kept per grad mode: the HWIO kernel view made under ``no_grad`` carries no autograd
+        history, so it must not serve a call that needs gradients. The cached params keep their
+        tensors alive, so a key can never match a newer tensor.
         """
-        conv, bn = self.conv, self.bn
-        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        tensors = self._tensors()
+        bn = self.bn
         key = (
-            torch.is_grad_enabled(), bn.eps, bn.momentum, self.padding, self.var_update,
-            *((id(t), t.data_ptr(), t._version) for t in tensors if t is not None),
+            bn.eps, bn.momentum, self.padding, self.var_update,
+            *[(id(t), t.data_ptr()) for t in tensors if t is not None],
         )
-        if self._state_key != key:
-            self._state_params = self._build_params()
-            self._state_key = key
-            self._folds.clear()
-        requires_grad = any(t is not None and t.requires_grad for t in tensors[:4])
-        return self._state_params, requires_grad  # type: ignore[return-value]
+        grad = torch.is_grad_enabled()
+        state = self._states.get(grad)
+        if state is None or state[0] != key:
+            state = (key, self._build_params())
+            self._states[grad] = state
+        return state[1], tensors, key
 
-    def _folded(self, params: ConvBNParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _folded(
+        self, params: ConvBNParams, tensors: tuple[torch.Tensor | None, ...], key: tuple[Any, ...],
+        x: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The eval weight and bias with BatchNorm folded in, per device and dtype of ``x``.
 
-        Valid as long as :meth:`_live_params` returns the same params (it clears this cache when
-        anything changes), so a call costs one key comparison instead of a fold.
+        Valid for the tensors of ``key`` at their current version counters, so in-place updates
+        (optimizer steps, ``load_state_dict``, the training update) are never served a stale fold;
+        a call costs two comparisons instead of a fold.
         """
-        key = (x.device, x.dtype)
-        folded = self._folds.get(key)
-        if folded is None:
-            tensors = {name: getattr(params, name) for name in ARRAY_FIELDS}
-            with torch.no_grad():
-                folded = backend._fold(tensors, params.eps, x.dtype)
-            self._folds[key] = folded
+        versions = [t._version for t in tensors if t is not None]
+        cached = self._folds.get((x.device, x.dtype))
+        if cached is not None and cached[0] == key and cached[1] == versions:
+            return cached[2]
+        if cached is not None and cached[0] != key:
+            self._folds.clear()  # folds of replaced tensors: drop them all
+        with torch.no_grad():
+            folded = backend._fold({name: getattr(params, name) for name in ARRAY_FIELDS}, params.eps, x.dtype)
+        self._folds[(x.device, x.dtype)] = (key, versions, folded)
         return folded
+
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        conv, bn = self.conv, self.bn
+        return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
     def _build_params(self) -> ConvBNParams:
         conv, bn = self.conv, self.bn
@@ -252,26 +262,38 @@ class ConvBN2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``conv_bn(x, ...)`` in this module's mode; training updates the running buffers in place."""
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
             # Traced once per guard set: plain tensor ops, with the fold compiled into the graph.
-            params = self._build_params()
+            params, tensors, key = self._build_params(), self._tensors(), ()
         else:
-            params, requires_grad = self._live_params()
-            if not self.training and not (requires_grad and torch.is_grad_enabled()):
-                # The eval fast path: one conv with the cached folded weights, as backend.conv_bn.
-                plan = plan_for(tuple(x.shape), params, self.data_format, False)
-                weight, bias = self._folded(params, x)
-                return backend._layout_out(backend._conv(x, weight, bias, plan), plan)
-        plan = plan_for(tuple(x.shape), params, self.data_format, self.training)
-        if not self.training:
-            return backend.conv_bn(x, params, plan)  # type: ignore[no-any-return]
+            params, tensors, key = self._live_params()
+        weight, conv_bias, gamma, beta, mean, var = tensors
+        training = self.training
+        plan = plan_for(tuple(x.shape), params, self.data_format, training)
+        if not training:
+            if compiling or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors[:4])):
+                return backend.conv_bn(x, params, plan)  # type: ignore[no-any-return]
+            # One conv with the cached folded weights: what backend.conv_bn computes, minus the fold.
+            folded_weight, folded_bias = self._folded(params, tensors, key, x)
+            return backend._layout_out(backend._conv(x, folded_weight, folded_bias, plan), plan)
         if plan.values_per_channel == 0:  # an empty batch has no statistics to learn from
             return backend.conv_bn(x, params, plan_for(tuple(x.shape), params, self.data_format, False))  # type: ignore[no-any-return]
+        bn = self.bn
+        bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        if self.var_update == "unbiased" and x.dtype == weight.dtype == mean.dtype:  # type: ignore[union-attr]
+            # torch's convention: its own batch_norm kernel normalizes with the batch statistics
+            # and updates the buffers in place, exactly as nn.BatchNorm2d. backend.conv_bn runs the
+            # same kernel (the output is identical); its moving update orders the final
+            # multiply-add differently (at most 1 ulp) and costs a few extra small ops per call.
+            z = backend._conv(x, weight, conv_bias, plan)  # type: ignore[arg-type]
+            momentum = cast(float, bn.momentum)  # never None here: building the params checked it
+            y = F.batch_norm(z, mean, var, gamma, beta, True, momentum, bn.eps)
+            return backend._layout_out(y, plan)
         y, new = backend.conv_bn(x, params, plan)
         with torch.no_grad():
-            self.bn.running_mean.copy_(new.moving_mean)  # type: ignore[union-attr]
-            self.bn.running_var.copy_(new.moving_var)  # type: ignore[union-attr]
-            self.bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+            mean.copy_(new.moving_mean)  # type: ignore[union-attr]
+            var.copy_(new.moving_var)  # type: ignore[union-attr]
         return y  # type: ignore[no-any-return]
 
     # -- export ------------------------------------------------------------------------------------
@@ -343,5 +365,5 @@ class ConvBN2d(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         # Views of the old tensors and folds made from them: rebuilt on the first call.
-        state.update(_state_key=None, _state_params=None, _folds={})
+        state.update(_states={}, _folds={})
         return state  # type: ignore[no-any-return]
