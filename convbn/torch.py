@@ -151,7 +151,8 @@ class ConvBN2d(nn.Module):
         grad = torch.is_grad_enabled()
         state = self._states.get(grad)
         if state is None or state[0] != key:
-            state = (key, self._build_params())
+            with torch.inference_mode(False):  # cached views must be usable outside inference mode
+                state = (key, self._build_params())
             self._states[grad] = state
         return state[1], tensors, key
 
@@ -171,7 +172,9 @@ class ConvBN2d(nn.Module):
             return cached[2]
         if cached is not None and cached[0] != key:
             self._folds.clear()  # folds of replaced tensors: drop them all
-        with torch.no_grad():
+        # Normal tensors even when first called in inference mode: a later grad-enabled call may
+        # save them for backward (the input's gradient), which inference tensors cannot be.
+        with torch.inference_mode(False), torch.no_grad():
             folded = backend._fold({name: getattr(params, name) for name in ARRAY_FIELDS}, params.eps, x.dtype)
         self._folds[(x.device, x.dtype)] = (key, versions, folded)
         return folded

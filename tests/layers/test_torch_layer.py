@@ -244,6 +244,33 @@ def test_eval_mode_gradients_reach_the_weights():
         assert rel_err(a.grad, b.grad) < TOL64
 
 
+def test_alternating_grad_modes_give_the_same_numbers():
+    """inference_mode, no_grad and grad-enabled calls share nothing that could leak between them."""
+    import torch
+
+    layer, seq = _pair()
+    layer.eval()
+    seq.eval()
+    x = _x()
+    with torch.inference_mode():
+        y_inference = layer(x)
+    with torch.no_grad():
+        y_no_grad = layer(x)
+    y_grad = layer(x)
+    assert y_grad.requires_grad
+    layer.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    y_frozen = layer(xg)  # only the input needs gradients: the cached fold serves
+    y_frozen.sum().backward()
+    xs = x.clone().requires_grad_(True)
+    seq(xs).sum().backward()
+    assert rel_err(xg.grad, xs.grad) < TOL32
+    for y in (y_no_grad, y_grad, y_frozen):
+        assert torch.equal(y.detach(), y_inference)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y_inference)
+
+
 def test_params_and_from_params_round_trip_bit_for_bit():
     import torch
 
