@@ -126,13 +126,9 @@ def _check_geometry(params: ConvBNParams, layer: ConvBNParams, where: str) -> No
     """Raise unless ``layer`` (the target's geometry as params) computes the same conv as ``params``."""
     mismatches = [
         f"{name}: params {getattr(params, name)!r}, {where} {getattr(layer, name)!r}"
-        for name in ("stride", "dilation", "groups")
+        for name in ("kernel_size", "in_channels", "out_channels", "stride", "dilation", "groups")
         if getattr(params, name) != getattr(layer, name)
     ]
-    if np.shape(params.kernel) != np.shape(layer.kernel):
-        mismatches.append(
-            f"kernel shape (HWIO): params {tuple(np.shape(params.kernel))}, {where} {tuple(np.shape(layer.kernel))}"
-        )
     if _equivalent_pads(params) != _equivalent_pads(layer):
         mismatches.append(f"padding: params {params.padding!r}, {where} {layer.padding!r}")
     if mismatches:
@@ -365,7 +361,8 @@ def assign_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d, params: ConvBNParams) -> N
     _check_params(params)
     require_var_update(params, "unbiased", "torch.nn.BatchNorm2d", "convbn.torch.ConvBN2d.from_params(params)")
     kernel = _numpy(params.kernel)
-    _check_geometry(params, _torch_conv_geometry(conv, np.empty(kernel.shape, np.float32)), "conv")
+    o, i, kh, kw = conv.weight.shape
+    _check_geometry(params, _torch_conv_geometry(conv, np.broadcast_to(np.float32(0), (kh, kw, i, o))), "conv")
     bias = _optional_into(params.bias, conv.bias is not None, 0.0, "bias", "conv")
     gamma = _optional_into(params.gamma, bn.weight is not None, 1.0, "gamma", "bn")
     beta = _optional_into(params.beta, bn.bias is not None, 0.0, "beta", "bn")
@@ -636,7 +633,7 @@ def assign_keras(
     _check_params(params)
     require_var_update(params, "biased", "Keras 3 BatchNormalization", "convbn.keras.ConvBN.from_params(params)")
     kernel = _numpy(params.kernel)
-    _check_geometry(params, _keras_conv_geometry(conv, np.empty(_keras_hwio_shape(conv), np.float32)), "conv")
+    _check_geometry(params, _keras_conv_geometry(conv, np.broadcast_to(np.float32(0), _keras_hwio_shape(conv))), "conv")
     bias = _optional_into(params.bias, conv.use_bias, 0.0, "bias", "conv")
     gamma = _optional_into(params.gamma, bn.scale, 1.0, "gamma", "bn")
     beta = _optional_into(params.beta, bn.center, 0.0, "beta", "bn")

@@ -222,14 +222,14 @@ class ConvBN(keras.layers.Layer):
 
     def _current_params(self) -> ConvBNParams:
         """The layer's params holding the variables' current values as the backend's tensors."""
-        self._template = _with_settings(self._template, self)
+        template = _with_settings(self._template, self)
         values = {}
         for attr, field in _WEIGHTS:
             variable = getattr(self, attr)
             # The backend's own tensor (tf.Variable, torch Parameter, or the JAX value of the
             # current stateless scope), so gradients and tracing see the variable itself.
             values[field] = None if variable is None else variable.value
-        return with_arrays(self._template, **values)
+        return with_arrays(template, **values)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         params = self._current_params()

@@ -28,7 +28,7 @@ from convbn import adapters
 from convbn.backends import torch as backend
 from convbn.errors import ConvBNError
 from convbn.geometry import DATA_FORMATS, plan_for, same_pads
-from convbn.params import ARRAY_FIELDS, ConvBNParams, VarUpdate, with_arrays
+from convbn.params import ARRAY_FIELDS, ConvBNParams, VarUpdate, normalize_pair, with_arrays
 
 __all__ = ["ConvBN2d"]
 
@@ -104,7 +104,7 @@ class ConvBN2d(nn.Module):
         super().__init__()
         if data_format not in DATA_FORMATS:
             raise ConvBNError(f"data_format must be 'NCHW' or 'NHWC'. Received: data_format={data_format!r}")
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        kh, kw = normalize_pair(kernel_size, "kernel_size")
         if not isinstance(groups, int) or groups < 1 or in_channels % groups or out_channels % groups:
             raise ConvBNError(
                 "groups must be a positive int dividing in_channels and out_channels. "
@@ -198,7 +198,7 @@ class ConvBN2d(nn.Module):
         """A snapshot of the layer as :class:`ConvBNParams`: NumPy copies, HWIO kernel, momentum as
         the fraction kept (``1 - bn.momentum``).
 
-        ``conv_bn(x, layer.params(), training=not layer.training, data_format=layer.data_format)``
+        ``conv_bn(x, layer.params(), training=layer.training, data_format=layer.data_format)``
         gives exactly the layer's output.
 
         Example:

@@ -180,6 +180,10 @@ def test_assign_torch_checks_geometry_and_sets_the_convention():
     assert int(target_bn.num_batches_tracked) == 7
     with pytest.raises(convbn.ConvBNError, match=r"conv must have the geometry.*stride: params \(1, 1\), conv \(2, 2\)"):
         adapters.assign_torch(nn.Conv2d(3, 6, 3, 2, padding=1), nn.BatchNorm2d(6), params)
+    with pytest.raises(convbn.ConvBNError, match=r"kernel_size: params \(3, 3\), conv \(5, 5\)"):
+        adapters.assign_torch(nn.Conv2d(3, 6, 5, padding=2), nn.BatchNorm2d(6), params)
+    with pytest.raises(convbn.ConvBNError, match="in_channels: params 3, conv 6"):
+        adapters.assign_torch(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), params)
     with pytest.raises(convbn.ConvBNError, match="padding: params 'SAME', conv"):
         adapters.assign_torch(nn.Conv2d(3, 6, 3, padding=0), nn.BatchNorm2d(6), params)
     with pytest.raises(convbn.ConvBNError, match="conv has no bias, but the params' bias is not all 0"):
