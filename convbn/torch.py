@@ -152,7 +152,7 @@ class ConvBN2d(nn.Module):
         state = self._states.get(grad)
         if state is None or state[0] != key:
             with torch.inference_mode(False):  # cached views must be usable outside inference mode
-                state = (key, self._build_params())
+                state = (key, self._build_params(tensors))
             self._states[grad] = state
         return state[1], tensors, key
 
@@ -180,16 +180,26 @@ class ConvBN2d(nn.Module):
         return folded
 
     def _tensors(self) -> tuple[torch.Tensor | None, ...]:
-        conv, bn = self.conv, self.bn
-        return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        """weight, bias, gamma, beta, running mean, running var: read from the modules' own
+        dicts, which is what ``nn.Module.__getattr__`` does at a fraction of the cost per call."""
+        modules = self._modules
+        conv, bn = modules["conv"], modules["bn"]
+        params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers  # type: ignore[union-attr]
+        try:
+            return (params["weight"], params["bias"], bn_params["weight"], bn_params["bias"],
+                    buffers["running_mean"], buffers["running_var"])
+        except KeyError:  # a parametrization (torch.nn.utils.parametrize) computes the value
+            return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)  # type: ignore[union-attr,return-value]
 
-    def _build_params(self) -> ConvBNParams:
+    def _build_params(self, tensors: tuple[torch.Tensor | None, ...]) -> ConvBNParams:
+        """Params viewing ``tensors`` (from :meth:`_tensors`) with the modules' settings."""
         conv, bn = self.conv, self.bn
-        if bn.running_mean is None or bn.running_var is None:
+        weight, bias, gamma, beta, mean, var = tensors
+        if mean is None or var is None:
             raise ConvBNError("bn must track running statistics. Received: bn.track_running_stats=False")
         return ConvBNParams(
-            kernel=conv.weight.permute(2, 3, 1, 0), bias=conv.bias, gamma=bn.weight, beta=bn.bias,
-            moving_mean=bn.running_mean, moving_var=bn.running_var, stride=conv.stride,
+            kernel=weight.permute(2, 3, 1, 0), bias=bias, gamma=gamma, beta=beta,  # type: ignore[union-attr]
+            moving_mean=mean, moving_var=var, stride=conv.stride,
             padding=self.padding, dilation=conv.dilation, groups=conv.groups, eps=bn.eps,
             momentum=adapters.kept_from_torch(bn.momentum, "bn"), var_update=self.var_update,
         )
@@ -207,7 +217,7 @@ class ConvBN2d(nn.Module):
             >>> p.kernel.shape, p.momentum, p.var_update
             ((3, 3, 3, 8), 0.9, 'unbiased')
         """
-        live = self._build_params()
+        live = self._build_params(self._tensors())
         return with_arrays(live, **{name: adapters._numpy(v.detach()) for name, v in live.arrays().items()})
 
     @classmethod
@@ -268,7 +278,8 @@ class ConvBN2d(nn.Module):
         compiling = torch.compiler.is_compiling()
         if compiling:
             # Traced once per guard set: plain tensor ops, with the fold compiled into the graph.
-            params, tensors, key = self._build_params(), self._tensors(), ()
+            tensors = self._tensors()
+            params, key = self._build_params(tensors), ()
         else:
             params, tensors, key = self._live_params()
         weight, conv_bias, gamma, beta, mean, var = tensors
@@ -330,7 +341,7 @@ class ConvBN2d(nn.Module):
         """
         from convbn.api import fuse as fuse_params
 
-        params = self._build_params()
+        params = self._build_params(self._tensors())
         if params.padding == "SAME":
             if params.stride != (1, 1) and input_size is None:
                 raise ConvBNError(

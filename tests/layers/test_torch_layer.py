@@ -271,6 +271,35 @@ def test_alternating_grad_modes_give_the_same_numbers():
         assert torch.equal(layer(x), y_inference)
 
 
+def test_parametrized_weight_is_followed():
+    """torch.nn.utils.parametrize computes conv.weight on access; the layer must use that value."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2.0 * w
+
+    layer, seq = _pair(torch.float64)
+    for conv in (layer.conv, seq[0]):
+        parametrize.register_parametrization(conv, "weight", Doubled())
+    x = _x(dtype=torch.float64)
+    dy = torch.from_numpy(np.random.default_rng(2).standard_normal((4, 6, 9, 9)))
+    for mode in ("train", "eval"):
+        layer.train(mode == "train")
+        seq.train(mode == "train")
+        layer.zero_grad()
+        seq.zero_grad()
+        y, y_ref = layer(x), seq(x)
+        assert rel_err(y.detach(), y_ref.detach()) < TOL64
+        (y * dy).sum().backward()
+        (y_ref * dy).sum().backward()
+        original = layer.conv.parametrizations.weight.original
+        assert rel_err(original.grad, seq[0].parametrizations.weight.original.grad) < TOL64
+    with torch.no_grad():
+        assert rel_err(layer(x), seq(x)) < TOL64
+
+
 def test_params_and_from_params_round_trip_bit_for_bit():
     import torch
 
