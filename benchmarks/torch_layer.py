@@ -4,7 +4,8 @@ Both contenders hold the same weights and compute the same thing (symmetric padd
 own modules express it; TF-SAME at stride 2 gets ``nn.ZeroPad2d`` in front of the native stack, as
 torch ports of TF models do). Each is warmed up, then timed in alternating order so load from other
 processes hits both alike; a sample is the mean over enough calls to last ``--min-time`` seconds and
-the figure is the median of ``--samples`` samples.
+the figure is the median of ``--samples`` samples. On CPU the clock is the process's CPU time by
+default (``--clock wall`` for wall time), which other processes on a shared machine barely move.
 
 Run: ``python benchmarks/torch_layer.py [--device cpu|cuda] [--threads N]``.
 """
@@ -53,20 +54,20 @@ def contenders(shape: tuple[int, ...], device: str) -> tuple[ConvBN2d, nn.Sequen
     return layer, native, torch.randn(n, c, h, w, device=device)
 
 
-def timed(fn: Callable[[], object], sync: Callable[[], None], min_time: float) -> float:
-    calls, start = 0, time.perf_counter()
+def timed(fn: Callable[[], object], sync: Callable[[], None], min_time: float, clock: Callable[[], float]) -> float:
+    calls, start = 0, clock()
     while True:
         fn()
         calls += 1
         if calls % 4 == 0:
             sync()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if elapsed >= min_time:
                 return elapsed / calls
 
 
 def interleaved(a: Callable[[], object], b: Callable[[], object], sync: Callable[[], None],
-                samples: int, min_time: float) -> tuple[float, float]:
+                samples: int, min_time: float, clock: Callable[[], float]) -> tuple[float, float]:
     for _ in range(5):
         a(), b()
     sync()
@@ -75,7 +76,7 @@ def interleaved(a: Callable[[], object], b: Callable[[], object], sync: Callable
     for i in range(samples):
         order = [(a, ta), (b, tb)] if i % 2 == 0 else [(b, tb), (a, ta)]
         for fn, out in order:
-            out.append(timed(fn, sync, min_time))
+            out.append(timed(fn, sync, min_time, clock))
     return statistics.median(ta), statistics.median(tb)
 
 
@@ -93,14 +94,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--samples", type=int, default=7)
     parser.add_argument("--min-time", type=float, default=0.2)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="on CPU: time the process's CPU time (default) or wall time")
+    parser.add_argument("--shape", action="append", choices=[label.split()[0] for label in SHAPES],
+                        help="only these shapes (repeatable); default all")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # On a CPU shared with other work, the process's own CPU time is far steadier than wall time.
+    clock = time.perf_counter if cuda or args.clock == "wall" else time.process_time
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}")
+    print(f"torch {torch.__version__}, {name}, {'wall' if clock is time.perf_counter else 'process CPU'} time")
     print(f"{'shape':30s} {'mode':15s} {'nn.Sequential':>14s} {'ConvBN2d':>12s} {'ratio':>6s}")
     for label, shape in SHAPES.items():
+        if args.shape and label.split()[0] not in args.shape:
+            continue
         layer, native, x = contenders(shape, args.device)
         for mode in ("eval no_grad", "eval inference", "eval grad", "train fwd+bwd"):
             training = mode.startswith("train")
@@ -115,7 +125,7 @@ def main() -> None:
 
             a = functools.partial(step, native, x, ctx, training)
             b = functools.partial(step, layer, x, ctx, training)
-            t_native, t_layer = interleaved(a, b, sync, args.samples, args.min_time)
+            t_native, t_layer = interleaved(a, b, sync, args.samples, args.min_time, clock)
             print(f"{label:30s} {mode:15s} {t_native * 1e6:11.1f} us {t_layer * 1e6:9.1f} us {t_layer / t_native:6.2f}")
 
 
