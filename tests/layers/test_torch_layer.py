@@ -323,6 +323,42 @@ def test_params_and_from_params_round_trip_bit_for_bit():
     assert torch.equal(layer(x), clone(x))
 
 
+def test_state_dict_round_trips_through_the_checkpoint_converter(tmp_path):
+    """The converter reads ConvBN2d state_dicts (L.conv.*, L.bn.*) as layers and writes torch files
+    with the same names, which load straight back into ConvBN2d modules."""
+    import torch
+    from torch import nn
+
+    from convbn.torch import ConvBN2d
+
+    def model():
+        return nn.ModuleDict({"stem": ConvBN2d(3, 8, 3, stride=2, bias=True), "block": ConvBN2d(8, 4, 1)})
+
+    source = model()
+    for layer in source.values():
+        layer(_x((4, layer.conv.in_channels, 9, 9)))  # moved statistics
+        with torch.no_grad():
+            layer.bn.weight.uniform_(0.5, 1.5)
+    torch.save(source.state_dict(), tmp_path / "source.pt")
+    ckpt = convbn.load_checkpoint(tmp_path / "source.pt")
+    assert list(ckpt.layers) == ["stem", "block"]
+    for name, params in ckpt.layers.items():
+        expected = source[name].params()
+        for field, value in expected.arrays().items():
+            np.testing.assert_array_equal(getattr(params, field), value, err_msg=f"{name}.{field}")
+        assert (params.eps, params.momentum) == (expected.eps, expected.momentum)
+    convbn.save_checkpoint(ckpt, tmp_path / "converted.pt", "torch")
+    target = model()
+    target.load_state_dict(torch.load(tmp_path / "converted.pt", weights_only=True))
+    for key, value in source.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, target.state_dict()[key]), key
+    target.eval()
+    source.eval()
+    x = _x((2, 3, 9, 9))
+    assert torch.equal(target["stem"](x), source["stem"](x))
+
+
 def test_deepcopy_is_independent():
     import torch
 
