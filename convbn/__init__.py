@@ -6,6 +6,7 @@ Importing convbn imports no framework; a backend is loaded when a call needs it.
 from __future__ import annotations
 
 from convbn import conventions
+from convbn.adapters import from_flax, from_keras, from_torch, to_flax, to_keras, to_torch
 from convbn.api import conv_bn, fuse, to_backend, to_numpy
 from convbn.convert import Checkpoint, load_checkpoint, save_checkpoint
 from convbn.dispatch import AUTO_ORDER, available_backends
@@ -23,9 +24,15 @@ __all__ = [
     "available_backends",
     "conv_bn",
     "conventions",
+    "from_flax",
+    "from_keras",
+    "from_torch",
     "fuse",
     "load_checkpoint",
     "save_checkpoint",
     "to_backend",
+    "to_flax",
+    "to_keras",
     "to_numpy",
+    "to_torch",
 ]
