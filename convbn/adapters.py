@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from convbn.conventions import kept_to_torch_momentum, torch_momentum_to_kept
 from convbn.errors import ConvBNError
 from convbn.params import ConvBNParams, normalize_padding
 
@@ -55,20 +56,9 @@ __all__ = [
 # -- framework-free translation ---------------------------------------------------------------------
 
 
-def _complement(m: float) -> float:
-    """``1 - m``, snapped to the shortest decimal with the same complement.
-
-    ``1 - (1 - 0.1)`` is 0.09999999999999998 in floating point; the snap gives back 0.1, so torch's
-    momentum survives a round trip through the kept fraction bit for bit.
-    """
-    value = 1.0 - float(m)
-    snapped = float(f"{value:.15g}")
-    return snapped if 1.0 - snapped == 1.0 - value else value
-
-
 def torch_momentum(params: ConvBNParams) -> float:
     """``params.momentum`` (fraction kept) as torch's ``momentum`` (weight of the new value)."""
-    return _complement(params.momentum)
+    return kept_to_torch_momentum(params.momentum)
 
 
 def kept_from_torch(momentum: float | None, where: str) -> float:
@@ -81,7 +71,7 @@ def kept_from_torch(momentum: float | None, where: str) -> float:
         )
     if not 0.0 <= momentum <= 1.0:
         raise ConvBNError(f"{where}.momentum must be in [0, 1]. Received: {where}.momentum={momentum!r}")
-    return _complement(momentum)
+    return torch_momentum_to_kept(momentum)
 
 
 def require_var_update(params: ConvBNParams, expected: str, target: str, alternative: str) -> None:

@@ -450,3 +450,19 @@ def test_one_value_per_channel_in_training_is_a_clear_error(backend):
     # eval with the same single value is fine
     y = convbn.conv_bn(np.ones((1, 3, 3, 3)), p, backend=backend)
     np.testing.assert_allclose(y, np.full((1, 1, 1, 4), 27 / np.sqrt(1 + 1e-3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("native", [0.1, 0.01, 0.001, 0.03, 0.3, 0.0, 1.0])
+def test_torch_momentum_round_trips_exactly(native):
+    from convbn import conventions
+
+    kept = conventions.torch_momentum_to_kept(native)
+    assert abs(kept - (1.0 - native)) <= 1e-16
+    assert conventions.kept_to_torch_momentum(kept) == native
+
+
+def test_torch_momentum_without_a_short_decimal_is_left_alone():
+    from convbn import conventions
+
+    odd = 0.1234567890123456789
+    assert conventions.kept_to_torch_momentum(conventions.torch_momentum_to_kept(odd)) == pytest.approx(odd, abs=1e-16)

@@ -34,15 +34,6 @@ def _ref(params: convbn.ConvBNParams) -> dict:
     }
 
 
-def test_complement_snaps_to_the_shortest_decimal():
-    for m in (0.1, 0.01, 0.03, 0.3, 0.001, 0.5, 0.0, 1.0):
-        kept = adapters._complement(m)
-        assert adapters._complement(kept) == m
-    assert adapters._complement(0.1) == 0.9
-    odd = 0.1234567890123456789
-    assert adapters._complement(adapters._complement(odd)) == pytest.approx(odd, abs=1e-16)
-
-
 # -- torch ------------------------------------------------------------------------------------------
 
 
