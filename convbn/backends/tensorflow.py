@@ -139,8 +139,10 @@ def _conv(x: Any, kernel: Any, params: ConvBNParams, plan: Plan) -> Any:
     else:
         assert plan.pads is not None
         padding = [[0, 0], list(plan.pads[0]), list(plan.pads[1]), [0, 0]]
-    # tf.nn.depthwise_conv2d rejects stride > 1 together with dilation > 1; the grouped conv does not.
-    if plan.depthwise and (plan.stride == (1, 1) or plan.dilation == (1, 1)):
+    # tf.nn.depthwise_conv2d rejects stride > 1 together with dilation > 1, and (on CPU) unequal
+    # strides; the grouped conv does neither.
+    sh, sw = plan.stride
+    if plan.depthwise and sh == sw and (plan.stride == (1, 1) or plan.dilation == (1, 1)):
         kh, kw, _, out = kernel.shape
         dw_kernel = tf.reshape(kernel, (kh, kw, plan.in_channels, out // plan.in_channels))
         return tf.nn.depthwise_conv2d(x, dw_kernel, strides, padding, dilations=plan.dilation)
