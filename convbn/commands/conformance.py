@@ -81,16 +81,14 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def _jax_float64(names: list[str] | None) -> Iterator[None]:
+def _jax_float64(names: list[str]) -> Iterator[None]:
     """float64 on JAX needs jax_enable_x64; this command is the process, so it turns it on for
     the run (and back afterwards) rather than reporting float64 JAX as skipped."""
-    wanted = (names is None and dispatch.is_installed("jax")) or (names is not None and "jax" in names)
-    if not wanted:
+    if "jax" not in names:
         yield
         return
-    if names is None or "torch" in names:
-        with contextlib.suppress(ImportError):
-            import torch  # noqa: F401  (torch before tensorflow/jax)
+    if "torch" in names:
+        import torch  # noqa: F401  (torch before the others)
     import jax
 
     old = jax.config.jax_enable_x64  # type: ignore[attr-defined]
@@ -102,13 +100,16 @@ def _jax_float64(names: list[str] | None) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from convbn import conformance
+    from convbn.conformance import runner
 
-    names = _parse_backends(args.backends)
-    progress = _Progress(sys.stderr)
+    names = runner.select(_parse_backends(args.backends))
     with _jax_float64(names):
-        report = conformance.run(
-            names, quick=args.quick, gpu=not args.no_gpu, allow_tf32=args.allow_tf32, progress=progress
+        report = runner.run(
+            names,
+            quick=args.quick,
+            gpu=not args.no_gpu,
+            allow_tf32=args.allow_tf32,
+            progress=_Progress(sys.stderr),
         )
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=1)

@@ -39,6 +39,7 @@ __all__ = [
     "pairwise",
     "run",
     "run_task",
+    "select",
 ]
 
 _EXTREME_NAMES = frozenset(c.name for c in EXTREME)
@@ -176,7 +177,22 @@ def run_task(
 ) -> list[Result]:
     """Run ``task`` on ``backend`` on ``device`` (``"cpu"`` or ``"gpu"``) and check every result.
 
-    ``outputs``, when given, collects what the backend produced for :func:`pairwise`.
+    Args:
+        backend: ``"numpy"``, ``"torch"``, ``"tensorflow"`` or ``"jax"``.
+        device: ``"cpu"`` or ``"gpu"`` (``"gpu"`` tasks target the GPU whatever this says).
+        task: a :class:`~convbn.conformance.cases.Task` from :func:`~convbn.conformance.cases.tasks`.
+        oracle: float64 results to reuse across tasks (a fresh one when None).
+        outputs: when given, collects what the backend produced, for :func:`pairwise`.
+
+    Returns:
+        One :class:`Result` per comparison; a check the backend cannot run here (e.g. float64 on
+        JAX without x64) is a ``"skip"`` result, an exception a ``"fail"`` naming it.
+
+    Example:
+        >>> from convbn.conformance import cases, run_task
+        >>> task = cases.Task("forward", cases.EDGE_CASE, "float32", ("eval",), ("NHWC",))
+        >>> [(r.group, r.status) for r in run_task("numpy", "cpu", task)]
+        [('eval', 'pass')]
     """
     oracle = oracle or Oracle()
     if task.kind == "forward":
@@ -353,6 +369,17 @@ def _one_value(backend: str, device: str, case: Case, dtype: str) -> Result:
                   tolerance("eval", dtype), where)
 
 
+@contextlib.contextmanager
+def _quiet_tf_logger(tf: Any) -> Iterator[None]:
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _output(out: Any, training: bool) -> Any:
     """``y`` alone (a traced function can only return arrays)."""
     return out[0] if training else out
@@ -453,11 +480,15 @@ def _traced(backend: str, device: str, dtype: str, oracle: Oracle) -> Result:
                 spec = tf.TensorSpec([None, *xb.shape[1:]], xb.dtype)
                 fn = tf.function(lambda x, p=p, t=training: _output(_call(x, p, t), t),
                                  input_signature=[spec])
+                # A new tf.function per check is the point (the user's own); TF's warning about
+                # functions traced in a loop would only clutter the progress output.
+                with _quiet_tf_logger(tf):
+                    y = testing.as_numpy(backend, fn(xb))
             else:
                 import jax
 
                 fn = jax.jit(lambda x, p=p, t=training: _output(_call(x, p, t), t))
-            y = testing.as_numpy(backend, fn(xb))
+                y = testing.as_numpy(backend, fn(xb))
         ref = oracle.forward(case, dtype, mode)
         group = "train" if training else "eval"
         floor = reference.train_floor(params) if training else None
@@ -636,7 +667,13 @@ def gpu_precision(allow_tf32: bool, backends: Sequence[str]) -> Iterator[dict[st
 
 # -- the whole matrix ------------------------------------------------------------------------------------
 
-def _select(backends: Sequence[str] | None) -> list[str]:
+def select(backends: Sequence[str] | None) -> list[str]:
+    """The backends to run, in report order: ``backends`` (names or aliases) or every installed one.
+
+    Raises:
+        ConvBNError: an unknown name.
+        ImportError: a named backend whose framework is not installed (naming the extra).
+    """
     if backends is None:
         return [n for n in ORDER if dispatch.is_installed(n)]
     names = [dispatch.normalize_name(n) for n in backends]
@@ -667,15 +704,22 @@ def run(
         progress: called as ``progress(done, total, label)`` before each task.
 
     Returns:
-        A :class:`convbn.conformance.report.Report`.
+        A :class:`convbn.conformance.report.Report`: ``passed``, ``failures``, ``summaries()``,
+        ``text()`` (the table ``convbn conformance`` prints) and ``as_dict()`` (its ``--json``).
 
     Raises:
         ConvBNError: an unknown backend name.
         ImportError: a requested backend whose framework is not installed.
+
+    Example:
+        >>> from convbn import conformance
+        >>> report = conformance.run(["numpy"], quick=True)
+        >>> report.passed, report.counts()["fail"]
+        (True, 0)
     """
     from convbn.conformance.report import Report, environment
 
-    names = _select(backends)
+    names = select(backends)
     if "torch" in names and "tensorflow" in names:
         import torch  # noqa: F401  (torch before tensorflow)
     for name in names:
