@@ -35,7 +35,7 @@ def register(sub: Any) -> None:
         metavar="LIST",
         help="comma-separated backends (numpy, torch, tensorflow, jax); default: every installed one",
     )
-    parser.add_argument("--quick", action="store_true", help="a representative subset (seconds)")
+    parser.add_argument("--quick", action="store_true", help="a representative subset (under a minute)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument(
         "--allow-tf32",
