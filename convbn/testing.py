@@ -10,6 +10,7 @@ low-precision results come back as float32.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -211,9 +212,6 @@ def _tf_gradients(x, params, dy, training, data_format, fields, device, dtype): 
 
 
 def _jax_gradients(x, params, dy, training, data_format, fields, device, dtype):  # type: ignore[no-untyped-def]
-    import jax
-    import jax.numpy as jnp
-
     from convbn.backends import jax as jb
 
     dev = jb.resolve_device(device)
@@ -221,15 +219,27 @@ def _jax_gradients(x, params, dy, training, data_format, fields, device, dtype):
     leaves = {"x": cast("jax", jb.asarray(x, dev), dtype)}
     for f in fields:
         leaves[f] = getattr(native, f)
-    dyj = jb.asarray(dy, dev)
-
-    def loss(leaves: dict[str, Any]) -> Any:
-        p = with_arrays(native, **{f: leaves[f] for f in fields})
-        y = _output(conv_bn(leaves["x"], p, training, data_format=data_format), training)
-        return jnp.sum(y * dyj.astype(y.dtype))
-
-    grads = jax.grad(loss)(leaves)
+    grads = _jax_vjp()(leaves, native, jb.asarray(dy, dev), tuple(fields), training, data_format)
     return {k: as_numpy("jax", v) for k, v in grads.items()}
+
+
+@functools.cache
+def _jax_vjp() -> Any:
+    """``jax.jit(jax.grad(...))`` of the loss, compiled once per shapes and static config: one XLA
+    compile per case instead of dispatching (and compiling) every op of the backward pass."""
+    import jax
+    import jax.numpy as jnp
+
+    def vjp(leaves: dict[str, Any], native: ConvBNParams, dy: Any, fields: tuple[str, ...],
+            training: bool, data_format: str) -> Any:
+        def loss(leaves: dict[str, Any]) -> Any:
+            p = with_arrays(native, **{f: leaves[f] for f in fields})
+            y = _output(conv_bn(leaves["x"], p, training, data_format=data_format), training)
+            return jnp.sum(y * dy.astype(y.dtype))
+
+        return jax.grad(loss)(leaves)
+
+    return jax.jit(vjp, static_argnames=("fields", "training", "data_format"))
 
 
 _GRADIENTS = {"torch": _torch_gradients, "tensorflow": _tf_gradients, "jax": _jax_gradients}
