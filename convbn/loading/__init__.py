@@ -712,5 +712,10 @@ def conform_checkpoint(
     kept = [k for k in like.layers if k not in by_name] + list(like.tensors)
     if kept:
         out.notes.append(f"kept the like file's own values for {_listed(kept, 5)} (not in the checkpoint)")
+    if ckpt.tensors:
+        out.notes.append(
+            f"not written: {len(ckpt.tensors)} other tensor(s) of the checkpoint ({_listed(list(ckpt.tensors), 5)}): "
+            "only conv+BatchNorm layers are matched to the like file"
+        )
     report.loaded = True
     return out, report
