@@ -50,6 +50,7 @@ def _reference(values: list[dict[str, np.ndarray]], x: np.ndarray) -> np.ndarray
 @pytest.fixture
 def flax_source(tmp_path: Path) -> tuple[Path, list[dict[str, np.ndarray]]]:
     """Block values with conv biases as a flax msgpack file (written without JAX), layers L0-L2."""
+    pytest.importorskip("msgpack")
     values = bm.random_values(seed=3, bias=True)
     path = tmp_path / "src.msgpack"
     convbn.save_checkpoint(bm.checkpoint_of(values), path, "flax")
@@ -126,6 +127,7 @@ def test_flax_like_file_restores_with_from_bytes(tmp_path, capsys):
 
 
 def test_strict_refuses_a_partial_match_and_no_strict_keeps_the_like_values(tmp_path, capsys):
+    pytest.importorskip("msgpack")
     values = bm.random_values(seed=6)
     src = tmp_path / "src.msgpack"
     convbn.save_checkpoint(bm.checkpoint_of(values[:2]), src, "flax")  # no shortcut layer
