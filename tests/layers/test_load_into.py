@@ -184,6 +184,39 @@ def test_keras_model_with_a_head_loads_pairs_and_leaves_the_head(sources):
     assert bm.rel_err(bm.keras_run(trunk, src.x), src.y) <= TOL
 
 
+def test_subclassed_keras_model_pairs_by_layer_order(sources):
+    """A subclassed Keras model has no layer graph: a conv pairs with the BatchNormalization
+    tracked right after it."""
+    _need("keras")
+    import keras
+
+    L = keras.layers
+
+    class Block(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pad = L.ZeroPadding2D(1)
+            self.conv1 = L.Conv2D(bm.OUT, 3, strides=2, use_bias=False)
+            self.bn1 = L.BatchNormalization(epsilon=bm.EPS)
+            self.conv2 = L.Conv2D(bm.OUT, 3, padding="same", use_bias=False)
+            self.bn2 = L.BatchNormalization(epsilon=bm.EPS)
+            self.down_conv = L.Conv2D(bm.OUT, 1, strides=2, use_bias=False)
+            self.down_bn = L.BatchNormalization(epsilon=bm.EPS)
+
+        def call(self, x, training=False):
+            h = keras.ops.relu(self.bn1(self.conv1(self.pad(x)), training=training))
+            h = self.bn2(self.conv2(h), training=training)
+            return keras.ops.relu(h + self.down_bn(self.down_conv(x), training=training))
+
+    src = sources["get"]("torch")
+    model = Block()
+    model(src.x)
+    report = convbn.load_into(model, src.path)
+    assert report.ok and report.pairing == "layer order"
+    assert list(report.matched.values()) == bm.TORCH_PAIRS
+    assert bm.rel_err(bm.keras_run(model, src.x), src.y) <= TOL
+
+
 # -- bias folding ------------------------------------------------------------------------------------
 
 
@@ -606,3 +639,16 @@ def test_loading_a_numpy_tree_imports_no_framework(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)})
     assert out.stdout.strip() == "[]"
+
+
+def test_a_flax_file_with_sorted_keys_is_taken_in_natural_order():
+    from convbn.loading import checkpoint_order
+
+    names = sorted(f"Conv_{i}" for i in range(12))  # Conv_0, Conv_1, Conv_10, Conv_11, Conv_2, ...
+    ckpt = _shapes_ckpt([A] * 12, names=names)
+    ckpt.metadata["source_format"] = "flax"
+    notes: list[str] = []
+    assert checkpoint_order(ckpt, notes) == [f"Conv_{i}" for i in range(12)]
+    assert "sorted as strings" in notes[0]
+    ckpt.metadata["source_format"] = "torch"  # a torch file's order is the module order: kept
+    assert checkpoint_order(ckpt, []) == names
