@@ -409,6 +409,16 @@ def stage(
                     target.name, layer, f"groups {params.groups} in the checkpoint, {groups} in the model"
                 ))
                 continue
+        # eps first: a bias folded into beta must be folded with the eps the model will run with.
+        if target.eps is None:
+            unknown_eps.add(params.eps)
+            new_eps = params.eps
+        else:
+            if target.eps != params.eps:
+                stated = "stored in the file" if source is not None and source.settings else "assumed: the file stores none"
+                eps_differs.append(f"{target.name} (model {target.eps:g}, checkpoint {params.eps:g}, {stated})")
+            new_eps = params.eps if eps == "checkpoint" else target.eps
+        params = dataclasses.replace(params, eps=new_eps)
         if params.bias is not None and not target.bias:
             if fold_bias is None:
                 raise ConvBNError(
@@ -422,34 +432,20 @@ def stage(
             dtype = np.asarray(params.kernel).dtype
             params = dataclasses.replace(params, bias=np.zeros(params.out_channels, dtype))
             zero_bias.append(target.name)
-        absent = [
-            name for name, present, value, fill in (
-                ("gamma", target.gamma, params.gamma, 1.0), ("beta", target.beta, params.beta, 0.0)
+        lost = [
+            f"the model's BatchNorm has no {name}, and the checkpoint's {name} is not all {word}"
+            for name, present, value, fill, word in (
+                ("gamma", target.gamma, params.gamma, 1.0, "ones"), ("beta", target.beta, params.beta, 0.0, "zeros")
             ) if not present and _absent_conflict(value, fill)
         ]
-        if absent:
-            hint = " (the folded conv bias is in beta: fold_bias='moving_mean' keeps beta)" if (
-                "beta" in absent and target.name in report.folded and report.folded[target.name] == "beta"
-            ) else ""
-            report.folded.pop(target.name, None)
-            report.mismatched.append(Mismatch(
-                target.name, layer,
-                f"the model's BatchNorm has no {' or '.join(absent)}, and the checkpoint's "
-                f"{' and '.join(absent)} would be lost (not all {'1' if absent[0] == 'gamma' else '0'}){hint}",
-            ))
+        if lost:
+            if report.folded.pop(target.name, None) == "beta" and lost[-1].startswith("the model's BatchNorm has no beta"):
+                lost[-1] += " (it holds the folded conv bias: fold_bias='moving_mean' leaves beta alone)"
+            report.mismatched.append(Mismatch(target.name, layer, "; ".join(lost)))
             continue
-        if target.eps is None:
-            unknown_eps.add(params.eps)
-            new_eps = params.eps
-        else:
-            if target.eps != params.eps:
-                stated = "stored in the file" if source is not None and source.settings else "assumed: the file stores none"
-                eps_differs.append(f"{target.name} (model {target.eps:g}, checkpoint {params.eps:g}, {stated})")
-            new_eps = params.eps if eps == "checkpoint" else target.eps
         params = dataclasses.replace(
             params,
             **(target.geometry or {}),
-            eps=new_eps,
             momentum=params.momentum if target.momentum is None else target.momentum,
         )
         report.matched[target.name] = layer

@@ -254,6 +254,34 @@ def test_missing_bias_becomes_zero(tmp_path):
     assert bm.rel_err(bm.torch_run(model, src.x), src.y) <= TOL
 
 
+def test_a_bias_is_folded_with_the_eps_the_model_runs_with(tmp_path):
+    """The model keeps eps 1e-3; folding into beta with the checkpoint's 1e-5 instead would leave
+    an error of order gamma * b * (1/sqrt(var + 1e-5) - 1/sqrt(var + 1e-3))."""
+    _need("torch")
+    src = _source("torch", tmp_path, bias=True)
+    model = bm.torch_build(bias=False, eps=1e-3)
+    report = convbn.load_into(model, src.path)
+    assert report.folded == dict.fromkeys(bm.TORCH_PAIRS, "beta") and any("eps differs" in n for n in report.notes)
+    same_eps = bm.torch_assign(bm.torch_build(bias=True, eps=1e-3), bm.random_values(seed=7, bias=True))
+    assert bm.rel_err(bm.torch_run(model, src.x), bm.torch_run(same_eps, src.x)) <= TOL
+
+
+def test_a_gamma_or_beta_the_model_lacks_is_a_mismatch(tmp_path):
+    _need("torch")
+    from torch import nn
+
+    src = _source("torch", tmp_path, bias=True)
+    model = bm.torch_build()
+    model.bn2 = nn.BatchNorm2d(bm.OUT, eps=bm.EPS, affine=False)
+    report = convbn.load_into(model, src.path, strict=False)
+    assert [m.model for m in report.mismatched] == ["conv2"] and "conv2" not in report.folded
+    reason = report.mismatched[0].reason
+    assert reason.startswith("the model's BatchNorm has no gamma, and the checkpoint's gamma is not all ones; "
+                             "the model's BatchNorm has no beta, and the checkpoint's beta is not all zeros")
+    assert reason.endswith("(it holds the folded conv bias: fold_bias='moving_mean' leaves beta alone)")
+    assert float(model.bn2.running_var.min()) == 1.0  # not loaded
+
+
 @pytest.fixture(scope="module")
 def dcgan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from tests.formats import slim_graphs
