@@ -539,7 +539,8 @@ def load_into(
 
     - the kernel in the framework's layout (OIHW for torch, HWIO otherwise);
     - the conv bias, or, when the model's conv has none, the bias folded into the BatchNorm
-      (``fold_bias``; exact in eval mode), or zero when the checkpoint has none;
+      (``fold_bias``, with the eps the BatchNorm runs with; exact in eval mode), or zero when the
+      checkpoint has none;
     - gamma, beta and the moving statistics, as they are (a moving variance estimated with the
       biased or the unbiased batch variance estimates the same quantity).
 
