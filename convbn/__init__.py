@@ -11,6 +11,7 @@ from convbn.api import conv_bn, fuse, to_backend, to_numpy
 from convbn.convert import Checkpoint, load_checkpoint, save_checkpoint
 from convbn.dispatch import AUTO_ORDER, available_backends
 from convbn.errors import ConvBNError
+from convbn.loading import LoadError, LoadReport, load_into
 from convbn.params import ConvBNParams
 
 __version__ = "0.1.0"
@@ -20,6 +21,8 @@ __all__ = [
     "Checkpoint",
     "ConvBNError",
     "ConvBNParams",
+    "LoadError",
+    "LoadReport",
     "__version__",
     "available_backends",
     "conv_bn",
@@ -29,6 +32,7 @@ __all__ = [
     "from_torch",
     "fuse",
     "load_checkpoint",
+    "load_into",
     "save_checkpoint",
     "to_backend",
     "to_flax",

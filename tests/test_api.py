@@ -150,7 +150,9 @@ def test_import_leaves_frameworks_unimported():
         "y2, _ = convbn.conv_bn(np.ones((2,5,5,2)), p, True, backend='numpy')\n"
         "w, b = convbn.fuse(p)\n"
         "from convbn import from_flax, from_keras, from_torch, to_flax, to_keras, to_torch\n"
-        "import convbn.adapters\n"
+        "from convbn import LoadError, LoadReport, load_into\n"
+        "import convbn.adapters, convbn.loading\n"
+        "assert convbn.loading.model_kind({'params': {}}) == 'flax'\n"
         "assert abs(y[0,2,2,0] - 18/np.sqrt(1.001)) < 1e-12, y[0,2,2,0]\n"
         "print(sorted(m for m in ('torch','tensorflow','jax','flax','keras','jaxlib') if m in sys.modules))\n"
     )

@@ -19,17 +19,24 @@ PAGES = {
     "keras.md": ("torch", "tensorflow"),
     "flax.md": ("torch", "jax"),
 }
+# Sections whose first Python block is a complete example too (None: the page's first block).
+SECTIONS = (None, "Loading a checkpoint into your own model")
 
 
-def _example(page: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
-    assert blocks, f"{page} has no Python example"
+def _example(page: str, section: str | None = None) -> str:
+    text = (DOCS / page).read_text()
+    if section is not None:
+        assert f"\n## {section}\n" in text, f"{page} has no section {section!r}"
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, f"{page} has no Python example" + (f" in {section!r}" if section else "")
     return blocks[0]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("section", SECTIONS, ids=["first", "load_into"])
 @pytest.mark.parametrize("page", sorted(PAGES))
-def test_page_example_runs(page, tmp_path, monkeypatch):
+def test_page_example_runs(page, section, tmp_path, monkeypatch):
     for name in PAGES[page]:
         require_backend(name)
     if "tensorflow" in PAGES[page]:
@@ -40,5 +47,5 @@ def test_page_example_runs(page, tmp_path, monkeypatch):
         pytest.importorskip("flax")
     monkeypatch.chdir(tmp_path)  # the Keras example saves a file
     script = tmp_path / f"example_{page.replace('.md', '')}.py"
-    script.write_text(_example(page))
+    script.write_text(_example(page, section))
     runpy.run_path(str(script), run_name="docs_example")  # a real module: Flax modules are dataclasses
