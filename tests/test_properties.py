@@ -100,7 +100,7 @@ def test_reference_matches_loop_reference_on_any_geometry(case, training):
     got = oracle.forward(x, params, training)
     expected = reference.conv_bn(x, reference_params(params, case), training)
     y = expected[0] if training else expected
-    err, where = oracle.output_error(got.y, y, y, -1, oracle.train_floor(params) if training else None)
+    err, where = oracle.output_error(got.y, y, y, -1, got.floor)
     assert err <= tolerance("train" if training else "eval", "float64"), where
     if training:
         assert oracle.var_error(got.moving_var, expected[2], expected[2])[0] <= tolerance("stats", "float64")

@@ -8,8 +8,10 @@ Errors are relative, with a scale chosen so that one number means the same thing
 
 - outputs ``y``: per output channel, ``max |actual - expected| / max |reference|`` over that
   channel, worst channel reported. Per channel, so a channel scaled up by a tiny variance cannot
-  hide an error in the others. In training the scale is at least ``|gamma|`` (see
-  :func:`train_floor`).
+  hide an error in the others. The scale is at least the size of the terms the output is computed
+  from, so that cancellation does not turn rounding into a large relative error: ``|gamma|`` in
+  training, ``|gamma| (sum |x| |w| + |bias| + |moving_mean|) / sqrt(moving_var + eps)`` in eval
+  (see :func:`train_floor`, :func:`eval_floor`; :class:`Forward` carries it).
 - ``moving_mean``: ``|actual - expected| / max(|reference|, sqrt(reference moving_var))``: the mean
   is measured in units of the spread it was estimated from, so a mean near zero is not a division
   by zero.
@@ -39,6 +41,7 @@ __all__ = [
     "grad_error",
     "mean_error",
     "output_error",
+    "eval_floor",
     "to_float64",
     "train_floor",
     "var_error",
@@ -54,6 +57,8 @@ class Forward:
     y: np.ndarray
     moving_mean: np.ndarray | None = None
     moving_var: np.ndarray | None = None
+    #: per channel, the least scale of an error in ``y`` (:func:`eval_floor`, :func:`train_floor`)
+    floor: np.ndarray | None = None
 
 
 def to_float64(params: ConvBNParams) -> ConvBNParams:
@@ -68,9 +73,10 @@ def forward(x: np.ndarray, params: ConvBNParams, training: bool) -> Forward:
     plan = plan_for(x64.shape, p64, "NHWC", training)
     out = np_backend.conv_bn(x64, p64, plan)
     if not training:
-        return Forward(out)
+        return Forward(out, floor=eval_floor(x64, p64))
     y, new = out
-    return Forward(y, np.asarray(new.moving_mean, np.float64), np.asarray(new.moving_var, np.float64))
+    return Forward(y, np.asarray(new.moving_mean, np.float64), np.asarray(new.moving_var, np.float64),
+                   floor=train_floor(p64))
 
 
 def gradients(x: np.ndarray, params: ConvBNParams, dy: np.ndarray, training: bool) -> dict[str, np.ndarray]:
@@ -126,6 +132,31 @@ def output_error(
     per_channel = np.max(diff, axis=axes) / scale
     worst = int(np.argmax(per_channel))
     return _finite_or_inf(float(per_channel[worst])), f"channel {worst}"
+
+
+def eval_floor(x: np.ndarray, params: ConvBNParams) -> np.ndarray:
+    """The scale of the terms an eval-mode output channel is computed from.
+
+    Eval computes ``a (z + bias - moving_mean) + beta`` with ``a = gamma / sqrt(moving_var + eps)``
+    and ``z`` the conv. Rounding of ``z`` is relative to ``sum |x| |w|`` over its window (the
+    standard bound for a dot product), and rounding of the subtraction to ``|moving_mean|``; where
+    these cancel, the exact output is small, and measured against it alone a correct float32 result
+    on a few positions per channel reads as an error of 1e-5 or more. The floor is
+    ``|a| (max over positions of (|x| * |w|) + |bias| + |moving_mean|)`` per channel.
+    """
+    x64 = np.asarray(x, np.float64)
+    p64 = to_float64(params)
+    out = p64.out_channels
+    bare = dataclasses.replace(
+        p64, kernel=np.abs(p64.kernel), bias=None, gamma=None, beta=None,
+        moving_mean=np.zeros(out), moving_var=np.ones(out), eps=0.0,
+    )
+    abs_conv = np_backend.conv_bn(np.abs(x64), bare, plan_for(x64.shape, bare, "NHWC", False))
+    terms = abs_conv.reshape(-1, out).max(axis=0, initial=0.0) + np.abs(p64.moving_mean)
+    if p64.bias is not None:
+        terms = terms + np.abs(p64.bias)
+    gamma = np.ones(out) if p64.gamma is None else np.abs(p64.gamma)
+    return gamma * terms / np.sqrt(p64.moving_var + p64.eps)
 
 
 def train_floor(params: ConvBNParams) -> np.ndarray:

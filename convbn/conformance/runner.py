@@ -249,7 +249,7 @@ def _forward(backend: str, device: str, task: Task, oracle: Oracle, outputs: Out
                 results += _skip_or_fail(backend, device, groups, dtype, label, exc)
                 continue
             y = _from_layout(y, layout)
-            floor = reference.train_floor(params) if training else None
+            floor = ref.floor
             err, where = reference.output_error(y, ref.y, ref.y, -1, floor)
             results.append(_check(backend, device, groups[0], dtype, label, "y", err,
                                   tolerance(groups[0], dtype), where))
@@ -454,8 +454,7 @@ def _non_contiguous_torch(device: str, case: Case, dtype: str, oracle: Oracle, h
         out = _call(xt, p, training, layout)
         y = _from_layout(testing.as_numpy("torch", out[0] if training else out), layout)
         ref = oracle.forward(case, dtype, "train_unbiased" if training else "eval")
-        floor = reference.train_floor(params) if training else None
-        err, where = reference.output_error(y, ref.y, ref.y, -1, floor)
+        err, where = reference.output_error(y, ref.y, ref.y, -1, ref.floor)
         group = "train" if training else "eval"
         checks.append(_check("torch", device, "edge", dtype, label, f"y ({group})", err,
                              tolerance(group, dtype), where))
@@ -491,8 +490,7 @@ def _traced(backend: str, device: str, dtype: str, oracle: Oracle) -> Result:
                 y = testing.as_numpy(backend, fn(xb))
         ref = oracle.forward(case, dtype, mode)
         group = "train" if training else "eval"
-        floor = reference.train_floor(params) if training else None
-        err, where = reference.output_error(y, ref.y, ref.y, -1, floor)
+        err, where = reference.output_error(y, ref.y, ref.y, -1, ref.floor)
         checks.append(_check(backend, device, "edge", dtype, f"{label}[{case.name},{mode}]", "y", err,
                              tolerance(group, dtype), where))
     return max(checks, key=lambda r: r.ratio)
@@ -559,8 +557,7 @@ def _gpu(backend: str, task: Task, oracle: Oracle) -> list[Result]:
         except Exception as exc:
             results += _skip_or_fail(backend, "gpu", ("gpu",), dtype, f"{label}[{mode}]", exc)
             continue
-        floor = reference.train_floor(params) if training else None
-        err, where = reference.output_error(y, ref.y, ref.y, -1, floor)
+        err, where = reference.output_error(y, ref.y, ref.y, -1, ref.floor)
         results.append(_check(backend, "gpu", "gpu", dtype, f"{label}[{mode}]", "y", err,
                               tolerance(group, dtype), where))
     return results
