@@ -38,8 +38,8 @@ def _ref(params: convbn.ConvBNParams) -> dict:
 
 
 def _torch_pair(*, padding=1, stride=1, groups=1, bias=True, affine=True, momentum=0.1, eps=1e-5, k=3):
-    import torch
-    from torch import nn
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
 
     torch.manual_seed(0)
     conv = nn.Conv2d(3 * groups, 6, k, stride, padding, 1, groups, bias, dtype=torch.float64)
@@ -60,7 +60,7 @@ def _torch_pair(*, padding=1, stride=1, groups=1, bias=True, affine=True, moment
     dict(groups=2, momentum=0.3, eps=1e-3),
 ], ids=["pad1", "same_even_kernel", "valid_s2_no_affine", "groups"])
 def test_from_torch_computes_what_torch_computes(config):
-    import torch
+    torch = pytest.importorskip("torch")
 
     require_backend("torch")
     conv, bn = _torch_pair(**config)
@@ -83,7 +83,7 @@ def test_from_torch_computes_what_torch_computes(config):
 
 
 def test_from_torch_copies_and_to_torch_round_trips_bit_for_bit():
-    import torch
+    torch = pytest.importorskip("torch")
 
     require_backend("torch")
     conv, bn = _torch_pair(padding="same", k=4, momentum=0.03)
@@ -106,7 +106,7 @@ def test_from_torch_copies_and_to_torch_round_trips_bit_for_bit():
 
 
 def test_to_torch_explicit_symmetric_padding_and_missing_gamma():
-    import torch
+    torch = pytest.importorskip("torch")
 
     require_backend("torch")
     x = _x((2, 6, 6, 3))
@@ -125,7 +125,7 @@ def test_to_torch_explicit_symmetric_padding_and_missing_gamma():
 
 
 def test_torch_adapter_errors():
-    from torch import nn
+    nn = pytest.importorskip("torch").nn
 
     require_backend("torch")
     conv, bn = _torch_pair()
@@ -156,8 +156,8 @@ def test_torch_adapter_errors():
 
 
 def test_assign_torch_checks_geometry_and_sets_the_convention():
-    import torch
-    from torch import nn
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
 
     require_backend("torch")
     conv, bn = _torch_pair(padding=1)
@@ -283,7 +283,7 @@ def test_keras_adapter_errors():
 def test_torch_modules_to_keras_convbn_keep_training_like_torch():
     """The docs' path: a torch Conv2d + BatchNorm2d becomes convbn.keras.ConvBN, which keeps torch's
     momentum and unbiased variance update, so one training step agrees with torch's."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     require_backend("torch")
     keras = _keras()
@@ -310,8 +310,8 @@ def _flax():
 
 
 def _flax_pair(nn, *, use_scale=True, padding="SAME"):
-    import jax
-    import jax.numpy as jnp
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
 
     conv = nn.Conv(6, (3, 3), strides=2, padding=padding, param_dtype=jnp.float64)
     bn = nn.BatchNorm(momentum=0.9, epsilon=1e-4, use_scale=use_scale, use_fast_variance=False,
@@ -324,7 +324,7 @@ def _flax_pair(nn, *, use_scale=True, padding="SAME"):
 
 
 def test_from_flax_computes_what_flax_computes():
-    import jax.numpy as jnp
+    jnp = pytest.importorskip("jax.numpy")
 
     nn = _flax()
     conv, bn, cv, bv = _flax_pair(nn, padding=((0, 1), (1, 1)))
@@ -342,8 +342,8 @@ def test_from_flax_computes_what_flax_computes():
 
 
 def test_flax_round_trip_and_settings():
-    import jax
-    import jax.numpy as jnp
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
 
     nn = _flax()
     conv, bn, cv, bv = _flax_pair(nn, use_scale=False)
@@ -366,10 +366,10 @@ def test_flax_round_trip_and_settings():
 
 
 def test_from_flax_reads_nnx_modules():
-    import jax.numpy as jnp
+    jnp = pytest.importorskip("jax.numpy")
 
     _flax()
-    from flax import nnx
+    nnx = pytest.importorskip("flax.nnx")
 
     conv = nnx.Conv(3, 6, (3, 3), strides=2, padding="VALID", rngs=nnx.Rngs(0))
     bn = nnx.BatchNorm(6, momentum=0.8, use_bias=False, rngs=nnx.Rngs(0))

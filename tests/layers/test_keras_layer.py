@@ -73,7 +73,7 @@ def test_weights_have_keras_names_and_order():
 
 
 def test_training_matches_batchnormalization_including_gradients():
-    import tensorflow as tf
+    tf = pytest.importorskip("tensorflow")
 
     keras = _keras()
     layer, conv, bn = _pair(keras)
