@@ -16,7 +16,7 @@ from convbn import __version__
 from convbn.errors import ConvBNError
 
 #: Subcommand modules under convbn.commands, in the order ``convbn --help`` lists them.
-COMMANDS = ("info",)
+COMMANDS = ("info", "conformance", "convert", "fuse", "inspect")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 

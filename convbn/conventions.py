@@ -41,10 +41,17 @@ __all__ = [
 
 
 def torch_momentum_to_kept(momentum: float) -> float:
-    """torch's momentum (weight of the new value) as the fraction kept: ``1 - momentum``."""
+    """torch's momentum (weight of the new value) as the fraction kept: ``1 - momentum``.
+
+    The result is snapped to the shortest decimal with the same complement: ``1 - (1 - 0.1)`` is
+    0.09999999999999998 in floating point, and the snap gives back 0.1, so a momentum survives a
+    round trip through the other convention bit for bit.
+    """
     if not 0.0 <= momentum <= 1.0:
         raise ConvBNError(f"torch momentum must be in [0, 1]. Received: momentum={momentum!r}")
-    return 1.0 - momentum
+    value = 1.0 - float(momentum)
+    snapped = float(f"{value:.15g}")
+    return snapped if 1.0 - snapped == 1.0 - value else value
 
 
 def kept_to_torch_momentum(momentum: float) -> float:

@@ -3,37 +3,75 @@
 A :class:`Checkpoint` is an ordered ``dict`` of conv+BatchNorm pairs as :class:`ConvBNParams` (HWIO,
 kept-fraction momentum, the source's eps and ``var_update``), plus every other tensor and a list of
 what was deliberately dropped, so a conversion never loses anything silently. Format modules live
-in :mod:`convbn.formats`.
+in :mod:`convbn.formats`; :func:`load_checkpoint` and :func:`save_checkpoint` pick them, and
+:func:`save_checkpoint` folds conv biases where the target has none.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import inspect
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from convbn.errors import ConvBNError
+from convbn.formats import FORMATS, load_format
+from convbn.formats._pairing import natural_key, parse_pairs
 from convbn.params import ConvBNParams
 
-__all__ = ["Checkpoint", "LayerSource", "fold_bias", "natural_key"]
+__all__ = [
+    "Checkpoint",
+    "LayerCheck",
+    "LayerSource",
+    "detect_format",
+    "fold_bias",
+    "format_for_path",
+    "fuse_checkpoint",
+    "load_checkpoint",
+    "natural_key",
+    "save_checkpoint",
+    "tolerance_for",
+    "verify_checkpoint",
+]
 
 FoldTarget = Literal["beta", "moving_mean"]
+PairSpec = Mapping[str, str] | str | os.PathLike[str] | Iterable[str] | None
 
 
 @dataclasses.dataclass
 class LayerSource:
     """Where one layer came from: the source tensor names and why the conv and BatchNorm paired.
 
-    ``reason`` is one of ``"explicit"`` (``pairs=``/``--pair``), ``"graph"`` (``.meta`` or ``.keras``
-    config), ``"naming"`` (a naming convention) or ``"order"`` (a conv followed by a BatchNorm with
-    matching channels).
+    ``reason`` is one of ``"explicit"`` (``pairs=``/``--pair``), ``"graph"`` (the file states the
+    pairs: a ``.meta`` graph, a ``.keras`` config, convbn's safetensors metadata), ``"naming"`` (a
+    naming convention) or ``"order"`` (a conv followed by a BatchNorm with matching channels).
+
+    Attributes:
+        conv: ConvBNParams field (``kernel``, ``bias``) → tensor name in the source.
+        bn: field (``gamma``, ``beta``, ``moving_mean``, ``moving_var``, extras such as
+            ``num_batches_tracked``) → tensor name in the source.
+        reason: why the two paired.
+        conv_name: the conv's own name (module path, variable scope or layer name).
+        bn_name: the BatchNorm's own name.
+        geometry: whether stride/padding/dilation/groups came from the file (else defaults).
+        settings: whether eps came from the file, with momentum where the format stores it (a TF
+            ``.meta`` graph states eps only); else the convention's defaults.
+
+    Names are those of the original format (:attr:`Checkpoint.metadata` ``["source_format"]``),
+    which differs from the file read only for convbn safetensors files.
     """
 
     conv: dict[str, str]
     bn: dict[str, str]
     reason: str
+    conv_name: str = ""
+    bn_name: str = ""
+    geometry: bool = False
+    settings: bool = False
 
 
 @dataclasses.dataclass
@@ -41,14 +79,23 @@ class Checkpoint:
     """Conv+BatchNorm layers and the rest of a checkpoint.
 
     Attributes:
-        layers: conv+BatchNorm pairs in source order, keyed by the conv's own name in the source.
-        tensors: every other tensor, by its source name (dense layers, lone convs, embeddings).
+        layers: conv+BatchNorm pairs in source order, keyed by the conv's own name in the source
+            (``L`` for convbn's own ``L.conv``/``L.bn`` templates).
+        tensors: every other tensor, by its source name, in the source's layout (dense layers,
+            lone convs, unpaired BatchNorms, embeddings).
         dropped: names deliberately left out (optimizer slots, ``global_step``), never silently.
         format: the source format name.
         convention: name of the :mod:`convbn.conventions` preset the source follows, if known.
         sources: per layer, the source tensor names and the pairing reason.
         notes: human-readable report lines (defaults assumed, overrides applied, folds done).
-        metadata: free-form provenance carried to formats that can store it (safetensors).
+        metadata: free-form provenance carried to formats that can store it (safetensors);
+            ``"source_format"`` names the format the names in ``sources``/``tensors`` belong to.
+        extras: per layer, source tensors that belong to the pair but have no ConvBNParams field
+            (torch's ``num_batches_tracked``).
+        unpaired: convs and BatchNorms left unpaired (name → ``"conv"`` or ``"bn"``); their tensors
+            are in ``tensors``.
+        fused: True when each layer's BatchNorm was folded into its conv (:func:`fuse_checkpoint`);
+            writers then write conv weight and bias only.
     """
 
     layers: dict[str, ConvBNParams] = dataclasses.field(default_factory=dict)
@@ -59,11 +106,23 @@ class Checkpoint:
     sources: dict[str, LayerSource] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    extras: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    unpaired: dict[str, str] = dataclasses.field(default_factory=dict)
+    fused: bool = False
 
-
-def natural_key(name: str) -> tuple[Any, ...]:
-    """Sort key that puts ``conv2`` before ``conv10``."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+    def copy(self) -> Checkpoint:
+        """A copy with new containers; arrays and params (immutable) are shared, not copied."""
+        return dataclasses.replace(
+            self,
+            layers=dict(self.layers),
+            tensors=dict(self.tensors),
+            dropped=list(self.dropped),
+            sources=dict(self.sources),
+            notes=list(self.notes),
+            metadata=dict(self.metadata),
+            extras={k: dict(v) for k, v in self.extras.items()},
+            unpaired=dict(self.unpaired),
+        )
 
 
 def fold_bias(params: ConvBNParams, into: FoldTarget = "beta") -> ConvBNParams:
@@ -91,3 +150,489 @@ def fold_bias(params: ConvBNParams, into: FoldTarget = "beta") -> ConvBNParams:
     beta = 0.0 if params.beta is None else np.asarray(params.beta, np.float64)
     new_beta = beta + gamma * b / np.sqrt(var + params.eps)
     return dataclasses.replace(params, bias=None, beta=np.asarray(new_beta).astype(dtype))
+
+
+_fold_layer = fold_bias  # save_checkpoint's keyword of the same name hides the function
+
+
+# -- formats ----------------------------------------------------------------------------------------
+
+#: Destination suffixes → format, for ``convbn convert SRC DST`` without ``--to``.
+_SUFFIXES = {
+    ".pt": "torch",
+    ".pth": "torch",
+    ".bin": "torch",
+    ".keras": "keras",
+    ".h5": "keras",
+    ".msgpack": "flax",
+    ".safetensors": "safetensors",
+    ".ckpt": "slim",
+    ".index": "slim",
+}
+#: Content sniffing order; slim last, since its sniff may look for companion files.
+_SNIFF_ORDER = ("torch", "safetensors", "keras", "flax", "slim")
+
+
+def _format_module(name: str) -> Any:
+    try:
+        return load_format(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("convbn."):
+            raise ConvBNError(f"the {name!r} format is not available in this convbn build") from None
+        raise
+
+
+def format_for_path(path: str | os.PathLike[str]) -> str | None:
+    """The format a path's suffix suggests (``.pt`` → torch, ``.weights.h5`` → keras, ...), or None.
+
+    Example:
+        >>> format_for_path("model.weights.h5"), format_for_path("model.msgpack")
+        ('keras', 'flax')
+    """
+    p = Path(path)
+    for suffix in reversed(p.suffixes):
+        if suffix.lower() in _SUFFIXES:
+            return _SUFFIXES[suffix.lower()]
+    if p.suffix.startswith(".data-"):
+        return "slim"
+    return None
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The format of the checkpoint at ``path``, judged from its content.
+
+    Each format's ``sniff`` is asked in turn (torch, safetensors, keras, flax, then slim, which
+    also resolves TF checkpoint prefixes and directories). No framework is imported.
+
+    Raises:
+        ConvBNError: when nothing is at ``path`` or no format recognises it.
+
+    Example:
+        >>> detect_format("model.pt")  # doctest: +SKIP
+        'torch'
+    """
+    p = Path(path)
+    for name in _SNIFF_ORDER:
+        try:
+            module = load_format(name)
+        except ModuleNotFoundError:
+            continue
+        if module.sniff(p):
+            return name
+    if not p.exists():
+        raise ConvBNError(f"a checkpoint must exist at the path given. Received: {str(p)!r} (no such file)")
+    if p.is_dir():
+        raise ConvBNError(
+            f"{p}: a directory is a checkpoint only when it holds a TF 'checkpoint' file; name the "
+            "file inside it"
+        )
+    raise ConvBNError(
+        f"{p}: not a checkpoint in any known format ({', '.join(FORMATS)}): unrecognised content, or "
+        "a corrupted file. Name the format with format= / --from if it is one of these"
+    )
+
+
+def _resolve_read_format(path: Path, format: str | None) -> str:
+    if format is None:
+        return detect_format(path)
+    name = str(format).lower()
+    module = _format_module(name)
+    if module.sniff(path):
+        return name
+    if not path.exists() and name != "slim":
+        raise ConvBNError(f"a checkpoint must exist at the path given. Received: {str(path)!r} (no such file)")
+    try:
+        actual = detect_format(path)
+    except ConvBNError:
+        actual = None
+    if actual is not None:
+        raise ConvBNError(f"{path}: format={name!r} was given but the file is a {actual} checkpoint")
+    raise ConvBNError(f"{path}: not a readable {name} checkpoint (unrecognised content, or a corrupted file)")
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    format: str | None = None,
+    *,
+    pairs: PairSpec = None,
+    eps: float | None = None,
+    momentum: float | None = None,
+    use_ema: bool = False,
+) -> Checkpoint:
+    """Read a checkpoint: its conv+BatchNorm pairs as :class:`ConvBNParams`, and everything else.
+
+    Args:
+        path: the file (``.pt``/``.pth``/``.bin``, ``.weights.h5``/``.keras``, ``.msgpack``,
+            ``.safetensors``), or for a TF checkpoint its prefix (``model.ckpt``) or its directory.
+        format: ``"torch"``, ``"slim"``, ``"keras"``, ``"flax"`` or ``"safetensors"``; detected
+            from the content when None.
+        pairs: explicit conv → BatchNorm pairs, winning over graph and naming rules: a mapping
+            ``{"d_h1_conv": "d_bn1"}``, ``CONV=BN`` strings, or a mapping file (see
+            :func:`convbn.formats._pairing.parse_pairs`).
+        eps: override every layer's eps (else the file's, else the source convention's default).
+        momentum: override every layer's momentum, as the fraction kept (torch's 0.1 is 0.9).
+        use_ema: read ExponentialMovingAverage shadow values (slim checkpoints that have them).
+
+    Returns:
+        A :class:`Checkpoint` whose ``notes`` say which defaults were assumed.
+
+    Raises:
+        ConvBNError: a missing, unknown, corrupted or truncated file; a shape mismatch; a moving
+            variance that is negative or NaN; a bad explicit pair; an untrusted pickle. Messages
+            name the file and the tensor.
+        ImportError: when the format needs a package that is not installed (named).
+
+    Example:
+        >>> ckpt = convbn.load_checkpoint("model.pt")  # doctest: +SKIP
+        >>> list(ckpt.layers)[:2]  # doctest: +SKIP
+        ['features.0', 'features.3']
+    """
+    p = Path(path)
+    name = _resolve_read_format(p, format)
+    module = _format_module(name)
+    explicit = parse_pairs(pairs)
+    ckpt: Checkpoint = module.read(p, pairs=explicit, eps=eps, momentum=momentum, use_ema=use_ema)
+    ckpt.metadata.setdefault("source_format", ckpt.format or name)
+    _check_statistics(ckpt, p)
+    return ckpt
+
+
+def _check_statistics(ckpt: Checkpoint, path: Path) -> None:
+    """Every format's moving variances are finite and >= 0 (readers check as they build layers;
+    this covers any that do not)."""
+    from convbn.formats._common import check_variance
+
+    for layer, params in ckpt.layers.items():
+        source = ckpt.sources.get(layer)
+        check_variance(path, layer, params, source.bn.get("moving_var", layer) if source else layer)
+
+
+def prepare_for_format(
+    ckpt: Checkpoint,
+    format: str,
+    *,
+    fold_bias: FoldTarget | None = None,
+    conv_bias: bool | None = None,
+) -> Checkpoint:
+    """The checkpoint as ``save_checkpoint`` writes it: conv biases folded where the target needs.
+
+    A copy: ``ckpt`` is never modified. The rules are those of :func:`save_checkpoint`.
+    """
+    name = str(format).lower()
+    target = fold_bias
+    if target is not None and target not in ("beta", "moving_mean"):
+        raise ConvBNError(f"fold_bias must be 'beta' or 'moving_mean'. Received: fold_bias={target!r}")
+    holds_bias = name != "slim"
+    if conv_bias and not holds_bias:
+        raise ConvBNError(
+            "conv_bias=True needs a target whose conv+BatchNorm layers hold a conv bias; tf-slim's "
+            "conv2d with a normalizer has none. Received: format='slim', conv_bias=True"
+        )
+    if ckpt.fused and conv_bias is False:
+        raise ConvBNError("a fused checkpoint has no BatchNorm to fold a bias into. Received: conv_bias=False")
+    if conv_bias and target is not None:
+        raise ConvBNError(
+            f"fold_bias folds the conv bias away, which conv_bias=True keeps. Received: "
+            f"fold_bias={target!r}, conv_bias=True"
+        )
+    fold = not ckpt.fused and (conv_bias is False or not holds_bias or target is not None)
+    into: FoldTarget = target or "beta"
+    out = ckpt.copy()
+    folded: list[str] = []
+    added: list[str] = []
+    for layer, params in ckpt.layers.items():
+        if fold and params.bias is not None:
+            out.layers[layer] = _fold_layer(params, into)
+            folded.append(layer)
+        elif conv_bias and params.bias is None:
+            dtype = np.asarray(params.kernel).dtype
+            out.layers[layer] = dataclasses.replace(params, bias=np.zeros(params.out_channels, dtype))
+            added.append(layer)
+    if folded:
+        why = "the target has no conv bias" if not holds_bias else "conv_bias=False"
+        formula = (
+            "beta' = beta + gamma * b / sqrt(moving_var + eps)"
+            if into == "beta"
+            else "moving_mean' = moving_mean - b"
+        )
+        out.notes.append(
+            f"folded the conv bias of {len(folded)} layer(s) into {into} ({why}): {formula}"
+        )
+        out.metadata["folded_bias"] = f"{into}:{','.join(folded)}"
+    if added:
+        out.notes.append(f"added a zero conv bias to {len(added)} layer(s) that had none (conv_bias=True)")
+    return out
+
+
+def save_checkpoint(
+    ckpt: Checkpoint,
+    path: str | os.PathLike[str],
+    format: str,
+    *,
+    fold_bias: FoldTarget | None = None,
+    conv_bias: bool | None = None,
+    overwrite: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> Checkpoint:
+    """Write ``ckpt`` in ``format``, folding conv biases where the target has none.
+
+    Bias handling, per layer with a conv bias ``b``:
+
+    - ``slim`` target: always folded (tf-slim's conv2d with a normalizer has no bias).
+    - other targets: kept unchanged, unless ``conv_bias=False`` or ``fold_bias`` is given, which fold it.
+    - ``fold_bias="beta"`` (the default way): ``beta' = beta + gamma * b / sqrt(moving_var + eps)``.
+    - ``fold_bias="moving_mean"``: ``moving_mean' = moving_mean - b``.
+
+    Both are exact at inference. Choose ``"moving_mean"`` when the converted model will be
+    fine-tuned: training replaces the moving mean with statistics of a bias-free conv, which is
+    what ``moving_mean - b`` already is, while ``beta`` keeps the bias's effect, so the result is
+    independent of eps. Choose ``"beta"`` (the default) to keep the moving statistics as trained.
+    ``conv_bias=True`` gives layers without a bias a zero one.
+
+    The write is atomic (a scratch file renamed into place), so a failure leaves nothing at
+    ``path``; ``ckpt`` is not modified.
+
+    Args:
+        ckpt: the checkpoint, e.g. from :func:`load_checkpoint`.
+        path: the destination file (a prefix such as ``model.ckpt`` for slim).
+        format: ``"torch"``, ``"slim"``, ``"keras"``, ``"flax"`` or ``"safetensors"``.
+        fold_bias: ``"beta"`` or ``"moving_mean"``; giving it asks for folding.
+        conv_bias: False to fold every conv bias, True to keep (or add zero) biases, None for the
+            target's default.
+        overwrite: when False, refuse an existing ``path``.
+        progress: called with each layer's name as it is written (where the format reports it).
+
+    Returns:
+        The checkpoint as written (folded copy, with notes on what was folded and assumed).
+
+    Raises:
+        ConvBNError: an unknown format, conflicting options, an existing ``path`` with
+            ``overwrite=False``, or data the format cannot hold.
+
+    Example:
+        >>> ckpt = convbn.load_checkpoint("model.pt")  # doctest: +SKIP
+        >>> convbn.save_checkpoint(ckpt, "model.weights.h5", "keras")  # doctest: +SKIP
+    """
+    name = str(format).lower()
+    if name not in FORMATS:
+        raise ConvBNError(f"format must be one of {list(FORMATS)}. Received: format={format!r}")
+    module = _format_module(name)
+    p = Path(path)
+    if not overwrite and _destination_exists(p, name):
+        raise ConvBNError(f"{p} exists; refusing to overwrite it (pass overwrite=True / --force)")
+    prepared = prepare_for_format(ckpt, name, fold_bias=fold_bias, conv_bias=conv_bias)
+    if name == "slim" and not prepared.fused:
+        # A TF checkpoint stores no BatchNorm settings; the slim writer leaves this note to us.
+        from convbn.conventions import SLIM
+        from convbn.formats._common import unstored_settings_note
+
+        unstored_settings_note(prepared, "TF checkpoints", SLIM)
+    if progress is not None and "progress" in inspect.signature(module.write).parameters:
+        module.write(prepared, p, progress=progress)
+    else:
+        module.write(prepared, p)
+    return prepared
+
+
+def _destination_exists(path: Path, format: str) -> bool:
+    if path.exists():
+        return True
+    if format == "slim":
+        return Path(f"{path}.index").exists()
+    return False
+
+
+# -- fusion -----------------------------------------------------------------------------------------
+
+
+def fuse_checkpoint(ckpt: Checkpoint) -> Checkpoint:
+    """Fold each layer's BatchNorm into its conv, for deployment.
+
+    Each layer becomes ``kernel' = kernel * s`` and ``bias' = beta + (b - mean) * s`` with
+    ``s = gamma / sqrt(var + eps)`` (absent gamma/beta/bias are 1/0/0), computed in float64 and
+    stored in the kernel's dtype. The BatchNorm left behind is the identity (mean 0, variance 1,
+    eps 0) and writers write the conv weight and bias only (``fused=True``).
+
+    Returns:
+        A new checkpoint; ``ckpt`` is not modified.
+
+    Raises:
+        ConvBNError: when ``ckpt`` is already fused.
+
+    Example:
+        >>> fused = fuse_checkpoint(convbn.load_checkpoint("model.pt"))  # doctest: +SKIP
+    """
+    from convbn.backends._common import fold
+
+    if ckpt.fused:
+        raise ConvBNError("the checkpoint is already fused: its BatchNorms were folded into the convs")
+    out = ckpt.copy()
+    out.fused = True
+    for layer, params in ckpt.layers.items():
+        kernel = np.asarray(params.kernel)
+        bias, gamma, beta, mean, var = (
+            None if v is None else np.asarray(v, np.float64)
+            for v in (params.bias, params.gamma, params.beta, params.moving_mean, params.moving_var)
+        )
+        w, b = fold(kernel.astype(np.float64), bias, gamma, beta, mean, var, params.eps, lambda v: 1.0 / np.sqrt(v))
+        dtype = kernel.dtype
+        n = params.out_channels
+        out.layers[layer] = dataclasses.replace(
+            params,
+            kernel=w.astype(dtype),
+            bias=np.asarray(b).astype(dtype),
+            gamma=None,
+            beta=None,
+            moving_mean=np.zeros(n, dtype),
+            moving_var=np.ones(n, dtype),
+            eps=0.0,
+        )
+        out.extras.pop(layer, None)
+    out.notes.append(
+        f"fused {len(ckpt.layers)} BatchNorm(s) into their convs: W' = W * gamma / sqrt(var + eps), "
+        "b' = beta + (b - mean) * gamma / sqrt(var + eps)"
+    )
+    out.metadata["fused"] = "true"
+    return out
+
+
+# -- verification -----------------------------------------------------------------------------------
+
+#: Largest acceptable ``max|y_target - y_source| / max|y_source|`` per storage dtype. Both sides
+#: are computed in float64 from the stored parameters, so only the conversion itself (a folded
+#: value rounded once into the storage dtype) contributes. Worst cases measured over 144 random
+#: 3x3 16->32 layers per dtype (variances 1e-7 to 200, biases and means up to 10x the activations;
+#: folding into beta, into moving_mean, and full fusion): float64 4.4e-16, float32 5.3e-8, float16
+#: 3.5e-4, bfloat16 3.4e-3. Each limit is 15 to 40 times that, and still far below what a real
+#: mistake gives (a lost bias, a flipped kernel or a wrong eps: 0.1 to 1).
+#: tests/formats/test_verify.py re-measures this.
+_TOLERANCE = {"float64": 1e-14, "float32": 2e-6, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+def tolerance_for(dtype: Any) -> float:
+    """The verification tolerance for parameters stored in ``dtype`` (see ``_TOLERANCE``)."""
+    name = np.dtype(dtype).name
+    return _TOLERANCE.get(name, _TOLERANCE["float32"])
+
+
+@dataclasses.dataclass
+class LayerCheck:
+    """One layer's verification: ``conv_bn`` with source vs converted parameters.
+
+    Attributes:
+        source: the layer's name in the source checkpoint.
+        target: its name in the converted checkpoint.
+        max_abs: largest absolute difference of the outputs.
+        max_rel: ``max_abs / max|y_source|``.
+        tolerance: the limit for the converted layer's storage dtype.
+        ok: ``max_rel <= tolerance`` and matching shapes.
+        problem: why it failed, when it did for another reason than the numbers.
+    """
+
+    source: str
+    target: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    ok: bool
+    problem: str = ""
+
+
+def verify_checkpoint(
+    source: Checkpoint,
+    converted: Checkpoint,
+    *,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[LayerCheck]:
+    """Run every layer through ``conv_bn`` with source and converted parameters and compare.
+
+    Layers are matched by name when both checkpoints have the same layer names (their order may
+    differ: a TF checkpoint read without its ``.meta`` lists layers in name order), else by
+    position (a target format that renames layers keeps their order). Both sides run on the NumPy
+    backend in float64 from the stored parameters on the same random input, with the source's
+    geometry and eps (the converted side uses its own eps when it is fused or its file stores eps),
+    so the difference is what the conversion changed. An extra or missing layer, or a changed
+    shape, is a failed check.
+
+    Returns:
+        One :class:`LayerCheck` per layer.
+
+    Example:
+        >>> checks = verify_checkpoint(src, convbn.load_checkpoint("out.pt"))  # doctest: +SKIP
+        >>> all(c.ok for c in checks)  # doctest: +SKIP
+        True
+    """
+    rng = np.random.default_rng(seed)
+    checks: list[LayerCheck] = []
+    if set(converted.layers) == set(source.layers):
+        target_items = [(name, converted.layers[name]) for name in source.layers]
+    else:
+        target_items = list(converted.layers.items())
+    for i, (name, params) in enumerate(source.layers.items()):
+        if i < len(target_items):
+            target_name, converted_params = target_items[i]
+            where = converted.sources.get(target_name)
+            stored = bool(where and where.settings)
+            checks.append(_check_layer(rng, name, params, target_name, converted_params, converted.fused, stored))
+        else:
+            checks.append(LayerCheck(name, "", np.inf, np.inf, 0.0, False, "missing from the converted checkpoint"))
+        if progress is not None:
+            progress(name)
+    for target_name, _ in target_items[len(source.layers):]:
+        checks.append(LayerCheck("", target_name, np.inf, np.inf, 0.0, False, "not in the source checkpoint"))
+    return checks
+
+
+def _check_layer(
+    rng: np.random.Generator,
+    name: str,
+    params: ConvBNParams,
+    target_name: str,
+    converted: ConvBNParams,
+    fused: bool,
+    stored_settings: bool,
+) -> LayerCheck:
+    from convbn.api import conv_bn
+
+    tol = tolerance_for(_storage_dtype(converted, params))
+    src_shape, dst_shape = np.shape(params.kernel), np.shape(converted.kernel)
+    if src_shape != dst_shape:
+        return LayerCheck(
+            name, target_name, np.inf, np.inf, tol, False,
+            f"kernel shape {dst_shape} differs from the source's {src_shape}",
+        )
+    ref = _as_float64(params)
+    # The converted side runs with the source's eps unless its file states one (or it is fused):
+    # a target that stores no eps is built by the user with the eps the report names.
+    eps = converted.eps if fused or stored_settings else params.eps
+    other = dataclasses.replace(ref, eps=eps, **_float64_arrays(converted))
+    kh, kw = params.kernel_size
+    dh, dw = params.dilation
+    x = rng.standard_normal((2, (kh - 1) * dh + 4, (kw - 1) * dw + 4, params.in_channels))
+    y_ref = conv_bn(x, ref, backend="numpy")
+    y_new = conv_bn(x, other, backend="numpy")
+    max_abs = float(np.max(np.abs(y_new - y_ref))) if y_ref.size else 0.0
+    scale = float(np.max(np.abs(y_ref))) if y_ref.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    ok = bool(np.isfinite(max_rel) and max_rel <= tol)
+    return LayerCheck(name, target_name, max_abs, max_rel, tol, ok)
+
+
+def _storage_dtype(*params: ConvBNParams) -> np.dtype:
+    """The coarsest float dtype among the kernels (a float16 side limits the achievable error)."""
+    dtypes = [np.asarray(p.kernel).dtype for p in params]
+    return max(dtypes, key=lambda d: tolerance_for(d))
+
+
+def _float64_arrays(params: ConvBNParams) -> dict[str, Any]:
+    return {
+        name: None if value is None else np.asarray(value, np.float64)
+        for name, value in (
+            (n, getattr(params, n)) for n in ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_var")
+        )
+    }
+
+
+def _as_float64(params: ConvBNParams) -> ConvBNParams:
+    return dataclasses.replace(params, **_float64_arrays(params))

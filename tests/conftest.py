@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 import pytest
+from hypothesis import settings
 
 from convbn.dispatch import BACKENDS
 
@@ -45,6 +46,13 @@ if _installed("jax"):
 
     # Tests compare float64 results; library code never flips this flag on its own.
     jax.config.update("jax_enable_x64", True)
+
+
+# Property-based tests: a bounded number of examples and no per-example deadline (JAX compiles
+# on first use of each shape). `HYPOTHESIS_PROFILE=thorough` runs many more.
+settings.register_profile("ci", max_examples=12, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=300, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

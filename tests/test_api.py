@@ -149,6 +149,10 @@ def test_import_leaves_frameworks_unimported():
         "y = convbn.conv_bn(np.ones((1,5,5,2)), p, backend='numpy')\n"
         "y2, _ = convbn.conv_bn(np.ones((2,5,5,2)), p, True, backend='numpy')\n"
         "w, b = convbn.fuse(p)\n"
+        "from convbn import from_flax, from_keras, from_torch, to_flax, to_keras, to_torch\n"
+        "from convbn import LoadError, LoadReport, load_into\n"
+        "import convbn.adapters, convbn.loading\n"
+        "assert convbn.loading.model_kind({'params': {}}) == 'flax'\n"
         "assert abs(y[0,2,2,0] - 18/np.sqrt(1.001)) < 1e-12, y[0,2,2,0]\n"
         "print(sorted(m for m in ('torch','tensorflow','jax','flax','keras','jaxlib') if m in sys.modules))\n"
     )
@@ -454,3 +458,19 @@ def test_one_value_per_channel_in_training_is_a_clear_error(backend):
     # eval with the same single value is fine
     y = convbn.conv_bn(np.ones((1, 3, 3, 3)), p, backend=backend)
     np.testing.assert_allclose(y, np.full((1, 1, 1, 4), 27 / np.sqrt(1 + 1e-3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("native", [0.1, 0.01, 0.001, 0.03, 0.3, 0.0, 1.0])
+def test_torch_momentum_round_trips_exactly(native):
+    from convbn import conventions
+
+    kept = conventions.torch_momentum_to_kept(native)
+    assert abs(kept - (1.0 - native)) <= 1e-16
+    assert conventions.kept_to_torch_momentum(kept) == native
+
+
+def test_torch_momentum_without_a_short_decimal_is_left_alone():
+    from convbn import conventions
+
+    odd = 0.1234567890123456789
+    assert conventions.kept_to_torch_momentum(conventions.torch_momentum_to_kept(odd)) == pytest.approx(odd, abs=1e-16)

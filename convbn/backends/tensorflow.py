@@ -197,7 +197,31 @@ def _conv(x: Any, kernel: Any, params: ConvBNParams, plan: Plan, prepared: bool 
     if _use_depthwise(plan):
         dw_kernel = kernel if prepared else _depthwise_kernel(kernel, plan)
         return tf.nn.depthwise_conv2d(x, dw_kernel, strides, padding, dilations=plan.dilation)
-    return tf.nn.conv2d(x, kernel, strides, padding, dilations=plan.dilation)
+    return _conv2d(x, kernel, strides, padding, plan)
+
+
+def _conv2d(x: Any, kernel: Any, strides: Any, padding: Any, plan: Plan) -> Any:
+    """``tf.nn.conv2d`` where TF's CPU kernels can run it and its gradient; otherwise as Keras does.
+
+    On CPU, TF's conv2d gradient rejects dilation ("Current CPU implementations do not yet support
+    dilation rates larger than 1") and groups ("Gradients for grouped convolutions are not supported
+    on CPU"), and inside a ``tf.function`` even the grouped forward fails (Grappler fuses it with the
+    bias add into a kernel without groups). So, like Keras: dilation at stride 1 with a named
+    padding goes through ``tf.nn.convolution`` (space-to-batch, which has a gradient); grouped
+    convs, and the rest of the dilated ones, are compiled by XLA, forward and backward.
+    """
+    if plan.groups == 1 and plan.dilation == (1, 1):
+        return tf.nn.conv2d(x, kernel, strides, padding, dilations=plan.dilation)
+    if plan.groups == 1 and plan.stride == (1, 1) and isinstance(padding, str):
+        return tf.nn.convolution(x, kernel, strides, padding, dilations=plan.dilation)
+    named = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+    return _xla_conv2d(x, kernel, tuple(strides), named, plan.dilation)
+
+
+@tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+def _xla_conv2d(x: Any, kernel: Any, strides: Any, padding: Any, dilations: Any) -> Any:
+    explicit = padding if isinstance(padding, str) else [list(p) for p in padding]
+    return tf.nn.conv2d(x, kernel, list(strides), explicit, dilations=list(dilations))
 
 
 @tf.autograph.experimental.do_not_convert

@@ -1,0 +1,117 @@
+"""Time and peak memory of checkpoint conversion on a ResNet-50-sized checkpoint.
+
+53 conv+BatchNorm pairs with ResNet-50's shapes (23.5M conv parameters, float32, about 94 MB).
+Each route runs in a fresh process: the frameworks are imported first, then the peak-RSS counter
+is reset (Linux ``/proc/self/clear_refs``) and ``load_checkpoint`` + ``save_checkpoint`` are
+timed. Reported: the conversion's wall time, the peak RSS during it, and that peak minus the RSS
+before it (the memory the conversion itself needed), each also as a multiple of the file size.
+
+    python benchmarks/checkpoint_conversion.py [--routes torch:safetensors torch:flax ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SUFFIX = {"torch": "pt", "safetensors": "safetensors", "flax": "msgpack", "keras": "weights.h5"}
+IMPORTS = {"torch": "torch", "keras": "h5py", "flax": "msgpack", "safetensors": "numpy", "slim": "tensorflow"}
+
+
+def resnet50_shapes() -> list[tuple[int, int, int]]:
+    """(kernel size, in, out) of ResNet-50's 53 convs, each followed by a BatchNorm."""
+    shapes = [(7, 3, 64)]
+    cin = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(1, cin, width), (3, width, width), (1, width, 4 * width)]
+            if b == 0:
+                shapes.append((1, cin, 4 * width))
+            cin = 4 * width
+    return shapes
+
+
+def make_source(fmt: str, path: Path) -> None:
+    import convbn
+    from convbn.convert import Checkpoint
+
+    rng = np.random.default_rng(0)
+    ckpt = Checkpoint(format="torch", convention="torch")
+    for i, (k, cin, cout) in enumerate(resnet50_shapes()):
+        ckpt.layers[f"layer{i}"] = convbn.ConvBNParams(
+            kernel=rng.standard_normal((k, k, cin, cout), np.float32),
+            gamma=rng.uniform(0.5, 1.5, cout).astype(np.float32), beta=rng.standard_normal(cout, np.float32),
+            moving_mean=rng.standard_normal(cout, np.float32), moving_var=rng.uniform(0.5, 2, cout).astype(np.float32),
+            eps=1e-5, momentum=0.9,
+        )
+    convbn.save_checkpoint(ckpt, path, fmt)
+
+
+CHILD = """
+import json, os, sys, time
+sys.path.insert(0, {root!r})
+for name in {imports!r}:
+    __import__(name)
+import convbn
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+rss_before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+t = time.perf_counter()
+ckpt = convbn.load_checkpoint({src!r})
+convbn.save_checkpoint(ckpt, {dst!r}, {fmt!r})
+seconds = time.perf_counter() - t
+print(json.dumps({{"seconds": seconds, "peak": status("VmHWM"), "before": rss_before, "layers": len(ckpt.layers)}}))
+"""
+
+
+def run(route: str, workdir: Path) -> dict[str, object]:
+    src_fmt, dst_fmt = route.split(":")
+    src = workdir / f"src.{SUFFIX[src_fmt]}"
+    if not src.exists():
+        make_source(src_fmt, src)
+    dst = workdir / f"dst_{src_fmt}.{SUFFIX[dst_fmt]}"
+    imports = sorted({IMPORTS[src_fmt], IMPORTS[dst_fmt]}, key=lambda m: m != "torch")  # torch first
+    code = CHILD.format(root=str(ROOT), imports=imports, src=str(src), dst=str(dst), fmt=dst_fmt)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    size = src.stat().st_size
+    result.update(route=route, size=size, peak_x=result["peak"] / size,
+                  extra_x=(result["peak"] - result["before"]) / size)
+    dst.unlink()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--routes", nargs="+", default=["torch:safetensors", "torch:flax", "torch:keras",
+                                                         "keras:torch", "flax:torch", "safetensors:torch"])
+    args = parser.parse_args()
+    params = sum(k * k * cin * cout for k, cin, cout in resnet50_shapes())
+    print(f"ResNet-50 shapes: {len(resnet50_shapes())} conv+BN pairs, {params / 1e6:.2f}M conv parameters")
+    print(f"{'route':<20} {'file MB':>8} {'seconds':>8} {'peak RSS MB':>12} {'x file':>7} {'extra MB':>9} {'x file':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for route in args.routes:
+            r = run(route, Path(tmp))
+            mb = 1024 * 1024
+            print(f"{r['route']:<20} {r['size'] / mb:>8.1f} {r['seconds']:>8.2f} {r['peak'] / mb:>12.0f} "
+                  f"{r['peak_x']:>7.2f} {(r['peak'] - r['before']) / mb:>9.0f} {r['extra_x']:>7.2f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main()

@@ -1,0 +1,262 @@
+"""``convbn convert SRC DST``: read a checkpoint in one format and write it in another."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convbn.commands import _checkpoints as common
+from convbn.convert import (
+    Checkpoint,
+    LayerCheck,
+    detect_format,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from convbn.errors import ConvBNError
+from convbn.loading import LoadReport, conform_checkpoint
+
+#: Formats whose writers keep the names of a checkpoint read from the same format.
+LIKE_FORMATS = ("torch", "keras", "flax")
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "convert",
+        help="convert a checkpoint between torch, slim, keras, flax and safetensors",
+        description="Read SRC, fold conv biases where the target has none, write DST atomically.",
+    )
+    parser.add_argument("src", metavar="SRC", help="source checkpoint (a file, or a TF prefix/directory)")
+    parser.add_argument("dst", metavar="DST", help="destination (a TF prefix such as model.ckpt for slim)")
+    common.add_source_options(parser)
+    parser.add_argument("--fold-bias", choices=("beta", "moving_mean"), default=None,
+                        help="fold conv biases into BatchNorm's beta (default) or moving mean")
+    parser.add_argument("--no-conv-bias", action="store_true",
+                        help="fold every conv bias away even where the target could hold it")
+    parser.add_argument("--like", metavar="MODEL_STATE", default=None,
+                        help="a state file of your model (torch state_dict, Keras .weights.h5/.keras, flax "
+                             "msgpack): write DST with its names and order, matching conv+BatchNorm layers "
+                             "by order and kernel shape; the rest of MODEL_STATE is kept as it is")
+    parser.add_argument("--no-strict", action="store_true",
+                        help="with --like: write what matches even when a layer is missing, unexpected or "
+                             "of another shape (the report lists them) instead of refusing")
+    common.add_target_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    src, dst = Path(args.src), Path(args.dst)
+    like_format = _like_format(args, dst)
+    to = common.target_format(args, dst, default=like_format)
+    common.check_destination(src, dst, args.force)
+    if like_format is not None:
+        _check_like(args, dst, to, like_format)
+    source_format = common.prepare_conversion(src, args.source_format, to)
+    ckpt = load_checkpoint(
+        src, source_format, pairs=args.pair, eps=args.eps, momentum=args.momentum, use_ema=args.use_ema
+    )
+    read_notes = len(ckpt.notes)
+    match: LoadReport | None = None
+    to_write: Checkpoint | None = None
+    if like_format is not None:
+        ckpt, to_write, match = _conform(args, ckpt, like_format)
+    checks: list[LayerCheck] = []
+    try:
+        written = _write(args, ckpt, dst, to, read_notes, checks, to_write=to_write, match=match)
+    except _VerificationFailed:
+        return 1
+    report(args, ckpt, written, to, read_notes, checks, written_ok=True, match=match)
+    return 0
+
+
+def _like_format(args: argparse.Namespace, dst: Path) -> str | None:
+    """The --like file's format, or None without --like."""
+    if args.like is None:
+        return None
+    like = Path(args.like)
+    if not like.exists():
+        raise ConvBNError(f"--like must name an existing state file of your model. Received: --like {args.like!r}")
+    name = detect_format(like)
+    if name not in LIKE_FORMATS:
+        raise ConvBNError(
+            f"--like takes a state file in one of {list(LIKE_FORMATS)}, whose names the target keeps. "
+            f"Received: --like {args.like!r} ({name})"
+        )
+    return name
+
+
+def _check_like(args: argparse.Namespace, dst: Path, to: str, like_format: str) -> None:
+    like = Path(args.like)
+    if to != like_format:
+        raise ConvBNError(
+            f"with --like, DST must be in the like file's format, whose names it takes. Received: DST "
+            f"format {to!r}, --like {args.like!r} ({like_format})"
+        )
+    if to == "keras" and not dst.name.endswith(".weights.h5"):
+        raise ConvBNError(
+            "with --like, write Keras weights as *.weights.h5 (what model.load_weights reads; a .keras "
+            f"archive carries its own model config). Received: DST={str(dst)!r}"
+        )
+    if args.no_conv_bias:
+        raise ConvBNError("--no-conv-bias does not apply with --like: the like file's convs decide which keep a bias")
+    if dst.resolve() == like.resolve():
+        raise ConvBNError(f"DST must differ from the --like file: convbn never modifies its inputs. Received: DST={str(dst)!r}")
+
+
+def _conform(args: argparse.Namespace, ckpt: Checkpoint, like_format: str) -> tuple[Checkpoint, Checkpoint, LoadReport]:
+    """``(source under the like file's names, unfolded; what to write; the match report)``."""
+    like = load_checkpoint(Path(args.like), like_format)
+    out, match = conform_checkpoint(ckpt, like, fold_bias=args.fold_bias or "beta", strict=not args.no_strict)
+    out.notes[:0] = ckpt.notes
+    # The source as it was, under the like file's names: what the written file is verified against.
+    renamed = out.copy()
+    for key, layer in match.matched.items():
+        renamed.layers[key] = ckpt.layers[layer]
+    renamed.format, renamed.dropped = ckpt.format, list(ckpt.dropped)
+    return renamed, out, match
+
+
+def _write(
+    args: argparse.Namespace,
+    ckpt: Checkpoint,
+    dst: Path,
+    to: str,
+    read_notes: int,
+    checks: list[LayerCheck],
+    *,
+    to_write: Checkpoint | None = None,
+    match: LoadReport | None = None,
+) -> Checkpoint:
+    """Write into a staging path; with --verify, read it back and check before it reaches DST.
+
+    ``to_write`` (with --like) is already folded per layer; ``ckpt`` is what it is verified against.
+    """
+    target = ckpt if to_write is None else to_write
+    common.check_target(target, dst, to)
+    with common.staged(dst) as staging:
+        bar = common.ProgressBar(len(target.layers), "writing")
+        try:
+            if to_write is None:
+                written = save_checkpoint(
+                    ckpt, staging, to, fold_bias=args.fold_bias,
+                    conv_bias=False if args.no_conv_bias else None, progress=bar,
+                )
+            else:
+                written = save_checkpoint(to_write, staging, to, progress=bar)
+        finally:
+            bar.close()
+        if args.verify:
+            converted = load_checkpoint(staging, to)
+            bar = common.ProgressBar(len(ckpt.layers), "verifying")
+            try:
+                checks += verify_checkpoint(ckpt, converted, progress=bar)
+            finally:
+                bar.close()
+            if not all(c.ok for c in checks):
+                report(args, ckpt, written, to, read_notes, checks, written_ok=False, match=match)
+                raise _VerificationFailed()
+    return written
+
+
+class _VerificationFailed(Exception):
+    pass
+
+
+def report(
+    args: argparse.Namespace,
+    ckpt: Checkpoint,
+    written: Checkpoint,
+    to: str,
+    read_notes: int,
+    checks: list[LayerCheck],
+    *,
+    written_ok: bool,
+    command: str = "convert",
+    match: LoadReport | None = None,
+) -> None:
+    """The summary: a table per layer (JSON with --json), then unpaired, dropped and notes."""
+    out = sys.stdout
+    bias = common.bias_change(ckpt, written)
+    by_layer = {c.source: c for c in checks}
+    notes = ckpt.notes[:read_notes] + written.notes[read_notes:]
+    if args.json:
+        layer_rows = common.layer_rows(ckpt)
+        for entry in layer_rows:
+            entry["conv_bias"] = bias[entry["name"]]
+        payload = {
+            "command": command,
+            "source": str(args.src),
+            "source_format": ckpt.format,
+            "target": str(args.dst),
+            "target_format": to,
+            "written": written_ok,
+            "layers": layer_rows,
+            "tensors": {k: list(np.shape(v)) for k, v in ckpt.tensors.items()},
+            "unpaired": ckpt.unpaired,
+            "dropped": ckpt.dropped,
+            "notes": notes,
+        }
+        if match is not None:
+            payload["like"] = {
+                "path": str(args.like),
+                "matched": match.matched,
+                "missing": match.missing,
+                "unexpected": match.unexpected,
+                "mismatched": [{"model": m.model, "checkpoint": m.checkpoint, "reason": m.reason}
+                               for m in match.mismatched],
+                "folded": match.folded,
+            }
+        if args.verify:
+            payload["verify"] = common.check_rows(checks)
+            payload["ok"] = all(c.ok for c in checks)
+        json.dump(payload, out, indent=2, default=_jsonable)
+        print(file=out)
+        return
+    headers = ["layer", "kernel (HWIO)", "dtype", "conv bias", "paired by"]
+    if args.verify:
+        headers += ["max abs err", "max rel err", "tolerance", "ok"]
+    rows: list[list[Any]] = []
+    for name, p in ckpt.layers.items():
+        source = ckpt.sources.get(name)
+        row: list[Any] = [name, "x".join(map(str, np.shape(p.kernel))), common.dtype_of(p.kernel), bias[name],
+                          source.reason if source else ""]
+        if args.verify:
+            c = by_layer.get(name)
+            row += [f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", f"{c.tolerance:.0e}", "ok" if c.ok else "FAIL"] if c else ["-"] * 4
+        rows.append(row)
+    action = {"convert": "converted", "fuse": "fused"}[command]
+    print(f"{args.src} ({ckpt.format}) -> {args.dst} ({to}): {len(ckpt.layers)} layer(s) {action}, "
+          f"{len(ckpt.tensors)} other tensor(s)", file=out)
+    if match is not None:
+        print(f"layers take the names of {args.like}: " + (
+            ", ".join(f"{layer} -> {key}" for key, layer in match.matched.items()) or "none matched"), file=out)
+        for label, items in (("missing from SRC (kept as in the like file)", match.missing),
+                             ("unexpected (in SRC, not in the like file; not written)", match.unexpected)):
+            if items:
+                print(f"{label}: {', '.join(items)}", file=out)
+        for m in match.mismatched:
+            print(f"mismatched (kept as in the like file): {m.model} <- {m.checkpoint}: {m.reason}", file=out)
+    if rows:
+        print(common.table(headers, rows), file=out)
+    common.print_lists(ckpt, notes, out)
+    for c in checks:
+        if c.problem:
+            print(f"verify: {c.source or c.target}: {c.problem}", file=out)
+    if args.verify:
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            print(f"verification FAILED for {len(failed)} layer(s); nothing was written to {args.dst}", file=out)
+        else:
+            print(f"verified: all {len(checks)} layer(s) within tolerance", file=out)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)

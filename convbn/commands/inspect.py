@@ -1,0 +1,77 @@
+"""``convbn inspect SRC``: what convbn reads from a checkpoint, before converting it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convbn.commands import _checkpoints as common
+from convbn.convert import load_checkpoint
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "inspect",
+        help="list a checkpoint's conv+BatchNorm layers, conventions, pairing, and what is left over",
+    )
+    parser.add_argument("src", metavar="SRC", help="checkpoint file, or a TF prefix/directory")
+    common.add_source_options(parser)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    ckpt = load_checkpoint(
+        Path(args.src), args.source_format, pairs=args.pair, eps=args.eps, momentum=args.momentum,
+        use_ema=args.use_ema,
+    )
+    rows = common.layer_rows(ckpt)
+    tensors = {k: {"shape": list(np.shape(v)), "dtype": common.dtype_of(v)} for k, v in ckpt.tensors.items()}
+    out = sys.stdout
+    if args.json:
+        json.dump({
+            "source": str(args.src),
+            "format": ckpt.format,
+            "source_format": ckpt.metadata.get("source_format", ckpt.format),
+            "convention": ckpt.convention,
+            "fused": ckpt.fused,
+            "layers": rows,
+            "tensors": tensors,
+            "unpaired": ckpt.unpaired,
+            "dropped": ckpt.dropped,
+            "notes": ckpt.notes,
+        }, out, indent=2)
+        print(file=out)
+        return 0
+    print(f"{args.src}: {ckpt.format} checkpoint, convention {ckpt.convention or 'unknown'}, "
+          f"{len(rows)} conv+BatchNorm layer(s), {len(tensors)} other tensor(s)", file=out)
+    if rows:
+        headers = ["layer", "conv", "BatchNorm", "kernel (HWIO)", "dtype", "bias", "gamma", "eps", "momentum",
+                   "var update", "geometry", "paired by"]
+        table_rows = [
+            [r["name"], r["conv"], r["bn"], "x".join(map(str, r["kernel_hwio"])), r["dtype"],
+             "yes" if r["bias"] else "no", "yes" if r["gamma"] else "no", f"{r['eps']:g}",
+             f"{r['momentum_kept']:g} kept" + (f" ({r['momentum_native']:g})" if r.get("momentum_native") not in
+                                                (None, r["momentum_kept"]) else ""),
+             r["var_update"], _geometry(r), r["pairing"]]
+            for r in rows
+        ]
+        print(common.table(headers, table_rows), file=out)
+    if tensors:
+        print("other tensors:", file=out)
+        for name, info in tensors.items():
+            print(f"  {name}  {'x'.join(map(str, info['shape'])) or 'scalar'}  {info['dtype']}", file=out)
+    common.print_lists(ckpt, ckpt.notes, out)
+    return 0
+
+
+def _geometry(row: dict[str, Any]) -> str:
+    if not row["geometry_from_file"]:
+        return "defaults"
+    stride = "x".join(map(str, row["stride"]))
+    return f"s{stride} {row['padding']}"

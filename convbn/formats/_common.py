@@ -1,0 +1,183 @@
+"""Helpers shared by the format modules: sniffing, building layers with errors that name the file,
+conventions and their defaults, and arrays as NumPy without copies."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from convbn.conventions import Convention
+from convbn.errors import ConvBNError
+from convbn.params import ConvBNParams
+
+if TYPE_CHECKING:
+    from convbn.convert import Checkpoint
+
+__all__ = [
+    "Progress",
+    "as_numpy",
+    "build_layer",
+    "check_variance",
+    "contiguous",
+    "head",
+    "not_written_note",
+    "origin_format",
+    "resolve_settings",
+    "tick",
+    "unstored_settings_note",
+    "zip_first_member",
+]
+
+#: Called with each layer's name as a writer finishes it.
+Progress = Callable[[str], None]
+
+
+def head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of ``path``, or ``b""`` when it is not a readable file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def zip_first_member(path: Path) -> str | None:
+    """The name of a zip's first member, from its local header (works on truncated files too)."""
+    data = head(path, 30 + 1024)
+    if len(data) < 30 or data[:4] != b"PK\x03\x04":
+        return None
+    (name_len,) = struct.unpack("<H", data[26:28])
+    return data[30 : 30 + name_len].decode("utf-8", "replace")
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """``value`` as a NumPy array, without a copy where the framework allows."""
+    if isinstance(value, np.ndarray):
+        return value
+    from convbn.backends.numpy import to_numpy
+
+    return to_numpy(value)
+
+
+def contiguous(value: Any) -> np.ndarray:
+    """``value`` as a C-contiguous NumPy array; no copy when it is one (0-d arrays stay 0-d,
+    unlike ``np.ascontiguousarray``)."""
+    array = as_numpy(value)
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def origin_format(ckpt: Checkpoint) -> str:
+    """The format whose names and layouts ``ckpt.sources`` and ``ckpt.tensors`` use.
+
+    That is the format read, except for convbn safetensors files, which record the original one.
+    """
+    return ckpt.metadata.get("source_format") or ckpt.format
+
+
+def resolve_settings(
+    convention: Convention,
+    fmt: str,
+    *,
+    eps: float | None,
+    momentum: float | None,
+    stored_eps: float | None = None,
+    stored_momentum: float | None = None,
+    notes: list[str],
+) -> tuple[float, float]:
+    """eps and momentum (fraction kept) for a layer: the override, else the file's, else the default.
+
+    Appends to ``notes`` what was assumed or overridden, once per distinct message.
+    """
+    if eps is not None:
+        out_eps = float(eps)
+        _note(notes, f"eps overridden: {out_eps:g}")
+    elif stored_eps is not None:
+        out_eps = float(stored_eps)
+    else:
+        out_eps = convention.eps
+        _note(
+            notes,
+            f"{fmt} files do not store BatchNorm eps: assumed the {convention.name} default "
+            f"{convention.eps:g} (override with eps= / --eps)",
+        )
+    if momentum is not None:
+        out_momentum = float(momentum)
+        _note(notes, f"momentum overridden: {out_momentum:g} (fraction kept)")
+    elif stored_momentum is not None:
+        out_momentum = float(stored_momentum)
+    else:
+        out_momentum = convention.momentum
+        native = convention.native_momentum
+        spelled = "" if convention.native_momentum_is_kept else f", spelled momentum={native:g} there"
+        _note(
+            notes,
+            f"{fmt} files do not store BatchNorm momentum: assumed the {convention.name} default "
+            f"{convention.momentum:g} kept{spelled} (override with momentum= / --momentum, as the "
+            "fraction kept)",
+        )
+    return out_eps, out_momentum
+
+
+def _note(notes: list[str], line: str) -> None:
+    if line not in notes:
+        notes.append(line)
+
+
+def unstored_settings_note(ckpt: Checkpoint, fmt: str, convention: Convention) -> None:
+    """Tell the user which eps/momentum to build target layers with when ``fmt`` stores neither."""
+    settings = sorted({(p.eps, p.momentum) for p in ckpt.layers.values()})
+    differing = [(e, m) for e, m in settings if (e, m) != (convention.eps, convention.momentum)]
+    if not differing:
+        return
+    spelled = ", ".join(
+        f"eps={e:g}, momentum={convention.momentum_to_native(m):g}" for e, m in differing
+    )
+    _note(
+        ckpt.notes,
+        f"{fmt} files store no BatchNorm eps/momentum, and these layers differ from the "
+        f"{convention.name} defaults: build the target BatchNorm layers with {spelled}",
+    )
+
+
+def build_layer(source: os.PathLike[str] | str, name: str, tensors: Mapping[str, str], **fields: Any) -> ConvBNParams:
+    """ConvBNParams for layer ``name``; a shape or setting error, or a moving variance that is
+    negative or not finite, names the file and the tensor (``tensors``: field → name in the file)."""
+    try:
+        params = ConvBNParams(**fields)
+    except ConvBNError as exc:
+        listed = ", ".join(f"{field}={tensor!r}" for field, tensor in tensors.items())
+        raise ConvBNError(f"{source}: layer {name!r} ({listed}): {exc}") from None
+    check_variance(source, name, params, tensors.get("moving_var", f"{name} moving variance"))
+    return params
+
+
+def check_variance(source: os.PathLike[str] | str, layer: str, params: ConvBNParams, tensor: str) -> None:
+    """A moving variance must be finite and >= 0: a NaN or negative one poisons every output."""
+    var = np.asarray(params.moving_var)
+    bad = ~np.isfinite(var) | (var < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ConvBNError(
+            f"{source}: a moving variance must be finite and >= 0. Received: {tensor}[{i}]="
+            f"{float(var[i])!r} (layer {layer!r}, {int(bad.sum())} bad value(s))"
+        )
+
+
+def tick(progress: Progress | None, name: str) -> None:
+    if progress is not None:
+        progress(name)
+
+
+def not_written_note(ckpt: Checkpoint) -> str:
+    """The report line for other tensors a cross-format write leaves out."""
+    names = list(ckpt.tensors)
+    shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+    return (
+        f"not written: {len(names)} other tensor(s) of the {origin_format(ckpt)} source ({shown}); "
+        "only conv+BatchNorm layers convert across formats (safetensors keeps every tensor)"
+    )

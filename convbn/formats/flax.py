@@ -1,0 +1,381 @@
+"""Flax variables serialized with ``flax.serialization`` (``to_bytes`` / ``msgpack_serialize``).
+
+Layer ``L`` is written as::
+
+    params/L/conv/kernel  (kH, kW, I/g, O)    params/L/bn/scale    batch_stats/L/bn/mean
+    params/L/conv/bias    (if it has one)     params/L/bn/bias     batch_stats/L/bn/var
+
+(``/`` in ``L`` nests), or, when the checkpoint came from a flax file, at the paths it had there,
+so ``flax.serialization.from_bytes(variables, data)`` restores it into the same model. Reading
+understands any module names: a ``kernel`` of rank 4 is a conv, a module with
+``batch_stats/.../{mean,var}`` a BatchNorm, and they pair by convbn's ``L/conv`` + ``L/bn``
+template, linen's default names (``Conv_0`` + ``BatchNorm_0``), or order. A training state's
+``opt_state`` and ``step`` are dropped (listed in ``Checkpoint.dropped``). Flax files store no eps or
+momentum; reading assumes flax's defaults (eps 1e-5, momentum 0.99) unless overridden.
+
+The msgpack encoding is flax's own (arrays as extension type 1 holding ``(shape, dtype name,
+bytes)``, arrays over 1 GiB chunked), implemented here with ``msgpack`` alone: reading and writing
+import neither flax nor JAX, and stream one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+
+from convbn.conventions import FLAX
+from convbn.errors import ConvBNError
+from convbn.formats._common import (
+    Progress,
+    as_numpy,
+    build_layer,
+    contiguous,
+    head,
+    not_written_note,
+    origin_format,
+    resolve_settings,
+    tick,
+    unstored_settings_note,
+)
+from convbn.formats._io import atomic_output
+from convbn.formats._pairing import Unit, pair_units
+
+if TYPE_CHECKING:
+    from convbn.convert import Checkpoint
+
+NAME = "flax"
+#: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
+WRITES_FUSED = True
+
+__all__ = ["NAME", "read", "sniff", "write"]
+
+_EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3
+_CHUNKED = "__msgpack_chunked_array__"
+_MAX_CHUNK = 2**30  # flax's limit: msgpack objects stay below 2**31 bytes
+_DROP = ("opt_state", "step")
+
+
+def _msgpack() -> Any:
+    try:
+        import msgpack
+    except ImportError:
+        raise ImportError("the flax format needs msgpack: pip install msgpack (or 'convbn[jax]')") from None
+    return msgpack
+
+
+def sniff(path: Path) -> bool:
+    """A msgpack map whose first key is a string (``.msgpack`` files from flax)."""
+    data = head(path, 2)
+    if len(data) < 2:
+        return False
+    is_map = 0x81 <= data[0] <= 0x8F or data[0] in (0xDE, 0xDF)
+    if not is_map:
+        return False
+    if data[0] in (0xDE, 0xDF):
+        data = head(path, 6)[5:6] if data[0] == 0xDF else head(path, 4)[3:4]
+        if not data:
+            return False
+        key = data[0]
+    else:
+        key = data[1]
+    return 0xA0 <= key <= 0xBF or key in (0xD9, 0xDA, 0xDB)
+
+
+# -- decoding ----------------------------------------------------------------------------------------
+
+
+def _dtype(name: bytes | str) -> np.dtype:
+    text = name.decode() if isinstance(name, bytes) else name
+    if text == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(text)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    msgpack = _msgpack()
+    if code in (_EXT_NDARRAY, _EXT_SCALAR):
+        shape, dtype, buffer = msgpack.unpackb(data, raw=True)
+        array = np.frombuffer(buffer, dtype=_dtype(dtype)).reshape(shape)
+        return array if code == _EXT_NDARRAY else array[()]
+    if code == _EXT_COMPLEX:
+        real, imag = msgpack.unpackb(data)
+        return complex(real, imag)
+    return msgpack.ExtType(code, data)
+
+
+def _unchunk(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        if tree.get(_CHUNKED) is True:
+            shape = tuple(tree["shape"][str(i)] for i in range(len(tree["shape"])))
+            chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
+            return np.concatenate(chunks).reshape(shape)
+        return {k: _unchunk(v) for k, v in tree.items()}
+    return tree
+
+
+def _load(path: Path) -> dict[str, Any]:
+    msgpack = _msgpack()
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            unpacker = msgpack.Unpacker(
+                f, ext_hook=_ext_hook, raw=False, strict_map_key=False, max_buffer_size=max(size, 1 << 20)
+            )
+            tree = unpacker.unpack()
+            try:
+                unpacker.unpack()
+            except msgpack.OutOfData:
+                pass
+            else:
+                raise ConvBNError(f"{path}: corrupted flax msgpack file: data after the variables tree")
+    except msgpack.OutOfData:
+        raise ConvBNError(f"{path}: truncated flax msgpack file") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        if isinstance(exc, ConvBNError):
+            raise
+        raise ConvBNError(f"{path}: corrupted flax msgpack file: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConvBNError(f"{path}: a flax checkpoint must hold a dict of variables. Received: {type(tree).__name__}")
+    return _unchunk(tree)  # type: ignore[no-any-return]
+
+
+def _leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for key, value in tree.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping):
+            yield from _leaves(value, path)
+        else:
+            yield path, value
+
+
+def read(
+    path: Path,
+    *,
+    pairs: Mapping[str, str] | None = None,
+    eps: float | None = None,
+    momentum: float | None = None,
+    use_ema: bool = False,
+) -> Checkpoint:
+    """Read a flax msgpack checkpoint; see the module docstring."""
+    from convbn.convert import Checkpoint, LayerSource
+
+    if use_ema:
+        raise ConvBNError(f"{path}: use_ema applies to slim checkpoints with moving-average shadows, not flax files")
+    tree = _load(path)
+    ckpt = Checkpoint(format=NAME, convention=FLAX.name)
+    ckpt.metadata["source_format"] = NAME
+    params_root: tuple[str, ...]
+    stats_root: tuple[str, ...]
+    if "params" in tree and isinstance(tree["params"], Mapping):
+        params_root, stats_root = ("params",), ("batch_stats",)
+    else:
+        params_root, stats_root = (), ("batch_stats",)
+    arrays: dict[str, Any] = {}
+    for leaf_path, value in _leaves(tree):
+        name = "/".join(leaf_path)
+        if leaf_path[0] in _DROP and params_root:
+            ckpt.dropped.append(name)
+        elif isinstance(value, np.ndarray):
+            arrays[name] = value
+        else:
+            ckpt.dropped.append(name)
+            ckpt.notes.append(f"dropped {name}: not an array ({type(value).__name__})")
+
+    # Modules in first-seen order: params/<M>/<leaf> and batch_stats/<M>/<leaf>.
+    modules: dict[str, dict[str, str]] = {}
+    for name in arrays:
+        parts = tuple(name.split("/"))
+        for root in (params_root, stats_root):
+            if parts[: len(root)] == root and len(parts) > len(root) + 1 and (root or parts[0] != "batch_stats"):
+                module = "/".join(parts[len(root) : -1])
+                modules.setdefault(module, {})[f"{'stats' if root == stats_root else 'params'}:{parts[-1]}"] = name
+                break
+    units: list[Unit] = []
+    for module, leaves in modules.items():
+        kernel = leaves.get("params:kernel")
+        if kernel is not None and arrays[kernel].ndim == 4 and set(leaves) <= {"params:kernel", "params:bias"}:
+            units.append(Unit(module, "conv", int(arrays[kernel].shape[-1]), payload=leaves))
+        elif {"stats:mean", "stats:var"} <= set(leaves) and set(leaves) <= {
+            "stats:mean", "stats:var", "params:scale", "params:bias",
+        } and arrays[leaves["stats:mean"]].ndim == 1:
+            units.append(Unit(module, "bn", int(arrays[leaves["stats:mean"]].shape[0]), payload=leaves))
+    found, unpaired = pair_units(units, explicit=pairs, source=str(path))
+    used: set[str] = set()
+    for pair in found:
+        conv, bn = pair.conv.payload, pair.bn.payload
+        conv_names = {"kernel": conv["params:kernel"]}
+        if "params:bias" in conv:
+            conv_names["bias"] = conv["params:bias"]
+        bn_names = {"moving_mean": bn["stats:mean"], "moving_var": bn["stats:var"]}
+        if "params:scale" in bn:
+            bn_names["gamma"] = bn["params:scale"]
+        if "params:bias" in bn:
+            bn_names["beta"] = bn["params:bias"]
+        layer_eps, layer_momentum = resolve_settings(FLAX, NAME, eps=eps, momentum=momentum, notes=ckpt.notes)
+        ckpt.layers[pair.key] = build_layer(
+            path,
+            pair.key,
+            {**conv_names, **bn_names},
+            **{field: arrays[key] for field, key in {**conv_names, **bn_names}.items()},
+            eps=layer_eps,
+            momentum=layer_momentum,
+            var_update=FLAX.var_update,
+        )
+        ckpt.sources[pair.key] = LayerSource(
+            conv=conv_names, bn=bn_names, reason=pair.reason, conv_name=pair.conv.name, bn_name=pair.bn.name
+        )
+        used.update(conv_names.values())
+        used.update(bn_names.values())
+    for unit in unpaired:
+        ckpt.unpaired[unit.name] = unit.kind
+    ckpt.tensors = {k: v for k, v in arrays.items() if k not in used}
+    if ckpt.layers:
+        ckpt.notes.append(
+            "flax files do not store stride, padding, dilation or groups: the layers keep ConvBNParams "
+            "defaults (stride 1, 'SAME', groups 1); set them with dataclasses.replace"
+        )
+    return ckpt
+
+
+# -- encoding ----------------------------------------------------------------------------------------
+
+
+def _set(tree: dict[str, Any], path: str, value: Any, where: Path) -> None:
+    parts = path.split("/")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConvBNError(f"{where}: the path {path!r} runs through the tensor {part!r}")
+        node = child
+    if parts[-1] in node:
+        raise ConvBNError(f"{where}: the path {path!r} is used twice")
+    node[parts[-1]] = value
+
+
+def _ext_header(n: int, code: int) -> bytes:
+    if n in (1, 2, 4, 8, 16):
+        return bytes([{1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}[n], code])
+    if n < 1 << 8:
+        return bytes([0xC7, n, code])
+    if n < 1 << 16:
+        return b"\xc8" + n.to_bytes(2, "big") + bytes([code])
+    return b"\xc9" + n.to_bytes(4, "big") + bytes([code])
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return bytes([0xC4, n])
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def _pack_array(f: BinaryIO, array: np.ndarray, msgpack: Any) -> None:
+    """Flax's ndarray extension, written without building it in memory."""
+    a = contiguous(array)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    body = b"\x93" + msgpack.packb(list(a.shape)) + msgpack.packb(a.dtype.name) + _bin_header(a.nbytes)
+    f.write(_ext_header(len(body) + a.nbytes, _EXT_NDARRAY))
+    f.write(body)
+    f.write(a.reshape(-1).view(np.uint8).data)
+
+
+def _pack(f: BinaryIO, tree: Mapping[str, Any], msgpack: Any, progress: Any) -> None:
+    packer = msgpack.Packer(use_bin_type=True)
+    f.write(packer.pack_map_header(len(tree)))
+    for key, value in tree.items():
+        f.write(packer.pack(key))
+        if isinstance(value, Mapping):
+            _pack(f, value, msgpack, progress)
+            continue
+        if isinstance(value, (bool, int, float, str)):
+            f.write(packer.pack(value))
+            continue
+        array = as_numpy(value)
+        if array.nbytes > _MAX_CHUNK:
+            flat = contiguous(array).reshape(-1)
+            step = max(1, _MAX_CHUNK // array.dtype.itemsize)
+            chunks = {str(i): flat[s : s + step] for i, s in enumerate(range(0, flat.size, step))}
+            _pack(f, {_CHUNKED: True, "shape": {str(i): d for i, d in enumerate(array.shape)}, "chunks": chunks},
+                  msgpack, None)
+        else:
+            _pack_array(f, array, msgpack)
+        if progress is not None:
+            progress(id(value))
+
+
+def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> None:
+    """Write ``ckpt`` as flax msgpack variables; see the module docstring."""
+    msgpack = _msgpack()
+    same_format = origin_format(ckpt) == NAME
+    tree: dict[str, Any] = {}
+    last_array: dict[int, str] = {}
+    for layer, params in ckpt.layers.items():
+        source = ckpt.sources.get(layer)
+        names: dict[str, str]
+        if same_format and source is not None and "kernel" in source.conv and "moving_mean" in source.bn:
+            conv_module = source.conv["kernel"].rsplit("/", 1)[0]
+            stats_module = source.bn["moving_mean"].rsplit("/", 1)[0]
+            affine_name = source.bn.get("gamma") or source.bn.get("beta")
+            bn_params = (
+                affine_name.rsplit("/", 1)[0]
+                if affine_name
+                else "params" + stats_module[len("batch_stats"):]
+            )
+            names = {
+                "kernel": f"{conv_module}/kernel",
+                "bias": f"{conv_module}/bias",
+                "gamma": f"{bn_params}/scale",
+                "beta": f"{bn_params}/bias",
+                "moving_mean": f"{stats_module}/mean",
+                "moving_var": f"{stats_module}/var",
+            }
+            affine = "gamma" in source.bn or "beta" in source.bn
+        else:
+            names = {
+                "kernel": f"params/{layer}/conv/kernel",
+                "bias": f"params/{layer}/conv/bias",
+                "gamma": f"params/{layer}/bn/scale",
+                "beta": f"params/{layer}/bn/bias",
+                "moving_mean": f"batch_stats/{layer}/bn/mean",
+                "moving_var": f"batch_stats/{layer}/bn/var",
+            }
+            affine = True
+        n = params.out_channels
+        dtype = np.asarray(params.moving_mean).dtype
+        fields: dict[str, Any] = {"kernel": params.kernel, "bias": params.bias}
+        if not ckpt.fused:
+            if affine or params.gamma is not None or params.beta is not None:
+                fields["gamma"] = params.gamma if params.gamma is not None else np.ones(n, dtype)
+                fields["beta"] = params.beta if params.beta is not None else np.zeros(n, dtype)
+            fields["moving_mean"] = params.moving_mean
+            fields["moving_var"] = params.moving_var
+        written = None
+        for field, value in fields.items():
+            if value is not None:
+                _set(tree, names[field], value, path)
+                written = value
+        last_array[id(written)] = layer
+    if ckpt.tensors:
+        if same_format:
+            for key, value in ckpt.tensors.items():
+                _set(tree, key, value, path)
+        else:
+            ckpt.notes.append(not_written_note(ckpt))
+    if not ckpt.fused:
+        unstored_settings_note(ckpt, NAME, FLAX)
+
+    def on_array(array_id: int) -> None:
+        layer = last_array.get(array_id)
+        if layer is not None:
+            tick(progress, layer)
+
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        _pack(f, tree, msgpack, on_array if progress is not None else None)

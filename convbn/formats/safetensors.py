@@ -1,0 +1,310 @@
+"""safetensors files: convbn's neutral format, HWIO, with provenance in ``__metadata__``.
+
+Layer ``L`` is stored as ``L/kernel`` (HWIO), ``L/bias``, ``L/gamma``, ``L/beta``,
+``L/moving_mean``, ``L/moving_var`` (absent fields are not stored) and extras such as
+``L/num_batches_tracked``. Every other tensor keeps its source name and layout. ``__metadata__``
+(string → string, as safetensors requires) holds:
+
+- ``convbn``: the layout version (``"1"``);
+- ``convbn.source_format`` and ``convbn.convention``: where the data came from and its BatchNorm
+  convention preset;
+- ``convbn.layers``: a JSON list, one object per layer in order, with its tensor names, ``eps``,
+  ``momentum`` (fraction kept), ``var_update``, the pairing ``reason``, the source's names,
+  ``stride``/``padding``/``dilation``/``groups``, and ``geometry``: whether the source file stated
+  them (else they are the defaults the reader assumed, or what was set after reading);
+- ``convbn.dropped``, ``convbn.unpaired``, ``convbn.notes``, ``convbn.fused``.
+
+So a later conversion from this file loses nothing. A safetensors file without ``convbn``
+metadata (e.g. ``safetensors.torch.save_file(model.state_dict())``) is read as a torch state_dict.
+
+Reading and writing are done here with NumPy (no framework, and not the ``safetensors`` package):
+reading memory-maps the file, writing streams one tensor at a time, so neither holds a second
+copy of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from convbn import conventions
+from convbn.errors import ConvBNError
+from convbn.formats._common import Progress, as_numpy, build_layer, contiguous, head, origin_format, tick
+from convbn.formats._io import atomic_output
+from convbn.formats._pairing import natural_key
+from convbn.params import ARRAY_FIELDS
+
+if TYPE_CHECKING:
+    from convbn.convert import Checkpoint
+
+NAME = "safetensors"
+#: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
+WRITES_FUSED = True
+LAYOUT_VERSION = "1"
+
+__all__ = ["NAME", "read", "sniff", "write"]
+
+_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "U32": "uint32",
+    "I32": "int32",
+    "F32": "float32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F64": "float64",
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def sniff(path: Path) -> bool:
+    """An 8-byte little-endian header length followed by a JSON object."""
+    data = head(path, 9)
+    if len(data) < 9 or data[8:9] != b"{":
+        return False
+    (n,) = struct.unpack("<Q", data[:8])
+    return 2 <= n <= _MAX_HEADER
+
+
+def _numpy_dtype(code: str, name: str, path: Path) -> np.dtype:
+    if code not in _DTYPES:
+        raise ConvBNError(f"{path}: tensor {name!r} has dtype {code!r}, which convbn does not read (known: {sorted(_DTYPES)})")
+    if code == "BF16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ImportError(f"{path}: tensor {name!r} is bfloat16; reading it needs ml_dtypes (pip install ml_dtypes)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(_DTYPES[code])
+
+
+def _load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor as a read-only view of the memory-mapped file, and the metadata."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConvBNError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ConvBNError(f"{path}: truncated or corrupted safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConvBNError(f"{path}: corrupted safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ConvBNError(f"{path}: corrupted safetensors header: not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ConvBNError(f"{path}: corrupted safetensors header: __metadata__ is not an object")
+    data_size = size - 8 - n
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
+    tensors: dict[str, np.ndarray] = {}
+    for name, entry in sorted(header.items(), key=lambda kv: _offsets(kv[1])[0]):
+        try:
+            dtype = _numpy_dtype(entry["dtype"], name, path)
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = _offsets(entry)
+        except (KeyError, TypeError, ValueError):
+            raise ConvBNError(f"{path}: corrupted safetensors header entry for tensor {name!r}: {entry!r}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or begin < 0 or min(shape, default=0) < 0:
+            raise ConvBNError(
+                f"{path}: tensor {name!r} must span {nbytes} bytes for shape {list(shape)} "
+                f"{entry['dtype']}. Received: data_offsets={[begin, end]}"
+            )
+        if end > data_size:
+            raise ConvBNError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the data, "
+                f"which has {data_size}"
+            )
+        tensors[name] = data[begin:end].view(dtype).reshape(shape)
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _offsets(entry: Any) -> tuple[int, int]:
+    try:
+        begin, end = entry["data_offsets"]
+        return int(begin), int(end)
+    except (KeyError, TypeError, ValueError):
+        return (-1, -1)
+
+
+def read(
+    path: Path,
+    *,
+    pairs: Mapping[str, str] | None = None,
+    eps: float | None = None,
+    momentum: float | None = None,
+    use_ema: bool = False,
+) -> Checkpoint:
+    """Read a safetensors file; see the module docstring."""
+    if use_ema:
+        raise ConvBNError(f"{path}: use_ema applies to slim checkpoints with moving-average shadows, not safetensors files")
+    tensors, metadata = _load(path)
+    if metadata.get("convbn") is None:
+        from convbn.formats.torch import layers_from_state_dict
+
+        # safetensors stores tensors sorted by dtype and name, not in the model's order: natural sort
+        # of the names restores module order (features.2 before features.10).
+        ordered = {k: tensors[k] for k in sorted(tensors, key=natural_key)}
+        ckpt = layers_from_state_dict(ordered, source=path, pairs=pairs, eps=eps, momentum=momentum, fmt=NAME)
+        ckpt.notes.insert(0, "no convbn metadata: read as a torch state_dict (torch names, OIHW kernels)")
+        return ckpt
+    if pairs:
+        raise ConvBNError(f"{path}: a convbn safetensors file records its pairs; explicit pairs do not apply")
+    return _read_neutral(path, tensors, metadata, eps=eps, momentum=momentum)
+
+
+def _json(metadata: Mapping[str, str], key: str, default: Any, path: Path) -> Any:
+    if key not in metadata:
+        return default
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise ConvBNError(f"{path}: corrupted convbn metadata {key!r}: not JSON") from None
+
+
+def _read_neutral(
+    path: Path, tensors: dict[str, np.ndarray], metadata: Mapping[str, str], *, eps: float | None, momentum: float | None
+) -> Checkpoint:
+    from convbn.convert import Checkpoint, LayerSource
+
+    if metadata["convbn"] != LAYOUT_VERSION:
+        raise ConvBNError(f"{path}: convbn layout version {metadata['convbn']!r} is not supported (this convbn reads {LAYOUT_VERSION!r})")
+    ckpt = Checkpoint(format=NAME, convention=metadata.get("convbn.convention") or None)
+    ckpt.metadata["source_format"] = metadata.get("convbn.source_format", NAME)
+    for key, value in metadata.items():
+        if key.startswith("convbn.meta."):
+            ckpt.metadata.setdefault(key[len("convbn.meta."):], value)
+    ckpt.fused = metadata.get("convbn.fused") == "true"
+    ckpt.dropped = list(_json(metadata, "convbn.dropped", [], path))
+    ckpt.unpaired = dict(_json(metadata, "convbn.unpaired", {}, path))
+    ckpt.notes = list(_json(metadata, "convbn.notes", [], path))
+    used: set[str] = set()
+    for entry in _json(metadata, "convbn.layers", [], path):
+        try:
+            name = str(entry["name"])
+            names = {f: str(entry[f]) for f in ARRAY_FIELDS if entry.get(f)}
+            extras = {k: str(v) for k, v in (entry.get("extras") or {}).items()}
+        except (KeyError, TypeError):
+            raise ConvBNError(f"{path}: corrupted convbn metadata: layer entry {entry!r}") from None
+        missing = [t for t in (*names.values(), *extras.values()) if t not in tensors]
+        if missing:
+            raise ConvBNError(f"{path}: layer {name!r} names tensors that are not in the file: {missing}")
+        geometry = {k: entry[k] for k in ("stride", "padding", "dilation", "groups") if k in entry}
+        if eps is not None:
+            ckpt.notes.append(f"eps overridden: {eps:g}")
+        if momentum is not None:
+            ckpt.notes.append(f"momentum overridden: {momentum:g} (fraction kept)")
+        ckpt.layers[name] = build_layer(
+            path,
+            name,
+            names,
+            **{f: tensors[t] for f, t in names.items()},
+            eps=float(eps if eps is not None else entry.get("eps", conventions.KERAS3.eps)),
+            momentum=float(momentum if momentum is not None else entry.get("momentum", conventions.KERAS3.momentum)),
+            var_update=entry.get("var_update", "unbiased"),
+            **geometry,
+        )
+        if extras:
+            ckpt.extras[name] = {k: tensors[t] for k, t in extras.items()}
+        ckpt.sources[name] = LayerSource(
+            conv=dict(entry.get("source_conv") or {}),
+            bn=dict(entry.get("source_bn") or {}),
+            reason=str(entry.get("reason", "graph")),
+            conv_name=str(entry.get("conv_name", "")),
+            bn_name=str(entry.get("bn_name", "")),
+            geometry=bool(entry.get("geometry", False)),
+            settings=True,
+        )
+        used.update(names.values())
+        used.update(extras.values())
+    ckpt.notes = list(dict.fromkeys(ckpt.notes))
+    ckpt.tensors = {k: v for k, v in tensors.items() if k not in used}
+    return ckpt
+
+
+def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> None:
+    """Write ``ckpt`` as a convbn safetensors file; see the module docstring."""
+    entries: list[tuple[str, np.ndarray]] = []
+    layers = []
+    for layer, params in ckpt.layers.items():
+        entry: dict[str, Any] = {"name": layer}
+        for field in ARRAY_FIELDS:
+            value = getattr(params, field)
+            if value is not None:
+                entry[field] = f"{layer}/{field}"
+                entries.append((entry[field], as_numpy(value)))
+        extras = ckpt.extras.get(layer, {})
+        if extras:
+            entry["extras"] = {k: f"{layer}/{k}" for k in extras}
+            entries += [(f"{layer}/{k}", as_numpy(v)) for k, v in extras.items()]
+        entry.update(eps=params.eps, momentum=params.momentum, var_update=params.var_update)
+        source = ckpt.sources.get(layer)
+        if source is not None:
+            entry.update(
+                reason=source.reason,
+                conv_name=source.conv_name,
+                bn_name=source.bn_name,
+                source_conv=source.conv,
+                source_bn=source.bn,
+                geometry=source.geometry,
+            )
+        # Always stored: the kernel's shape cannot tell a depthwise or grouped conv from a dense one,
+        # and geometry set after reading (dataclasses.replace) must survive. ``geometry`` above says
+        # whether the original file stated it.
+        entry.update(stride=list(params.stride), dilation=list(params.dilation), groups=params.groups)
+        entry["padding"] = params.padding if isinstance(params.padding, str) else [list(p) for p in params.padding]
+        layers.append(entry)
+    layer_names = {name for name, _ in entries}
+    for key, value in ckpt.tensors.items():
+        if key in layer_names:
+            raise ConvBNError(f"{path}: tensor name {key!r} is used twice (a layer field and another tensor)")
+        entries.append((key, as_numpy(value)))
+    metadata = {
+        "convbn": LAYOUT_VERSION,
+        "convbn.source_format": origin_format(ckpt),
+        "convbn.convention": ckpt.convention or "",
+        "convbn.layers": json.dumps(layers),
+        "convbn.dropped": json.dumps(ckpt.dropped),
+        "convbn.unpaired": json.dumps(ckpt.unpaired),
+        "convbn.notes": json.dumps(ckpt.notes),
+        "convbn.fused": "true" if ckpt.fused else "false",
+    }
+    for key, value in ckpt.metadata.items():
+        if key != "source_format":
+            metadata[f"convbn.meta.{key}"] = str(value)
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, array in entries:
+        code = _CODES.get(array.dtype.name)
+        if code is None:
+            raise ConvBNError(f"{path}: tensor {name!r} has dtype {array.dtype}, which safetensors cannot store")
+        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)  # the data starts 8-byte aligned
+    layer_of = {f"{layer}/kernel": layer for layer in ckpt.layers}
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, array in entries:
+            a = contiguous(array)
+            if a.dtype.byteorder == ">":
+                a = a.astype(a.dtype.newbyteorder("<"))
+            f.write(a.reshape(-1).view(np.uint8).data)
+            if name in layer_of:
+                tick(progress, layer_of[name])

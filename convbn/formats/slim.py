@@ -1,0 +1,1227 @@
+"""TensorFlow checkpoints, written with tf-slim names (format ``"slim"``).
+
+A TF checkpoint is named by its prefix (``model.ckpt`` for ``model.ckpt.index`` +
+``model.ckpt.data-*``), by its ``.index`` or ``.data-*`` file, or by a directory holding a
+``checkpoint`` state file (or exactly one ``.index``).
+
+Reading understands:
+
+- tf-slim: ``L/weights`` (``L/depthwise_weights``, ``L/pointwise_weights``) with ``L/BatchNorm/*``;
+- DCGAN-style: ``d_h1_conv/w`` + ``d_h1_conv/biases`` with a BatchNorm scope ``d_bn1/*``;
+- ``tf.compat.v1.layers``: ``conv1/kernel`` + ``conv1/bias`` with ``bn1/*`` or ``batch_normalization*/*``;
+- TF2 object-based checkpoints (``tf.train.Checkpoint`` of a Keras model or a ``tf.Module``): the
+  object graph stored in the file gives each variable its path, e.g. ``model/_functional/_operations/1/kernel``;
+- ``ExponentialMovingAverage`` shadows (``<var>/ExponentialMovingAverage``), used with ``use_ema=True``.
+
+Layers come in TF graph order when a ``.meta`` file (a MetaGraphDef) sits next to the prefix, else in
+natural name order. Pairing: explicit ``pairs``, then the ``.meta`` graph (which BatchNorm consumes
+which conv's output; the graph also gives each conv's stride, padding and dilation and each fused
+BatchNorm's epsilon), then naming conventions, then (object-based checkpoints only) order.
+
+Writing produces what ``slim.conv2d(..., normalizer_fn=slim.batch_norm, scope=L)`` restores:
+``L/weights`` (``L/depthwise_weights`` for a depthwise layer), ``L/BatchNorm/gamma`` iff the layer
+has a gamma, ``L/BatchNorm/beta`` (zeros when the layer has none), ``L/BatchNorm/moving_mean`` and
+``L/BatchNorm/moving_variance``; a fused checkpoint gives ``L/weights`` + ``L/biases``. Every other
+tensor is written under its own name when the checkpoint came from a TF checkpoint, and listed in
+the notes as not written otherwise. slim has no conv bias: a layer with one is refused (fold it
+first with :func:`convbn.convert.fold_bias`; ``save_checkpoint`` does). A grouped (not depthwise)
+conv is written as ``L/weights`` and reads back with ``groups=1``: a TF checkpoint does not store
+groups. An existing ``<prefix>.meta`` that does not describe the written variables makes the
+write fail (:func:`check_destination`): a later read would trust it.
+
+``sniff`` and ``resolve`` work without TensorFlow; ``read`` and ``write`` import it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import dataclasses
+import glob
+import itertools
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convbn import conventions
+from convbn.convert import Checkpoint, LayerSource, natural_key
+from convbn.errors import ConvBNError
+from convbn.formats._common import not_written_note, origin_format
+from convbn.formats._io import atomic_output
+from convbn.params import ConvBNParams
+
+__all__ = [
+    "FRAMEWORK", "NAME", "WRITES_FUSED", "check_destination", "read", "resolve", "sniff", "write", "write_prefix",
+]
+
+NAME = "slim"
+#: The framework read() and write() import (see convbn.formats.import_frameworks).
+FRAMEWORK = "tensorflow"
+#: write() honours Checkpoint.fused (conv weights + biases, what slim.conv2d without a normalizer has).
+WRITES_FUSED = True
+
+# The last 8 bytes of every TF checkpoint index (a LevelDB-style table): its footer magic.
+_INDEX_MAGIC = bytes.fromhex("57fb808b247547db")
+_FOOTER_BYTES = 48
+_DATA_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
+_STATE_PATH = re.compile(r'^\s*model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', re.MULTILINE)
+
+_OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
+_EMA_SUFFIX = "/ExponentialMovingAverage"
+
+# Leaf names (leading underscores removed: Keras 3 tracks its kernel as ``_kernel``).
+_KERNEL_ROLES = ("pointwise_weights", "weights", "kernel", "w", "depthwise_weights", "depthwise_kernel")
+_DEPTHWISE_ROLES = ("depthwise_weights", "depthwise_kernel")
+_BIAS_ROLES = ("biases", "bias", "b")
+_BN_ROLES = {
+    "gamma": "gamma",
+    "beta": "beta",
+    "moving_mean": "moving_mean",
+    "moving_variance": "moving_variance",
+}
+
+# Optimizer state that is not a slot of a model variable, and the top-level scopes Keras-in-TF1
+# optimizers keep their variables under.
+_BOOKKEEPING_LEAF = re.compile(r"global_step|beta[12]_power(_\d+)?|save_counter")
+_OPTIMIZER_SCOPE = re.compile(r"(training|Adam|AdamW|SGD|RMSprop|Adagrad|Adadelta|Adamax|Nadam|Ftrl)(_\d+)?")
+
+# Ops a conv's output or a variable's value passes through unchanged for pairing purposes.
+_VALUE_OPS = frozenset({"Identity", "ReadVariableOp", "Enter", "Switch", "RefSwitch", "RefEnter", "Cast"})
+_FLOW_OPS = frozenset(
+    {"Identity", "IdentityN", "BiasAdd", "Reshape", "Switch", "Merge", "Enter", "Cast", "RefSwitch",
+     "BatchToSpaceND"}
+)
+_CONV_OPS = frozenset({"Conv2D", "DepthwiseConv2dNative"})
+_FUSED_BN_OPS = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
+_VARIABLE_OPS = frozenset({"VariableV2", "VarHandleOp", "Variable"})
+
+_STYLE_TEXT = {
+    "slim": "tf-slim ('L/weights' + 'L/BatchNorm')",
+    "dcgan": "DCGAN-style (conv 'w' + 'biases', a separate BatchNorm scope)",
+    "tf_v1_layers": "tf.compat.v1.layers ('kernel'/'bias', 'bn'/'batch_normalization')",
+    "keras3": "TF2 object-based (Keras 3 / tf.Module)",
+    "keras2": "TF2 object-based tf_keras ('layer_with_weights-N')",
+}
+_STYLE_PRESET = {
+    "slim": conventions.SLIM,
+    "dcgan": conventions.DCGAN,
+    "tf_v1_layers": conventions.TF_V1_LAYERS,
+    "keras3": conventions.KERAS3,
+    "keras2": conventions.KERAS2_FUSED,
+}
+
+
+# -- locating the checkpoint (no TensorFlow) ------------------------------------------------------
+
+
+def _index_of(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + ".index")
+
+
+def _has_index_magic(index: Path) -> bool:
+    with open(index, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < _FOOTER_BYTES:
+            return False
+        f.seek(size - len(_INDEX_MAGIC))
+        return f.read(len(_INDEX_MAGIC)) == _INDEX_MAGIC
+
+
+def _prefix_from_state(directory: Path) -> Path:
+    """The prefix a ``checkpoint`` state file names (relative to its directory, as TF resolves it)."""
+    state = directory / "checkpoint"
+    match = _STATE_PATH.search(state.read_text(encoding="utf-8", errors="replace"))
+    if match is None:
+        raise ConvBNError(
+            f"a TF 'checkpoint' state file must name model_checkpoint_path. Received: file={state}"
+        )
+    # Text-format escapes, including octal bytes of non-ASCII paths.
+    raw = codecs.escape_decode(match.group(1).encode("utf-8"))[0].decode("utf-8")  # type: ignore[attr-defined]
+    prefix = Path(raw)
+    if not prefix.is_absolute():
+        return directory / prefix
+    if not _index_of(prefix).is_file() and _index_of(directory / prefix.name).is_file():
+        return directory / prefix.name  # the directory was moved after saving
+    return prefix
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint prefix that ``path`` names, without importing TensorFlow.
+
+    ``path`` may be the prefix (``model.ckpt``), its ``.index``, ``.data-*`` or ``.meta`` file, or a
+    directory holding a ``checkpoint`` state file (or exactly one ``.index`` file).
+
+    Raises:
+        ConvBNError: when ``path`` names no TF checkpoint (the message says what was looked for).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / "checkpoint").is_file():
+            prefix = _prefix_from_state(path)
+            if not _index_of(prefix).is_file():
+                raise ConvBNError(
+                    f"the checkpoint named by {path / 'checkpoint'} must exist: {_index_of(prefix)} is "
+                    f"missing. Received: path={str(path)!r}"
+                )
+            return prefix
+        indexes = sorted(path.glob("*.index"))
+        if len(indexes) == 1:
+            return indexes[0].with_name(indexes[0].name[: -len(".index")])
+        raise ConvBNError(
+            "a TF checkpoint directory must hold a 'checkpoint' state file or exactly one '.index' "
+            f"file. Received: path={str(path)!r} with {len(indexes)} '.index' files"
+        )
+    name = path.name
+    if name.endswith(".index"):
+        prefix = path.with_name(name[: -len(".index")])
+    elif _DATA_SUFFIX.search(name):
+        prefix = path.with_name(_DATA_SUFFIX.sub("", name))
+    elif name.endswith(".meta") and not _index_of(path).is_file():
+        prefix = path.with_name(name[: -len(".meta")])
+    else:
+        prefix = path
+    if not _index_of(prefix).is_file():
+        raise ConvBNError(
+            "a TF checkpoint must exist at the prefix given: expected "
+            f"{_index_of(prefix)} and {prefix}.data-*. Received: path={str(path)!r}"
+        )
+    return prefix
+
+
+def sniff(path: Path) -> bool:
+    """Whether ``path`` names a TF checkpoint (prefix, ``.index``/``.data-*`` file, or directory).
+
+    Judged from the index's footer magic; never imports TensorFlow and never raises.
+    """
+    try:
+        return _has_index_magic(_index_of(resolve(path)))
+    except Exception:
+        return False
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Var:
+    name: str  # logical name: the TF1 variable name, or a TF2 object path
+    key: str  # the checkpoint key to read
+    shape: tuple[int, ...]
+    depthwise: bool = False  # a (kh, kw, in_channels, multiplier) depthwise kernel
+
+    @property
+    def scope(self) -> str:
+        return self.name.rpartition("/")[0]
+
+    @property
+    def role(self) -> str:
+        return self.name.rpartition("/")[2].lstrip("_")
+
+
+class _Source:
+    """An open checkpoint: reads tensors one at a time, turning TF errors into ConvBNError."""
+
+    def __init__(self, prefix: Path) -> None:
+        tf = _tensorflow()
+
+        self.prefix = prefix
+        self.index = _index_of(prefix)
+        try:
+            self.reader = tf.train.load_checkpoint(str(prefix))
+            self.shapes = {k: tuple(int(d) for d in v) for k, v in self.reader.get_variable_to_shape_map().items()}
+        except Exception as exc:
+            raise ConvBNError(
+                f"a TF checkpoint index must be readable: {_first_line(exc)}. Received: file={self.index}"
+            ) from None
+        self.data_files = sorted(glob.glob(glob.escape(str(prefix)) + ".data-*"))
+        if self.shapes and not self.data_files:
+            raise ConvBNError(
+                f"a TF checkpoint needs its data file {prefix}.data-00000-of-NNNNN next to the index. "
+                f"Received: file={self.index} with no data file"
+            )
+
+    def data_name(self) -> str:
+        return ", ".join(self.data_files) if self.data_files else f"{self.prefix}.data-*"
+
+    def get(self, key: str) -> np.ndarray:
+        return np.asarray(self.get_raw(key))
+
+    def get_raw(self, key: str) -> Any:
+        """The value as TF returns it (bytes stay bytes: NumPy would strip trailing NULs)."""
+        try:
+            return self.reader.get_tensor(key)
+        except Exception as exc:
+            raise ConvBNError(
+                f"a TF checkpoint's data must hold every tensor its index lists (truncated or corrupt "
+                f"data?): {_first_line(exc)}. Received: file={self.data_name()}, tensor={key!r}"
+            ) from None
+
+
+def _tensorflow() -> Any:
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ImportError(
+            "the slim format needs TensorFlow to read and write TF checkpoints: pip install tensorflow "
+            "(or 'convbn[tensorflow]')"
+        ) from None
+    return tf
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _object_graph_names(source: _Source) -> tuple[dict[str, str], list[str]]:
+    """Logical names of a TF2 object-based checkpoint: ``{path: key}`` and the dropped keys.
+
+    Each variable is named by its shortest path from the root that does not pass through an
+    ``optimizer``; variables reachable only through one, optimizer slots and ``save_counter`` are
+    dropped, as are non-variable attributes.
+    """
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    try:
+        graph.ParseFromString(source.get_raw(_OBJECT_GRAPH))
+    except ConvBNError:
+        raise
+    except Exception as exc:
+        raise ConvBNError(
+            f"a TF2 checkpoint's object graph must parse: {_first_line(exc)}. "
+            f"Received: file={source.data_name()}, tensor={_OBJECT_GRAPH!r}"
+        ) from None
+    nodes = graph.nodes
+    if not nodes:
+        raise ConvBNError(
+            f"a TF2 checkpoint's object graph must have a root object. Received: file={source.data_name()}, "
+            f"tensor={_OBJECT_GRAPH!r} with no objects"
+        )
+    slots = {s.slot_variable_node_id for n in nodes for s in n.slot_variables}
+    best: dict[int, tuple[str, ...]] = {}
+    seen = {(0, False)}
+    queue: collections.deque[tuple[int, bool, tuple[str, ...]]] = collections.deque([(0, False, ())])
+    while queue:
+        node_id, via_optimizer, path = queue.popleft()
+        if not via_optimizer and node_id not in best:
+            best[node_id] = path
+        for child in nodes[node_id].children:
+            flag = via_optimizer or child.local_name == "optimizer" or (not path and child.local_name == "save_counter")
+            if child.node_id < len(nodes) and (child.node_id, flag) not in seen:
+                seen.add((child.node_id, flag))
+                queue.append((child.node_id, flag, (*path, child.local_name)))
+    names: dict[str, str] = {}
+    for node_id, node in enumerate(nodes):
+        for attr in node.attributes:
+            if attr.name == "VARIABLE_VALUE" and node_id in best and node_id not in slots and best[node_id]:
+                names["/".join(best[node_id])] = attr.checkpoint_key
+    kept = set(names.values())
+    dropped = [k for k in source.shapes if k not in kept]
+    return names, dropped
+
+
+def _is_bookkeeping(name: str, names: Iterable[str]) -> bool:
+    """Optimizer slots (``<variable>/<optimizer>``), ``global_step``, Adam's ``beta1_power`` and the like."""
+    scope, _, leaf = name.rpartition("/")
+    if _BOOKKEEPING_LEAF.fullmatch(leaf) or _OPTIMIZER_SCOPE.fullmatch(name.partition("/")[0]):
+        return True
+    return bool(scope) and scope in names and not name.endswith(_EMA_SUFFIX)
+
+
+@dataclasses.dataclass
+class _Graph:
+    """What a ``.meta`` MetaGraphDef says about the checkpoint's variables."""
+
+    order: dict[str, int]
+    geometry: dict[str, dict[str, Any]]  # kernel variable -> stride/padding/dilation of its first conv op
+    not_conv: set[str]  # rank-4 variables the graph uses, but not as a conv's filter
+    bn_of: dict[str, str]  # kernel variable -> the BatchNorm scope consuming the conv's output
+    bn_eps: dict[str, float]  # BatchNorm scope -> epsilon of its fused op
+    bn_unfused: set[str]  # BatchNorm scopes whose ops include no fused op
+
+
+def _meta_path(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + ".meta")
+
+
+def _read_meta(meta: Path) -> Any:
+    """The MetaGraphDef in ``meta``; raises ValueError naming why it cannot be read."""
+    _tensorflow()
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    proto = meta_graph_pb2.MetaGraphDef()
+    try:
+        proto.ParseFromString(meta.read_bytes())
+    except Exception as exc:
+        raise ValueError(f"not a readable MetaGraphDef ({_first_line(exc)})") from None
+    return proto
+
+
+def _declared_shapes(proto: Any) -> dict[str, tuple[int, ...] | None]:
+    """Variable name -> the shape its graph node declares (-1 for an unknown dimension; None for
+    an unknown rank)."""
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for node in proto.graph_def.node:
+        if node.op in _VARIABLE_OPS and "shape" in node.attr:
+            shape = node.attr["shape"].shape
+            shapes[node.name] = None if shape.unknown_rank else tuple(int(d.size) for d in shape.dim)
+    return shapes
+
+
+def _shape_conflict(
+    declared: Mapping[str, tuple[int, ...] | None], shapes: Iterable[tuple[str, tuple[int, ...]]]
+) -> str | None:
+    """The first variable whose graph shape contradicts ``shapes`` (name, shape), described."""
+    for name, shape in shapes:
+        graph_shape = declared.get(name)
+        if graph_shape is None:
+            continue
+        if len(graph_shape) != len(shape) or any(g >= 0 and g != d for g, d in zip(graph_shape, shape, strict=False)):
+            return f"its variable {name!r} has shape {list(graph_shape)}, the checkpoint's {list(shape)}"
+    return None
+
+
+def _load_graph(
+    prefix: Path, variables: Mapping[str, _Var], bn_scopes: Iterable[str], notes: list[str]
+) -> _Graph | None:
+    meta = _meta_path(prefix)
+    if not meta.is_file():
+        return None
+    try:
+        proto = _read_meta(meta)
+    except ValueError as exc:
+        notes.append(f"ignored {meta}: {exc}")
+        return None
+    nodes = {n.name: n for n in proto.graph_def.node}
+    if not any(name in nodes for name in variables):
+        notes.append(f"ignored {meta}: it describes none of the checkpoint's variables")
+        return None
+    # A .meta left from another checkpoint at this prefix must not lend it its order, pairs,
+    # geometry or eps.
+    conflict = _shape_conflict(_declared_shapes(proto), ((v.name, v.shape) for v in variables.values()))
+    if conflict is not None:
+        notes.append(f"ignored {meta}: it belongs to another checkpoint: {conflict}")
+        return None
+    functions = {f.signature.name: f for f in proto.graph_def.library.function}
+    return _analyse_graph(list(proto.graph_def.node), nodes, functions, variables, set(bn_scopes))
+
+
+def _analyse_graph(
+    node_list: list[Any],
+    nodes: dict[str, Any],
+    functions: Mapping[str, Any],
+    variables: Mapping[str, _Var],
+    bn_scopes: set[str],
+) -> _Graph:
+    def data_inputs(node: Any) -> list[str]:
+        return [i.split(":")[0].lstrip("^") for i in node.input if not i.startswith("^")]
+
+    consumers: dict[str, list[Any]] = collections.defaultdict(list)
+    for node in node_list:
+        for src in data_inputs(node):
+            consumers[src].append(node)
+
+    order: dict[str, int] = {}
+    for node in node_list:
+        if node.name in variables and node.name not in order and node.op in _VARIABLE_OPS:
+            order[node.name] = len(order)
+
+    var_cache: dict[str, str | None] = {}
+
+    def variable_of(name: str, depth: int = 0) -> str | None:
+        """The variable whose value ``name``'s output is (through reads and identities)."""
+        if name in var_cache:
+            return var_cache[name]
+        node = nodes.get(name)
+        result: str | None = None
+        if node is not None:
+            if node.op in _VARIABLE_OPS:
+                result = name
+            elif node.op in _VALUE_OPS and depth < 8:
+                inputs = data_inputs(node)
+                result = variable_of(inputs[0], depth + 1) if inputs else None
+        var_cache[name] = result
+        return result
+
+    suffixed = re.compile(r"(.*)_\d+")
+
+    def bn_scope_of(node: Any) -> str | None:
+        """The BatchNorm scope ``node`` belongs to: it reads its variables, or lives in its name scope."""
+        for src in data_inputs(node):
+            var = variable_of(src)
+            if var is not None and var.rpartition("/")[0] in bn_scopes:
+                return var.rpartition("/")[0]
+        parts = node.name.split("/")[:-1]
+        weak = None
+        for i in range(len(parts), 0, -1):
+            scope = "/".join(parts[:i])
+            if scope in bn_scopes:
+                return scope
+            match = suffixed.fullmatch(parts[i - 1])  # a reused scope, e.g. 'd_bn1_1' for 'd_bn1'
+            if weak is None and match:
+                alt = "/".join([*parts[: i - 1], match.group(1)])
+                if alt in bn_scopes:
+                    weak = alt
+        return weak
+
+    conv_op: dict[str, dict[str, Any]] = {}
+    not_conv: set[str] = set()
+    bn_of: dict[str, str] = {}
+    claimed: collections.Counter[str] = collections.Counter()
+    for node in node_list:
+        if node.op not in _CONV_OPS:
+            continue
+        inputs = data_inputs(node)
+        kernel = variable_of(inputs[1]) if len(inputs) > 1 else None
+        if kernel is None or kernel in conv_op:
+            continue
+        conv_op[kernel] = _geometry(node, nodes)
+        found: set[str] = set()
+        stack, seen = [node.name], {node.name}
+        while stack:
+            for consumer in consumers.get(stack.pop(), ()):
+                if consumer.name in seen or consumer.name.split("/")[0].startswith("gradients"):
+                    continue
+                seen.add(consumer.name)
+                scope = bn_scope_of(consumer)
+                if scope is not None:
+                    found.add(scope)
+                elif consumer.op in _FLOW_OPS or (
+                    consumer.op in ("Add", "AddV2") and consumer.name.startswith(kernel.rpartition("/")[0] + "/")
+                ):
+                    stack.append(consumer.name)
+        if len(found) == 1:
+            bn_of[kernel] = found.pop()
+            claimed[bn_of[kernel]] += 1
+    for name, var in variables.items():
+        if len(var.shape) == 4 and name in nodes and name not in conv_op:
+            not_conv.add(name)
+    # A BatchNorm that several convs feed is no conv+BN pair.
+    bn_of = {k: s for k, s in bn_of.items() if claimed[s] == 1}
+
+    bn_eps: dict[str, float] = {}
+    bn_ops: dict[str, set[str]] = collections.defaultdict(set)
+    for node in node_list:
+        if node.name.split("/")[0].startswith("gradients"):
+            continue
+        scope = bn_scope_of(node)
+        if scope is None:
+            continue
+        # A BatchNorm under a tensor-valued is_training is a cond: with control flow v2 its ops
+        # live in the branch functions of an If node.
+        inner = [node]
+        if node.op in ("If", "StatelessIf"):
+            for branch in ("then_branch", "else_branch"):
+                function = functions.get(node.attr[branch].func.name)
+                inner.extend(function.node_def if function is not None else ())
+        for op in inner:
+            bn_ops[scope].add(op.op)
+            if op.op in _FUSED_BN_OPS and scope not in bn_eps:
+                # Stored as float32: the shortest decimal that rounds to it (1e-05, not 9.99e-06).
+                bn_eps[scope] = float(str(np.float32(op.attr["epsilon"].f)))
+    unfused = {s for s, ops in bn_ops.items() if ops and not ops & _FUSED_BN_OPS and "Rsqrt" in ops}
+    return _Graph(order, conv_op, not_conv, bn_of, bn_eps, unfused)
+
+
+def _geometry(node: Any, nodes: Mapping[str, Any]) -> dict[str, Any]:
+    """stride, padding and dilation of a Conv2D / DepthwiseConv2dNative node.
+
+    An atrous conv that TF built as SpaceToBatchND -> Conv2D(VALID) -> BatchToSpaceND gets its
+    dilation from the block shape and its padding from the space-to-batch paddings.
+    """
+    tf = _tensorflow()
+
+    fmt = node.attr["data_format"].s.decode() or "NHWC"
+    h, w = (1, 2) if fmt == "NHWC" else (2, 3)
+    strides = list(node.attr["strides"].list.i) or [1, 1, 1, 1]
+    dilations = list(node.attr["dilations"].list.i) or [1, 1, 1, 1]
+    padding: Any = node.attr["padding"].s.decode() or "SAME"
+    if padding == "EXPLICIT":
+        p = list(node.attr["explicit_paddings"].list.i)
+        padding = ((p[2 * h], p[2 * h + 1]), (p[2 * w], p[2 * w + 1]))
+    geometry = {"stride": (strides[h], strides[w]), "dilation": (dilations[h], dilations[w]), "padding": padding}
+
+    def const(name: str) -> np.ndarray | None:
+        source = nodes.get(name.split(":")[0])
+        return tf.make_ndarray(source.attr["value"].tensor) if source is not None and source.op == "Const" else None
+
+    s2b = nodes.get(node.input[0].split(":")[0]) if node.input else None
+    if s2b is None or s2b.op != "SpaceToBatchND" or len(s2b.input) < 3:
+        return geometry
+    block = const(s2b.input[1])
+    if block is None or block.shape != (2,):
+        return geometry
+    geometry["dilation"] = (int(block[0]), int(block[1]))
+    base = const(s2b.name.rpartition("/")[0] + "/required_space_to_batch_paddings/base_paddings")
+    if base is None:
+        return {k: v for k, v in geometry.items() if k != "padding"}
+    pads = tuple((int(a), int(b)) for a, b in base)
+    geometry["padding"] = "VALID" if not any(a or b for a, b in pads) else pads
+    return geometry
+
+
+_DCGAN_CONV = re.compile(r"(?P<prefix>.*?)h(?P<n>\d+)_conv")
+_RENAMES = (
+    ("conv2d", "batch_normalization"),
+    ("conv", "bn"),
+    ("conv", "batchnorm"),
+    ("conv", "batch_norm"),
+    ("conv", "norm"),
+    ("Conv", "BatchNorm"),
+    ("Conv2d", "BatchNorm"),
+)
+
+
+def _naming_candidates(kernel: _Var, bn_scopes: set[str], auto_counts: dict[str, bool]) -> list[str]:
+    """The BatchNorm scopes that naming conventions suggest for ``kernel``."""
+    scope = kernel.scope
+    parent, _, leaf = scope.rpartition("/")
+
+    def join(name: str) -> str:
+        return f"{parent}/{name}" if parent else name
+
+    nested = [s for s in (f"{scope}/BatchNorm", f"{scope}/batch_normalization", f"{scope}/bn") if s in bn_scopes]
+    if nested:
+        return nested
+    match = _DCGAN_CONV.fullmatch(leaf)
+    if match:
+        base = join(f"{match['prefix']}bn{match['n']}")
+        found = [s for s in (base, f"{base}/batch_normalization") if s in bn_scopes]
+        if found:
+            return found[:1]
+    if re.fullmatch(r"conv2d(_\d+)?", leaf) and not auto_counts.get(parent, False):
+        return []  # Keras auto-names line up only when every conv2d_N has its batch_normalization_N
+    found = []
+    for old, new in _RENAMES:
+        for m in re.finditer(re.escape(old), leaf):
+            candidate = join(leaf[: m.start()] + new + leaf[m.end() :])
+            if candidate in bn_scopes and candidate not in found:
+                found.append(candidate)
+    if leaf.startswith("res") and join("bn" + leaf[3:]) in bn_scopes:  # Caffe ResNets: res2a_branch2a, bn2a_branch2a
+        found.append(join("bn" + leaf[3:]))
+    return found
+
+
+def _auto_name_counts(kernels: Iterable[_Var], bn_scopes: Iterable[str]) -> dict[str, bool]:
+    """Per parent scope: whether Keras auto-named convs and BatchNorms are equally many."""
+    convs: collections.Counter[str] = collections.Counter()
+    bns: collections.Counter[str] = collections.Counter()
+    for k in kernels:
+        parent, _, leaf = k.scope.rpartition("/")
+        convs[parent] += bool(re.fullmatch(r"conv2d(_\d+)?", leaf))
+    for s in bn_scopes:
+        parent, _, leaf = s.rpartition("/")
+        bns[parent] += bool(re.fullmatch(r"batch_normalization(_\d+)?", leaf))
+    return {p: convs[p] == bns[p] for p in convs}
+
+
+def _order_pairs(kernels: list[_Var], bns: dict[str, dict[str, _Var]]) -> dict[str, tuple[str, bool]]:
+    """Object-based checkpoints: a conv directly followed (same parent) by a BatchNorm of its width.
+
+    Returns ``{kernel: (bn_scope, depthwise)}``. Keras 3 names a depthwise kernel ``kernel`` too:
+    a ``(kh, kw, C, m)`` kernel followed by a BatchNorm of width ``C*m`` (not ``m``) is depthwise.
+    """
+    items = [(k.scope, "conv", k.name) for k in kernels] + [(s, "bn", s) for s in bns]
+    items.sort(key=lambda item: natural_key(item[0]))
+    pairs = {}
+    for (scope, kind, name), (next_scope, next_kind, bn) in itertools.pairwise(items):
+        if kind != "conv" or next_kind != "bn" or scope.rpartition("/")[0] != next_scope.rpartition("/")[0]:
+            continue
+        a, b = scope.rpartition("/")[2], next_scope.rpartition("/")[2]
+        if a.isdigit() and b.isdigit() and int(b) != int(a) + 1:
+            continue  # a layer without variables (an activation) sits between them
+        kernel = next(k for k in kernels if k.name == name)
+        width = bns[bn]["moving_mean"].shape
+        if width == (_out_channels(kernel),):
+            pairs[name] = (bn, kernel.depthwise)
+        elif width == (kernel.shape[2] * kernel.shape[3],) and kernel.role == "kernel":
+            pairs[name] = (bn, True)
+    return pairs
+
+
+def _out_channels(kernel: _Var) -> int:
+    shape = kernel.shape
+    return shape[2] * shape[3] if kernel.depthwise else shape[3]
+
+
+def _pick_kernel(candidates: list[_Var]) -> _Var | None:
+    for role in _KERNEL_ROLES:
+        for var in candidates:
+            if var.role == role:
+                return var
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def read(
+    path: str | os.PathLike[str],
+    *,
+    pairs: Mapping[str, str] | None = None,
+    eps: float | None = None,
+    momentum: float | None = None,
+    use_ema: bool = False,
+) -> Checkpoint:
+    """Read a TF checkpoint (tf-slim, DCGAN, ``tf.compat.v1.layers`` or TF2 object-based names).
+
+    Args:
+        path: the checkpoint prefix, its ``.index``/``.data-*`` file, or a directory holding a
+            ``checkpoint`` state file.
+        pairs: conv scope (or kernel variable) -> BatchNorm scope, e.g. ``{"d_h1_conv": "d_bn1"}``;
+            wins over the graph and naming rules.
+        eps: BatchNorm epsilon for every layer, instead of the one read from the ``.meta`` graph or
+            the naming style's preset (a TF checkpoint does not store it).
+        momentum: moving-average momentum (fraction kept) for every layer, instead of the preset's.
+        use_ema: take each variable's ``ExponentialMovingAverage`` shadow where it has one.
+
+    Returns:
+        A :class:`~convbn.convert.Checkpoint`: layers keyed by conv scope in source order, other
+        variables in ``tensors`` (TF2 object-based ones by object path), optimizer slots,
+        ``global_step`` and unused EMA shadows in ``dropped``, and ``notes`` saying which defaults
+        were assumed and what stayed unpaired.
+
+    Raises:
+        ConvBNError: for a missing, truncated or corrupt file, a BatchNorm tensor that is not 1-D or
+            does not match its conv's width, a negative or NaN moving variance, a bad ``pairs``
+            entry, or ``use_ema=True`` without EMA shadows. The message names the file and tensor.
+
+    Example:
+        >>> ckpt = read("model.ckpt")  # doctest: +SKIP
+        >>> ckpt.layers["conv1"].kernel.shape, ckpt.convention  # doctest: +SKIP
+        ((3, 3, 3, 16), 'slim')
+    """
+    prefix = resolve(path)
+    source = _Source(prefix)
+    ckpt = Checkpoint(format=NAME)
+    object_based = _OBJECT_GRAPH in source.shapes
+    variables = _variables(source, object_based, use_ema, ckpt)
+    bns = _batchnorms(variables, source)
+    kernels = [v for v in variables.values() if len(v.shape) == 4 and v.role in _KERNEL_ROLES]
+    graph = None if object_based else _load_graph(prefix, variables, bns, ckpt.notes)
+    chosen = _pair(source, variables, kernels, bns, graph, pairs or {}, object_based, ckpt.notes)
+
+    def position(name: str) -> tuple[Any, ...]:
+        if graph is not None and name in graph.order:
+            return (0, graph.order[name])
+        return (1, natural_key(name))
+
+    # One layer per conv, keyed by its scope (by the kernel's name when two kernels share a scope).
+    layer_of: dict[str, str] = {}
+    for kernel_name in sorted(chosen, key=position):
+        scope = variables[kernel_name].scope or kernel_name
+        layer_of[kernel_name] = kernel_name if scope in layer_of.values() else scope
+
+    by_scope: dict[str, list[_Var]] = collections.defaultdict(list)
+    for var in variables.values():
+        by_scope[var.scope].append(var)
+    consumed: set[str] = set()
+    styles: dict[str, list[str]] = collections.defaultdict(list)
+    graph_eps: list[str] = []
+    unfused: list[str] = []
+    for kernel_name, layer in layer_of.items():
+        bn_scope, reason, style = chosen[kernel_name]
+        kernel_var = variables[kernel_name]
+        bias_var = next(
+            (v for v in by_scope[kernel_var.scope] if v.role in _BIAS_ROLES and v.name not in consumed), None
+        )
+        preset = _STYLE_PRESET[style]
+        graph_layer_eps = graph.bn_eps.get(bn_scope) if graph is not None else None
+        eps_from_graph = eps is None and graph_layer_eps is not None
+        layer_eps = graph_layer_eps if eps_from_graph else eps
+        if eps_from_graph:
+            graph_eps.append(layer)
+        var_update = preset.var_update
+        if graph is not None and bn_scope in graph.bn_unfused:
+            var_update = "biased"  # TF's non-fused batch norm updates with the biased variance
+            unfused.append(layer)
+        params, (conv_names, bn_names) = _build_layer(
+            source, kernel_var, bias_var, bns[bn_scope],
+            graph.geometry.get(kernel_name, {}) if graph is not None else {},
+            eps=preset.eps if layer_eps is None else layer_eps,
+            momentum=preset.momentum if momentum is None else momentum,
+            var_update=var_update,
+        )
+        ckpt.layers[layer] = params
+        ckpt.sources[layer] = LayerSource(
+            conv=conv_names,
+            bn=bn_names,
+            reason=reason,
+            conv_name=kernel_var.scope or kernel_var.name,
+            bn_name=bn_scope,
+            # stride/padding/dilation from the graph's conv op (a depthwise kernel's shape gives
+            # groups either way); eps from its fused BatchNorm op. momentum is never stored.
+            geometry=graph is not None and kernel_name in graph.geometry,
+            settings=eps_from_graph,
+        )
+        styles[style].append(layer)
+        consumed.add(kernel_name)
+        consumed.update(v.name for v in bns[bn_scope].values())
+        if bias_var is not None:
+            consumed.add(bias_var.name)
+
+    # Everything else, in the same order, read one tensor at a time.
+    for name in sorted((n for n in variables if n not in consumed), key=position):
+        var = variables[name]
+        value = source.get(var.key)
+        if var.role == "moving_variance" and var.scope in bns:
+            _check_variance(source, var, value)
+        if value.dtype.kind in "OSU":
+            ckpt.dropped.append(var.key)
+            ckpt.notes.append(f"dropped string tensor {var.key!r}")
+            continue
+        ckpt.tensors[name] = value
+
+    _report(ckpt, styles, graph, graph_eps, unfused, kernels, chosen, bns, eps, momentum)
+    return ckpt
+
+
+def _variables(source: _Source, object_based: bool, use_ema: bool, ckpt: Checkpoint) -> dict[str, _Var]:
+    """The model variables by logical name; optimizer state and unused EMA values go to ``dropped``."""
+    notes = ckpt.notes
+    if object_based:
+        logical, dropped = _object_graph_names(source)
+    else:
+        dropped = [k for k in source.shapes if _is_bookkeeping(k, source.shapes)]
+        logical = {k: k for k in source.shapes if k not in set(dropped)}
+    ckpt.dropped.extend(sorted(dropped, key=natural_key))
+    if dropped:
+        notes.append(
+            f"dropped {len(dropped)} optimizer/bookkeeping entries (optimizer slots, step counters"
+            f"{', the object graph' if object_based else ''}); listed in Checkpoint.dropped"
+        )
+
+    # ExponentialMovingAverage shadows: used instead of their variables, or dropped.
+    shadows = {n[: -len(_EMA_SUFFIX)]: n for n in logical if n.endswith(_EMA_SUFFIX)}
+    shadows = {v: s for v, s in shadows.items() if v in logical}
+    if use_ema and not shadows:
+        raise ConvBNError(
+            "use_ema=True needs ExponentialMovingAverage shadow variables ('<var>/ExponentialMovingAverage'). "
+            f"Received: file={source.index} with none"
+        )
+    keys: dict[str, str] = {}
+    for name, key in logical.items():
+        if name.endswith(_EMA_SUFFIX) and name[: -len(_EMA_SUFFIX)] in shadows:
+            continue
+        keys[name] = logical[shadows[name]] if use_ema and name in shadows else key
+    ckpt.dropped.extend(sorted((logical[v] if use_ema else logical[s]) for v, s in shadows.items()))
+    if shadows:
+        notes.append(
+            f"used the ExponentialMovingAverage shadows of {len(shadows)} variables; their raw values are dropped"
+            if use_ema
+            else f"dropped {len(shadows)} ExponentialMovingAverage shadows (read with use_ema=True to use them)"
+        )
+    variables = {}
+    for name, key in keys.items():
+        shape = source.shapes[key]
+        depthwise = len(shape) == 4 and name.rpartition("/")[2].lstrip("_") in _DEPTHWISE_ROLES
+        variables[name] = _Var(name, key, shape, depthwise)
+    return variables
+
+
+def _batchnorms(variables: Mapping[str, _Var], source: _Source) -> dict[str, dict[str, _Var]]:
+    """BatchNorm scopes (those holding moving_mean and moving_variance) and their variables by role."""
+    found: dict[str, dict[str, _Var]] = collections.defaultdict(dict)
+    for var in variables.values():
+        if var.role in _BN_ROLES and var.scope:
+            found[var.scope][_BN_ROLES[var.role]] = var
+    bns = {s: r for s, r in found.items() if "moving_mean" in r and "moving_variance" in r}
+    for roles in bns.values():
+        for role, var in roles.items():
+            if len(var.shape) != 1:
+                raise ConvBNError(
+                    f"BatchNorm {role} must be 1-D. Received: file={source.index}, tensor={var.key!r}, "
+                    f"shape={var.shape}"
+                )
+    return bns
+
+
+def _style(kernel: _Var, bn: str, object_based: bool) -> str:
+    """Which source style (and so which convention preset) a conv+BatchNorm pair follows."""
+    if object_based:
+        return "keras2" if "layer_with_weights-" in kernel.name else "keras3"
+    if bn.rpartition("/")[2] == "BatchNorm":
+        return "slim"
+    return {"w": "dcgan", "kernel": "tf_v1_layers"}.get(kernel.role, "slim")
+
+
+def _pair(
+    source: _Source,
+    variables: dict[str, _Var],
+    kernels: list[_Var],
+    bns: dict[str, dict[str, _Var]],
+    graph: _Graph | None,
+    pairs: Mapping[str, str],
+    object_based: bool,
+    notes: list[str],
+) -> dict[str, tuple[str, str, str]]:
+    """``{kernel name: (BatchNorm scope, reason, style)}``: explicit, graph, naming, then order.
+
+    May mark a kernel depthwise in ``variables`` (Keras 3 names depthwise kernels ``kernel``).
+    """
+    chosen: dict[str, tuple[str, str, str]] = {}
+    used: set[str] = set()
+
+    def take(kernel: _Var, bn: str, reason: str) -> None:
+        chosen[kernel.name] = (bn, reason, _style(kernel, bn, object_based))
+        used.add(bn)
+
+    for conv_name, bn_name in pairs.items():
+        kernel = variables.get(conv_name) or _pick_kernel(
+            [v for v in variables.values() if v.scope == conv_name and len(v.shape) == 4]
+        )
+        if kernel is None or len(kernel.shape) != 4:
+            raise ConvBNError(
+                "pairs must map a conv scope holding one 4-D kernel to a BatchNorm scope. "
+                f"Received: pairs[{conv_name!r}] with no 4-D kernel under {conv_name!r} in {source.index}"
+            )
+        if bn_name not in bns:
+            raise ConvBNError(
+                "pairs must name a BatchNorm scope holding moving_mean and moving_variance; "
+                f"the checkpoint has {sorted(bns, key=natural_key)[:8]}. "
+                f"Received: pairs[{conv_name!r}]={bn_name!r}"
+            )
+        if bn_name in used:
+            raise ConvBNError(f"pairs must give each BatchNorm one conv. Received: {bn_name!r} twice")
+        take(kernel, bn_name, "explicit")
+
+    if graph is not None:
+        for kernel in kernels:
+            bn = graph.bn_of.get(kernel.name)
+            if kernel.name not in chosen and bn is not None and bn not in used:
+                take(kernel, bn, "graph")
+
+    auto_counts = _auto_name_counts(kernels, bns)
+    for kernel in sorted(kernels, key=lambda k: natural_key(k.name)):
+        if kernel.name in chosen:
+            continue
+        if graph is not None and (kernel.name in graph.geometry or kernel.name in graph.not_conv):
+            continue  # the graph shows what this kernel feeds: no naming guess overrides it
+        candidates = [
+            s for s in _naming_candidates(kernel, set(bns), auto_counts)
+            if s not in used and bns[s]["moving_mean"].shape == (_out_channels(kernel),)
+        ]
+        if len(candidates) == 1:
+            take(kernel, candidates[0], "naming")
+
+    if object_based:
+        rest = [k for k in kernels if k.name not in chosen]
+        for name, (bn, depthwise) in _order_pairs(rest, {s: r for s, r in bns.items() if s not in used}).items():
+            if depthwise and not variables[name].depthwise:
+                variables[name] = dataclasses.replace(variables[name], depthwise=True)
+                width = bns[bn]["moving_mean"].shape[0]
+                notes.append(f"read {name!r} as a depthwise kernel: the BatchNorm after it is {width} wide")
+            take(variables[name], bn, "order")
+    return chosen
+
+
+def _check_variance(source: _Source, var: _Var, value: np.ndarray) -> None:
+    bad = ~(np.isfinite(value) & (value >= 0))
+    if np.any(bad):
+        raise ConvBNError(
+            "BatchNorm moving_variance must be finite and >= 0. Received: "
+            f"file={source.data_name()}, tensor={var.key!r} with {int(bad.sum())} bad values, "
+            f"e.g. {value[bad][0]!r}"
+        )
+
+
+def _build_layer(
+    source: _Source,
+    kernel_var: _Var,
+    bias_var: _Var | None,
+    bn: dict[str, _Var],
+    geometry: dict[str, Any],
+    **convention: Any,
+) -> tuple[ConvBNParams, tuple[dict[str, str], dict[str, str]]]:
+    kernel = source.get(kernel_var.key)
+    groups = 1
+    if kernel_var.depthwise:
+        kh, kw, channels, multiplier = kernel.shape
+        kernel = kernel.reshape(kh, kw, 1, channels * multiplier)  # output channel c*m + j, as HWIO groups
+        groups = channels
+    out = kernel.shape[3]
+    arrays: dict[str, Any] = {}
+    conv_names = {"kernel": kernel_var.key}
+    bn_names: dict[str, str] = {}
+    fields = [("bias", bias_var, conv_names)] + [
+        (field, bn.get(role), bn_names)
+        for field, role in (("gamma", "gamma"), ("beta", "beta"), ("moving_mean", "moving_mean"),
+                            ("moving_var", "moving_variance"))
+    ]
+    for field, var, names in fields:
+        if var is None:
+            continue
+        if var.shape != (out,):
+            raise ConvBNError(
+                f"{var.role} must have shape ({out},) to match the conv kernel {kernel_var.key!r} "
+                f"{kernel_var.shape}. Received: file={source.index}, tensor={var.key!r}, shape={var.shape}"
+            )
+        arrays[field] = source.get(var.key)
+        names[field] = var.key
+    _check_variance(source, bn["moving_variance"], arrays["moving_var"])
+    try:
+        params = ConvBNParams(kernel=kernel, groups=groups, **arrays, **geometry, **convention)
+    except ConvBNError as exc:
+        raise ConvBNError(f"{exc} (layer {kernel_var.scope!r} in {source.index})") from None
+    return params, (conv_names, bn_names)
+
+
+def _report(
+    ckpt: Checkpoint,
+    styles: dict[str, list[str]],
+    graph: _Graph | None,
+    graph_eps: list[str],
+    unfused: list[str],
+    kernels: list[_Var],
+    chosen: Mapping[str, tuple[str, str, str]],
+    bns: Mapping[str, Any],
+    eps: float | None,
+    momentum: float | None,
+) -> None:
+    notes = ckpt.notes
+    if len(styles) == 1:
+        ckpt.convention = _STYLE_PRESET[next(iter(styles))].name
+    for style, layers in styles.items():
+        preset = _STYLE_PRESET[style]
+        text = (
+            f"eps and momentum are not stored in a TF checkpoint: {len(layers)} layer(s) with "
+            f"{_STYLE_TEXT[style]} names assume the {preset.name!r} preset (eps={preset.eps:g}, "
+            f"momentum={preset.momentum:g} kept, {preset.var_update} variance update)"
+        )
+        if style == "dcgan":
+            text += "; DCGAN's code passes epsilon=1e-5 and decay=0.9 to batch_norm explicitly"
+        if style == "slim" and not any(ckpt.layers[name].gamma is not None for name in layers):
+            text += "; no gamma (slim's scale=False), i.e. a scale of 1"
+        notes.append(text)
+    if eps is not None:
+        notes.append(f"eps={eps:g} given explicitly: used for every layer")
+    elif graph_eps:
+        notes.append(f"eps read from the .meta graph's fused BatchNorm ops for {len(graph_eps)} layer(s)")
+    if momentum is not None:
+        notes.append(f"momentum={momentum:g} (fraction kept) given explicitly: used for every layer")
+    if unfused:
+        notes.append(f"non-fused BatchNorm in the .meta graph: biased variance update for {unfused}")
+    if ckpt.layers:
+        if graph is not None:
+            notes.append("layer order, stride, padding and dilation read from the .meta graph")
+        else:
+            notes.append(
+                "no .meta graph: layers in natural name order, with stride 1, SAME padding and dilation 1 "
+                "(slim.conv2d's defaults; a TF checkpoint does not store them)"
+            )
+    reasons = collections.Counter(src.reason for src in ckpt.sources.values())
+    if reasons:
+        notes.append("paired by " + ", ".join(f"{r}: {n}" for r, n in reasons.items()))
+    for kernel in kernels:
+        if kernel.name not in chosen:
+            notes.append(f"conv {kernel.name!r} has no BatchNorm paired with it: kept in tensors")
+    used_bns = {bn for bn, _, _ in chosen.values()}
+    for scope in bns:
+        if scope not in used_bns:
+            notes.append(f"BatchNorm {scope!r} follows no conv: kept in tensors")
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def _layer_entries(ckpt: Checkpoint, *, check_bias: bool = True) -> list[tuple[str, np.ndarray]]:
+    """Each layer's variables under tf-slim's names (conv weights and biases when fused)."""
+    from convbn.backends.numpy import to_numpy
+
+    entries: list[tuple[str, np.ndarray]] = []
+    for layer, params in ckpt.layers.items():
+        if not isinstance(layer, str) or not layer:
+            raise ConvBNError(f"layer names must be non-empty strings. Received: layer={layer!r}")
+        if check_bias and params.bias is not None and not ckpt.fused:
+            raise ConvBNError(
+                "a slim checkpoint has no conv bias: fold it into BatchNorm first "
+                "(save_checkpoint(..., fold_bias='beta' or 'moving_mean'), or convbn.convert.fold_bias). "
+                f"Received: layer {layer!r} with a bias"
+            )
+        kernel = to_numpy(params.kernel)
+        kh, kw, per_group, out = kernel.shape
+        if params.groups > 1 and per_group == 1:
+            # Depthwise: slim's (kh, kw, C, multiplier), output channel c*m + j as in HWIO groups.
+            entries.append((f"{layer}/depthwise_weights", kernel.reshape(kh, kw, params.groups, out // params.groups)))
+        else:
+            entries.append((f"{layer}/weights", kernel))
+        if ckpt.fused:
+            # What slim.conv2d without a normalizer restores: weights and biases.
+            bias = np.zeros(out, kernel.dtype) if params.bias is None else to_numpy(params.bias)
+            entries.append((f"{layer}/biases", bias))
+            continue
+        mean = to_numpy(params.moving_mean)
+        if params.gamma is not None:
+            entries.append((f"{layer}/BatchNorm/gamma", to_numpy(params.gamma)))
+        beta = np.zeros_like(mean) if params.beta is None else to_numpy(params.beta)
+        entries.append((f"{layer}/BatchNorm/beta", beta))
+        entries.append((f"{layer}/BatchNorm/moving_mean", mean))
+        entries.append((f"{layer}/BatchNorm/moving_variance", to_numpy(params.moving_var)))
+    return entries
+
+
+def _slim_entries(ckpt: Checkpoint) -> list[tuple[str, np.ndarray]]:
+    """Every variable to write: the layers', then the other tensors when the source is a TF
+    checkpoint too (their names and layouts are TF's). Appends to ``ckpt.notes`` what is not stored."""
+    from convbn.backends.numpy import to_numpy
+
+    entries = _layer_entries(ckpt)
+    grouped = {name: p.groups for name, p in ckpt.layers.items() if p.groups > 1 and np.shape(p.kernel)[2] > 1}
+    if grouped:
+        listed = ", ".join(f"{name} (groups={g})" for name, g in grouped.items())
+        ckpt.notes.append(
+            f"grouped convs written as 'L/weights' (HWIO, in_channels/groups inputs): {listed}. A TF "
+            "checkpoint does not store groups and slim.conv2d has none (tf.nn.conv2d and Keras "
+            "Conv2D(groups=...) use these kernels); reading this file back gives groups=1: set groups "
+            "with dataclasses.replace"
+        )
+    if ckpt.tensors:
+        if origin_format(ckpt) == NAME:
+            for name, value in ckpt.tensors.items():
+                if not isinstance(name, str) or not name:
+                    raise ConvBNError(f"tensor names must be non-empty strings. Received: name={name!r}")
+                entries.append((name, to_numpy(value)))
+        else:
+            ckpt.notes.append(not_written_note(ckpt))
+    seen: set[str] = set()
+    for name, _ in entries:
+        if name in seen:
+            raise ConvBNError(
+                f"every variable name in a slim checkpoint must be unique. Received: {name!r} twice "
+                "(a layer's variable and a tensor of the same name?)"
+            )
+        seen.add(name)
+    return entries
+
+
+def _to_tf(value: np.ndarray) -> Any:
+    """A TF tensor viewing ``value``'s memory where DLPack allows it (no copy), else a copy."""
+    tf = _tensorflow()
+
+    if value.dtype.kind in "biuf" and value.dtype.isnative:
+        try:
+            # np.ascontiguousarray would turn a 0-d array into a 1-d one.
+            contiguous = value if value.flags.c_contiguous else np.ascontiguousarray(value)
+            return tf.experimental.dlpack.from_dlpack(contiguous.__dlpack__())
+        except Exception:  # e.g. a dtype DLPack cannot carry
+            pass
+    return tf.constant(value)
+
+
+def write_prefix(path: str | os.PathLike[str]) -> Path:
+    """The prefix :func:`write` writes for ``path``: ``path`` itself, or without a final ``.index``."""
+    target = Path(path)
+    if target.name.endswith(".index"):  # the index file named instead of the prefix
+        target = target.with_name(target.name[: -len(".index")])
+    return target
+
+
+def check_destination(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
+    """Refuse a prefix whose ``.meta`` graph does not describe ``ckpt`` as the slim writer writes it.
+
+    A later read takes layer order, pairing, stride, padding, dilation and eps from
+    ``<prefix>.meta`` when one is there. A ``.meta`` is therefore kept only when it declares every
+    variable of every written layer with the same shape (e.g. the graph of the slim model the
+    weights are for); one left by another checkpoint at this prefix, or one that cannot be read,
+    makes the write fail before anything is written. convbn never deletes it: remove or rename it,
+    or write to another prefix. :func:`write` calls this; ``convbn convert`` calls it for the final
+    destination before it writes to a staging directory.
+
+    Args:
+        ckpt: the checkpoint about to be written (as ``save_checkpoint`` passes it to :func:`write`).
+        path: the prefix to write, or its ``.index`` file.
+
+    Raises:
+        ConvBNError: naming the ``.meta`` file and the first variable it contradicts.
+
+    Example:
+        >>> check_destination(ckpt, "out/model.ckpt")  # doctest: +SKIP
+    """
+    meta = _meta_path(write_prefix(path))
+    if not meta.is_file():
+        return
+    try:
+        # A conv bias is folded before writing, which changes no name or shape.
+        shapes = [(name, tuple(np.shape(value))) for name, value in _layer_entries(ckpt, check_bias=False)]
+    except ConvBNError:
+        return  # write() reports what is wrong with the checkpoint itself
+    try:
+        declared = _declared_shapes(_read_meta(meta))
+    except ValueError as exc:
+        problem: str | None = str(exc)
+    else:
+        missing = [name for name, _ in shapes if name not in declared]
+        problem = _shape_conflict(declared, shapes) or (
+            f"it declares no variable {missing[0]!r}" if missing else None
+        )
+    if problem is not None:
+        raise ConvBNError(
+            f"a .meta graph next to the prefix written must describe the new checkpoint, since later reads "
+            f"take layer order, pairing, stride, padding and eps from it; {meta} does not: {problem}. "
+            f"Remove or rename it, or write to another prefix. Received: path={str(path)!r}"
+        )
+
+
+def write(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
+    """Write ``ckpt`` as a tf-slim checkpoint at prefix ``path`` (``path.index`` + ``path.data-*``).
+
+    Each layer ``L`` becomes ``L/weights`` (``L/depthwise_weights`` when depthwise),
+    ``L/BatchNorm/gamma`` (only if the layer has a gamma), ``L/BatchNorm/beta`` (zeros if it has
+    none), ``L/BatchNorm/moving_mean`` and ``L/BatchNorm/moving_variance``: what
+    ``slim.conv2d(..., normalizer_fn=slim.batch_norm, scope=L)`` restores (pass
+    ``normalizer_params={'scale': True}`` for layers with a gamma). A fused checkpoint
+    (:func:`convbn.convert.fuse_checkpoint`) becomes ``L/weights`` and ``L/biases``, what
+    ``slim.conv2d`` without a normalizer restores. ``ckpt.tensors`` are written under their own
+    names when the checkpoint came from a TF checkpoint, and listed in ``ckpt.notes`` as not written
+    otherwise (their names and layouts are another framework's). Values are written bit for bit, in
+    their own dtypes. Stride, padding, dilation, groups (of a grouped, non-depthwise conv), eps and
+    momentum are not part of a TF checkpoint. An existing ``path.meta`` is kept only when it
+    describes the new checkpoint (see :func:`check_destination`).
+
+    Args:
+        ckpt: the checkpoint; its layers must have no conv bias unless it is fused.
+        path: the checkpoint prefix to write (its directory must exist); a path ending in
+            ``.index`` names the prefix without it.
+
+    Raises:
+        ConvBNError: for a layer with a conv bias, a name written twice, an existing directory at
+            ``path``, a ``path.meta`` of another graph, or a failed write; nothing is written then.
+
+    Example:
+        >>> write(convbn.convert.Checkpoint(layers={"conv1": params}), "out/model.ckpt")  # doctest: +SKIP
+    """
+    target = write_prefix(path)
+    if target.is_dir():
+        raise ConvBNError(
+            f"a TF checkpoint is written at a prefix such as 'dir/model.ckpt', not a directory. Received: path={str(path)!r}"
+        )
+    if not target.parent.is_dir():
+        raise ConvBNError(f"the directory to write the checkpoint into must exist. Received: path={str(path)!r}")
+    entries = _slim_entries(ckpt)
+    if not entries:
+        what = (
+            f"only other tensors of a {origin_format(ckpt) or 'non-TF'} source, which are not written to slim"
+            if ckpt.tensors
+            else "an empty checkpoint"
+        )
+        raise ConvBNError(f"a checkpoint to write must hold at least one layer or tensor. Received: {what}")
+    check_destination(ckpt, target)
+    if _meta_path(target).is_file():
+        ckpt.notes.append(
+            f"kept {_meta_path(target)}: it declares every variable written, so later reads take layer "
+            "order, pairing, stride, padding and eps from it"
+        )
+    tf = _tensorflow()
+
+    with atomic_output(target) as out:
+        try:
+            tf.raw_ops.SaveV2(
+                prefix=str(out),
+                tensor_names=[name for name, _ in entries],
+                shape_and_slices=[""] * len(entries),
+                tensors=[_to_tf(value) for _, value in entries],
+            )
+        except Exception as exc:
+            raise ConvBNError(f"writing the TF checkpoint failed: {_first_line(exc)}. Received: path={str(path)!r}") from None

@@ -1,0 +1,718 @@
+"""Load any checkpoint into an existing model built from a framework's ordinary layers.
+
+:func:`load_into` finds the model's Conv -> BatchNorm pairs (torch: ``torch.fx`` tracing, else
+module order; Keras: the layer graph, else layer order; Flax: variable-tree order), matches them
+to the checkpoint's layers by order and kernel shape, folds a conv bias the model's conv lacks,
+translates every convention, and writes everything at once, or nothing. It returns a
+:class:`LoadReport`; with ``strict=True`` anything unmatched raises :class:`LoadError` carrying the
+report before a single weight changes.
+
+:func:`conform_checkpoint` applies the same matcher to a checkpoint and a state file of the user's
+model (``convbn convert SRC DST --like MODEL_STATE``), so the output has the model's names.
+
+This package imports no framework at import time: the framework's module (``_torch``, ``_keras``,
+``_flax``) is loaded once the model's kind is known, and only if that framework is already imported
+(the model could not exist otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from convbn.errors import ConvBNError
+from convbn.params import ConvBNParams
+
+if TYPE_CHECKING:
+    from convbn.convert import Checkpoint
+
+__all__ = [
+    "LoadError",
+    "LoadReport",
+    "Mismatch",
+    "conform_checkpoint",
+    "load_into",
+]
+
+EpsPolicy = Literal["model", "checkpoint"]
+FoldOption = Literal["beta", "moving_mean"] | None | bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Mismatch:
+    """A checkpoint layer at a model pair's place that does not fit it; never loaded.
+
+    Attributes:
+        model: the model pair (its conv's name).
+        checkpoint: the checkpoint layer.
+        reason: what differs, e.g. ``"kernel (HWIO) (3, 3, 16, 64) in the checkpoint, (3, 3, 16, 32)
+            in the model"``.
+    """
+
+    model: str
+    checkpoint: str
+    reason: str
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What :func:`load_into` (or :func:`conform_checkpoint`) matched, loaded and left out.
+
+    Model layers are named by their conv (torch module path, Keras layer name, Flax module path
+    such as ``block/Conv_0``); checkpoint layers by their key in :attr:`Checkpoint.layers`.
+
+    Attributes:
+        matched: model layer -> checkpoint layer, for every pair loaded (or, when the load raised,
+            that would have been).
+        missing: model layers no checkpoint layer matched; left as they were.
+        unexpected: checkpoint layers no model layer took.
+        mismatched: checkpoint layers at a model layer's place that do not fit it (kernel shape,
+            or a gamma/beta the model's BatchNorm lacks); never loaded.
+        folded: model layer -> ``"beta"`` or ``"moving_mean"``, where the checkpoint's conv bias
+            was folded into the BatchNorm because the model's conv has none.
+        notes: everything else worth knowing: how pairs were found, eps that differ, layers
+            matched out of order, tensors set to zero.
+        pairing: how the model's pairs were found: ``"torch.fx"``, ``"module order"``,
+            ``"layer graph"``, ``"layer order"``, ``"tree order"``, ``"tree names"`` (a Flax tree
+            whose key order was lost), or ``"checkpoint"`` (:func:`conform_checkpoint`).
+        pairs: model layer -> its BatchNorm's name.
+        unused: checkpoint tensors outside conv+BatchNorm layers (a classifier, a conv without
+            BatchNorm); ``load_into`` loads conv+BatchNorm pairs only, so these are listed, never
+            loaded, and do not make ``strict`` fail.
+        untouched: the model's weights outside the pairs (a classifier, a conv without
+            BatchNorm), left as they were.
+        variables: for a Flax variable tree, the new tree (trees are immutable); None otherwise
+            (torch and Keras models are changed in place).
+        loaded: whether the model (or the new tree) holds the checkpoint's values; False when
+            the load raised.
+    """
+
+    matched: dict[str, str] = dataclasses.field(default_factory=dict)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    mismatched: list[Mismatch] = dataclasses.field(default_factory=list)
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    pairing: str = ""
+    pairs: dict[str, str] = dataclasses.field(default_factory=dict)
+    unused: list[str] = dataclasses.field(default_factory=list)
+    untouched: list[str] = dataclasses.field(default_factory=list)
+    variables: Any = None
+    loaded: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when every model pair and every checkpoint layer matched and fitted."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        """The report as text: counts, then each list that is not empty, then the notes."""
+        lines = [
+            f"{len(self.matched)} matched, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+            f"{len(self.mismatched)} mismatched; {len(self.folded)} conv bias(es) folded "
+            f"(model pairs found by {self.pairing or 'n/a'})"
+        ]
+        if self.missing:
+            lines.append(f"missing (model layers without a checkpoint layer): {_listed(self.missing)}")
+        if self.unexpected:
+            lines.append(f"unexpected (checkpoint layers without a model layer): {_listed(self.unexpected)}")
+        for m in self.mismatched:
+            lines.append(f"mismatched: model {m.model!r} <- checkpoint {m.checkpoint!r}: {m.reason}")
+        if self.folded:
+            lines.append("folded: " + ", ".join(f"{k} (into {v})" for k, v in self.folded.items()))
+        if self.unused:
+            lines.append(f"not loaded (checkpoint tensors outside conv+BatchNorm layers): {_listed(self.unused)}")
+        if self.untouched:
+            lines.append(f"untouched (model weights outside conv+BatchNorm pairs): {_listed(self.untouched)}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+class LoadError(ConvBNError):
+    """:func:`load_into` or :func:`conform_checkpoint` with ``strict=True`` found something
+    unmatched; nothing was changed. ``report`` holds the :class:`LoadReport`."""
+
+    def __init__(self, message: str, report: LoadReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def _listed(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+# -- the model side ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Target:
+    """One Conv -> BatchNorm pair of the model (or of a ``--like`` state file).
+
+    Settings that are None are unknown (a Flax tree records no eps or geometry) and taken from the
+    checkpoint.
+    """
+
+    name: str
+    bn_name: str
+    kernel_shape: tuple[int, ...]
+    bias: bool
+    gamma: bool
+    beta: bool
+    eps: float | None = None
+    momentum: float | None = None
+    geometry: dict[str, Any] | None = None
+    handle: Any = None
+
+
+@dataclasses.dataclass
+class ModelPairs:
+    """What a framework module found in the model."""
+
+    targets: list[Target]
+    pairing: str
+    notes: list[str] = dataclasses.field(default_factory=list)
+    untouched: list[str] = dataclasses.field(default_factory=list)
+
+
+# -- matching ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Matching:
+    """Indices into the targets and the checkpoint's layers."""
+
+    matched: list[tuple[int, int]]
+    mismatched: list[tuple[int, int]]
+    missing: list[int]
+    unexpected: list[int]
+    notes: list[str]
+
+
+def _align(
+    targets: Sequence[tuple[tuple[int, ...], str]],
+    layers: Sequence[tuple[tuple[int, ...], set[str]]],
+    late_gaps: bool,
+) -> list[tuple[int, int]]:
+    """The order-preserving alignment of model pairs ``(shape, name)`` with checkpoint layers
+    ``(shape, names)`` that matches the most pairs of equal shape.
+
+    Ties go to the alignment matching more names, then to gaps placed late (``late_gaps``: earlier
+    layers match by position) or early. Costs are tuples ``(gaps, -names, position)``, compared
+    lexicographically, an order compatible with addition, so the dynamic programme below finds the
+    lexicographic minimum.
+    """
+    n, m = len(targets), len(layers)
+    big = n + m + 1
+    worst = (2 * big, 0, 0)
+    cost = [[worst] * (m + 1) for _ in range(n + 1)]  # cost[i][j]: targets[i:] with layers[j:]
+    step = [[0] * (m + 1) for _ in range(n + 1)]  # 1 match, 2 skip a target, 3 skip a layer
+    for i in range(n, -1, -1):
+        for j in range(m, -1, -1):
+            if i == n and j == m:
+                cost[i][j] = (0, 0, 0)
+                continue
+            best, how = worst, 0
+            if i < n and j < m and targets[i][0] == layers[j][0]:
+                rest = cost[i + 1][j + 1]
+                best, how = (rest[0], rest[1] - (targets[i][1] in layers[j][1]), rest[2]), 1
+            if i < n:  # model pair i left without a checkpoint layer
+                rest = cost[i + 1][j]
+                candidate = (rest[0] + 1, rest[1], rest[2] + (big - i if late_gaps else i))
+                if candidate < best:
+                    best, how = candidate, 2
+            if j < m:  # checkpoint layer j left without a model pair
+                rest = cost[i][j + 1]
+                candidate = (rest[0] + 1, rest[1], rest[2] + (big - j if late_gaps else j))
+                if candidate < best:
+                    best, how = candidate, 3
+            cost[i][j], step[i][j] = best, how
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < n or j < m:
+        how = step[i][j]
+        if how == 1:
+            out.append((i, j))
+        i, j = i + (how in (1, 2)), j + (how in (1, 3))
+    return out
+
+
+def match_layers(targets: Sequence[Target], ckpt: Checkpoint, order: Sequence[str]) -> Matching:
+    """Match model pairs to the checkpoint's layers ``order`` (their keys, in checkpoint order).
+
+    1. Order: the order-preserving alignment with the most pairs of equal kernel shape (HWIO),
+       ties broken by equal names (a checkpoint of the same model), then by matching earlier layers
+       by position. Where shapes repeat and the alignment placing gaps early differs, a note says
+       the match is ambiguous.
+    2. Out of order: a leftover model pair and a leftover checkpoint layer with a kernel shape that
+       no other leftover has (a Keras graph may list a shortcut branch before the main one).
+    3. Mismatched: leftovers between the same two matched neighbours are at the same place in
+       both; taken in order, they are reported as mismatched, never loaded.
+    4. Anything else is missing (model side) or unexpected (checkpoint side).
+    """
+    notes: list[str] = []
+    t_keys = [(tuple(t.kernel_shape), t.name) for t in targets]
+    l_keys: list[tuple[tuple[int, ...], set[str]]] = []
+    for key in order:
+        source = ckpt.sources.get(key)
+        names = {key} | ({source.conv_name} if source is not None and source.conv_name else set())
+        l_keys.append((tuple(int(d) for d in np.shape(ckpt.layers[key].kernel)), names))
+    matched = _align(t_keys, l_keys, late_gaps=True)
+    if _align(t_keys, l_keys, late_gaps=False) != matched:
+        notes.append(
+            "kernel shapes repeat, so order and shape alone cannot tell which layers are absent; "
+            "earlier layers were matched by position: check the matched list"
+        )
+    anchors = list(matched)
+    used_t = {i for i, _ in matched}
+    used_l = {j for _, j in matched}
+    left_t = [i for i in range(len(targets)) if i not in used_t]
+    left_l = [j for j in range(len(order)) if j not in used_l]
+
+    t_shapes = [t_keys[i][0] for i in left_t]
+    l_shapes = [l_keys[j][0] for j in left_l]
+    moved = [
+        (i, left_l[l_shapes.index(t_keys[i][0])])
+        for i in left_t
+        if t_shapes.count(t_keys[i][0]) == 1 and l_shapes.count(t_keys[i][0]) == 1
+    ]
+    if moved:
+        notes.append(
+            "matched out of order by a kernel shape no other unmatched layer has: "
+            + ", ".join(f"{targets[i].name} <- {order[j]}" for i, j in moved)
+        )
+        matched += moved
+        left_t = [i for i in left_t if i not in {a for a, _ in moved}]
+        left_l = [j for j in left_l if j not in {b for _, b in moved}]
+
+    def place(index: int, side: int) -> int:
+        return sum(1 for anchor in anchors if anchor[side] < index)
+
+    mismatched: list[tuple[int, int]] = []
+    for gap in sorted({place(i, 0) for i in left_t}):
+        ts = [i for i in left_t if place(i, 0) == gap]
+        ls = [j for j in left_l if place(j, 1) == gap]
+        mismatched += zip(ts, ls, strict=False)
+    return Matching(
+        matched=sorted(matched),
+        mismatched=mismatched,
+        missing=[i for i in left_t if i not in {a for a, _ in mismatched}],
+        unexpected=[j for j in left_l if j not in {b for _, b in mismatched}],
+        notes=notes,
+    )
+
+
+def checkpoint_order(ckpt: Checkpoint, notes: list[str]) -> list[str]:
+    """The checkpoint's layer keys in model order.
+
+    A Flax tree that went through a JAX transformation (``jax.jit``, ``tree_map``) before it was
+    saved has its keys sorted as strings, which puts ``Conv_10`` before ``Conv_2``; such a file's
+    layers are put in natural order, which is Flax's creation order for its default names.
+    """
+    from convbn.formats._common import origin_format
+    from convbn.formats._pairing import natural_key
+
+    keys = list(ckpt.layers)
+    if origin_format(ckpt) == "flax" and keys == sorted(keys):
+        natural = sorted(keys, key=natural_key)
+        if natural != keys:
+            notes.append(
+                "the flax file's keys are sorted as strings (as after jax.jit), which loses the "
+                "modules' order: its layers were taken in natural order (Conv_2 before Conv_10)"
+            )
+            return natural
+    return keys
+
+
+# -- staging: the values each model pair receives ----------------------------------------------------
+
+
+def _fold_target(fold_bias: Any) -> str | None:
+    if fold_bias is None or fold_bias is False:
+        return None
+    if fold_bias is True:
+        return "beta"
+    if fold_bias in ("beta", "moving_mean"):
+        return str(fold_bias)
+    raise ConvBNError(
+        f"fold_bias must be 'beta', 'moving_mean', or None/False to refuse folding. Received: fold_bias={fold_bias!r}"
+    )
+
+
+def _check_eps_policy(eps: Any) -> None:
+    if eps not in ("model", "checkpoint"):
+        raise ConvBNError(f"eps must be 'model' or 'checkpoint'. Received: eps={eps!r}")
+
+
+def _absent_conflict(value: Any, fill: float) -> bool:
+    return value is not None and not bool(np.all(np.asarray(value) == fill))
+
+
+@dataclasses.dataclass
+class Staged:
+    """A model pair and the params it receives, with the checkpoint layer they come from."""
+
+    target: Target
+    layer: str
+    params: ConvBNParams
+    extras: dict[str, Any]
+
+
+def stage(
+    targets: Sequence[Target],
+    ckpt: Checkpoint,
+    order: Sequence[str],
+    report: LoadReport,
+    *,
+    fold_bias: str | None,
+    eps: str,
+) -> list[Staged]:
+    """Match, then compute every value each matched pair receives; fills ``report``.
+
+    Nothing is written here: frameworks apply the result only once all of it is known.
+    """
+    from convbn.convert import fold_bias as fold
+
+    matching = match_layers(targets, ckpt, order)
+    report.notes += matching.notes
+    for i, j in matching.mismatched:
+        p, t = ckpt.layers[order[j]], targets[i]
+        report.mismatched.append(Mismatch(
+            t.name, order[j],
+            f"kernel (HWIO) {tuple(np.shape(p.kernel))} in the checkpoint, {tuple(t.kernel_shape)} in the model",
+        ))
+    report.missing += [targets[i].name for i in matching.missing]
+    report.unexpected += [order[j] for j in matching.unexpected]
+
+    staged: list[Staged] = []
+    eps_differs: list[str] = []
+    unknown_eps: set[float] = set()
+    zero_bias: list[str] = []
+    for i, j in matching.matched:
+        target, layer = targets[i], order[j]
+        params = ckpt.layers[layer]
+        source = ckpt.sources.get(layer)
+        if source is not None and source.geometry and target.geometry:
+            groups = target.geometry.get("groups")
+            if groups is not None and groups != params.groups:
+                report.mismatched.append(Mismatch(
+                    target.name, layer, f"groups {params.groups} in the checkpoint, {groups} in the model"
+                ))
+                continue
+        # eps first: a bias folded into beta must be folded with the eps the model will run with.
+        if target.eps is None:
+            unknown_eps.add(params.eps)
+            new_eps = params.eps
+        else:
+            if target.eps != params.eps:
+                stated = "stored in the file" if source is not None and source.settings else "assumed: the file stores none"
+                eps_differs.append(f"{target.name} (model {target.eps:g}, checkpoint {params.eps:g}, {stated})")
+            new_eps = params.eps if eps == "checkpoint" else target.eps
+        params = dataclasses.replace(params, eps=new_eps)
+        if params.bias is not None and not target.bias:
+            if fold_bias is None:
+                raise ConvBNError(
+                    f"the model's conv {target.name!r} has no bias but checkpoint layer {layer!r} has one, and "
+                    "fold_bias=None refuses to fold it. Pass fold_bias='beta' or 'moving_mean', or give the "
+                    f"conv a bias. Received: fold_bias={fold_bias!r}"
+                )
+            params = fold(params, fold_bias)  # type: ignore[arg-type]
+            report.folded[target.name] = fold_bias
+        elif params.bias is None and target.bias:
+            dtype = np.asarray(params.kernel).dtype
+            params = dataclasses.replace(params, bias=np.zeros(params.out_channels, dtype))
+            zero_bias.append(target.name)
+        lost = [
+            f"the model's BatchNorm has no {name}, and the checkpoint's {name} is not all {word}"
+            for name, present, value, fill, word in (
+                ("gamma", target.gamma, params.gamma, 1.0, "ones"), ("beta", target.beta, params.beta, 0.0, "zeros")
+            ) if not present and _absent_conflict(value, fill)
+        ]
+        if lost:
+            if report.folded.pop(target.name, None) == "beta" and lost[-1].startswith("the model's BatchNorm has no beta"):
+                lost[-1] += " (it holds the folded conv bias: fold_bias='moving_mean' leaves beta alone)"
+            report.mismatched.append(Mismatch(target.name, layer, "; ".join(lost)))
+            continue
+        params = dataclasses.replace(
+            params,
+            **(target.geometry or {}),
+            momentum=params.momentum if target.momentum is None else target.momentum,
+        )
+        report.matched[target.name] = layer
+        staged.append(Staged(target, layer, params, dict(ckpt.extras.get(layer, {}))))
+    if eps_differs:
+        action = (
+            "set to the checkpoint's (eps='checkpoint')" if eps == "checkpoint"
+            else "kept the model's, since eps is layer configuration (eps='checkpoint' sets the checkpoint's)"
+        )
+        report.notes.append(
+            f"BatchNorm eps differs for {len(eps_differs)} layer(s), which changes the outputs; {action}: "
+            + _listed(eps_differs, 5)
+        )
+    if unknown_eps and eps == "model":
+        report.notes.append(
+            "a Flax variable tree records no BatchNorm eps: the model's BatchNorms need epsilon="
+            + " or ".join(f"{e:g}" for e in sorted(unknown_eps))
+            + " (the checkpoint's) for the outputs to match"
+        )
+    if zero_bias:
+        report.notes.append(f"the checkpoint has no conv bias for {_listed(zero_bias, 5)}: set to zero")
+    if report.folded:
+        formula = {
+            "beta": "beta' = beta + gamma * b / sqrt(moving_var + eps)",
+            "moving_mean": "moving_mean' = moving_mean - b",
+        }[fold_bias or "beta"]
+        report.notes.append(
+            f"folded the checkpoint's conv bias into {fold_bias} for {len(report.folded)} layer(s) whose "
+            f"conv has none: {formula} (exact in eval mode)"
+        )
+    return staged
+
+
+# -- entry points ------------------------------------------------------------------------------------
+
+
+def model_kind(model: Any) -> str:
+    """``"torch"``, ``"keras"`` or ``"flax"``, judged without importing any framework.
+
+    Keras is checked first: under Keras's torch backend a Keras layer is also a ``torch.nn.Module``.
+    """
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(model, keras.layers.Layer):
+        return "keras"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return "torch"
+    if isinstance(model, Mapping):
+        return "flax"
+    raise TypeError(
+        "model must be a torch.nn.Module, a Keras 3 model or layer, or a Flax variable tree "
+        "(the mapping model.init returns). Received: model of type "
+        f"{type(model).__module__}.{type(model).__qualname__}"
+    )
+
+
+def _strict_error(what: str, report: LoadReport) -> LoadError:
+    problems = ", ".join(
+        f"{len(items)} {label}" for label, items in (
+            ("missing", report.missing), ("unexpected", report.unexpected), ("mismatched", report.mismatched)
+        ) if items
+    )
+    return LoadError(
+        f"{what} with strict=True needs every model pair matched to a checkpoint layer of the same "
+        f"shape and every checkpoint layer used; nothing was changed (pass strict=False to load what "
+        f"matches). Received: {problems}\n{report.summary()}",
+        report,
+    )
+
+
+def load_into(
+    model: Any,
+    path: str | os.PathLike[str] | Checkpoint,
+    *,
+    fold_bias: FoldOption = "beta",
+    strict: bool = True,
+    eps: EpsPolicy = "model",
+) -> LoadReport:
+    """Load a checkpoint of any supported format into a model built from ordinary layers.
+
+    The model is a ``torch.nn.Module``, a Keras 3 model, or a Flax variable tree (what
+    ``module.init`` returns), made of the framework's own ``Conv2d``/``Conv2D``/``Conv`` and
+    ``BatchNorm2d``/``BatchNormalization``/``BatchNorm`` (convbn's own layers work too). Its
+    Conv -> BatchNorm pairs are found from the model itself: torch traces the forward with
+    ``torch.fx`` (a conv whose only consumer is a BatchNorm; residual blocks included) and falls
+    back to module registration order when tracing fails; Keras follows the layer graph (or the
+    layer order of a subclassed model); a Flax tree, which has no graph, pairs a conv with the
+    BatchNorm that follows it in tree order (or, in a tree whose key order was lost, by Flax's
+    names). The pairs are matched to the checkpoint's layers by order and kernel shape (see
+    :attr:`LoadReport.notes` for anything out of the ordinary), and each matched pair receives:
+
+    - the kernel in the framework's layout (OIHW for torch, HWIO otherwise);
+    - the conv bias, or, when the model's conv has none, the bias folded into the BatchNorm
+      (``fold_bias``, with the eps the BatchNorm runs with; exact in eval mode), or zero when the
+      checkpoint has none;
+    - gamma, beta and the moving statistics, as they are (a moving variance estimated with the
+      biased or the unbiased batch variance estimates the same quantity).
+
+    BatchNorm eps and momentum are the model's own layer configuration and are kept (eps may be
+    set to the checkpoint's with ``eps="checkpoint"``); an eps that differs from the checkpoint's
+    is named in the notes, since it changes the outputs. Geometry (stride, padding, dilation) is
+    the model's: most formats do not store it (see the conversion docs).
+
+    Nothing changes unless the whole load succeeds: every value is computed and checked first,
+    then written; if writing fails part-way, what was written is restored. A Flax tree is never
+    modified: the new tree is :attr:`LoadReport.variables`.
+
+    Args:
+        model: a ``torch.nn.Module``, a built Keras 3 model or layer, or a Flax variable tree
+            ``{"params": ..., "batch_stats": ...}``.
+        path: the checkpoint (any format :func:`convbn.load_checkpoint` reads, detected from its
+            content), or a :class:`~convbn.Checkpoint` already loaded.
+        fold_bias: where a checkpoint conv bias goes when the model's conv has none: ``"beta"``
+            (the default: ``beta' = beta + gamma * b / sqrt(var + eps)``) or ``"moving_mean"``
+            (``mean' = mean - b``, right for fine-tuning); None or False refuses (an error).
+        strict: raise :class:`LoadError` (with the report) when any model pair or checkpoint
+            layer is unmatched or mismatched. With False, load what matches and report the rest.
+        eps: ``"model"`` keeps each BatchNorm's eps; ``"checkpoint"`` sets it to the checkpoint's
+            (torch and Keras; a Flax tree holds no eps).
+
+    Returns:
+        A :class:`LoadReport`; for a Flax tree, ``report.variables`` is the loaded tree.
+
+    Raises:
+        LoadError: with ``strict=True``, when anything is unmatched; nothing was changed.
+        ConvBNError: an unreadable checkpoint, a fused checkpoint (it has no BatchNorm statistics),
+            a conv bias to fold with ``fold_bias=None``, an unbuilt Keras model, or bad options.
+        TypeError: when ``model`` is none of the supported kinds.
+
+    Example:
+        >>> report = convbn.load_into(torch_model, "resnet.weights.h5")  # doctest: +SKIP
+        >>> report.matched["layer1.0.conv1"], report.folded  # doctest: +SKIP
+        ('conv2d_1', {})
+        >>> variables = convbn.load_into(flax_variables, "resnet.pt").variables  # doctest: +SKIP
+    """
+    from convbn.convert import Checkpoint, load_checkpoint
+
+    into = _fold_target(fold_bias)
+    _check_eps_policy(eps)
+    kind = model_kind(model)
+    if kind == "flax" and eps == "checkpoint":
+        raise ConvBNError(
+            "eps='checkpoint' sets each BatchNorm's eps, which a Flax variable tree does not hold "
+            "(it is the module's epsilon): build the BatchNorms with the checkpoint's eps (the report "
+            "names it) and use eps='model'. Received: eps='checkpoint' with a Flax variable tree"
+        )
+    framework = importlib.import_module(f"convbn.loading._{kind}")
+    found: ModelPairs = framework.find_pairs(model)
+    ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(Path(path))
+    if ckpt.fused:
+        raise ConvBNError(
+            "a fused checkpoint has no BatchNorm statistics to load into the model's BatchNorms (its "
+            "BatchNorms were folded into the convs). Load the unfused checkpoint. Received: a fused checkpoint"
+        )
+    report = LoadReport(
+        pairing=found.pairing,
+        pairs={t.name: t.bn_name for t in found.targets},
+        notes=list(found.notes),
+        unused=list(ckpt.tensors),
+        untouched=list(found.untouched),
+    )
+    order = checkpoint_order(ckpt, report.notes)
+    staged = stage(found.targets, ckpt, order, report, fold_bias=into, eps=eps)
+    if strict and not report.ok:
+        raise _strict_error("load_into", report)
+    if staged:
+        report.notes.append(
+            "moving statistics were copied as they are; each BatchNorm keeps its own momentum and "
+            "moving-variance update (biased or unbiased), which only affect training"
+        )
+    result = framework.apply(model, staged)
+    report.loaded = True
+    if kind == "flax":
+        report.variables = result
+    return report
+
+
+def conform_checkpoint(
+    ckpt: Checkpoint,
+    like: Checkpoint,
+    *,
+    fold_bias: FoldOption = "beta",
+    strict: bool = True,
+) -> tuple[Checkpoint, LoadReport]:
+    """``ckpt``'s layers under the names, in the order, of ``like`` (a state file of the user's model).
+
+    ``like``'s conv+BatchNorm layers are matched to ``ckpt``'s by order and kernel shape exactly as
+    :func:`load_into` matches a model's pairs; each matched layer takes ``ckpt``'s values (the conv
+    bias folded where ``like``'s conv has none, or zero where ``ckpt``'s has none) with ``ckpt``'s eps
+    and momentum, under ``like``'s names. Everything else of ``like`` (layers left unmatched with
+    ``strict=False``, its other tensors) keeps ``like``'s own values, as :func:`load_into` leaves
+    those weights of a model as they are, so a writer of ``like``'s format writes a file that the
+    user's model loads with its framework's own strict loader.
+
+    Args:
+        ckpt: the checkpoint to convert.
+        like: a checkpoint read from the model's own state file (torch state_dict, Keras
+            ``.weights.h5``/``.keras``, Flax msgpack).
+        fold_bias: as for :func:`load_into`.
+        strict: as for :func:`load_into`.
+
+    Returns:
+        ``(conformed, report)``: a checkpoint in ``like``'s format with ``like``'s sources, and the
+        :class:`LoadReport` (``matched`` maps ``like``'s layers to ``ckpt``'s).
+
+    Raises:
+        LoadError: with ``strict=True``, when anything is unmatched.
+        ConvBNError: a fused checkpoint on either side, or a bias to fold with ``fold_bias=None``.
+
+    Example:
+        >>> out, report = conform_checkpoint(load_checkpoint("w.weights.h5"), load_checkpoint("mine.pt"))  # doctest: +SKIP
+        >>> save_checkpoint(out, "converted.pt", "torch")  # doctest: +SKIP
+    """
+    from convbn.convert import Checkpoint
+    from convbn.formats._common import origin_format
+
+    into = _fold_target(fold_bias)
+    if ckpt.fused or like.fused:
+        raise ConvBNError(
+            "conforming needs conv+BatchNorm layers on both sides; a fused checkpoint has no BatchNorm. "
+            f"Received: {'the checkpoint' if ckpt.fused else 'the like file'} is fused"
+        )
+    targets = []
+    for key, p in like.layers.items():
+        source = like.sources.get(key)
+        stored = source is not None and source.settings
+        targets.append(Target(
+            name=key,
+            bn_name=source.bn_name if source is not None else "",
+            kernel_shape=tuple(int(d) for d in np.shape(p.kernel)),
+            bias=p.bias is not None,
+            gamma=p.gamma is not None or (source is not None and "gamma" in source.bn),
+            beta=p.beta is not None or (source is not None and "beta" in source.bn),
+            eps=p.eps if stored else None,
+        ))
+    report = LoadReport(pairing="checkpoint", pairs={t.name: t.bn_name for t in targets}, unused=list(ckpt.tensors))
+    order = checkpoint_order(ckpt, report.notes)
+    staged = stage(targets, ckpt, order, report, fold_bias=into, eps="checkpoint")
+    if strict and not report.ok:
+        raise _strict_error("conforming to the like file", report)
+    by_name = {s.target.name: s for s in staged}
+    out = Checkpoint(format=like.format, convention=like.convention, metadata=dict(like.metadata))
+    out.metadata["source_format"] = origin_format(like)
+    for key, params in like.layers.items():
+        if key in like.sources:
+            out.sources[key] = like.sources[key]
+        if key in by_name:
+            s = by_name[key]
+            out.layers[key] = s.params
+            extras = s.extras or like.extras.get(key)
+        else:
+            out.layers[key] = params
+            extras = like.extras.get(key)
+        if extras:
+            out.extras[key] = dict(extras)
+    out.tensors = dict(like.tensors)
+    out.unpaired = dict(like.unpaired)
+    out.notes = list(report.notes)
+    if report.folded:
+        out.metadata["folded_bias"] = f"{into}:{','.join(report.folded)}"
+    kept = [k for k in like.layers if k not in by_name] + list(like.tensors)
+    if kept:
+        out.notes.append(f"kept the like file's own values for {_listed(kept, 5)} (not in the checkpoint)")
+    if ckpt.tensors:
+        out.notes.append(
+            f"not written: {len(ckpt.tensors)} other tensor(s) of the checkpoint ({_listed(list(ckpt.tensors), 5)}): "
+            "only conv+BatchNorm layers are matched to the like file"
+        )
+    report.loaded = True
+    return out, report

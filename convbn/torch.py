@@ -1,0 +1,383 @@
+"""``ConvBN2d``: Conv2D + BatchNorm as a ``torch.nn.Module`` that computes :func:`convbn.conv_bn`.
+
+Importing this module imports torch. The layer holds a real ``nn.Conv2d`` (``conv``) and
+``nn.BatchNorm2d`` (``bn``), so its ``state_dict`` has torch's names (``conv.weight``,
+``bn.running_mean``, ``bn.num_batches_tracked``, ...) and torch tooling sees ordinary modules, but
+its forward is convbn's: TF's SAME padding at any stride, BatchNorm folded into the conv in eval
+mode, and the moving variance updated with the unbiased (torch) or biased (Keras/Flax) variance.
+
+Example:
+    >>> import torch
+    >>> from convbn.torch import ConvBN2d
+    >>> layer = ConvBN2d(3, 8, 3, stride=2)              # TF SAME padding, torch's momentum=0.1
+    >>> y = layer(torch.randn(4, 3, 32, 32))              # training mode: updates bn's buffers
+    >>> tuple(y.shape), int(layer.bn.num_batches_tracked)
+    ((4, 8, 16, 16), 1)
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convbn import adapters
+from convbn.backends import torch as backend
+from convbn.errors import ConvBNError
+from convbn.geometry import DATA_FORMATS, plan_for, same_pads
+from convbn.params import ARRAY_FIELDS, ConvBNParams, VarUpdate, normalize_pair, with_arrays
+
+__all__ = ["ConvBN2d"]
+
+
+class ConvBN2d(nn.Module):
+    """Conv2D followed by BatchNorm2d, computed by :func:`convbn.conv_bn`.
+
+    ``momentum`` has torch's meaning, as in ``nn.BatchNorm2d``: the weight of the new batch value
+    (``running = (1 - momentum) * running + momentum * batch``; convbn's kept fraction is
+    ``1 - momentum``). ``train()``/``eval()`` pick the mode; in training the running buffers and
+    ``num_batches_tracked`` are updated in place, as ``nn.BatchNorm2d`` does.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: an int or ``(kh, kw)``.
+        stride: an int or a pair.
+        padding: ``"SAME"`` (TF's: at odd totals the extra row/column goes at the bottom/right, at
+            any stride), ``"VALID"``, an int, ``(ph, pw)`` or ``((top, bottom), (left, right))``.
+        dilation: an int or a pair.
+        groups: conv groups; ``groups == in_channels`` is depthwise.
+        bias: whether the conv has a bias (redundant before BatchNorm; kept for converted weights).
+        eps: BatchNorm epsilon, inside the square root.
+        momentum: torch's momentum, the weight of the new value (``None``, torch's cumulative
+            average, is not supported).
+        var_update: ``"unbiased"`` (torch's) or ``"biased"`` (Keras 3's and Flax's) batch variance
+            for the running-variance update. The output always uses the biased batch variance.
+        data_format: ``"NCHW"`` (torch's) or ``"NHWC"``, for input and output.
+        device: where the parameters live.
+        dtype: the parameters' dtype.
+
+    Attributes:
+        conv: the ``nn.Conv2d`` holding ``weight`` (OIHW) and ``bias``. Its ``padding`` is torch's
+            equivalent of ``padding`` where torch has one, else 0; the layer's forward pads as
+            convbn does whatever it says.
+        bn: the ``nn.BatchNorm2d`` holding ``weight`` (gamma), ``bias`` (beta), ``running_mean``,
+            ``running_var`` and ``num_batches_tracked``. Changing ``bn.eps``/``bn.momentum`` takes
+            effect on the next call.
+        padding: the padding as convbn stores it (``"SAME"``, ``"VALID"`` or explicit pairs).
+        var_update: as above.
+        data_format: as above.
+
+    Raises:
+        ConvBNError: for a malformed geometry, ``momentum`` outside [0, 1] or None, a bad
+            ``var_update``/``data_format``, or channels that ``groups`` does not divide.
+
+    Example:
+        >>> import torch
+        >>> from convbn.torch import ConvBN2d
+        >>> layer = ConvBN2d(16, 32, 3, stride=2).eval()
+        >>> layer(torch.randn(1, 16, 9, 9)).shape
+        torch.Size([1, 32, 5, 5])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: Any = "SAME",
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        var_update: VarUpdate = "unbiased",
+        *,
+        data_format: str = "NCHW",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        if data_format not in DATA_FORMATS:
+            raise ConvBNError(f"data_format must be 'NCHW' or 'NHWC'. Received: data_format={data_format!r}")
+        kh, kw = normalize_pair(kernel_size, "kernel_size")
+        if not isinstance(groups, int) or groups < 1 or in_channels % groups or out_channels % groups:
+            raise ConvBNError(
+                "groups must be a positive int dividing in_channels and out_channels. "
+                f"Received: groups={groups!r}, in_channels={in_channels}, out_channels={out_channels}"
+            )
+        # Geometry and convention are validated once, by ConvBNParams, on zero-stride placeholders.
+        zeros = np.broadcast_to(np.float32(0), (out_channels,))
+        template = ConvBNParams(
+            kernel=np.broadcast_to(np.float32(0), (kh, kw, in_channels // groups, out_channels)),
+            moving_mean=zeros, moving_var=zeros, stride=stride, padding=padding, dilation=dilation,
+            groups=groups, eps=eps, momentum=adapters.kept_from_torch(momentum, "ConvBN2d"),
+            var_update=var_update,
+        )
+        self.padding = template.padding
+        self.var_update: VarUpdate = template.var_update
+        self.data_format = data_format
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, (kh, kw), template.stride, adapters.torch_padding(template) or 0,
+            template.dilation, groups, bias, device=device, dtype=dtype,
+        )
+        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, device=device, dtype=dtype)
+        self._states: dict[bool, tuple[tuple[Any, ...], ConvBNParams]] = {}
+        self._folds: dict[tuple[Any, Any], tuple[tuple[Any, ...], list[int], tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    # -- params ------------------------------------------------------------------------------------
+
+    def _live_params(self) -> tuple[ConvBNParams, tuple[torch.Tensor | None, ...], tuple[Any, ...]]:
+        """Params viewing the live tensors, rebuilt only when a tensor or a setting changed; the
+        tensors (weight, bias, gamma, beta, running mean, running var); and the key they match.
+
+        The key holds each tensor's identity (parameters replaced, parametrizations) and data
+        pointer (``.to()``, ``.half()`` and ``channels_last`` swap the storage under the same
+        Parameter). In-place updates keep the params valid (they are views). One params object is
+        kept per grad mode: the HWIO kernel view made under ``no_grad`` carries no autograd
+        history, so it must not serve a call that needs gradients. The cached params keep their
+        tensors alive, so a key can never match a newer tensor.
+        """
+        tensors = self._tensors()
+        bn = self.bn
+        key = (
+            bn.eps, bn.momentum, self.padding, self.var_update,
+            *[(id(t), t.data_ptr()) for t in tensors if t is not None],
+        )
+        grad = torch.is_grad_enabled()
+        state = self._states.get(grad)
+        if state is None or state[0] != key:
+            with torch.inference_mode(False):  # cached views must be usable outside inference mode
+                state = (key, self._build_params(tensors))
+            self._states[grad] = state
+        return state[1], tensors, key
+
+    def _folded(
+        self, params: ConvBNParams, tensors: tuple[torch.Tensor | None, ...], key: tuple[Any, ...],
+        x: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval weight and bias with BatchNorm folded in, per device and dtype of ``x``.
+
+        Valid for the tensors of ``key`` at their current version counters, so in-place updates
+        (optimizer steps, ``load_state_dict``, the training update) are never served a stale fold;
+        a call costs two comparisons instead of a fold.
+        """
+        versions = [t._version for t in tensors if t is not None]
+        cached = self._folds.get((x.device, x.dtype))
+        if cached is not None and cached[0] == key and cached[1] == versions:
+            return cached[2]
+        if cached is not None and cached[0] != key:
+            self._folds.clear()  # folds of replaced tensors: drop them all
+        # Normal tensors even when first called in inference mode: a later grad-enabled call may
+        # save them for backward (the input's gradient), which inference tensors cannot be.
+        with torch.inference_mode(False), torch.no_grad():
+            folded = backend._fold({name: getattr(params, name) for name in ARRAY_FIELDS}, params.eps, x.dtype)
+        self._folds[(x.device, x.dtype)] = (key, versions, folded)
+        return folded
+
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """weight, bias, gamma, beta, running mean, running var: read from the modules' own
+        dicts, which is what ``nn.Module.__getattr__`` does at a fraction of the cost per call."""
+        modules = self._modules
+        conv, bn = modules["conv"], modules["bn"]
+        params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers  # type: ignore[union-attr]
+        try:
+            return (params["weight"], params["bias"], bn_params["weight"], bn_params["bias"],
+                    buffers["running_mean"], buffers["running_var"])
+        except KeyError:  # a parametrization (torch.nn.utils.parametrize) computes the value
+            return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)  # type: ignore[union-attr,return-value]
+
+    def _build_params(self, tensors: tuple[torch.Tensor | None, ...]) -> ConvBNParams:
+        """Params viewing ``tensors`` (from :meth:`_tensors`) with the modules' settings."""
+        conv, bn = self.conv, self.bn
+        weight, bias, gamma, beta, mean, var = tensors
+        if mean is None or var is None:
+            raise ConvBNError("bn must track running statistics. Received: bn.track_running_stats=False")
+        return ConvBNParams(
+            kernel=weight.permute(2, 3, 1, 0), bias=bias, gamma=gamma, beta=beta,  # type: ignore[union-attr]
+            moving_mean=mean, moving_var=var, stride=conv.stride,
+            padding=self.padding, dilation=conv.dilation, groups=conv.groups, eps=bn.eps,
+            momentum=adapters.kept_from_torch(bn.momentum, "bn"), var_update=self.var_update,
+        )
+
+    def params(self) -> ConvBNParams:
+        """A snapshot of the layer as :class:`ConvBNParams`: NumPy copies, HWIO kernel, momentum as
+        the fraction kept (``1 - bn.momentum``).
+
+        ``conv_bn(x, layer.params(), training=layer.training, data_format=layer.data_format)``
+        gives exactly the layer's output.
+
+        Example:
+            >>> from convbn.torch import ConvBN2d
+            >>> p = ConvBN2d(3, 8, 3).params()
+            >>> p.kernel.shape, p.momentum, p.var_update
+            ((3, 3, 3, 8), 0.9, 'unbiased')
+        """
+        live = self._build_params(self._tensors())
+        return with_arrays(live, **{name: adapters._numpy(v.detach()) for name, v in live.arrays().items()})
+
+    @classmethod
+    def from_params(
+        cls, params: ConvBNParams, *, data_format: str = "NCHW", device: Any = None, dtype: Any = None
+    ) -> ConvBN2d:
+        """A layer holding ``params`` (copied), with its geometry, eps, momentum and ``var_update``.
+
+        Missing gamma/beta/bias become ones/zeros/zeros (``bn`` is always affine; the numbers are
+        the same); a conv bias is kept when the params have one.
+
+        Args:
+            params: the params; their arrays may be of any framework.
+            data_format: the layer's ``"NCHW"`` or ``"NHWC"``.
+            device: where the parameters live.
+            dtype: the parameters' dtype; None takes the kernel's.
+
+        Raises:
+            TypeError: when ``params`` is not a ``ConvBNParams``.
+
+        Example:
+            >>> import numpy as np, convbn
+            >>> from convbn.torch import ConvBN2d
+            >>> p = convbn.ConvBNParams(kernel=np.ones((3, 3, 2, 4), np.float32), moving_mean=np.zeros(4, np.float32),
+            ...                         moving_var=np.ones(4, np.float32), stride=2, momentum=0.9)
+            >>> layer = ConvBN2d.from_params(p)
+            >>> layer.bn.momentum, layer.conv.stride
+            (0.1, (2, 2))
+        """
+        adapters._check_params(params)
+        kernel = backend.asarray(params.kernel)
+        if dtype is None:
+            dtype = kernel.dtype if kernel.dtype.is_floating_point else torch.get_default_dtype()
+        layer = cls(
+            params.in_channels, params.out_channels, params.kernel_size, params.stride, params.padding,
+            params.dilation, params.groups, bias=params.bias is not None, eps=params.eps,
+            momentum=adapters.torch_momentum(params), var_update=params.var_update,
+            data_format=data_format, device=device, dtype=dtype,
+        )
+        values = {
+            "weight": (layer.conv.weight, kernel.permute(3, 2, 0, 1)),
+            "bias": (layer.conv.bias, params.bias),
+            "gamma": (layer.bn.weight, params.gamma),
+            "beta": (layer.bn.bias, params.beta),
+            "moving_mean": (layer.bn.running_mean, params.moving_mean),
+            "moving_var": (layer.bn.running_var, params.moving_var),
+        }
+        with torch.no_grad():
+            for target, value in values.values():
+                if target is not None and value is not None:
+                    target.copy_(backend.asarray(value))
+        return layer
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv_bn(x, ...)`` in this module's mode; training updates the running buffers in place."""
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            # Traced once per guard set: plain tensor ops, with the fold compiled into the graph.
+            tensors = self._tensors()
+            params, key = self._build_params(tensors), ()
+        else:
+            params, tensors, key = self._live_params()
+        weight, conv_bias, gamma, beta, mean, var = tensors
+        training = self.training
+        plan = plan_for(tuple(x.shape), params, self.data_format, training)
+        if not training:
+            if compiling or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors[:4])):
+                return backend.conv_bn(x, params, plan)  # type: ignore[no-any-return]
+            # One conv with the cached folded weights: what backend.conv_bn computes, minus the fold.
+            folded_weight, folded_bias = self._folded(params, tensors, key, x)
+            return backend._layout_out(backend._conv(x, folded_weight, folded_bias, plan), plan)
+        if plan.values_per_channel == 0:  # an empty batch has no statistics to learn from
+            return backend.conv_bn(x, params, plan_for(tuple(x.shape), params, self.data_format, False))  # type: ignore[no-any-return]
+        bn = self.bn
+        bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        if self.var_update == "unbiased" and x.dtype == weight.dtype == mean.dtype:  # type: ignore[union-attr]
+            # torch's convention: its own batch_norm kernel normalizes with the batch statistics
+            # and updates the buffers in place, exactly as nn.BatchNorm2d. backend.conv_bn runs the
+            # same kernel (the output is identical); its moving update orders the final
+            # multiply-add differently (at most 1 ulp) and costs a few extra small ops per call.
+            z = backend._conv(x, weight, conv_bias, plan)  # type: ignore[arg-type]
+            momentum = cast(float, bn.momentum)  # never None here: building the params checked it
+            y = F.batch_norm(z, mean, var, gamma, beta, True, momentum, bn.eps)
+            return backend._layout_out(y, plan)
+        y, new = backend.conv_bn(x, params, plan)
+        with torch.no_grad():
+            mean.copy_(new.moving_mean)  # type: ignore[union-attr]
+            var.copy_(new.moving_var)  # type: ignore[union-attr]
+        return y  # type: ignore[no-any-return]
+
+    # -- export ------------------------------------------------------------------------------------
+
+    def fuse(self, input_size: tuple[int, int] | None = None) -> nn.Module:
+        """An inference module with BatchNorm folded into the conv (as ``torch.nn.utils.fusion``).
+
+        The weights come from :func:`convbn.fuse` on the current state (moving statistics, as in
+        eval mode). The result is an ``nn.Conv2d``, or ``nn.Sequential(nn.ZeroPad2d, nn.Conv2d)``
+        when the padding is asymmetric, so it holds only stock torch modules (for export). It takes
+        NCHW input, as every torch conv does.
+
+        Args:
+            input_size: ``(H, W)`` of the input, needed when the padding is TF's SAME at stride > 1
+                (its pads depend on the size); the result is then exact for that size only.
+
+        Returns:
+            The fused module, on the layer's device and dtype, with ``requires_grad`` parameters.
+
+        Raises:
+            ConvBNError: when SAME at stride > 1 needs ``input_size`` and none was given.
+
+        Example:
+            >>> import torch
+            >>> from convbn.torch import ConvBN2d
+            >>> layer = ConvBN2d(3, 8, 3, stride=2).eval()
+            >>> fused = layer.fuse(input_size=(32, 32))
+            >>> x = torch.randn(1, 3, 32, 32)
+            >>> bool(torch.allclose(fused(x), layer(x), atol=1e-5))
+            True
+        """
+        from convbn.api import fuse as fuse_params
+
+        params = self._build_params(self._tensors())
+        if params.padding == "SAME":
+            if params.stride != (1, 1) and input_size is None:
+                raise ConvBNError(
+                    "input_size=(H, W) is needed: TF's SAME padding at stride > 1 depends on the input "
+                    f"size. Received: input_size=None, stride={params.stride}"
+                )
+            h, w = input_size if input_size is not None else (1, 1)  # stride 1: pads do not depend on it
+            (kh, kw), (sh, sw), (dh, dw) = params.kernel_size, params.stride, params.dilation
+            pads = (same_pads(h, kh, sh, dh), same_pads(w, kw, sw, dw))
+        elif params.padding == "VALID":
+            pads = ((0, 0), (0, 0))
+        else:
+            pads = params.padding
+        with torch.no_grad():
+            kernel, bias = fuse_params(params)
+        symmetric = all(before == after for before, after in pads)
+        conv = nn.Conv2d(
+            params.in_channels, params.out_channels, params.kernel_size, params.stride,
+            (pads[0][0], pads[1][0]) if symmetric else 0, params.dilation, params.groups, True,
+            device=kernel.device, dtype=kernel.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(kernel.permute(3, 2, 0, 1))
+            conv.bias.copy_(bias)  # type: ignore[union-attr]
+        if symmetric:
+            return conv
+        (top, bottom), (left, right) = pads
+        return nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), conv)
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding!r}, var_update={self.var_update!r}, data_format={self.data_format!r}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        # Views of the old tensors and folds made from them: rebuilt on the first call.
+        state.update(_states={}, _folds={})
+        return state  # type: ignore[no-any-return]
