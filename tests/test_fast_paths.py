@@ -147,6 +147,39 @@ def test_training_loop_keeps_plans_and_statistics(framework, monkeypatch):
     assert p.kernel is native.kernel and p.gamma is native.gamma
 
 
+# -- torch: the cached fold survives torch.inference_mode ------------------------------------------
+
+def test_torch_fold_cached_under_inference_mode_serves_autograd_later():
+    """A fold first computed under ``torch.inference_mode`` is an ordinary tensor: a later call
+    with autograd uses it and gets the right values and input gradients; params created as
+    inference tensors are folded per call (they have no version counter to validate a cache)."""
+    require_backend("torch")
+    import torch
+
+    case = Case("inference_mode", (2, 7, 7, 3), (3, 3), 4, stride=2)
+    x, params = case.params()
+    expected = reference.conv_bn(x, reference_params(params, case))
+    dy = np.random.default_rng(3).standard_normal(expected.shape)
+    oracle = testing.gradients("numpy", x, params, dy)
+    with torch.inference_mode():
+        assert rel_err(convbn.conv_bn(torch.from_numpy(x), params).numpy(), expected) < TOL64
+    xt = torch.from_numpy(x).requires_grad_()
+    y = convbn.conv_bn(xt, params)
+    (y * torch.from_numpy(dy)).sum().backward()
+    assert rel_err(y.detach().numpy(), expected) < TOL64
+    assert rel_err(xt.grad.numpy(), oracle["x"]) < TOL64
+
+    with torch.inference_mode():
+        tp = convbn.to_backend(params, "torch")
+        assert rel_err(convbn.conv_bn(torch.from_numpy(x), tp).numpy(), expected) < TOL64
+        tp.gamma.mul_(2.0)  # in place, inside inference mode: no version counter records it
+        doubled = dataclasses.replace(params, gamma=params.gamma * 2.0)
+        assert rel_err(convbn.conv_bn(torch.from_numpy(x), tp).numpy(),
+                       reference.conv_bn(x, reference_params(doubled, case))) < TOL64
+    assert rel_err(convbn.conv_bn(torch.from_numpy(x), tp).numpy(),
+                   reference.conv_bn(x, reference_params(doubled, case))) < TOL64
+
+
 # -- TensorFlow: frozen params are folded once, also for tf.function, without losing gradients ----
 
 def test_tf_frozen_params_fold_once_and_keep_gradients():

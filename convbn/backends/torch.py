@@ -116,7 +116,10 @@ def _param_tensors(params: ConvBNParams, device: torch.device) -> dict[str, Any]
     key = ("torch-tensors", device)
     cached = params._cache.get(key)
     if cached is None:
-        cached = {n: (None if (v := getattr(params, n)) is None else asarray(v, device)) for n in ARRAY_FIELDS}
+        # Ordinary tensors even when first seen under torch.inference_mode: the cache outlives the
+        # mode, and inference tensors can neither be saved for backward nor report versions.
+        with torch.inference_mode(False):
+            cached = {n: (None if (v := getattr(params, n)) is None else asarray(v, device)) for n in ARRAY_FIELDS}
         params._cache[key] = cached
     return cached  # type: ignore[no-any-return]
 
@@ -134,21 +137,23 @@ def _folded(params: ConvBNParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
     The cache entry records the in-place version counter of every source tensor and is rebuilt
     when one moved (an optimizer step on the same tensors). When autograd needs a graph through
-    the params the fold is recomputed per call and not cached.
+    the params, or a source is an inference tensor (which has no version counter), the fold is
+    recomputed per call and not cached. The cached fold is an ordinary tensor even when computed
+    under ``torch.inference_mode``, so a later call with autograd can use it.
     """
     t = _param_tensors(params, x.device)
     key = ("torch-fold", x.device, x.dtype)
     entry = params._cache.get(key)
     if entry is None:
         live = tuple(v for v in t.values() if v is not None)
-        entry = [live, None, None]
+        entry = [live, None, None, any(v.is_inference() for v in live)]
         params._cache[key] = entry
     live = entry[0]
-    if torch.is_grad_enabled() and any(v.requires_grad for v in live):
+    if entry[3] or (torch.is_grad_enabled() and any(v.requires_grad for v in live)):
         return _fold(t, params.eps, x.dtype)
     versions = tuple(v._version for v in live)
     if entry[1] != versions:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             entry[2] = _fold(t, params.eps, x.dtype)
         entry[1] = versions
     return entry[2]  # type: ignore[no-any-return]
