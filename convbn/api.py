@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -116,13 +117,39 @@ def _conv_bn_numpy(
         return module.to_numpy(y), params
     out = module.conv_bn(xb, native, plan)
     if not plan.training:
-        return module.to_numpy(out)
+        return _as_input_dtype(module.to_numpy(out), x.dtype, name)
     y, new = out
-    return module.to_numpy(y), with_arrays(
+    return _as_input_dtype(module.to_numpy(y), x.dtype, name), with_arrays(
         params,
-        moving_mean=module.to_numpy(new.moving_mean),
-        moving_var=module.to_numpy(new.moving_var),
+        moving_mean=_as_input_dtype(module.to_numpy(new.moving_mean), _dtype_of(params.moving_mean), name),
+        moving_var=_as_input_dtype(module.to_numpy(new.moving_var), _dtype_of(params.moving_var), name),
     )
+
+
+def _dtype_of(a: Any) -> np.dtype:
+    from convbn.backends.numpy import to_numpy
+
+    return to_numpy(a).dtype  # O(channels): the moving statistics
+
+
+def _as_input_dtype(a: np.ndarray, dtype: np.dtype, backend: str) -> np.ndarray:
+    """NumPy results in the dtype the caller gave; a backend that computed in less precision (JAX
+    without ``jax_enable_x64`` turns float64 into float32) is named in a warning, not hidden."""
+    if a.dtype == dtype:
+        return a
+    if np.dtype(dtype).itemsize > a.dtype.itemsize:
+        hint = (
+            " JAX computes in float32 unless jax_enable_x64 is set (convbn never changes that global "
+            "setting): jax.config.update('jax_enable_x64', True), or pass backend='numpy' or 'torch'."
+            if backend == "jax" else ""
+        )
+        warnings.warn(
+            f"the {backend} backend computed {dtype} input in {a.dtype}; the result is returned as "
+            f"{dtype} but has {a.dtype} precision.{hint}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return a.astype(dtype)
 
 
 def fuse(params: ConvBNParams) -> tuple[Any, Any]:

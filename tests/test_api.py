@@ -474,3 +474,23 @@ def test_torch_momentum_without_a_short_decimal_is_left_alone():
 
     odd = 0.1234567890123456789
     assert conventions.kept_to_torch_momentum(conventions.torch_momentum_to_kept(odd)) == pytest.approx(odd, abs=1e-16)
+
+
+def test_jax_without_x64_warns_and_keeps_float64_dtypes():
+    """NumPy float64 through JAX with jax_enable_x64 off is computed in float32: the results come
+    back in the caller's dtypes, at float32 accuracy, with a warning that says how to get float64."""
+    require_backend("jax")
+    import jax
+
+    x, params = CASE.params()
+    expected = reference.conv_bn(x, reference_params(params, CASE), True)
+    with jax.enable_x64(False):
+        with pytest.warns(RuntimeWarning, match="jax_enable_x64"):
+            y, new = convbn.conv_bn(x, params, training=True, backend="jax")
+        with pytest.warns(RuntimeWarning, match="float32 precision"):
+            y_eval = convbn.conv_bn(x, params, backend="jax")
+    assert y.dtype == y_eval.dtype == new.moving_mean.dtype == new.moving_var.dtype == np.float64
+    # float32 accuracy, not float64's: the computation really ran in float32.
+    assert 1e-9 < rel_err(y, expected[0]) < 1e-5
+    assert rel_err(new.moving_var, expected[2]) < 1e-5
+    assert rel_err(y_eval, reference.conv_bn(x, reference_params(params, CASE))) < 1e-5
