@@ -161,6 +161,36 @@ def test_import_leaves_frameworks_unimported():
     assert out.stdout.strip() == "[]"
 
 
+def test_tf_eager_call_runs_on_the_device_x_lives_on():
+    """Eager TF places ops on its default device, not on their input's; conv_bn pins itself to x's.
+    Two logical CPUs stand in for a CPU and a GPU (TF's default is the first)."""
+    require_backend("tensorflow")
+    code = (
+        "import numpy as np, tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "import convbn\n"
+        "rng = np.random.default_rng(0)\n"
+        "p = convbn.ConvBNParams(kernel=rng.normal(size=(3, 3, 2, 4)), moving_mean=rng.normal(size=4),\n"
+        "                        moving_var=rng.uniform(0.5, 2, 4))\n"
+        "xn = rng.normal(size=(2, 5, 5, 2))\n"
+        "with tf.device('/CPU:1'):\n"
+        "    x = tf.constant(xn)\n"
+        "y = convbn.conv_bn(x, p)\n"
+        "y2, new = convbn.conv_bn(x, p, training=True)\n"
+        "ref = convbn.conv_bn(xn, p, backend='numpy')\n"
+        "ref2, refnew = convbn.conv_bn(xn, p, training=True, backend='numpy')\n"
+        "err = max(np.abs(y.numpy() - ref).max(), np.abs(y2.numpy() - ref2).max(),\n"
+        "          np.abs(new.moving_var.numpy() - refnew.moving_var).max())\n"
+        "print(y.device, y2.device, new.moving_var.device, err)\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    *devices, err = out.stdout.split()
+    assert all(d.endswith("device:CPU:1") for d in devices), devices
+    assert float(err) < 1e-12
+
+
 def test_params_registered_with_jax_when_convbn_imported_first():
     require_backend("jax")
     code = (

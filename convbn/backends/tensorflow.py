@@ -14,6 +14,7 @@ support NCHW.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -224,10 +225,25 @@ def _xla_conv2d(x: Any, kernel: Any, strides: Any, padding: Any, dilations: Any)
     return tf.nn.conv2d(x, kernel, list(strides), explicit, dilations=list(dilations))
 
 
+@functools.cache
+def _several_devices() -> bool:
+    return len(tf.config.list_logical_devices()) > 1
+
+
 @tf.autograph.experimental.do_not_convert
 def conv_bn(x: Any, params: ConvBNParams, plan: Plan) -> Any:
     # do_not_convert: there is no tensor-dependent Python control flow here, and converting it
     # would only slow tracing down.
+    if _several_devices() and tf.executing_eagerly() and x.device:
+        # Eager TF runs an op on its default device (a GPU when there is one), not on its input's:
+        # pin the call to where x lives, as the torch and JAX backends do. Traced calls follow the
+        # caller's own device scopes.
+        with tf.device(x.device):
+            return _conv_bn(x, params, plan)
+    return _conv_bn(x, params, plan)
+
+
+def _conv_bn(x: Any, params: ConvBNParams, plan: Plan) -> Any:
     if isinstance(x, tf.Variable):
         x = tf.convert_to_tensor(x)
     nchw = plan.data_format == "NCHW"
