@@ -180,6 +180,33 @@ def test_torch_fold_cached_under_inference_mode_serves_autograd_later():
                    reference.conv_bn(x, reference_params(doubled, case))) < TOL64
 
 
+@pytest.mark.parametrize("present", [("bias", "gamma", "beta"), ()], ids=["all", "none"])
+def test_torch_eval_with_gradients_uses_the_cached_fold_exactly(present):
+    """Eval with autograd through the params hands out the cached fold through one autograd node:
+    the output is bit-identical to the no_grad call, and every parameter's gradient (the moving
+    statistics included) passes torch's float64 gradcheck against finite differences."""
+    require_backend("torch")
+    import torch
+
+    case = Case("eval_grad", (2, 6, 6, 3), (3, 3), 4, stride=2, bias="bias" in present,
+                gamma="gamma" in present, beta="beta" in present)
+    x, params = case.params()
+    names = [n for n, v in params.arrays().items() if v is not None]
+    leaves = {n: torch.tensor(np.asarray(getattr(params, n)), requires_grad=True) for n in names}
+    tp = dataclasses.replace(params, **leaves)
+    xt = torch.from_numpy(x).requires_grad_()
+    with torch.no_grad():
+        y_plain = convbn.conv_bn(xt, tp)
+    y = convbn.conv_bn(xt, tp)
+    assert y.requires_grad and torch.equal(y.detach(), y_plain)
+    assert rel_err(y.detach().numpy(), reference.conv_bn(x, reference_params(params, case))) < TOL64
+
+    def run(xv, *arrays):
+        return convbn.conv_bn(xv, dataclasses.replace(params, **dict(zip(names, arrays, strict=True))))
+
+    assert torch.autograd.gradcheck(run, (xt, *leaves.values()))
+
+
 # -- TensorFlow: frozen params are folded once, also for tf.function, without losing gradients ----
 
 def test_tf_frozen_params_fold_once_and_keep_gradients():

@@ -142,6 +142,10 @@ def _folded(params: ConvBNParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     under ``torch.inference_mode``, so a later call with autograd can use it.
     """
     t = _param_tensors(params, x.device)
+    if torch.compiler.is_compiling():
+        # Traced into the compiled graph, where the compiler handles (and may hoist) the fold;
+        # version counters and inference-tensor checks do not trace.
+        return _fold(t, params.eps, x.dtype)
     key = ("torch-fold", x.device, x.dtype)
     entry = params._cache.get(key)
     if entry is None:
@@ -149,14 +153,59 @@ def _folded(params: ConvBNParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.
         entry = [live, None, None, any(v.is_inference() for v in live)]
         params._cache[key] = entry
     live = entry[0]
-    if entry[3] or (torch.is_grad_enabled() and any(v.requires_grad for v in live)):
+    if entry[3]:
         return _fold(t, params.eps, x.dtype)
     versions = tuple(v._version for v in live)
     if entry[1] != versions:
         with torch.inference_mode(False), torch.no_grad():
             entry[2] = _fold(t, params.eps, x.dtype)
         entry[1] = versions
+    if torch.is_grad_enabled() and any(v.requires_grad for v in live):
+        w, b = entry[2]
+        return _FoldGrad.apply(w, b, t["kernel"], t["bias"], t["gamma"], t["beta"],  # type: ignore[no-any-return]
+                               t["moving_mean"], t["moving_var"], params.eps)
     return entry[2]  # type: ignore[no-any-return]
+
+
+class _FoldGrad(torch.autograd.Function):
+    """The folded ``(weight, bias)`` from :func:`_fold`, given precomputed, with the fold's gradient.
+
+    ``W' = permute(K * s)``, ``b' = beta + (bias - mean) * s`` with ``s = gamma r``,
+    ``r = 1 / sqrt(var + eps)``. Backward, with ``gK`` the weight gradient in HWIO:
+    ``dK = gK s``, ``ds = sum(gK K) + gb (bias - mean)``, ``dgamma = ds r``,
+    ``dvar = -ds gamma r^3 / 2``, ``dbeta = gb``, ``dbias = gb s``, ``dmean = -gb s``,
+    computed in float32 (float64 for float64) like the fold itself.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, b: torch.Tensor, kernel: torch.Tensor, bias: Any,  # type: ignore[override]
+                gamma: Any, beta: Any, mean: torch.Tensor, var: torch.Tensor, eps: float) -> Any:
+        ctx.save_for_backward(kernel, bias, gamma, mean, var)
+        ctx.eps = eps
+        ctx.beta_dtype = None if beta is None else beta.dtype
+        # New tensor objects sharing the cached storage: autograd attaches its node to these, never
+        # to the cache entry.
+        return w.detach(), b.detach()
+
+    @staticmethod
+    def backward(ctx: Any, gw: torch.Tensor | None, gb: torch.Tensor | None) -> Any:  # type: ignore[override]
+        kernel, bias, gamma, mean, var = ctx.saved_tensors
+        cd = _compute_dtype(kernel.dtype)
+        k, m, v = kernel.to(cd), mean.to(cd), var.to(cd)
+        r = torch.rsqrt(v + ctx.eps)
+        g = gamma.to(cd) if gamma is not None else None
+        s = r if g is None else g * r
+        centered = -m if bias is None else bias.to(cd) - m
+        gk = torch.zeros_like(k) if gw is None else gw.to(cd).permute(2, 3, 1, 0)
+        gb_ = torch.zeros_like(m) if gb is None else gb.to(cd)
+        ds = (gk * k).sum(dim=(0, 1, 2)) + gb_ * centered
+        dkernel = (gk * s).to(kernel.dtype)
+        dbias = None if bias is None else (gb_ * s).to(bias.dtype)
+        dgamma = None if g is None else (ds * r).to(gamma.dtype)
+        dbeta = None if ctx.beta_dtype is None else gb_.to(ctx.beta_dtype)
+        dmean = (-gb_ * s).to(mean.dtype)
+        dvar = (-0.5 * ds * r**3 * (1.0 if g is None else g)).to(var.dtype)
+        return None, None, dkernel, dbias, dgamma, dbeta, dmean, dvar, None
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
@@ -182,6 +231,30 @@ def conv_bn(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> Any:
         weight, bias = _folded(params, x)
         return _layout_out(_conv(x, weight, bias, plan), plan)
     return _train(x, params, plan)
+
+
+def _prepare(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The conv output (NCHW, or channels_last for NHWC input) ready for torch's batch-norm kernel,
+    and the batch-norm parameters in its dtype (float32, float64 for float64 input)."""
+    t = _param_tensors(params, x.device)
+    dtype = x.dtype
+    kernel = t["kernel"]
+    if kernel.dtype != dtype:
+        kernel = kernel.to(dtype)
+    conv_bias = t["bias"]
+    if conv_bias is not None and conv_bias.dtype != dtype:
+        conv_bias = conv_bias.to(dtype)
+    z = _conv(x, kernel.permute(3, 2, 0, 1), conv_bias, plan)
+    bn_dtype = _compute_dtype(dtype)
+    bn = {n: _cast(t[n], bn_dtype) for n in ("gamma", "beta")}
+    if dtype == torch.float16 and z.device.type == "cpu":
+        # CPU batch_norm has no float16 kernel with float32 params; compute in float32.
+        z = z.float()
+    return z, {**t, **bn, "bn_dtype": bn_dtype}
+
+
+def _cast(v: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return v if v is None or v.dtype == dtype else v.to(dtype)
 
 
 def _batch_norm(
@@ -210,25 +283,10 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
     starts at 0, so it receives ``(1 - momentum) * unbiased``, and one O(channels) step turns that
     into ``momentum * old + (1 - momentum) * unbiased * (N - 1) / N``. No second pass over the data.
     """
-    t = _param_tensors(params, x.device)
     dtype = x.dtype
-    kernel = t["kernel"]
-    if kernel.dtype != dtype:
-        kernel = kernel.to(dtype)
-    conv_bias = t["bias"]
-    if conv_bias is not None and conv_bias.dtype != dtype:
-        conv_bias = conv_bias.to(dtype)
-    z = _conv(x, kernel.permute(3, 2, 0, 1), conv_bias, plan)
-    # Batch-norm parameters and statistics are float32 (float64 for float64 input).
-    bn_dtype = _compute_dtype(dtype)
-    gamma, beta = t["gamma"], t["beta"]
-    if gamma is not None and gamma.dtype != bn_dtype:
-        gamma = gamma.to(bn_dtype)
-    if beta is not None and beta.dtype != bn_dtype:
-        beta = beta.to(bn_dtype)
-    if dtype == torch.float16 and z.device.type == "cpu":
-        # CPU batch_norm has no float16 kernel with float32 params; compute in float32.
-        z = z.float()
+    z, prepared = _prepare(x, params, plan)
+    t = _param_tensors(params, x.device)
+    gamma, beta, bn_dtype = prepared["gamma"], prepared["beta"], prepared["bn_dtype"]
     old_mean, old_var = t["moving_mean"], t["moving_var"]
     count = plan.values_per_channel
     assert count is not None  # torch shapes are static
@@ -239,7 +297,10 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
         var = old_var.clone() if unbiased else torch.zeros_like(old_var)
         y = _batch_norm(z, gamma, beta, mean, var, 1.0 - m, params.eps)
         if not unbiased:
-            var.mul_((count - 1) / count).add_(old_var, alpha=m)
+            # Out of place: the kernel's buffer may be held for its backward (torch.compile's
+            # AOTAutograd checks its version), and this is O(channels).
+            with torch.no_grad():
+                var = torch.add(var * ((count - 1) / count), old_var, alpha=m)
     else:
         # Statistics stored in another dtype: let torch write the exact batch mean and unbiased
         # variance into scratch buffers (momentum 1), then update in O(channels).
