@@ -8,7 +8,6 @@ are plain ints are checked, so tracing under ``jax.jit`` / ``tf.function`` (unkn
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 from convbn.errors import ConvBNError
@@ -20,7 +19,6 @@ DATA_FORMATS = ("NHWC", "NCHW")
 Dim = int | None
 
 
-@functools.lru_cache(maxsize=4096)
 def same_pads(n: int, k: int, s: int, d: int) -> tuple[int, int]:
     """TF 'SAME' padding ``(before, after)`` for one spatial dim; an odd total puts the extra after.
 
