@@ -1,10 +1,11 @@
 """Time and peak memory of checkpoint conversion on a ResNet-50-sized checkpoint.
 
 53 conv+BatchNorm pairs with ResNet-50's shapes (23.5M conv parameters, float32, about 94 MB).
-Each route runs in a fresh process: the frameworks are imported first, then the peak-RSS counter
-is reset (Linux ``/proc/self/clear_refs``) and ``load_checkpoint`` + ``save_checkpoint`` are
-timed. Reported: the conversion's wall time, the peak RSS during it, and that peak minus the RSS
-before it (the memory the conversion itself needed), each also as a multiple of the file size.
+Each route runs in a fresh process: the frameworks the two formats need are imported first (timed
+as ``import``), then the peak-RSS counter is reset (Linux ``/proc/self/clear_refs``) and
+``load_checkpoint`` + ``save_checkpoint`` are timed (``convert``). Reported: both times, the peak
+RSS during the conversion, and that peak minus the RSS before it (the memory the conversion itself
+needed), each also as a multiple of the checkpoint's size.
 
     python benchmarks/checkpoint_conversion.py [--routes torch:safetensors torch:flax ...]
 """
@@ -24,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SUFFIX = {"torch": "pt", "safetensors": "safetensors", "flax": "msgpack", "keras": "weights.h5"}
+SUFFIX = {"torch": "pt", "safetensors": "safetensors", "flax": "msgpack", "keras": "weights.h5", "slim": "ckpt"}
 IMPORTS = {"torch": "torch", "keras": "h5py", "flax": "msgpack", "safetensors": "numpy", "slim": "tensorflow"}
 
 
@@ -60,9 +61,11 @@ def make_source(fmt: str, path: Path) -> None:
 CHILD = """
 import json, os, sys, time
 sys.path.insert(0, {root!r})
+t = time.perf_counter()
 for name in {imports!r}:
     __import__(name)
 import convbn
+import_s = time.perf_counter() - t
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -75,40 +78,49 @@ t = time.perf_counter()
 ckpt = convbn.load_checkpoint({src!r})
 convbn.save_checkpoint(ckpt, {dst!r}, {fmt!r})
 seconds = time.perf_counter() - t
-print(json.dumps({{"seconds": seconds, "peak": status("VmHWM"), "before": rss_before, "layers": len(ckpt.layers)}}))
+print(json.dumps({{"seconds": seconds, "import_s": import_s, "peak": status("VmHWM"), "before": rss_before,
+                  "layers": len(ckpt.layers)}}))
 """
+
+
+def _files(path: Path) -> list[Path]:
+    """The file, or for a TF checkpoint prefix its .index and .data-* files."""
+    return [path] if path.is_file() else sorted(path.parent.glob(path.name + ".*"))
 
 
 def run(route: str, workdir: Path) -> dict[str, object]:
     src_fmt, dst_fmt = route.split(":")
     src = workdir / f"src.{SUFFIX[src_fmt]}"
-    if not src.exists():
+    if not _files(src):
         make_source(src_fmt, src)
     dst = workdir / f"dst_{src_fmt}.{SUFFIX[dst_fmt]}"
     imports = sorted({IMPORTS[src_fmt], IMPORTS[dst_fmt]}, key=lambda m: m != "torch")  # torch first
     code = CHILD.format(root=str(ROOT), imports=imports, src=str(src), dst=str(dst), fmt=dst_fmt)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    size = src.stat().st_size
+    size = sum(f.stat().st_size for f in _files(src))
     result.update(route=route, size=size, peak_x=result["peak"] / size,
                   extra_x=(result["peak"] - result["before"]) / size)
-    dst.unlink()
+    for f in _files(dst):
+        f.unlink()
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--routes", nargs="+", default=["torch:safetensors", "torch:flax", "torch:keras",
-                                                         "keras:torch", "flax:torch", "safetensors:torch"])
+    parser.add_argument("--routes", nargs="+", default=[
+        "torch:safetensors", "torch:slim", "slim:torch", "torch:flax", "torch:keras",
+        "keras:torch", "flax:torch", "safetensors:torch"])
     args = parser.parse_args()
     params = sum(k * k * cin * cout for k, cin, cout in resnet50_shapes())
     print(f"ResNet-50 shapes: {len(resnet50_shapes())} conv+BN pairs, {params / 1e6:.2f}M conv parameters")
-    print(f"{'route':<20} {'file MB':>8} {'seconds':>8} {'peak RSS MB':>12} {'x file':>7} {'extra MB':>9} {'x file':>7}")
+    print(f"{'route':<20} {'file MB':>8} {'import s':>9} {'convert s':>10} {'peak RSS MB':>12} {'x file':>7} "
+          f"{'extra MB':>9} {'x file':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for route in args.routes:
             r = run(route, Path(tmp))
             mb = 1024 * 1024
-            print(f"{r['route']:<20} {r['size'] / mb:>8.1f} {r['seconds']:>8.2f} {r['peak'] / mb:>12.0f} "
+            print(f"{r['route']:<20} {r['size'] / mb:>8.1f} {r['import_s']:>9.2f} {r['seconds']:>10.2f} {r['peak'] / mb:>12.0f} "
                   f"{r['peak_x']:>7.2f} {(r['peak'] - r['before']) / mb:>9.0f} {r['extra_x']:>7.2f}")
 
 
