@@ -109,7 +109,11 @@ def naming_candidates(conv: str) -> list[str]:
       Keras template).
     - a leaf ``<x>conv<n>`` → sibling ``<x>bn<n>``: torchvision (``conv1``/``bn1``), Keras
       applications (``conv1_conv``/``conv1_bn``).
-    - ``Conv_<n>`` → sibling ``BatchNorm_<n>``: flax.linen's default names.
+    - ``Conv_<n>`` → sibling ``BatchNorm_<n>``: flax.linen's default names. linen numbers each
+      module class separately, so the indices only correspond when every ``Conv_*`` of the parent
+      has a BatchNorm: :func:`pair_units` applies this rule only where a parent holds as many
+      ``Conv_*`` as ``BatchNorm_*`` (a model with a conv without BatchNorm falls to the order rule
+      or stays unpaired, rather than pairing ``Conv_1`` with the first conv's neighbour).
 
     Example:
         >>> naming_candidates("layer1.0.conv2")[-1]
@@ -127,6 +131,23 @@ def naming_candidates(conv: str) -> list[str]:
     if match:
         out.append(f"{parent}{sep}BatchNorm_{match.group(1)}")
     return out
+
+
+_LINEN_CONV = re.compile(r"Conv_\d+")
+_LINEN_BN = re.compile(r"BatchNorm_\d+")
+
+
+def _linen_unbalanced_parents(units: Sequence[Unit]) -> set[str]:
+    """Parents whose ``Conv_*`` and ``BatchNorm_*`` counts differ: there linen's per-class indices
+    do not say which BatchNorm follows which conv."""
+    counts: dict[str, list[int]] = {}
+    for unit in units:
+        parent, _sep, leaf = _split(unit.name)
+        if unit.kind == "conv" and _LINEN_CONV.fullmatch(leaf):
+            counts.setdefault(parent, [0, 0])[0] += 1
+        elif unit.kind == "bn" and _LINEN_BN.fullmatch(leaf):
+            counts.setdefault(parent, [0, 0])[1] += 1
+    return {parent for parent, (convs, bns) in counts.items() if convs != bns}
 
 
 def layer_key(conv: str, bn: str) -> str:
@@ -226,10 +247,13 @@ def pair_units(
             take(conv, bn, "graph")
 
     if naming:
+        linen_unbalanced = _linen_unbalanced_parents(units)
         for conv in units:
             if conv.kind != "conv" or id(conv) in paired:
                 continue
             for candidate in naming_candidates(conv.name):
+                if _split(conv.name)[0] in linen_unbalanced and _LINEN_BN.fullmatch(_split(candidate)[2]):
+                    continue
                 bn = by_name.get(("bn", candidate))
                 if bn is not None and id(bn) not in paired and bn.channels == conv.channels:
                     take(conv, bn, "naming")

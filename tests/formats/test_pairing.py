@@ -54,6 +54,23 @@ def test_naming_conventions_beat_order(conv, bn, key):
     assert bn in naming_candidates(conv)
 
 
+def test_linen_indices_pair_only_when_every_conv_has_a_batchnorm():
+    # linen numbers Conv and BatchNorm separately: with a stem conv without BatchNorm, Conv_1 is
+    # followed by BatchNorm_0, and the index rule would pair Conv_0 with it. Order pairs them right.
+    units = [Unit("params/Conv_0", "conv", 8), Unit("params/Conv_1", "conv", 8),
+             Unit("params/BatchNorm_0", "bn", 8)]
+    pairs, rest = pair_units(units)
+    assert _names(pairs) == [("params/Conv_1", "params/Conv_1", "params/BatchNorm_0", "order")]
+    assert [u.name for u in rest] == ["params/Conv_0"]
+    # Balanced, the index rule still wins over a misleading order.
+    units = [Unit("p/Conv_0", "conv", 8), Unit("p/BatchNorm_1", "bn", 8),
+             Unit("p/Conv_1", "conv", 8), Unit("p/BatchNorm_0", "bn", 8)]
+    pairs, rest = pair_units(units)
+    assert sorted(_names(pairs)) == [("p/Conv_0", "p/Conv_0", "p/BatchNorm_0", "naming"),
+                                     ("p/Conv_1", "p/Conv_1", "p/BatchNorm_1", "naming")]
+    assert rest == []
+
+
 def test_naming_requires_matching_channels():
     units = [Unit("x.conv", "conv", 8), Unit("x.bn", "bn", 4)]
     pairs, rest = pair_units(units, order=None)
