@@ -136,10 +136,12 @@ def _folded(params: ConvBNParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     """Folded OIHW weight and bias in ``x``'s dtype, cached per params object, device and dtype.
 
     The cache entry records the in-place version counter of every source tensor and is rebuilt
-    when one moved (an optimizer step on the same tensors). When autograd needs a graph through
-    the params, or a source is an inference tensor (which has no version counter), the fold is
-    recomputed per call and not cached. The cached fold is an ordinary tensor even when computed
-    under ``torch.inference_mode``, so a later call with autograd can use it.
+    when one moved (an optimizer step on the same tensors). The cached fold is an ordinary tensor
+    even when computed under ``torch.inference_mode``, so a later call with autograd can use it.
+    When autograd records a graph through the params, the cached fold is handed out through
+    :class:`_FoldGrad` (one autograd node with the fold's derivative), so eval gives bit-identical
+    numbers with and without gradients and pays no per-call fold. A source that is an inference
+    tensor (which has no version counter) is folded per call.
     """
     t = _param_tensors(params, x.device)
     if torch.compiler.is_compiling():
