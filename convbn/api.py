@@ -106,7 +106,8 @@ def _conv_bn_numpy(
     module = dispatch.load_backend(name)
     plan = plan_for(x.shape, params, data_format, training)
     resolved = module.resolve_device(device)
-    key = ("to_backend", name, str(resolved))
+    conversion_key = getattr(module, "conversion_key", None)
+    key = ("to_backend", name, str(resolved), conversion_key() if conversion_key is not None else None)
     native = params._cache.get(key)
     if native is None:
         native = module.to_backend(params, resolved)

@@ -524,3 +524,6 @@ def test_jax_without_x64_warns_and_keeps_float64_dtypes():
     assert 1e-9 < rel_err(y, expected[0]) < 1e-5
     assert rel_err(new.moving_var, expected[2]) < 1e-5
     assert rel_err(y_eval, reference.conv_bn(x, reference_params(params, CASE))) < 1e-5
+    # The same params object back under x64: converted anew, float64 accuracy again.
+    assert rel_err(convbn.conv_bn(x, params, backend="jax"), reference.conv_bn(x, reference_params(params, CASE))) < 1e-12
+

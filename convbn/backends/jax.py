@@ -77,6 +77,13 @@ def asarray(a: Any, device: Any = None) -> Any:
     return a if device is None else jax.device_put(a, device)
 
 
+def conversion_key() -> bool:
+    """What besides the device decides :func:`to_backend`'s result: the x64 flag (off, float64
+    NumPy data becomes float32 arrays), so converted params cached under one setting are not
+    reused under the other."""
+    return bool(jax.config.read("jax_enable_x64"))
+
+
 def to_backend(params: ConvBNParams, device: Any = None) -> ConvBNParams:
     dev = resolve_device(device) if device is not None else None
     return with_arrays(params, **{n: asarray(v, dev) for n, v in params.arrays().items()})
