@@ -28,7 +28,7 @@ from convbn import adapters
 from convbn.backends import torch as backend
 from convbn.errors import ConvBNError
 from convbn.geometry import DATA_FORMATS, plan_for, same_pads
-from convbn.params import ARRAY_FIELDS, ConvBNParams, VarUpdate, normalize_pair, with_arrays
+from convbn.params import ConvBNParams, VarUpdate, normalize_pair, with_arrays
 
 __all__ = ["ConvBN2d"]
 
@@ -127,13 +127,12 @@ class ConvBN2d(nn.Module):
         )
         self.bn = nn.BatchNorm2d(out_channels, eps, momentum, device=device, dtype=dtype)
         self._states: dict[bool, tuple[tuple[Any, ...], ConvBNParams]] = {}
-        self._folds: dict[tuple[Any, Any], tuple[tuple[Any, ...], list[int], tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # -- params ------------------------------------------------------------------------------------
 
-    def _live_params(self) -> tuple[ConvBNParams, tuple[torch.Tensor | None, ...], tuple[Any, ...]]:
-        """Params viewing the live tensors, rebuilt only when a tensor or a setting changed; the
-        tensors (weight, bias, gamma, beta, running mean, running var); and the key they match.
+    def _live_params(self) -> tuple[ConvBNParams, tuple[torch.Tensor | None, ...]]:
+        """Params viewing the live tensors, rebuilt only when a tensor or a setting changed, and the
+        tensors (weight, bias, gamma, beta, running mean, running var).
 
         The key holds each tensor's identity (parameters replaced, parametrizations) and data
         pointer (``.to()``, ``.half()`` and ``channels_last`` swap the storage under the same
@@ -154,30 +153,7 @@ class ConvBN2d(nn.Module):
             with torch.inference_mode(False):  # cached views must be usable outside inference mode
                 state = (key, self._build_params(tensors))
             self._states[grad] = state
-        return state[1], tensors, key
-
-    def _folded(
-        self, params: ConvBNParams, tensors: tuple[torch.Tensor | None, ...], key: tuple[Any, ...],
-        x: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The eval weight and bias with BatchNorm folded in, per device and dtype of ``x``.
-
-        Valid for the tensors of ``key`` at their current version counters, so in-place updates
-        (optimizer steps, ``load_state_dict``, the training update) are never served a stale fold;
-        a call costs two comparisons instead of a fold.
-        """
-        versions = [t._version for t in tensors if t is not None]
-        cached = self._folds.get((x.device, x.dtype))
-        if cached is not None and cached[0] == key and cached[1] == versions:
-            return cached[2]
-        if cached is not None and cached[0] != key:
-            self._folds.clear()  # folds of replaced tensors: drop them all
-        # Normal tensors even when first called in inference mode: a later grad-enabled call may
-        # save them for backward (the input's gradient), which inference tensors cannot be.
-        with torch.inference_mode(False), torch.no_grad():
-            folded = backend._fold({name: getattr(params, name) for name in ARRAY_FIELDS}, params.eps, x.dtype)
-        self._folds[(x.device, x.dtype)] = (key, versions, folded)
-        return folded
+        return state[1], tensors
 
     def _tensors(self) -> tuple[torch.Tensor | None, ...]:
         """weight, bias, gamma, beta, running mean, running var: read from the modules' own
@@ -279,18 +255,16 @@ class ConvBN2d(nn.Module):
         if compiling:
             # Traced once per guard set: plain tensor ops, with the fold compiled into the graph.
             tensors = self._tensors()
-            params, key = self._build_params(tensors), ()
+            params = self._build_params(tensors)
         else:
-            params, tensors, key = self._live_params()
+            params, tensors = self._live_params()
         weight, conv_bias, gamma, beta, mean, var = tensors
         training = self.training
         plan = plan_for(tuple(x.shape), params, self.data_format, training)
         if not training:
-            if compiling or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors[:4])):
-                return backend.conv_bn(x, params, plan)  # type: ignore[no-any-return]
-            # One conv with the cached folded weights: what backend.conv_bn computes, minus the fold.
-            folded_weight, folded_bias = self._folded(params, tensors, key, x)
-            return backend._layout_out(backend._conv(x, folded_weight, folded_bias, plan), plan)
+            # One conv with BatchNorm folded in: the backend caches the fold on the live params and
+            # revalidates it with the tensors' version counters.
+            return backend.conv_bn(x, params, plan)  # type: ignore[no-any-return]
         if plan.values_per_channel == 0:  # an empty batch has no statistics to learn from
             return backend.conv_bn(x, params, plan_for(tuple(x.shape), params, self.data_format, False))  # type: ignore[no-any-return]
         bn = self.bn
@@ -378,6 +352,6 @@ class ConvBN2d(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        # Views of the old tensors and folds made from them: rebuilt on the first call.
-        state.update(_states={}, _folds={})
+        # Views of the old tensors, and the folds cached on them: rebuilt on the first call.
+        state.update(_states={})
         return state  # type: ignore[no-any-return]
