@@ -235,30 +235,6 @@ def conv_bn(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> Any:
     return _train(x, params, plan)
 
 
-def _prepare(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The conv output (NCHW, or channels_last for NHWC input) ready for torch's batch-norm kernel,
-    and the batch-norm parameters in its dtype (float32, float64 for float64 input)."""
-    t = _param_tensors(params, x.device)
-    dtype = x.dtype
-    kernel = t["kernel"]
-    if kernel.dtype != dtype:
-        kernel = kernel.to(dtype)
-    conv_bias = t["bias"]
-    if conv_bias is not None and conv_bias.dtype != dtype:
-        conv_bias = conv_bias.to(dtype)
-    z = _conv(x, kernel.permute(3, 2, 0, 1), conv_bias, plan)
-    bn_dtype = _compute_dtype(dtype)
-    bn = {n: _cast(t[n], bn_dtype) for n in ("gamma", "beta")}
-    if dtype == torch.float16 and z.device.type == "cpu":
-        # CPU batch_norm has no float16 kernel with float32 params; compute in float32.
-        z = z.float()
-    return z, {**t, **bn, "bn_dtype": bn_dtype}
-
-
-def _cast(v: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return v if v is None or v.dtype == dtype else v.to(dtype)
-
-
 def _batch_norm(
     z: torch.Tensor,
     gamma: torch.Tensor | None,
@@ -285,10 +261,25 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
     starts at 0, so it receives ``(1 - momentum) * unbiased``, and one O(channels) step turns that
     into ``momentum * old + (1 - momentum) * unbiased * (N - 1) / N``. No second pass over the data.
     """
-    dtype = x.dtype
-    z, prepared = _prepare(x, params, plan)
     t = _param_tensors(params, x.device)
-    gamma, beta, bn_dtype = prepared["gamma"], prepared["beta"], prepared["bn_dtype"]
+    dtype = x.dtype
+    kernel = t["kernel"]
+    if kernel.dtype != dtype:
+        kernel = kernel.to(dtype)
+    conv_bias = t["bias"]
+    if conv_bias is not None and conv_bias.dtype != dtype:
+        conv_bias = conv_bias.to(dtype)
+    z = _conv(x, kernel.permute(3, 2, 0, 1), conv_bias, plan)
+    # Batch-norm parameters and statistics are float32 (float64 for float64 input).
+    bn_dtype = _compute_dtype(dtype)
+    gamma, beta = t["gamma"], t["beta"]
+    if gamma is not None and gamma.dtype != bn_dtype:
+        gamma = gamma.to(bn_dtype)
+    if beta is not None and beta.dtype != bn_dtype:
+        beta = beta.to(bn_dtype)
+    if dtype == torch.float16 and z.device.type == "cpu":
+        # CPU batch_norm has no float16 kernel with float32 params; compute in float32.
+        z = z.float()
     old_mean, old_var = t["moving_mean"], t["moving_var"]
     count = plan.values_per_channel
     assert count is not None  # torch shapes are static
