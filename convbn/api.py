@@ -9,7 +9,7 @@ import numpy as np
 
 from convbn import dispatch
 from convbn.errors import ConvBNError
-from convbn.geometry import plan_for
+from convbn.geometry import Plan, plan_for
 from convbn.params import ConvBNParams, with_arrays
 
 __all__ = ["conv_bn", "fuse", "to_backend", "to_numpy"]
@@ -83,15 +83,17 @@ def conv_bn(
         )
     module = dispatch.load_backend(name)
     plan = plan_for(module.static_shape(x), params, data_format, training)
-    if plan.training and plan.values_per_channel == 0:
-        return _empty_training_call(module, x, params, data_format)
+    if plan.empty:
+        return empty_batch(module, x, params, plan)
     return module.conv_bn(x, params, plan)
 
 
-def _empty_training_call(module: Any, x: Any, params: ConvBNParams, data_format: str) -> Any:
-    """A zero-size batch has no statistics: the output is empty and the moving stats are kept."""
-    plan = plan_for(module.static_shape(x), params, data_format, False)
-    return module.conv_bn(x, params, plan), params
+def empty_batch(module: Any, x: Any, params: ConvBNParams, plan: Plan) -> Any:
+    """A zero-size batch, the same on every backend: ``y`` is empty with the shape the geometry
+    gives (no framework kernel sees it), and training keeps the moving statistics, since there are
+    no batch statistics to learn from."""
+    y = module.empty_output(x, plan.out_shape)
+    return (y, params) if plan.training else y
 
 
 def _conv_bn_numpy(
@@ -112,10 +114,10 @@ def _conv_bn_numpy(
     if native is None:
         native = module.to_backend(params, resolved)
         params._cache[key] = native
+    if plan.empty:
+        y = np.zeros(plan.out_shape, x.dtype)
+        return (y, params) if plan.training else y
     xb = module.asarray(x, resolved)
-    if plan.training and plan.values_per_channel == 0:
-        y, _ = _empty_training_call(module, xb, native, data_format)
-        return module.to_numpy(y), params
     out = module.conv_bn(xb, native, plan)
     if not plan.training:
         return _as_input_dtype(module.to_numpy(out), x.dtype, name)

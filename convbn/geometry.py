@@ -53,6 +53,21 @@ class Plan:
     out_channels: int
     out_hw: tuple[Dim, Dim]
     values_per_channel: Dim
+    batch: Dim = None
+
+    @property
+    def empty(self) -> bool:
+        """True for a zero-size batch: the output is known from the geometry alone, and no
+        framework kernel is asked to compute it (TF's oneDNN conv returns a wrong shape for one)."""
+        return self.values_per_channel == 0
+
+    @property
+    def out_shape(self) -> tuple[Dim, ...]:
+        """The output's shape in ``data_format``."""
+        h, w = self.out_hw
+        if self.data_format == "NHWC":
+            return (self.batch, h, w, self.out_channels)
+        return (self.batch, self.out_channels, h, w)
 
     @property
     def symmetric(self) -> bool:
@@ -181,6 +196,7 @@ def _make_plan(
         out_channels=out_channels,
         out_hw=(out_hw[0], out_hw[1]),
         values_per_channel=values,
+        batch=n,
     )
 
 

@@ -261,12 +261,12 @@ class ConvBN2d(nn.Module):
         weight, conv_bias, gamma, beta, mean, var = tensors
         training = self.training
         plan = plan_for(tuple(x.shape), params, self.data_format, training)
+        if plan.empty:  # no statistics to learn from; the shape comes from the geometry
+            return backend.empty_output(x, plan.out_shape)  # type: ignore[arg-type]
         if not training:
             # One conv with BatchNorm folded in: the backend caches the fold on the live params and
             # revalidates it with the tensors' version counters.
             return backend.conv_bn(x, params, plan)  # type: ignore[no-any-return]
-        if plan.values_per_channel == 0:  # an empty batch has no statistics to learn from
-            return backend.conv_bn(x, params, plan_for(tuple(x.shape), params, self.data_format, False))  # type: ignore[no-any-return]
         bn = self.bn
         bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
         if self.var_update == "unbiased" and x.dtype == weight.dtype == mean.dtype:  # type: ignore[union-attr]

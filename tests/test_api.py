@@ -322,14 +322,30 @@ def test_nothing_is_mutated_in_place(backend):
 
 
 def test_zero_size_batch(backend):
+    """3 -> 4 channels at stride 2: the empty output's shape is the geometry's, in both layouts,
+    never a framework kernel's (TF's oneDNN conv keeps the input's channel count)."""
     x, params = CASE.params()
-    empty = x[:0]
-    y = convbn.conv_bn(empty, params, backend=backend)
-    assert y.shape == (0, 4, 4, 4)
-    y, new = convbn.conv_bn(empty, params, training=True, backend=backend)
-    assert y.shape == (0, 4, 4, 4)
-    np.testing.assert_array_equal(new.moving_mean, params.moving_mean)
-    np.testing.assert_array_equal(new.moving_var, params.moving_var)
+    assert x.shape[3] != params.kernel.shape[3]
+    for fmt, xs in (("NHWC", x), ("NCHW", x.transpose(0, 3, 1, 2))):
+        want = reference.conv_bn(x, reference_params(params, CASE))[:0]
+        want = want if fmt == "NHWC" else want.transpose(0, 3, 1, 2)
+        y = convbn.conv_bn(xs[:0], params, backend=backend, data_format=fmt)
+        assert y.shape == want.shape and y.dtype == x.dtype
+        y, new = convbn.conv_bn(xs[:0], params, training=True, backend=backend, data_format=fmt)
+        assert y.shape == want.shape and y.dtype == x.dtype
+        np.testing.assert_array_equal(new.moving_mean, params.moving_mean)
+        np.testing.assert_array_equal(new.moving_var, params.moving_var)
+
+
+def test_zero_size_batch_keeps_the_autograd_graph():
+    require_backend("torch")
+    import torch
+
+    x, params = CASE.params()
+    xt = torch.from_numpy(x[:0]).requires_grad_(True)
+    y, _ = convbn.conv_bn(xt, params, training=True)
+    (y.sum() + 1).backward()
+    assert xt.grad is not None and xt.grad.shape == xt.shape
 
 
 def test_non_contiguous_input(backend):

@@ -11,6 +11,8 @@ Every backend module defines:
 - ``to_backend(params, device=None)``: params with every array converted.
 - ``conv_bn(x, params, plan)``: the op; ``plan`` (:class:`convbn.geometry.Plan`) carries the
   validated geometry and the mode. Returns ``y`` in eval, ``(y, new_params)`` in training.
+- ``empty_output(x, shape)``: zeros of ``shape`` in ``x``'s dtype, on ``x``'s device, for a
+  zero-size batch (``conv_bn`` never sees one; see :func:`convbn.api.empty_batch`).
 - ``fuse(params)``: ``(kernel, bias)`` with BatchNorm folded into the conv, HWIO.
 
 A backend module imports its framework at the top: it is only loaded after dispatch chose it.

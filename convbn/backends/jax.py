@@ -30,6 +30,7 @@ __all__ = [
     "NAME",
     "asarray",
     "conv_bn",
+    "empty_output",
     "fuse",
     "resolve_device",
     "static_shape",
@@ -269,6 +270,11 @@ def conv_bn(x: Any, params: ConvBNParams, plan: Plan) -> Any:
     y, mean, var = _train_jit(x, params, plan)
     # The new params keep this call's plans, so a training loop does not plan again every step.
     return y, with_moving_stats(params, mean, var)
+
+
+def empty_output(x: Any, shape: tuple[int, ...]) -> Any:
+    """Zeros of ``shape`` in ``x``'s dtype, on ``x``'s devices: the output of a zero-size batch."""
+    return jnp.zeros(shape, x.dtype) + jnp.sum(x)
 
 
 @functools.partial(jax.jit, static_argnames=("eps",))

@@ -23,6 +23,7 @@ __all__ = [
     "NAME",
     "asarray",
     "conv_bn",
+    "empty_output",
     "conv_bn_vjp",
     "fuse",
     "resolve_device",
@@ -148,6 +149,11 @@ def conv_bn(x: np.ndarray, params: ConvBNParams, plan: Plan) -> Any:
 
 def _rsqrt(v: np.ndarray) -> np.ndarray:
     return 1.0 / np.sqrt(v)
+
+
+def empty_output(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Zeros of ``shape`` in ``x``'s dtype: the output of a zero-size batch."""
+    return np.zeros(shape, x.dtype)
 
 
 def fuse(params: ConvBNParams) -> tuple[np.ndarray, np.ndarray]:

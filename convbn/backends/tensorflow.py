@@ -31,6 +31,7 @@ __all__ = [
     "NAME",
     "asarray",
     "conv_bn",
+    "empty_output",
     "fuse",
     "resolve_device",
     "static_shape",
@@ -307,6 +308,12 @@ def _train(x: Any, params: ConvBNParams, plan: Plan) -> tuple[Any, ConvBNParams]
     if isinstance(new_mean, _EagerTensor):
         new._cache["tf-tensors"] = {**t, "moving_mean": new_mean, "moving_var": new_var}
     return y, new
+
+
+def empty_output(x: Any, shape: tuple[int, ...]) -> Any:
+    """Zeros of ``shape`` like ``x``: the output of a zero-size batch. Adding the sum of ``x`` (an
+    exact 0 over no elements) keeps the result on ``x``'s device and in a tape's graph."""
+    return tf.zeros(shape, x.dtype) + tf.reduce_sum(x)
 
 
 def fuse(params: ConvBNParams) -> tuple[Any, Any]:

@@ -28,6 +28,7 @@ __all__ = [
     "NAME",
     "asarray",
     "conv_bn",
+    "empty_output",
     "fuse",
     "resolve_device",
     "static_shape",
@@ -311,6 +312,12 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
     # The next step's params hold the same tensors but for the statistics, already on the device.
     new._cache[("torch-tensors", x.device)] = {**t, "moving_mean": mean, "moving_var": var}
     return _layout_out(y, plan), new
+
+
+def empty_output(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Zeros of ``shape`` like ``x``: the output of a zero-size batch. Adding ``x.sum()`` (an exact
+    0 over no elements) keeps the result in ``x``'s autograd graph, so ``backward`` still works."""
+    return x.new_zeros(shape) + x.sum()
 
 
 def fuse(params: ConvBNParams) -> tuple[torch.Tensor, torch.Tensor]:

@@ -394,7 +394,9 @@ def run_slim_discriminator(prefix: str, x: np.ndarray) -> list[np.ndarray]:
         for scope, _, depth in rest:
             h = slim.conv2d(h, depth, [5, 5], stride=2, activation_fn=None,
                             normalizer_fn=slim.batch_norm, normalizer_params=bn, scope=scope)
-            outputs.append(h)
+            # Fetched through an Identity: with oneDNN on, grappler fuses conv + BatchNorm +
+            # LeakyRelu and a fetch of the BatchNorm op itself is no longer found in the graph.
+            outputs.append(tf.identity(h))
             h = tf.nn.leaky_relu(h, 0.2)
         with tf1.Session() as sess:
             tf1.train.Saver().restore(sess, prefix)
