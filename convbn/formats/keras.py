@@ -31,6 +31,7 @@ import os
 import re
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,13 @@ _KERAS_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
 _CONV_GROUP = re.compile(r"conv2d(_\d+)?")
 _BN_GROUP = re.compile(r"batch_normalization(_\d+)?")
 _BN_FIELDS = ("gamma", "beta", "moving_mean", "moving_var")
+#: config.json is read at most this far: a real model's config is a few MB, and a zip bomb must
+#: not become gigabytes of JSON in memory.
+_CONFIG_LIMIT = 64 << 20
+#: How far a compressed dataset or archive member may expand: deflate's own ceiling is ~1032:1.
+_MAX_EXPANSION = 1032
+#: What h5py raises for a corrupt or truncated file, by the layer it fails in.
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
 
 def _h5py() -> Any:
@@ -99,51 +107,158 @@ class _Group:
         self.arrays = arrays
 
 
-def _walk(group: Any, prefix: str, h5py: Any) -> Iterator[tuple[str, Any]]:
-    """``("vars", (path, vars_group))`` for layer groups, ``("dataset", (path, ds))`` otherwise."""
-    for key in sorted(group.keys(), key=natural_key):
-        item = group[key]
-        path = f"{prefix}/{key}" if prefix else key
-        if isinstance(item, h5py.Group):
-            if key == "vars":
-                yield "vars", (prefix, item)
+class _Reader:
+    """Walks an HDF5 file and reads its datasets without ever leaving it.
+
+    HDF5 can point outside the file in three ways: external links, datasets with external raw
+    storage, and virtual datasets; a hostile file uses them to copy another file (``/etc/passwd``)
+    into the checkpoint, so all three are refused before any data is read. Soft links are refused
+    too (Keras never writes them, and they make loops and dangling names), and every object must be
+    reached by one hard link only (a second one makes cycles, or reads the same bytes many times).
+    A dataset may materialize only bytes the file stores: without a filter, its storage must cover
+    its size (an unwritten dataset would expand to its fill value); with one (gzip), at most
+    ``_MAX_EXPANSION`` times its storage; and all datasets' storage together must fit in the file.
+    """
+
+    def __init__(self, source: Path, h5py: Any, size: int) -> None:
+        self.source = source
+        self.h5py = h5py
+        self.left = size  # bytes of the file not yet claimed by a dataset's storage
+        self.seen: set[int] = set()
+
+    def fail(self, where: str, problem: str) -> ConvBNError:
+        return ConvBNError(f"{self.source}: {problem}. Received: HDF5 object {where!r}")
+
+    def walk(self, group: Any, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+        """``("vars", path, group)`` for layer groups, ``("dataset", path, ds)`` for other datasets."""
+        h5py = self.h5py
+        for key in sorted(group.keys(), key=natural_key):
+            path = f"{prefix}/{key}" if prefix else key
+            link = group.get(key, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                raise self.fail(path, f"a Keras weights file must hold its data itself; this is an external link "
+                                      f"to {link.filename!r}:{link.path!r}")
+            if not isinstance(link, h5py.HardLink):
+                target = getattr(link, "path", None)
+                raise self.fail(path, f"a Keras weights file has no links between its objects; this is a soft link "
+                                      f"to {target!r}" if target is not None else "an HDF5 link of an unknown kind")
+            item = group[key]
+            address = h5py.h5o.get_info(item.id).addr
+            if address in self.seen:
+                raise self.fail(path, "every HDF5 object must be reached by one link; this is a second link to an "
+                                      "object already read (a cycle?)")
+            self.seen.add(address)
+            if isinstance(item, h5py.Group):
+                if key == "vars":
+                    yield "vars", prefix, item
+                else:
+                    yield from self.walk(item, path)
+            elif isinstance(item, h5py.Dataset):
+                yield "dataset", path, item
             else:
-                yield from _walk(item, path, h5py)
-        else:
-            yield "dataset", (path, item)
+                raise self.fail(path, f"a Keras weights file holds groups and datasets. Received: {type(item).__name__}")
+
+    def read(self, ds: Any, where: str) -> np.ndarray:
+        """The dataset's values, once its layout, dtype and size are checked (see the class)."""
+        h5d = self.h5py.h5d
+        plist = ds.id.get_create_plist()
+        layout = plist.get_layout()
+        if layout == getattr(h5d, "VIRTUAL", -1):
+            raise self.fail(where, "a Keras dataset must keep its data in the file; this is a virtual dataset "
+                                   "(its data lies in other files)")
+        if plist.get_external_count():
+            raise self.fail(where, "a Keras dataset must keep its data in the file; this one uses external "
+                                   "storage in another file")
+        if layout not in (h5d.COMPACT, h5d.CONTIGUOUS, h5d.CHUNKED):
+            raise self.fail(where, f"a Keras dataset has a compact, contiguous or chunked layout. Received: layout {layout}")
+        dtype = ds.dtype
+        if dtype.kind not in "biufcV" or dtype.fields is not None or dtype.subdtype is not None:
+            raise self.fail(where, f"a Keras dataset must hold numbers. Received: dtype {dtype}")
+        if ds.shape is None:
+            raise self.fail(where, "a Keras dataset must have a shape. Received: an empty (null) dataspace")
+        nbytes = int(np.prod(ds.shape, dtype=object)) * dtype.itemsize
+        stored = ds.id.get_storage_size()
+        filtered = layout == h5d.CHUNKED and plist.get_nfilters() > 0
+        if nbytes > stored * (_MAX_EXPANSION if filtered else 1) or stored > self.left:
+            raise self.fail(
+                where,
+                f"a dataset may hold only data the file stores; this one declares {nbytes} bytes "
+                f"(shape {tuple(ds.shape)}, {dtype}) and stores {stored}"
+                + (f" compressed (at most {_MAX_EXPANSION}x expansion)" if filtered else "")
+                + (f", more than the {self.left} bytes of the file left" if stored > self.left else ""),
+            )
+        self.left -= stored
+        return np.asarray(ds[()])
+
+    def layer_name(self, item: Any, where: str) -> str:
+        """The layer's name (the ``vars`` group's ``name`` attribute), else its group's."""
+        if "name" not in item.attrs:
+            return where.rsplit("/", 1)[-1]
+        value = item.attrs["name"]
+        if isinstance(value, bytes):
+            try:
+                value = value.decode()
+            except UnicodeDecodeError:
+                raise self.fail(f"{where}/vars", f"a layer name must be UTF-8 text. Received: name={value!r}") from None
+        if not isinstance(value, str):
+            raise self.fail(f"{where}/vars", f"a layer name must be text. Received: name of type {type(value).__name__}")
+        return value
 
 
-def _read_h5(f: Any, path: Path, h5py: Any) -> tuple[list[_Group], dict[str, np.ndarray], list[str]]:
-    if "layers" not in f:
-        keys = sorted(f.keys())[:5]
-        raise ConvBNError(
-            f"{path}: not a Keras 3 weights file: it has no 'layers' group (top level: {keys}); "
-            "Keras 2 .h5 files are not supported, re-save them with Keras 3"
-        )
-    groups: list[_Group] = []
-    loose: dict[str, np.ndarray] = {}
-    dropped: list[str] = []
-    for kind, (where, item) in _walk(f, "", h5py):
-        if where.split("/")[0] == "optimizer":
-            if kind == "vars":
-                dropped += [f"{where}/vars/{k}" for k in sorted(item.keys(), key=natural_key)]
-            else:
-                dropped.append(where)
-            continue
-        try:
-            if kind == "dataset":
-                loose[where] = item[()]
+def _read_h5(f: Any, path: Path, h5py: Any, size: int) -> tuple[list[_Group], dict[str, np.ndarray], list[str]]:
+    reader = _Reader(path, h5py, size)
+    where = "/"
+    try:
+        if "layers" not in f:
+            keys = sorted(f.keys())[:5]
+            raise ConvBNError(
+                f"{path}: not a Keras 3 weights file: it has no 'layers' group (top level: {keys}); "
+                "Keras 2 .h5 files are not supported, re-save them with Keras 3"
+            )
+        groups: list[_Group] = []
+        loose: dict[str, np.ndarray] = {}
+        dropped: list[str] = []
+        for kind, where, item in reader.walk(f):
+            if where.split("/")[0] == "optimizer":
+                if kind == "vars":
+                    dropped += [f"{where}/vars/{k}" for k in sorted(item.keys(), key=natural_key)]
+                else:
+                    dropped.append(where)
                 continue
-            names = sorted(item.keys(), key=natural_key)
-            arrays = [(f"{where}/vars/{k}", item[k][()]) for k in names if isinstance(item[k], h5py.Dataset)]
-        except (OSError, KeyError, ValueError) as exc:
-            raise ConvBNError(f"{path}: truncated or corrupted Keras weights under {where!r}: {exc}") from None
-        if arrays:
-            layer_name = item.attrs.get("name", where.rsplit("/", 1)[-1])
-            if isinstance(layer_name, bytes):
-                layer_name = layer_name.decode()
-            groups.append(_Group(where, str(layer_name), arrays))
+            if kind == "dataset":
+                loose[where] = reader.read(item, where)
+                continue
+            arrays = [(name, reader.read(ds, name)) for _, name, ds in reader.walk(item, f"{where}/vars")]
+            if arrays:
+                groups.append(_Group(where, reader.layer_name(item, where), arrays))
+    except ConvBNError:
+        raise
+    except (*_H5_ERRORS, UnicodeDecodeError, RecursionError) as exc:
+        raise ConvBNError(f"{path}: truncated or corrupted Keras weights under {where!r}: {_first_line(exc)}") from None
     return groups, loose, dropped
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _config_json(zf: zipfile.ZipFile, path: Path) -> dict[str, Any]:
+    """config.json, read at most ``_CONFIG_LIMIT`` bytes far: a zip bomb stays a small read."""
+    info = zf.getinfo("config.json")
+    with zf.open(info) as member:
+        data = member.read(_CONFIG_LIMIT + 1) if info.file_size <= _CONFIG_LIMIT else b""
+    if info.file_size > _CONFIG_LIMIT or len(data) > _CONFIG_LIMIT:
+        raise ConvBNError(
+            f"{path}: config.json must be at most {_CONFIG_LIMIT >> 20} MiB (a model config is far smaller). "
+            f"Received: {max(info.file_size, len(data))} bytes or more"
+        )
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ConvBNError(f"{path}: config.json must be JSON (UTF-8): {_first_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise ConvBNError(f"{path}: config.json must hold a JSON object (the model). Received: {type(config).__name__}")
+    return config
 
 
 def _open(path: Path) -> tuple[list[_Group], dict[str, np.ndarray], list[str], dict[str, Any] | None]:
@@ -152,21 +267,30 @@ def _open(path: Path) -> tuple[list[_Group], dict[str, np.ndarray], list[str], d
     try:
         if head(path, 8) == _HDF5_MAGIC:
             with h5py.File(path, "r") as f:
-                return (*_read_h5(f, path, h5py), None)
+                return (*_read_h5(f, path, h5py, path.stat().st_size), None)
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             if "model.weights.h5" not in names:
-                raise ConvBNError(f"{path}: a .keras archive must hold model.weights.h5. Received members: {names[:6]}")
+                raise ConvBNError(f"{path}: a .keras archive must hold model.weights.h5. Received: members {names[:6]}")
             if "config.json" in names:
-                config = json.loads(zf.read("config.json"))
-            with zf.open("model.weights.h5") as member, h5py.File(member, "r") as f:
-                return (*_read_h5(f, path, h5py), config)
-    except (OSError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConvBNError(f"{path}: not a readable Keras weights file (truncated or corrupted): {first}") from None
+                config = _config_json(zf, path)
+            info = zf.getinfo("model.weights.h5")
+            if info.compress_type != zipfile.ZIP_STORED and info.file_size > info.compress_size * _MAX_EXPANSION:
+                raise ConvBNError(
+                    f"{path}: model.weights.h5 claims {info.file_size} bytes from {info.compress_size} compressed, "
+                    f"more than deflate's {_MAX_EXPANSION}x: a zip bomb or a corrupt archive"
+                )
+            with zf.open(info) as member, h5py.File(member, "r") as f:
+                return (*_read_h5(f, path, h5py, info.file_size), config)
+    except ConvBNError:
+        raise
+    except (*_H5_ERRORS, zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error) as exc:
+        raise ConvBNError(f"{path}: not a readable Keras weights file (truncated or corrupted): {_first_line(exc)}") from None
 
 
-def _layer_configs(config: Mapping[str, Any] | None) -> tuple[dict[str, dict[str, Any]], dict[str, str] | None, list[str]]:
+def _layer_configs(
+    config: Mapping[str, Any] | None, path: Path
+) -> tuple[dict[str, dict[str, Any]], dict[str, str] | None, list[str]]:
     """Top-level layers by name (class and config), the conv→BN pairs of the graph, and the order."""
     if not config:
         return {}, None, []
@@ -176,11 +300,17 @@ def _layer_configs(config: Mapping[str, Any] | None) -> tuple[dict[str, dict[str
         return {}, None, []
     layers: dict[str, dict[str, Any]] = {}
     order: list[str] = []
-    for entry in entries:
-        name = entry.get("name") or (entry.get("config") or {}).get("name")
+    for i, entry in enumerate(entries):
+        inner = entry.get("config") or {} if isinstance(entry, Mapping) else None
+        name = (entry.get("name") or inner.get("name")) if isinstance(inner, Mapping) else None
+        if not isinstance(inner, Mapping) or not isinstance(name, str | None):
+            raise ConvBNError(
+                f"{path}: config.json's layers must be objects with a text name and an object config. "
+                f"Received: layers[{i}]={_shown(entry)}"
+            )
         if name:
-            layers[str(name)] = entry
-            order.append(str(name))
+            layers[name] = {**entry, "config": inner}
+            order.append(name)
     graph: dict[str, str] = {}
     if config.get("class_name") == "Sequential":
         chain = [n for n in order if layers[n].get("class_name") != "InputLayer"]
@@ -197,6 +327,46 @@ def _layer_configs(config: Mapping[str, Any] | None) -> tuple[dict[str, dict[str
     return layers, graph, order
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short enough for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(path: Path, layer: str, cfg: Mapping[str, Any], key: str) -> float | None:
+    """A BatchNorm setting from config.json: absent, or a finite number (a string is no epsilon)."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise ConvBNError(f"{path}: config.json's BatchNormalization {key} must be a finite number. "
+                          f"Received: layer {layer!r}, {key}={_shown(value)}")
+    return float(value)
+
+
+def _conv_geometry(path: Path, layer: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """stride, padding, dilation and groups of a Conv2D from config.json, type-checked."""
+
+    def bad(key: str, what: str) -> ConvBNError:
+        return ConvBNError(f"{path}: config.json's Conv2D {key} must be {what}. "
+                           f"Received: layer {layer!r}, {key}={_shown(cfg.get(key))}")
+
+    def ints(key: str) -> tuple[int, ...]:
+        value = cfg.get(key, [1, 1])
+        if not isinstance(value, list) or len(value) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, int) for v in value
+        ):
+            raise bad(key, "a list of 2 integers")
+        return tuple(value)
+
+    padding, groups = cfg.get("padding", "valid"), cfg.get("groups", 1)
+    if not isinstance(padding, str):
+        raise bad("padding", "'same' or 'valid'")
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise bad("groups", "an integer")
+    return {"stride": ints("strides"), "padding": padding.upper(), "dilation": ints("dilation_rate"), "groups": groups}
+
+
 def _producer(nodes: Any) -> str | None:
     """The layer feeding a single-input layer, from Keras 3 or Keras 2 style ``inbound_nodes``."""
     if not isinstance(nodes, list) or len(nodes) != 1:
@@ -204,8 +374,9 @@ def _producer(nodes: Any) -> str | None:
     node = nodes[0]
     if isinstance(node, Mapping):
         args = node.get("args") or []
-        if len(args) == 1 and isinstance(args[0], Mapping):
-            history = (args[0].get("config") or {}).get("keras_history")
+        inner = args[0].get("config") if isinstance(args, list) and len(args) == 1 and isinstance(args[0], Mapping) else None
+        if isinstance(inner, Mapping):
+            history = inner.get("keras_history")
             if isinstance(history, list) and history:
                 return str(history[0])
     elif isinstance(node, list) and len(node) == 1 and isinstance(node[0], list) and node[0]:
@@ -261,7 +432,7 @@ def read(
     groups, loose, dropped, config = _open(path)
     ckpt = Checkpoint(format=NAME, convention=KERAS3.name, dropped=dropped)
     ckpt.metadata["source_format"] = NAME
-    configs, graph, order = _layer_configs(config)
+    configs, graph, order = _layer_configs(config, path)
     # Top-level layers match their config entry by name; nested models' layers have none.
     top = {g.name: g for g in groups if g.path.count("/") == 1}
     rank = {name: i for i, name in enumerate(order)}
@@ -298,16 +469,10 @@ def read(
         _, bn_fields, bn_cfg = pair.bn.payload
         layer_eps, layer_momentum = resolve_settings(
             KERAS3, "Keras .weights.h5" if not bn_cfg else NAME, eps=eps, momentum=momentum,
-            stored_eps=bn_cfg.get("epsilon"), stored_momentum=bn_cfg.get("momentum"), notes=ckpt.notes,
+            stored_eps=_number(path, pair.bn.name, bn_cfg, "epsilon"),
+            stored_momentum=_number(path, pair.bn.name, bn_cfg, "momentum"), notes=ckpt.notes,
         )
-        geometry: dict[str, Any] = {}
-        if conv_cfg:
-            geometry = {
-                "stride": tuple(conv_cfg.get("strides", (1, 1))),
-                "padding": str(conv_cfg.get("padding", "valid")).upper(),
-                "dilation": tuple(conv_cfg.get("dilation_rate", (1, 1))),
-                "groups": int(conv_cfg.get("groups", 1)),
-            }
+        geometry = _conv_geometry(path, pair.conv.name, conv_cfg) if conv_cfg else {}
         tensor_names = {f: name for f, (name, _) in {**conv_fields, **bn_fields}.items()}
         ckpt.layers[pair.key] = build_layer(
             path,
