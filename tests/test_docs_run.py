@@ -1,0 +1,202 @@
+"""Every Python block of the README and docs/ either runs in a test exactly as written (read from
+the page) or is marked on the page as not run, with the reason: ``<!-- not run: why -->`` on the
+line before the fence. This module holds the inventory, and runs the blocks no other test runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.cases import rel_err
+from tests.conftest import require_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+NOT_RUN = re.compile(r"<!-- not run: (\S.*?) -->\n$")
+
+#: (page, a string only that block contains) -> the test that executes the block as written.
+RUN_BY = {
+    ("README.md", "y = convbn.conv_bn(x, params)"): "tests/test_docs_run.py::test_readme_example_runs",
+    ("docs/dcgan-to-slim.md", "convbn.load_checkpoint("): (
+        "tests/formats/test_slim.py::test_the_documented_python_conversions_run_as_written"
+    ),
+    ("docs/dcgan-to-slim.md", "slim.read("): (
+        "tests/formats/test_slim.py::test_the_documented_python_conversions_run_as_written"
+    ),
+    ("docs/dcgan-to-slim.md", "def discriminator("): "tests/test_docs_run.py::test_slim_restore_snippet_runs",
+    ("docs/torch.md", "ConvBN2d.from_params(p1)"): "tests/layers/test_docs_examples.py::test_page_example_runs",
+    ("docs/torch.md", 'convbn.load_into(model, "block.weights.h5"'): (
+        "tests/layers/test_docs_examples.py::test_page_example_runs"
+    ),
+    ("docs/keras.md", "ConvBN.from_params(p1)"): "tests/layers/test_docs_examples.py::test_page_example_runs",
+    ("docs/keras.md", 'convbn.load_into(model, "net.pt")'): (
+        "tests/layers/test_docs_examples.py::test_page_example_runs"
+    ),
+    ("docs/flax.md", "ConvBN.from_params(convbn.from_torch"): (
+        "tests/layers/test_docs_examples.py::test_page_example_runs"
+    ),
+    ("docs/flax.md", 'convbn.load_into(variables, "block.pt")'): (
+        "tests/layers/test_docs_examples.py::test_page_example_runs"
+    ),
+}
+
+
+def _python_blocks(page: Path) -> list[tuple[str, str | None]]:
+    """Each ```python block of ``page``: its text, and the reason it is not run (None: it runs)."""
+    text = page.read_text(encoding="utf-8")
+    blocks = []
+    for match in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+        marker = NOT_RUN.search(text, 0, match.start())
+        marked = marker is not None and marker.end() == match.start()
+        blocks.append((match.group(1), marker.group(1) if marked else None))
+    return blocks
+
+
+def doc_block(page: str, containing: str) -> str:
+    """The one Python block of ``page`` (relative to the repository) that contains ``containing``."""
+    (block,) = [b for b, _ in _python_blocks(ROOT / page) if containing in b]
+    return block
+
+
+def test_every_python_block_is_run_or_marked_not_run() -> None:
+    covered = {key: 0 for key in RUN_BY}
+    unaccounted = []
+    for page in PAGES:
+        name = page.relative_to(ROOT).as_posix()
+        for block, reason in _python_blocks(page):
+            runs = [key for key in RUN_BY if key[0] == name and key[1] in block]
+            if reason is not None:
+                assert not runs, f"{name}: a block marked 'not run' ({reason}) is listed as run by {RUN_BY[runs[0]]}"
+                continue
+            if not runs:
+                unaccounted.append(f"{name}: {block.splitlines()[0]!r}")
+            for key in runs:
+                covered[key] += 1
+    assert not unaccounted, "Python blocks neither run by a test nor marked <!-- not run: why -->: " + "; ".join(unaccounted)
+    assert all(n == 1 for n in covered.values()), {k: n for k, n in covered.items() if n != 1}
+    # The tests named run what they claim: each exists, and reads its page.
+    for (page, _), test in RUN_BY.items():
+        path, name = test.split("::")
+        source = (ROOT / path).read_text(encoding="utf-8")
+        assert f"def {name}(" in source, test
+        assert Path(page).name in source or Path(page).stem in source, (test, page)
+
+
+def test_the_inventory_sees_a_marker_only_right_above_its_block(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "<!-- not run: a signature -->\n```python\nf(a, ...)\n```\n\n"
+        "<!-- not run: too far above -->\n\n```python\ng()\n```\n```python\nh()\n```\n"
+    )
+    assert _python_blocks(page) == [("f(a, ...)\n", "a signature"), ("g()\n", None), ("h()\n", None)]
+
+
+# -- README ----------------------------------------------------------------------------------------
+
+
+def _run_readme(backend: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv("CONVBN_BACKEND", backend)  # where the block's NumPy input runs
+    np.random.seed(0)  # the block draws its data from NumPy's global generator
+    namespace: dict[str, Any] = {}
+    exec(doc_block("README.md", "y = convbn.conv_bn(x, params)"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow", "jax"])
+def test_readme_example_runs(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's first example on each framework, against the NumPy reference on the same data."""
+    require_backend(backend)
+    if backend == "tensorflow":
+        pytest.importorskip("torch")  # torch before tensorflow where both load
+    want = _run_readme("numpy", monkeypatch)
+    got = _run_readme(backend, monkeypatch)
+    # y: NCHW eval with the moving statistics the training call returned; then the fused conv.
+    assert got["y"].shape == (8, 32, 16, 16)
+    for name in ("y", "kernel", "bias"):
+        assert rel_err(got[name], want[name]) < 1e-5, name
+    assert rel_err(got["params"].moving_var, want["params"].moving_var) < 1e-5
+    assert not np.allclose(want["params"].moving_var, 1.0)  # training did update it
+
+
+# -- docs/dcgan-to-slim.md: the restore snippet ----------------------------------------------------
+
+DOC_WIDTHS = [("d_h0_conv", None, 64), ("d_h1_conv", "d_bn1", 128), ("d_h2_conv", "d_bn2", 256), ("d_h3_conv", "d_bn3", 512)]
+
+
+def _dcgan_at_the_docs_widths(prefix: Path, x: np.ndarray) -> np.ndarray:
+    """A DCGAN discriminator as DCGAN's ops.py builds it, at the page's widths, with non-trivial
+    values, saved with its .meta; returns its features (the last LeakyReLU) for ``x``."""
+    import tensorflow as tf
+
+    from tests.formats.slim_graphs import import_slim, randomize
+
+    slim = import_slim()
+    tf1 = tf.compat.v1
+    with tf.Graph().as_default():
+        image = tf1.placeholder(tf.float32, [None, *x.shape[1:]])
+        h = image
+        for conv_scope, bn_scope, depth in DOC_WIDTHS:
+            with tf1.variable_scope(conv_scope):
+                w = tf1.get_variable("w", [5, 5, h.shape[-1], depth])
+                conv = tf.nn.conv2d(h, w, strides=[1, 2, 2, 1], padding="SAME")
+                h = tf.nn.bias_add(conv, tf1.get_variable("biases", [depth]))
+            if bn_scope is not None:
+                h = slim.batch_norm(h, decay=0.9, epsilon=1e-5, scale=True, updates_collections=None,
+                                    is_training=False, scope=bn_scope)
+            h = tf.nn.leaky_relu(h, 0.2)
+        features = tf.identity(h)  # a fetch oneDNN's grappler fusions cannot rename
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            randomize(sess, tf1, np.random.default_rng(3))
+            tf1.train.Saver().save(sess, str(prefix))
+            return np.asarray(sess.run(features, {image: x}))
+
+
+def test_slim_restore_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/dcgan-to-slim.md end to end at its own widths: the Python API snippet converts a DCGAN
+    checkpoint, the restore snippet (shims included) runs as written, and its discriminator
+    reproduces the DCGAN graph's features."""
+    from tests.formats.slim_graphs import need_slim
+
+    need_slim()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "slim").mkdir()
+    x = np.random.default_rng(4).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    want = _dcgan_at_the_docs_widths(tmp_path / "checkpoint" / "DCGAN.model-1000", x)
+    exec(doc_block("docs/dcgan-to-slim.md", "convbn.load_checkpoint("), {})
+    printed = capsys.readouterr().out
+    assert printed.count(" graph ") == 3, printed  # d_h1..d_h3 paired from the .meta graph
+
+    # A fresh interpreter: this one has tf-slim's shims installed already (the DCGAN build above).
+    # The block runs as written (its restore raises on any missing or misshapen variable), then
+    # its discriminator, restored again, computes the features.
+    np.save(tmp_path / "x.npy", x)
+    script = doc_block("docs/dcgan-to-slim.md", "def discriminator(") + FEATURES
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # float32 graphs on both sides; a wrong eps or a lost conv bias is off by > 1e-4.
+    assert rel_err(np.load(tmp_path / "features.npy"), want) < 2e-6
+
+
+# Appended to the restore snippet: its own names (tf, tf1, discriminator), nothing else imported.
+FEATURES = """
+import numpy as np
+
+with tf.Graph().as_default():
+    image = tf1.placeholder(tf.float32, [None, 64, 64, 3])
+    features = tf.identity(discriminator(image))  # an Identity: oneDNN's fusions keep its name
+    with tf1.Session() as sess:
+        tf1.train.Saver().restore(sess, "slim/model.ckpt")
+        np.save("features.npy", sess.run(features, {image: np.load("x.npy")}))
+"""
