@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -68,11 +68,12 @@ def sniff(path: Path) -> bool:
 
 
 def _load(path: Path) -> Any:
+    """The unpickled object, after :func:`_check_storages` bounded what ``torch.load`` may read."""
     import pickle
 
     import torch
 
-    is_zip = zip_first_member(path) is not None
+    is_zip = _check_storages(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
@@ -83,9 +84,181 @@ def _load(path: Path) -> Any:
             "containers, and unpickling them could run code. Save model.state_dict() instead"
             + (f" ({hint})" if hint else "")
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConvBNError(f"{path}: not a readable torch checkpoint (truncated or corrupted): {first}") from None
+    except ConvBNError:
+        raise
+    except Exception as exc:  # anything torch's unpickler or _rebuild_tensor raises
+        raise _corrupt(path, exc) from None
+
+
+def _corrupt(path: Path, exc: BaseException) -> ConvBNError:
+    first = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return ConvBNError(f"{path}: not a readable torch checkpoint (truncated or corrupted): {first}")
+
+
+# -- bounding what torch.load reads ------------------------------------------------------------------
+#
+# torch.load trusts the pickle's storage sizes: with mmap it slices that many bytes from the record's
+# offset (reading neighbouring members when the size lies), and the legacy format allocates them
+# before reading. So a first pass runs the pickle through an unpickler that constructs nothing (every
+# global becomes _Opaque) and checks each storage against the bytes the file holds for it.
+
+#: Bytes per element of the storage classes torch.save names (newer dtypes use UntypedStorage).
+_STORAGE_ITEMSIZE = {
+    "UntypedStorage": 1, "ByteStorage": 1, "CharStorage": 1, "BoolStorage": 1, "QInt8Storage": 1,
+    "QUInt8Storage": 1, "QUInt4x2Storage": 1, "QUInt2x4Storage": 1, "ShortStorage": 2, "HalfStorage": 2,
+    "BFloat16Storage": 2, "IntStorage": 4, "FloatStorage": 4, "QInt32Storage": 4, "LongStorage": 8,
+    "DoubleStorage": 8, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+}  # fmt: skip
+
+
+class _Opaque:
+    """Stands in for every object the storage scan meets: it is built, filled and set, and ignored."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _StorageType:
+    def __init__(self, name: str) -> None:
+        self.name, self.itemsize = name, _STORAGE_ITEMSIZE[name]
+
+
+def _storage_scanner(pickle: Any) -> Any:
+    """An Unpickler class that records each storage's persistent id, and constructs nothing else."""
+
+    class Scanner(pickle.Unpickler):  # type: ignore[misc, name-defined]
+        def __init__(self, file: BinaryIO) -> None:
+            super().__init__(file)
+            self.storages: dict[str, tuple[int, int]] = {}  # key -> (itemsize, numel)
+
+        def find_class(self, module: str, name: str) -> Any:
+            if module == "torch" and name in _STORAGE_ITEMSIZE:
+                return _StorageType(name)
+            return _Opaque
+
+        def persistent_load(self, pid: Any) -> Any:
+            if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] not in ("storage", b"storage"):
+                raise ConvBNError(f"unsupported persistent object {str(pid)[:80]}")
+            storage_type, key, _location, numel = pid[1:5]
+            view = pid[5] if len(pid) == 6 else None
+            if not isinstance(storage_type, _StorageType):
+                raise ConvBNError(f"storage {key!r} has an unsupported type")
+            if not isinstance(key, str) or type(numel) is not int or numel < 0:
+                raise ConvBNError(f"storage {key!r} has a malformed id {str(pid)[:80]}")
+            entry = (storage_type.itemsize, numel)
+            if self.storages.setdefault(key, entry) != entry:
+                raise ConvBNError(f"storage {key!r} is declared twice with different types or sizes")
+            if view is not None:
+                ok = isinstance(view, tuple) and len(view) == 3 and all(type(v) is int and v >= 0 for v in view[1:])
+                if not ok or view[1] + view[2] > numel:
+                    raise ConvBNError(f"storage {key!r} has a view {str(view)[:80]} outside its {numel} elements")
+            return _Opaque()
+
+    return Scanner
+
+
+def _check_storages(path: Path) -> bool:
+    """Check every storage the pickle declares against the file's bytes; whether it is a zip."""
+    import io
+    import pickle
+
+    try:
+        if zip_first_member(path) is not None:
+            records, data_pkl = _zip_records(path)
+            scanner = _storage_scanner(pickle)(io.BytesIO(data_pkl))
+            scanner.load()
+            for key, (itemsize, numel) in scanner.storages.items():
+                held = records.get(f"data/{key}")
+                if held is None:
+                    raise ConvBNError(f"storage {key!r} has no record data/{key} in the zip")
+                if itemsize * numel > held:
+                    raise ConvBNError(
+                        f"storage {key!r} declares {itemsize * numel} bytes but its record data/{key} holds {held}"
+                    )
+            return True
+        with open(path, "rb") as f:
+            _check_legacy(f, pickle)
+        return False
+    except ConvBNError as exc:
+        raise ConvBNError(f"{path}: not a readable torch checkpoint: {exc}") from None
+    except Exception as exc:  # a corrupt pickle raises anything
+        raise _corrupt(path, exc) from None
+
+
+def _zip_records(path: Path) -> tuple[dict[str, int], bytes]:
+    """The size of each member under the archive's folder, and ``data.pkl``; refuses compressed,
+    encrypted, repeated or out-of-file members."""
+    import struct
+    import zipfile
+
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        if not infos or "/" not in infos[0].filename:
+            raise ConvBNError("the zip has no torch archive folder")
+        folder = infos[0].filename.split("/", 1)[0] + "/"
+        records: dict[str, int] = {}
+        with open(path, "rb") as f:
+            for info in infos:
+                if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+                    raise ConvBNError(
+                        f"zip member {info.filename!r} is compressed or encrypted; torch reads members in "
+                        "place, so only uncompressed members can be read (re-save with torch.save)"
+                    )
+                f.seek(info.header_offset)
+                local = f.read(30)
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise ConvBNError(f"zip member {info.filename!r} has no local header")
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                start = info.header_offset + 30 + name_len + extra_len
+                if info.compress_size != info.file_size or start + info.file_size > size:
+                    raise ConvBNError(f"zip member {info.filename!r} lies outside the file")
+                if info.filename.startswith(folder):
+                    name = info.filename[len(folder):]
+                    if name in records:
+                        raise ConvBNError(f"zip member {info.filename!r} appears twice")
+                    records[name] = info.file_size
+        if "data.pkl" not in records:
+            raise ConvBNError(f"the zip has no {folder}data.pkl")
+        return records, z.read(folder + "data.pkl")
+
+
+def _check_legacy(f: BinaryIO, pickle: Any) -> None:
+    """The legacy format: magic, protocol and system pickles, the object pickle, the storage keys,
+    then each storage as an 8-byte element count and its bytes, every one inside the file."""
+    import os
+    import struct
+
+    scanner = _storage_scanner(pickle)
+    if f.read(len(_LEGACY_MAGIC)) != _LEGACY_MAGIC:
+        raise ConvBNError("not a torch.save file (no zip, no legacy magic number)")
+    f.seek(0)
+    for _ in range(3):  # magic number, protocol version, system info
+        scanner(f).load()
+    objects = scanner(f)
+    objects.load()
+    keys = scanner(f).load()
+    if not isinstance(keys, list) or sorted(keys, key=str) != sorted(objects.storages, key=str):
+        raise ConvBNError("the storage list does not match the storages the tensors use")
+    end = os.fstat(f.fileno()).st_size
+    for key in keys:
+        itemsize, numel = objects.storages[key]
+        raw = f.read(8)
+        if len(raw) < 8 or struct.unpack("<q", raw)[0] != numel or f.tell() + numel * itemsize > end:
+            raise ConvBNError(f"storage {key!r} of {numel * itemsize} bytes is not in the file")
+        f.seek(numel * itemsize, os.SEEK_CUR)
 
 
 def _is_tensor(value: Any) -> bool:
@@ -121,10 +294,62 @@ def _state_dict(obj: Any, path: Path) -> tuple[dict[str, Any], list[str], list[s
     return state, dropped, notes
 
 
-def _to_numpy(name: str, tensor: Any, notes: list[str]) -> np.ndarray:
+def _arrays(state: Mapping[str, Any], path: Path, notes: list[str]) -> dict[str, np.ndarray]:
+    """The state_dict's tensors as NumPy views, each bounded by the storage bytes the file holds.
+
+    torch.save keeps views as they are, so a 1-element storage expanded with stride 0 reads back as
+    a tensor of any size without using memory; converting it would write all of it. A tensor must
+    fit in its storage, and distinct tensors sharing one storage together too (a tensor saved twice,
+    as tied weights are, counts once).
+    """
+    used: dict[int, int] = {}  # storage address -> bytes taken by distinct views
+    views: set[tuple[Any, ...]] = set()
+    arrays = {}
+    for name, tensor in state.items():
+        t = tensor.detach()
+        kind = _unsupported_kind(t)
+        if kind:
+            raise ConvBNError(
+                f"{path}: tensor {name!r} is {kind}: an unsupported tensor kind (convbn reads dense CPU "
+                "tensors; convert it to one before saving)"
+            )
+        storage = t.untyped_storage()
+        held = storage.nbytes() - t.storage_offset() * t.element_size()
+        need = t.numel() * t.element_size()
+        view = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if need and view not in views:
+            views.add(view)
+            used[view[0]] = used.get(view[0], 0) + need
+            if need > held or used[view[0]] > storage.nbytes():
+                raise ConvBNError(
+                    f"{path}: tensor {name!r} of shape {list(t.shape)} and strides {list(t.stride())} takes "
+                    f"{need} bytes, more than the {storage.nbytes()}-byte storage it reads holds "
+                    f"{'for it' if need > held else 'beside the other tensors sharing it'}"
+                )
+        arrays[name] = _to_numpy(name, t.resolve_conj().resolve_neg(), notes, path)
+    return arrays
+
+
+def _unsupported_kind(t: Any) -> str:
+    """What makes ``t`` other than a dense CPU tensor with data, or ``""``."""
     import torch
 
-    t = tensor.detach()
+    if t.is_quantized:
+        return f"quantized ({t.dtype})"
+    if t.layout != torch.strided:
+        return f"sparse ({t.layout})"
+    if t.is_nested:
+        return "a nested tensor"
+    if t.is_meta:
+        return "a meta tensor (it has no data)"
+    if t.device.type != "cpu":
+        return f"a tensor on {t.device}"
+    return ""
+
+
+def _to_numpy(name: str, t: Any, notes: list[str], path: Path) -> np.ndarray:
+    import torch
+
     if t.dtype == torch.bfloat16:
         try:
             import ml_dtypes
@@ -133,7 +358,10 @@ def _to_numpy(name: str, tensor: Any, notes: list[str]) -> np.ndarray:
         except ImportError:
             notes.append(f"{name}: bfloat16 read as float32 (install ml_dtypes to keep bfloat16)")
             return t.float().numpy()  # type: ignore[no-any-return]
-    return t.numpy()  # type: ignore[no-any-return]
+    try:
+        return t.numpy()  # type: ignore[no-any-return]
+    except (TypeError, RuntimeError):
+        raise ConvBNError(f"{path}: tensor {name!r} has dtype {t.dtype}, an unsupported tensor kind") from None
 
 
 def read(
@@ -149,7 +377,7 @@ def read(
         raise ConvBNError(f"{path}: use_ema applies to slim checkpoints with moving-average shadows, not torch files")
     obj = _load(path)
     state, dropped, notes = _state_dict(obj, path)
-    arrays = {name: _to_numpy(name, tensor, notes) for name, tensor in state.items()}
+    arrays = _arrays(state, path, notes)
     ckpt = layers_from_state_dict(arrays, source=path, pairs=pairs, eps=eps, momentum=momentum)
     ckpt.dropped += dropped
     ckpt.notes[:0] = notes
