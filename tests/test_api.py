@@ -14,7 +14,7 @@ import convbn
 from convbn import dispatch, testing
 from tests import reference
 from tests.cases import CASES, reference_params, rel_err
-from tests.conftest import require_backend
+from tests.conftest import need
 
 CASE = next(c for c in CASES if c.name == "same_s2_even")
 
@@ -27,7 +27,7 @@ def _f32(params):
 # -- dispatch -------------------------------------------------------------------------------------
 
 def test_torch_tensor_and_parameter_dispatch_to_torch():
-    require_backend("torch")
+    need("torch")
     import torch
 
     x, params = CASE.params()
@@ -39,7 +39,7 @@ def test_torch_tensor_and_parameter_dispatch_to_torch():
 
 
 def test_tf_tensor_and_variable_dispatch_to_tensorflow():
-    require_backend("tensorflow")
+    need("tensorflow")
     import tensorflow as tf
 
     x, params = CASE.params()
@@ -51,7 +51,7 @@ def test_tf_tensor_and_variable_dispatch_to_tensorflow():
 
 
 def test_jax_array_dispatches_to_jax():
-    require_backend("jax")
+    need("jax")
     import jax
 
     x, params = CASE.params()
@@ -126,7 +126,7 @@ def test_unsupported_input_type_is_a_type_error():
 
 
 def test_backend_mismatch_and_device_on_framework_input_are_errors():
-    require_backend("torch")
+    need("torch")
     import torch
 
     x, params = CASE.params()
@@ -164,7 +164,7 @@ def test_import_leaves_frameworks_unimported():
 def test_tf_eager_call_runs_on_the_device_x_lives_on():
     """Eager TF places ops on its default device, not on their input's; conv_bn pins itself to x's.
     Two logical CPUs stand in for a CPU and a GPU (TF's default is the first)."""
-    require_backend("tensorflow")
+    need("tensorflow")
     code = (
         "import numpy as np, tensorflow as tf\n"
         "cpu = tf.config.list_physical_devices('CPU')[0]\n"
@@ -192,7 +192,7 @@ def test_tf_eager_call_runs_on_the_device_x_lives_on():
 
 
 def test_params_registered_with_jax_when_convbn_imported_first():
-    require_backend("jax")
+    need("jax")
     code = (
         "import numpy as np, convbn, importlib.util\n"
         "assert importlib.util.find_spec('jax') is not None\n"  # a lookup alone must not disarm the hook
@@ -208,7 +208,7 @@ def test_params_registered_with_jax_when_convbn_imported_first():
 # -- tracing and autodiff -------------------------------------------------------------------------
 
 def test_jax_jit_and_grad_through_params():
-    require_backend("jax")
+    need("jax")
     import jax
     import jax.numpy as jnp
 
@@ -234,7 +234,7 @@ def test_jax_jit_and_grad_through_params():
 
 
 def test_jax_eager_calls_do_not_retrace():
-    require_backend("jax")
+    need("jax")
     import jax.numpy as jnp
 
     from convbn.backends import jax as jb
@@ -255,7 +255,7 @@ def test_jax_eager_calls_do_not_retrace():
 
 
 def test_tf_function_with_unknown_batch_and_gradient_tape():
-    require_backend("tensorflow")
+    need("tensorflow")
     import tensorflow as tf
 
     x, params = CASE.params()
@@ -281,7 +281,7 @@ def test_tf_function_with_unknown_batch_and_gradient_tape():
 
 
 def test_torch_eval_cache_follows_in_place_updates():
-    require_backend("torch")
+    need("torch")
     import torch
 
     x, params = CASE.params()
@@ -296,7 +296,7 @@ def test_torch_eval_cache_follows_in_place_updates():
 
 
 def test_torch_eval_gradient_flows_to_params():
-    require_backend("torch")
+    need("torch")
     import torch
 
     x, params = CASE.params()
@@ -338,7 +338,7 @@ def test_zero_size_batch(backend):
 
 
 def test_zero_size_batch_keeps_the_autograd_graph():
-    require_backend("torch")
+    need("torch")
     import torch
 
     x, params = CASE.params()
@@ -403,7 +403,7 @@ def test_conventions_translate_momentum():
 
 def test_torch_convention_training_matches_torch_batchnorm():
     """momentum=0.9 kept + unbiased is exactly torch's BatchNorm2d(momentum=0.1)."""
-    require_backend("torch")
+    need("torch")
     import torch
 
     from convbn import conventions
@@ -525,7 +525,7 @@ def test_torch_momentum_without_a_short_decimal_is_left_alone():
 def test_jax_without_x64_warns_and_keeps_float64_dtypes():
     """NumPy float64 through JAX with jax_enable_x64 off is computed in float32: the results come
     back in the caller's dtypes, at float32 accuracy, with a warning that says how to get float64."""
-    require_backend("jax")
+    need("jax")
     import jax
 
     x, params = CASE.params()

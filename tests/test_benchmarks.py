@@ -6,7 +6,6 @@ that command on the tiny shape with ``--quick`` and checks the values each side 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import backend_enabled
+from tests.conftest import available
 
 ROOT = Path(__file__).resolve().parent.parent
 # The native layers each backend is compared against come from these packages.
@@ -37,7 +36,7 @@ TOL = 5e-5
 
 
 def _runnable(name: str) -> bool:
-    return backend_enabled(name) and all(importlib.util.find_spec(m) is not None for m in NATIVE[name])
+    return all(available(m) for m in NATIVE[name])
 
 
 def test_quick_suite_on_tiny_shape(tmp_path):

@@ -20,7 +20,7 @@ from convbn.conformance.cases import DTYPES, EDGE_CASE, Task
 from convbn.conformance.runner import Oracle, Result, run_task
 from convbn.dispatch import BACKENDS
 from convbn.geometry import plan_for
-from tests.conftest import backend_enabled, require_backend
+from tests.conftest import backend_enabled, need
 
 ORACLE = Oracle()  # float64 results, shared by every test in this worker
 TASKS = [t for t in cases.tasks() if t.kind in ("forward", "grad", "edge")]
@@ -181,5 +181,5 @@ def test_output_error_is_per_channel():
 def test_requested_backends_are_the_ones_tested():
     for name in BACKENDS:
         if backend_enabled(name):
-            require_backend(name)  # does not skip
+            need(name)  # does not skip
     assert all(dispatch.is_installed(n) for n in BACKENDS if backend_enabled(n))

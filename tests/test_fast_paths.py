@@ -16,7 +16,7 @@ import convbn
 from convbn import dispatch, geometry, testing
 from tests import reference
 from tests.cases import Case, reference_params, rel_err, to_layout
-from tests.conftest import require_backend
+from tests.conftest import need
 
 # float32 against the float64 reference: as in test_conv_bn (measured worst case below 2e-6
 # relative to the output's scale; 2e-5 leaves 10x headroom). float64: summation order only.
@@ -153,7 +153,7 @@ def test_torch_fold_cached_under_inference_mode_serves_autograd_later():
     """A fold first computed under ``torch.inference_mode`` is an ordinary tensor: a later call
     with autograd uses it and gets the right values and input gradients; params created as
     inference tensors are folded per call (they have no version counter to validate a cache)."""
-    require_backend("torch")
+    need("torch")
     import torch
 
     case = Case("inference_mode", (2, 7, 7, 3), (3, 3), 4, stride=2)
@@ -185,7 +185,7 @@ def test_torch_eval_with_gradients_uses_the_cached_fold_exactly(present):
     """Eval with autograd through the params hands out the cached fold through one autograd node:
     the output is bit-identical to the no_grad call, and every parameter's gradient (the moving
     statistics included) passes torch's float64 gradcheck against finite differences."""
-    require_backend("torch")
+    need("torch")
     import torch
 
     case = Case("eval_grad", (2, 6, 6, 3), (3, 3), 4, stride=2, bias="bias" in present,
@@ -210,7 +210,7 @@ def test_torch_eval_with_gradients_uses_the_cached_fold_exactly(present):
 # -- TensorFlow: frozen params are folded once, also for tf.function, without losing gradients ----
 
 def test_tf_frozen_params_fold_once_and_keep_gradients():
-    require_backend("tensorflow")
+    need("tensorflow")
     import tensorflow as tf
 
     case = Case("tf_frozen", (2, 8, 8, 3), (3, 3), 4, stride=2)
@@ -241,7 +241,7 @@ def test_tf_frozen_params_fold_once_and_keep_gradients():
 
 
 def test_tf_variables_are_folded_per_call():
-    require_backend("tensorflow")
+    need("tensorflow")
     import tensorflow as tf
 
     case = Case("tf_vars", (2, 6, 6, 3), (3, 3), 4)
@@ -259,7 +259,7 @@ def test_tf_variables_are_folded_per_call():
 # -- JAX: eager calls fold once per params object; traced calls give the same numbers -------------
 
 def test_jax_eager_fold_matches_traced_and_reference():
-    require_backend("jax")
+    need("jax")
     import jax
     import jax.numpy as jnp
 

@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import require_backend
+from tests.conftest import need
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def _env(onednn: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("onednn", ["0", "1"])
 def test_quick_conformance_passes_on_both_tf_cpu_paths(onednn):
-    require_backend("tensorflow")
+    need("tensorflow")
     proc = subprocess.run(
         [sys.executable, "-m", "convbn", "conformance", "--quick", "--json", "--no-gpu",
          "--backends", "tensorflow"],
@@ -68,7 +68,7 @@ _ZERO_SIZE = textwrap.dedent("""
 
 @pytest.mark.parametrize("onednn", ["0", "1"])
 def test_zero_size_batch_with_new_channel_count_on_both_tf_cpu_paths(onednn):
-    require_backend("tensorflow")
+    need("tensorflow")
     proc = subprocess.run([sys.executable, "-c", _ZERO_SIZE], env=_env(onednn),
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -17,7 +17,7 @@ import pytest
 import convbn
 from convbn.cli import main
 from convbn.commands._checkpoints import ProgressBar
-from tests.conftest import require_backend
+from tests.conftest import need
 from tests.formats.builders import assert_same_arrays, random_checkpoint
 
 
@@ -130,7 +130,7 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, source, capsys):
 
 
 def test_shape_mismatch_and_malicious_pickle_through_the_cli(tmp_path, capsys):
-    require_backend("torch")
+    need("torch")
     import torch
 
     state = {"c.weight": torch.zeros(8, 3, 3, 3), "b.running_mean": torch.zeros(4), "b.running_var": torch.ones(4)}
@@ -209,7 +209,7 @@ def test_fuse_writes_conv_weight_and_bias(tmp_path, source, capsys):
 
 
 def test_fuse_to_torch_loads_into_a_model_without_batchnorm(tmp_path, capsys):
-    require_backend("torch")
+    need("torch")
     import torch
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)).eval()

@@ -9,7 +9,6 @@ any framework. Tolerance: the frameworks run in float32; the same block loaded t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 
 import convbn
 from convbn.cli import main
-from tests.conftest import require_backend
+from tests.conftest import need
 from tests.layers import block_models as bm
 
 TOL = 1e-5
@@ -50,15 +49,15 @@ def _reference(values: list[dict[str, np.ndarray]], x: np.ndarray) -> np.ndarray
 @pytest.fixture
 def flax_source(tmp_path: Path) -> tuple[Path, list[dict[str, np.ndarray]]]:
     """Block values with conv biases as a flax msgpack file (written without JAX), layers L0-L2."""
-    pytest.importorskip("msgpack")
+    need("msgpack")
     values = bm.random_values(seed=3, bias=True)
     path = tmp_path / "src.msgpack"
     convbn.save_checkpoint(bm.checkpoint_of(values), path, "flax")
     return path, values
 
 
+@pytest.mark.needs("torch")
 def test_torch_like_file_gives_a_state_dict_the_model_loads_strictly(tmp_path, flax_source, capsys):
-    require_backend("torch")
     import torch
 
     src, values = flax_source
@@ -77,13 +76,8 @@ def test_torch_like_file_gives_a_state_dict_the_model_loads_strictly(tmp_path, f
     assert bm.rel_err(bm.torch_run(model, x), _reference(values, x)) <= TOL
 
 
+@pytest.mark.needs("torch", "keras", "h5py")
 def test_keras_like_file_loads_with_load_weights_and_keeps_the_head(tmp_path, capsys):
-    require_backend("torch")
-    require_backend("tensorflow")
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        pytest.skip("the Keras model runs on Keras's TensorFlow backend")
-    pytest.importorskip("keras")
-    pytest.importorskip("h5py")
     values = bm.random_values(seed=4)
     src = tmp_path / "src.pt"
     bm.torch_save(bm.torch_assign(bm.torch_build(), values), src)
@@ -106,10 +100,8 @@ def test_keras_like_file_loads_with_load_weights_and_keeps_the_head(tmp_path, ca
     assert bm.rel_err(bm.keras_run(trunk, x), _reference(values, x)) <= TOL
 
 
+@pytest.mark.needs("torch", "flax")
 def test_flax_like_file_restores_with_from_bytes(tmp_path, capsys):
-    require_backend("torch")
-    require_backend("jax")
-    pytest.importorskip("flax")
     from flax import serialization
 
     values = bm.random_values(seed=5)
@@ -126,8 +118,8 @@ def test_flax_like_file_restores_with_from_bytes(tmp_path, capsys):
     assert bm.rel_err(bm.flax_run(module, restored, x), _reference(values, x)) <= TOL
 
 
+@pytest.mark.needs("msgpack")
 def test_strict_refuses_a_partial_match_and_no_strict_keeps_the_like_values(tmp_path, capsys):
-    pytest.importorskip("msgpack")
     values = bm.random_values(seed=6)
     src = tmp_path / "src.msgpack"
     convbn.save_checkpoint(bm.checkpoint_of(values[:2]), src, "flax")  # no shortcut layer

@@ -68,12 +68,3 @@ def reference_eval(x: np.ndarray, params: convbn.ConvBNParams, **override: objec
     p.update(override)
     return reference.conv_bn(np.asarray(x, np.float64), p)  # type: ignore[no-any-return]
 
-
-def require_backend_for_module(name: str) -> None:
-    """Module-level ``require_backend``: skip the whole test module unless ``name`` is tested."""
-    import pytest
-
-    from tests.conftest import backend_enabled
-
-    if not backend_enabled(name):
-        pytest.skip(f"backend {name!r} not requested or not installed", allow_module_level=True)

@@ -28,13 +28,9 @@ SEED = 0
 
 def need_slim() -> None:
     """Skip unless TensorFlow is under test and tf-slim (with tf_keras behind its batch_norm) is installed."""
-    import pytest
+    from tests.conftest import need
 
-    from tests.conftest import require_backend
-
-    require_backend("tensorflow")
-    pytest.importorskip("tf_slim")
-    pytest.importorskip("tf_keras")
+    need("tensorflow", "tf_slim", "tf_keras")
 
 
 @contextlib.contextmanager

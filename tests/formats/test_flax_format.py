@@ -9,10 +9,10 @@ import pytest
 
 import convbn
 from convbn import ConvBNError
-from tests.formats.builders import assert_same_arrays, random_checkpoint, require_backend_for_module
+from tests.conftest import need
+from tests.formats.builders import assert_same_arrays, random_checkpoint
 
-require_backend_for_module("jax")
-flax = pytest.importorskip("flax")
+need("jax", "flax")
 import jax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from flax import serialization  # noqa: E402

@@ -10,10 +10,13 @@ import pytest
 
 import convbn
 from convbn import ConvBNError
+from tests.conftest import need
 from tests.formats.builders import assert_same_arrays, random_checkpoint
 
-h5py = pytest.importorskip("h5py")
-keras = pytest.importorskip("keras")
+need("keras", "h5py")
+import h5py  # noqa: E402
+import keras  # noqa: E402
+
 layers = keras.layers
 
 # float32 conv+BN in Keras vs float64 NumPy, relative to max|y|: measured <= 1.5e-6 here

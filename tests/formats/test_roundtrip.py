@@ -8,18 +8,15 @@ model computes, and the weights come back bit for bit.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import convbn
 from convbn.convert import verify_checkpoint
-from tests.formats.builders import assert_same_arrays, require_backend_for_module
+from tests.conftest import need
+from tests.formats.builders import assert_same_arrays
 
-require_backend_for_module("torch")
-require_backend_for_module("jax")
-pytest.importorskip("h5py")
-pytest.importorskip("flax")
-keras = pytest.importorskip("keras")
+need("torch", "jax", "flax", "keras", "h5py")
 import jax  # noqa: E402
+import keras  # noqa: E402
 import torch  # noqa: E402
 from flax import linen, serialization  # noqa: E402
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 import convbn
+from tests.conftest import need_module
 from tests.formats.builders import random_checkpoint
 
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+safetensors_numpy = need_module("safetensors.numpy")
 from safetensors import safe_open  # noqa: E402
 
 

@@ -26,7 +26,7 @@ import convbn
 from convbn.convert import Checkpoint, fold_bias
 from convbn.formats import slim
 from tests.cases import rel_err
-from tests.conftest import require_backend
+from tests.conftest import need, need_module
 from tests.formats.slim_graphs import need_slim, shared_build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,8 +76,7 @@ def v1_net(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def keras3_net(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    require_backend("tensorflow")
-    pytest.importorskip("keras")
+    need("keras")
     from tests.formats import slim_graphs
 
     return shared_build(tmp_path_factory, "keras3", slim_graphs.build_keras3)  # type: ignore[no-any-return]
@@ -538,8 +537,7 @@ def test_keras3_object_checkpoint_reproduces_the_model(keras3_net: dict[str, Any
 
 
 def test_tf_keras_save_weights_checkpoint(tmp_path: Path) -> None:
-    require_backend("tensorflow")
-    pytest.importorskip("tf_keras")
+    need("tf_keras")
     from tests.formats import slim_graphs
 
     net = slim_graphs.build_tf_keras(tmp_path)
@@ -553,7 +551,7 @@ def test_tf_keras_save_weights_checkpoint(tmp_path: Path) -> None:
 
 
 def test_tf_module_object_checkpoint(tmp_path: Path) -> None:
-    require_backend("tensorflow")
+    need("tensorflow")
     import tensorflow as tf
 
     rng = np.random.default_rng(5)
@@ -624,9 +622,9 @@ def test_object_based_and_v1_round_trips(keras3_net: dict[str, Any], v1_net: str
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "bfloat16"])
 def test_write_read_round_trip_keeps_dtype_and_bits(tmp_path: Path, dtype: str) -> None:
-    require_backend("tensorflow")
+    need("tensorflow")
     if dtype == "bfloat16":
-        ml_dtypes = pytest.importorskip("ml_dtypes")
+        ml_dtypes = need_module("ml_dtypes")
         np_dtype = np.dtype(ml_dtypes.bfloat16)
     else:
         np_dtype = np.dtype(dtype)
@@ -685,7 +683,7 @@ def test_write_refuses_bad_targets_and_names(tmp_path: Path) -> None:
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    require_backend("tensorflow")
+    need("tensorflow")
     import tensorflow as tf
 
     real = tf.raw_ops.SaveV2
@@ -762,7 +760,7 @@ def test_inspect_names_the_scopes_and_the_graph_geometry(slim_net: dict[str, Any
 
 
 def test_other_tensors_are_written_only_from_a_tf_source(tmp_path: Path) -> None:
-    require_backend("tensorflow")
+    need("tensorflow")
     layer_names = {"a/weights", "a/BatchNorm/beta", "a/BatchNorm/moving_mean", "a/BatchNorm/moving_variance"}
     fc = np.arange(6, dtype=np.float32).reshape(2, 3)
     from_torch = Checkpoint(layers={"a": _layer()}, tensors={"fc.weight": fc}, format="torch")
@@ -781,7 +779,7 @@ def test_other_tensors_are_written_only_from_a_tf_source(tmp_path: Path) -> None
 
 
 def test_a_grouped_conv_is_written_as_weights_and_reported(tmp_path: Path) -> None:
-    require_backend("tensorflow")
+    need("tensorflow")
     rng = np.random.default_rng(3)
     grouped = convbn.ConvBNParams(
         kernel=rng.standard_normal((3, 3, 2, 6)).astype(np.float32), groups=2,
@@ -867,7 +865,7 @@ def test_fuse_to_slim_restores_into_slim_conv2d_without_batchnorm(
 
 @pytest.fixture()
 def small(tmp_path: Path) -> Path:
-    require_backend("tensorflow")
+    need("tensorflow")
     rng = np.random.default_rng(2)
     return _save_raw(tmp_path / "small.ckpt", {
         "conv1/weights": rng.standard_normal((3, 3, 2, 4)).astype(np.float32),

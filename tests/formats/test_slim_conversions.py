@@ -19,9 +19,7 @@ import numpy as np
 import pytest
 
 import convbn
-from convbn.dispatch import BACKENDS
 from tests.cases import rel_err
-from tests.conftest import require_backend
 from tests.reference import tf_same_pads
 
 # Max |module - TF| / max|TF| per layer. The torch and flax modules run in float64 on the
@@ -31,18 +29,7 @@ from tests.reference import tf_same_pads
 # wrong eps (1e-3 vs 1e-5: ~5e-4).
 TOL = 2e-6
 
-
-def _need(*requirements: str) -> None:
-    """Skip unless every backend named is under test and every other package is installed."""
-    for name in requirements:
-        if name in BACKENDS:
-            require_backend(name)
-        else:
-            pytest.importorskip(name)
-
-
-def _need_torch() -> None:
-    _need("tensorflow", "tf_slim", "tf_keras", "torch")
+pytestmark = pytest.mark.needs("tensorflow", "tf_slim", "tf_keras")
 
 
 def _tf_values(prefix: str | Path) -> dict[str, np.ndarray]:
@@ -60,12 +47,12 @@ def _bits_equal(a: Any, b: Any) -> bool:
 @pytest.fixture(scope="module")
 def torch_file(slim_net: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, convbn.Checkpoint]:
     """The slim network converted to a torch state_dict with load_checkpoint + save_checkpoint."""
-    _need_torch()
     path = tmp_path_factory.mktemp("torch") / "model.pt"
     written = convbn.save_checkpoint(convbn.load_checkpoint(slim_net["prefix"]), path, "torch")
     return path, written
 
 
+@pytest.mark.needs("torch")
 def test_slim_to_torch_modules_reproduce_the_slim_graph(
     slim_net: dict[str, Any], torch_file: tuple[Path, convbn.Checkpoint]
 ) -> None:
@@ -100,8 +87,8 @@ def test_slim_to_torch_modules_reproduce_the_slim_graph(
         assert rel_err(y, raw["outputs"][i]) < TOL, name
 
 
+@pytest.mark.needs("jax", "flax")
 def test_slim_to_flax_modules_reproduce_the_slim_graph(slim_net: dict[str, Any], tmp_path: Path) -> None:
-    _need("tensorflow", "tf_slim", "tf_keras", "jax", "flax")
     import jax
     from flax import linen, serialization
 
@@ -149,6 +136,7 @@ def test_slim_to_flax_modules_reproduce_the_slim_graph(slim_net: dict[str, Any],
         assert rel_err(np.asarray(y), want) < TOL, name
 
 
+@pytest.mark.needs("torch")
 def test_the_cli_converts_slim_to_torch_importing_torch_first(
     slim_net: dict[str, Any], torch_file: tuple[Path, convbn.Checkpoint], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -185,6 +173,7 @@ def test_the_cli_converts_slim_to_torch_importing_torch_first(
     assert all(torch.equal(cli[k], api[k]) and cli[k].dtype == api[k].dtype for k in api)
 
 
+@pytest.mark.needs("torch")
 def test_slim_to_torch_to_slim_is_bit_exact(
     slim_net: dict[str, Any], torch_file: tuple[Path, convbn.Checkpoint], tmp_path: Path
 ) -> None:

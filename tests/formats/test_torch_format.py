@@ -10,9 +10,10 @@ import pytest
 
 import convbn
 from convbn import ConvBNError
-from tests.formats.builders import assert_same_arrays, random_checkpoint, require_backend_for_module
+from tests.conftest import need
+from tests.formats.builders import assert_same_arrays, random_checkpoint
 
-require_backend_for_module("torch")
+need("torch")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -133,7 +134,7 @@ def test_round_trip_is_bit_exact_including_other_tensors(tmp_path):
 
 
 def test_bfloat16_and_float16_survive(tmp_path):
-    pytest.importorskip("ml_dtypes")
+    need("ml_dtypes")
     for dtype in (torch.bfloat16, torch.float16):
         model = _trained(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).to(dtype)
         torch.save(model.state_dict(), tmp_path / "h.pt")

@@ -14,6 +14,7 @@ import pytest
 
 import convbn
 from convbn.convert import _TOLERANCE, Checkpoint, fuse_checkpoint, prepare_for_format, verify_checkpoint
+from tests.conftest import need_module
 
 
 def _layer(rng, dtype, var_scale, bias_scale, cin=16, cout=32):
@@ -32,7 +33,7 @@ DTYPES = ["float64", "float32", "float16", "bfloat16"]
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conversion_error_is_well_inside_the_tolerance(dtype):
     if dtype == "bfloat16":
-        dtype = pytest.importorskip("ml_dtypes").bfloat16
+        dtype = need_module("ml_dtypes").bfloat16
     rng = np.random.default_rng(7)
     worst = 0.0
     for var_scale in (1e-6, 1.0, 100.0):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import convbn
 from convbn import adapters
 from tests import reference
 from tests.cases import rel_err
-from tests.conftest import require_backend
+from tests.conftest import need_module
 
 # Float64 comparisons differ only in summation order (<= 1e-15 measured); float32 runs compare a
 # framework's unfolded Conv + BatchNorm with convbn's folded eval, measured <= 4e-7 relative here
@@ -38,8 +37,8 @@ def _ref(params: convbn.ConvBNParams) -> dict:
 
 
 def _torch_pair(*, padding=1, stride=1, groups=1, bias=True, affine=True, momentum=0.1, eps=1e-5, k=3):
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
+    import torch
+    from torch import nn
 
     torch.manual_seed(0)
     conv = nn.Conv2d(3 * groups, 6, k, stride, padding, 1, groups, bias, dtype=torch.float64)
@@ -59,10 +58,10 @@ def _torch_pair(*, padding=1, stride=1, groups=1, bias=True, affine=True, moment
     dict(padding=0, stride=2, bias=False, affine=False),
     dict(groups=2, momentum=0.3, eps=1e-3),
 ], ids=["pad1", "same_even_kernel", "valid_s2_no_affine", "groups"])
+@pytest.mark.needs("torch")
 def test_from_torch_computes_what_torch_computes(config):
-    torch = pytest.importorskip("torch")
+    import torch
 
-    require_backend("torch")
     conv, bn = _torch_pair(**config)
     params = convbn.from_torch(conv, bn)
     np.testing.assert_array_equal(params.kernel, conv.weight.detach().numpy().transpose(2, 3, 1, 0))
@@ -82,10 +81,10 @@ def test_from_torch_computes_what_torch_computes(config):
     assert rel_err(new.moving_var, bn.running_var.numpy()) < TOL64
 
 
+@pytest.mark.needs("torch")
 def test_from_torch_copies_and_to_torch_round_trips_bit_for_bit():
-    torch = pytest.importorskip("torch")
+    import torch
 
-    require_backend("torch")
     conv, bn = _torch_pair(padding="same", k=4, momentum=0.03)
     params = convbn.from_torch(conv, bn)
     original = conv.weight.detach().clone()
@@ -105,10 +104,10 @@ def test_from_torch_copies_and_to_torch_round_trips_bit_for_bit():
         assert torch.equal(bn.eval()(conv(x)), bn2.eval()(conv2(x)))
 
 
+@pytest.mark.needs("torch")
 def test_to_torch_explicit_symmetric_padding_and_missing_gamma():
-    torch = pytest.importorskip("torch")
+    import torch
 
-    require_backend("torch")
     x = _x((2, 6, 6, 3))
     rng = np.random.default_rng(0)
     params = convbn.ConvBNParams(
@@ -124,10 +123,10 @@ def test_to_torch_explicit_symmetric_padding_and_missing_gamma():
     assert rel_err(y, reference.conv_bn(x, _ref(params))) < TOL64
 
 
+@pytest.mark.needs("torch")
 def test_torch_adapter_errors():
-    nn = pytest.importorskip("torch").nn
+    from torch import nn
 
-    require_backend("torch")
     conv, bn = _torch_pair()
     with pytest.raises(TypeError, match="conv must be a torch.nn.Conv2d. Received: conv of type Linear"):
         convbn.from_torch(nn.Linear(3, 6), bn)
@@ -155,11 +154,11 @@ def test_torch_adapter_errors():
         convbn.to_torch({"kernel": params.kernel})
 
 
+@pytest.mark.needs("torch")
 def test_assign_torch_checks_geometry_and_sets_the_convention():
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
+    import torch
+    from torch import nn
 
-    require_backend("torch")
     conv, bn = _torch_pair(padding=1)
     params = dataclasses.replace(convbn.from_torch(conv, bn), padding="SAME", eps=1e-3, momentum=0.99)
     target_conv = nn.Conv2d(3, 6, 3, padding=1, dtype=torch.float64)  # SAME at stride 1 is padding 1
@@ -187,10 +186,7 @@ def test_assign_torch_checks_geometry_and_sets_the_convention():
 
 
 def _keras():
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        pytest.skip("these tests use Keras's TensorFlow backend")
-    require_backend("tensorflow")
-    return pytest.importorskip("keras")
+    return need_module("keras")
 
 
 def _keras_pair(keras, *, depthwise=False, dtype="float64", **bn_kwargs):
@@ -280,13 +276,13 @@ def test_keras_adapter_errors():
 # -- torch -> Keras ---------------------------------------------------------------------------------
 
 
+@pytest.mark.needs("torch")
 def test_torch_modules_to_keras_convbn_keep_training_like_torch():
     """The docs' path: a torch Conv2d + BatchNorm2d becomes convbn.keras.ConvBN, which keeps torch's
     momentum and unbiased variance update, so one training step agrees with torch's."""
-    torch = pytest.importorskip("torch")
-
-    require_backend("torch")
     keras = _keras()
+    import torch
+
     from convbn.keras import ConvBN
 
     conv, bn = _torch_pair(padding=1)
@@ -305,13 +301,12 @@ def test_torch_modules_to_keras_convbn_keep_training_like_torch():
 
 
 def _flax():
-    require_backend("jax")
-    return pytest.importorskip("flax.linen")
+    return need_module("flax.linen")
 
 
 def _flax_pair(nn, *, use_scale=True, padding="SAME"):
-    jax = pytest.importorskip("jax")
-    jnp = pytest.importorskip("jax.numpy")
+    import jax
+    import jax.numpy as jnp
 
     conv = nn.Conv(6, (3, 3), strides=2, padding=padding, param_dtype=jnp.float64)
     bn = nn.BatchNorm(momentum=0.9, epsilon=1e-4, use_scale=use_scale, use_fast_variance=False,
@@ -324,9 +319,9 @@ def _flax_pair(nn, *, use_scale=True, padding="SAME"):
 
 
 def test_from_flax_computes_what_flax_computes():
-    jnp = pytest.importorskip("jax.numpy")
-
     nn = _flax()
+    import jax.numpy as jnp
+
     conv, bn, cv, bv = _flax_pair(nn, padding=((0, 1), (1, 1)))
     params = convbn.from_flax(cv, bv, conv=conv, bn=bn)
     assert params.momentum == 0.9 and params.eps == 1e-4 and params.var_update == "biased"
@@ -342,10 +337,10 @@ def test_from_flax_computes_what_flax_computes():
 
 
 def test_flax_round_trip_and_settings():
-    jax = pytest.importorskip("jax")
-    jnp = pytest.importorskip("jax.numpy")
-
     nn = _flax()
+    import jax
+    import jax.numpy as jnp
+
     conv, bn, cv, bv = _flax_pair(nn, use_scale=False)
     params = convbn.from_flax(cv, bv, conv=conv, bn=bn)
     assert params.gamma is None
@@ -366,10 +361,9 @@ def test_flax_round_trip_and_settings():
 
 
 def test_from_flax_reads_nnx_modules():
-    jnp = pytest.importorskip("jax.numpy")
-
     _flax()
-    nnx = pytest.importorskip("flax.nnx")
+    import jax.numpy as jnp
+    from flax import nnx
 
     conv = nnx.Conv(3, 6, (3, 3), strides=2, padding="VALID", rngs=nnx.Rngs(0))
     bn = nnx.BatchNorm(6, momentum=0.8, use_bias=False, rngs=nnx.Rngs(0))

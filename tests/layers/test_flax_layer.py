@@ -8,7 +8,7 @@ import pytest
 import convbn
 from tests import reference
 from tests.cases import CASES, reference_params, rel_err
-from tests.conftest import require_backend
+from tests.conftest import need
 
 # Float64 (conftest enables x64): only summation order differs (<= 1e-15 measured). Float32 against
 # nn.BatchNorm's default use_fast_variance=True (E[x^2]-E[x]^2) on data with mean ~0.5 and unit
@@ -24,8 +24,7 @@ LAYER_CASES = [c for c in CASES if c.name in (
 
 @pytest.fixture(autouse=True)
 def _flax():
-    require_backend("jax")
-    pytest.importorskip("flax")
+    need("flax")
 
 
 def _x(shape=(4, 9, 9, 3), dtype=np.float64):

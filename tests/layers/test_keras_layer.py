@@ -18,7 +18,7 @@ import pytest
 import convbn
 from tests import reference
 from tests.cases import CASES, reference_params, rel_err, to_layout
-from tests.conftest import require_backend
+from tests.conftest import need, need_module
 
 # Float64: only summation order differs (<= 1e-15 measured). Float32: Keras's unfolded BatchNorm vs
 # convbn's folded eval and fused training kernels, measured <= 1e-7 relative on all three Keras
@@ -34,10 +34,7 @@ LAYER_CASES = [c for c in CASES if c.name in (
 
 
 def _keras():
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        pytest.skip("the in-process tests use Keras's TensorFlow backend; the others run in subprocesses")
-    require_backend("tensorflow")
-    return pytest.importorskip("keras")
+    return need_module("keras")
 
 
 def _x(shape=(4, 9, 9, 3), dtype="float64"):
@@ -73,9 +70,9 @@ def test_weights_have_keras_names_and_order():
 
 
 def test_training_matches_batchnormalization_including_gradients():
-    tf = pytest.importorskip("tensorflow")
-
     keras = _keras()
+    import tensorflow as tf
+
     layer, conv, bn = _pair(keras)
     x = tf.constant(_x())
     dy = tf.constant(np.random.default_rng(2).standard_normal((4, 5, 5, 6)))
@@ -309,8 +306,7 @@ _SUBPROCESS_CHECKS = textwrap.dedent('''
 def test_other_keras_backends_in_a_subprocess(keras_backend):
     """The same layer on Keras's JAX and torch backends: BatchNormalization's numbers in training
     and eval, exactly conv_bn's, trainable=False, fit, and the .keras round trip."""
-    require_backend(keras_backend)
-    pytest.importorskip("keras")
+    need(keras_backend, "keras")
     env = {**os.environ, "KERAS_BACKEND": keras_backend, "CUDA_VISIBLE_DEVICES": ""}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))

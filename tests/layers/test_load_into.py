@@ -27,7 +27,7 @@ import pytest
 import convbn
 from convbn.convert import Checkpoint
 from convbn.loading import LoadError, Target, match_layers
-from tests.conftest import require_backend
+from tests.conftest import need
 from tests.layers import block_models as bm
 
 TOL = 1e-5
@@ -36,18 +36,12 @@ SUFFIX = {"torch": ".pt", "keras": ".weights.h5", "flax": ".msgpack"}
 PAIRS = {"torch": bm.TORCH_PAIRS, "keras": bm.KERAS_PAIRS, "flax": bm.FLAX_PAIRS}
 
 
+#: What each framework's models and files need (tests/conftest.py's ``need``).
+NEEDS = {"torch": ("torch",), "keras": ("keras", "h5py"), "flax": ("flax",)}
+
+
 def _need(framework: str) -> None:
-    if framework == "torch":
-        require_backend("torch")
-    elif framework == "keras":
-        if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-            pytest.skip("the Keras models run on Keras's TensorFlow backend")
-        require_backend("tensorflow")
-        pytest.importorskip("keras")
-        pytest.importorskip("h5py")
-    else:
-        require_backend("jax")
-        pytest.importorskip("flax")
+    need(*NEEDS[framework])
 
 
 @dataclasses.dataclass
@@ -286,8 +280,8 @@ def test_a_gamma_or_beta_the_model_lacks_is_a_mismatch(tmp_path):
 def dcgan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from tests.formats import slim_graphs
 
+    need("torch")
     slim_graphs.need_slim()
-    require_backend("torch")
     # The same session-wide build tests/formats uses (built once, shared across modules).
     return slim_graphs.shared_build(tmp_path_factory, "dcgan", slim_graphs.build_dcgan)  # type: ignore[no-any-return]
 

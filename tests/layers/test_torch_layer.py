@@ -12,7 +12,6 @@ import pytest
 import convbn
 from tests import reference
 from tests.cases import CASES, reference_params, rel_err, to_layout
-from tests.conftest import require_backend
 
 # Float64 runs differ from the reference and from torch's own modules only in summation order
 # (measured <= 4e-16 relative); 1e-12 still catches every convention error (the biased/unbiased
@@ -23,17 +22,12 @@ TOL64 = 1e-12
 TOL32 = 5e-6
 
 # The torch oracle warns that its own padding="same" with an even kernel pads a copy of the input.
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+pytestmark = [pytest.mark.needs("torch"), pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")]
 
 LAYER_CASES = [c for c in CASES if c.name in (
     "same_s2_even", "same_s2_odd", "same_even_kernel_s2", "explicit_asym", "dilation_stride_same",
     "depthwise", "groups", "slim_style",
 )]
-
-
-@pytest.fixture(autouse=True)
-def _torch():
-    require_backend("torch")
 
 
 def _pair(dtype=None, **kwargs):
