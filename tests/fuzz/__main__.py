@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown formats {unknown}; known: {list(FORMATS)}")
     missing = [f for f in formats if not seeds.available(f)]
     if missing:
-        parser.error(f"formats {missing} need {[seeds.REQUIRES[f] for f in missing]}, which is not installed")
+        parser.error(f"formats {missing} need {[seeds.REQUIRES[f] for f in missing]}, not all installed")
     out = args.out or Path(tempfile.mkdtemp(prefix="convbn-fuzz-"))
     t0 = time.monotonic()
     built = seeds.build(formats)

@@ -212,7 +212,7 @@ def _find_deep(tree: Any) -> Deep | None:
 
 def zip_fields(rng: random.Random, data: bytes) -> bytes:
     """Lie in a zip header: a local or central entry's sizes, offset, name length or compression method."""
-    spots = []
+    spots: list[tuple[int, int]] = []
     for magic, fields in ((b"PK\x03\x04", ((8, 2), (18, 4), (22, 4), (26, 2))),
                           (b"PK\x01\x02", ((10, 2), (20, 4), (24, 4), (28, 2), (42, 4))),
                           (b"PK\x05\x06", ((10, 2), (12, 4), (16, 4)))):
@@ -234,7 +234,7 @@ def zip_rezip(rng: random.Random, data: bytes) -> bytes:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as src:
             members = [(info, src.read(info)) for info in src.infolist()]
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError, RuntimeError):
         return data
     if not members:
         return data
@@ -336,6 +336,10 @@ def mutate(rng: random.Random, name: str, data: bytes) -> tuple[bytes, str]:
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
         aware = aware_for(name, data)
         mutator = rng.choice(aware) if aware and rng.random() < 0.5 else rng.choice(GENERIC)
-        data = mutator(rng, data)
+        try:
+            data = mutator(rng, data)
+        except Exception:  # a format-aware mutator on bytes an earlier mutation broke: damage them instead
+            mutator = rng.choice(GENERIC)
+            data = mutator(rng, data)
         applied.append(mutator.__name__)
     return data, "+".join(applied)

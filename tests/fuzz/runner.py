@@ -161,9 +161,9 @@ def run_stages(fmt: str, src: Path, target: str, work: Path) -> tuple[list[tuple
     loaded = ""
     try:
         convbn.load_checkpoint(src)
-    except BaseException as exc:  # a finding, whatever it is
-        loaded = f"{type(exc).__name__}: {exc}"
-        bad = _unclean_error(exc)
+    except BaseException as error:  # a finding, whatever it is
+        loaded = f"{type(error).__name__}: {error}"
+        bad = _unclean_error(error)
         if bad:
             found.append(("load", *bad))
     rc, err, exc = _run_cli(["inspect", str(src)])
@@ -242,7 +242,8 @@ class Report:
 
     mutants: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     accepted: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    seconds: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    seconds: collections.defaultdict[str, float] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(float))
     by_signature: dict[tuple[str, str, str, str], list[tuple[Mutant, Outcome]]] = dataclasses.field(
         default_factory=dict)
     unclean_seeds: list[tuple[Mutant, Outcome]] = dataclasses.field(default_factory=list)
@@ -376,7 +377,8 @@ def run(
                             w.ready = True
                         elif w.job is not None:
                             mutant, work, t0 = w.job
-                            record(mutant, *msg, work, now - t0)
+                            found, refused = msg
+                            record(mutant, found, refused, work, now - t0)
                             w.job = None
                             if log and mutant.index >= 0 and sum(report.mutants.values()) % 100 == 0:
                                 log(f"... {sum(report.mutants.values())} mutants, {report.count} not clean")

@@ -19,19 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-#: The backend (as ``CONVBN_TEST_BACKENDS`` names it) each format's seeds and reader need; None: none.
-#: torch: torch.save and the reader's unpickler. slim: TF writes the seeds and reads them. keras:
-#: Keras 3 on TensorFlow writes the seeds (the reader only needs h5py). flax: flax writes the seeds
-#: (the reader only needs msgpack). safetensors: seeds written here, read with NumPy alone.
-REQUIRES: dict[str, str | None] = {
-    "torch": "torch",
-    "safetensors": None,
-    "flax": "jax",
-    "keras": "tensorflow",
-    "slim": "tensorflow",
+#: What each format's seeds and reader need, as ``tests.conftest.need`` names it (a backend or a
+#: package, which is also its module's name). torch: ``torch.save`` and the reader's unpickler. slim:
+#: TF writes the seeds and reads them. keras: Keras 3 on TensorFlow writes the seeds, the reader needs
+#: only h5py. flax: flax writes the seeds, the reader needs only msgpack. safetensors: seeds written
+#: here, read with NumPy alone.
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "safetensors": (),
+    "flax": ("flax", "msgpack"),
+    "keras": ("keras", "h5py"),
+    "slim": ("tensorflow",),
 }
-
-_MODULES = {"torch": "torch", "jax": "flax", "tensorflow": "tensorflow"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +50,7 @@ class Bundle:
 
 def available(fmt: str) -> bool:
     """Whether the packages ``fmt``'s seeds and reader need are installed."""
-    need = REQUIRES[fmt]
-    return need is None or importlib.util.find_spec(_MODULES[need]) is not None
+    return all(importlib.util.find_spec(name) is not None for name in REQUIRES[fmt])
 
 
 def _stats(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:

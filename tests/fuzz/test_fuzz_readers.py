@@ -1,0 +1,67 @@
+"""The mutation fuzzer in the suite: a fixed, seeded set of mutants per format must all be clean.
+
+Clean: the mutant loads (and converts, exit 0, DST written), or is refused with a one-line
+``ConvBNError`` (exit 2, nothing written). Counts are sized for about three minutes for all five
+formats on two cores; ``python -m tests.fuzz --mutants 2000`` is the longer run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from convbn.errors import ConvBNError
+from tests.conftest import available, need
+from tests.fuzz import runner, seeds
+from tests.fuzz.mutate import Deep, dumps_json
+
+#: Mutants per format: fewer where a mutant costs more (an HDF5 rewrite, a TF checkpoint).
+MUTANTS = {"torch": 300, "safetensors": 300, "flax": 300, "keras": 200, "slim": 200}
+SEED = 0
+
+
+def _target_enabled(name: str, module: str) -> bool:
+    return available(name if name == "torch" else module)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(MUTANTS))
+def test_every_mutant_is_read_or_refused_cleanly(fmt: str, tmp_path: Path) -> None:
+    need(*seeds.REQUIRES[fmt])
+    built = seeds.build([fmt])
+    targets = runner.default_targets([fmt], _target_enabled)
+    report = runner.run(built, targets, MUTANTS[fmt], seed=SEED, jobs=2, timeout=30, out=tmp_path)
+    assert report.mutants[fmt] == MUTANTS[fmt]
+    assert not report.unclean_seeds, report.summary()  # the seeds themselves load and convert
+    assert report.count == 0, "not clean:\n" + report.summary()
+
+
+def test_mutants_are_the_same_bytes_for_the_same_seed() -> None:
+    bundles = seeds.safetensors_seeds()
+    first = [runner.make_mutant("safetensors", bundles, i, SEED).bundle.files for i in range(20)]
+    again = [runner.make_mutant("safetensors", bundles, i, SEED).bundle.files for i in range(20)]
+    other = [runner.make_mutant("safetensors", bundles, i, SEED + 1).bundle.files for i in range(20)]
+    assert first == again
+    assert first != other
+    assert all(m != bundles[0].files and m != bundles[1].files for m in first[:5])
+
+
+def test_only_a_one_line_convbn_error_is_clean() -> None:
+    assert runner._unclean_error(ConvBNError("model.pt: tensor 'w' is truncated")) is None
+    kind, _, _ = runner._unclean_error(ConvBNError("model.pt: bad\n  Traceback ...")) or ("",) * 3
+    assert kind == "multi-line ConvBNError"
+    try:
+        [][1]
+    except IndexError as exc:
+        assert runner._unclean_error(exc) == ("IndexError", "?", "IndexError: list index out of range")
+    assert runner._unclean_error(MemoryError())[0] == "MemoryError"  # type: ignore[index]
+
+
+def test_deep_nesting_is_written_past_the_encoders_recursion_limit() -> None:
+    import json
+
+    text = dumps_json({"a": Deep(5000, 1)})
+    assert text == b'{"a": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}"
+    with pytest.raises(RecursionError):
+        json.loads(text)
