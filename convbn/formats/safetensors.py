@@ -91,7 +91,12 @@ def _numpy_dtype(code: str, name: str, path: Path) -> np.dtype:
 
 
 def _load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor as a read-only view of the memory-mapped file, and the metadata."""
+    """Every tensor as a read-only view of the memory-mapped file, and the metadata.
+
+    The header is checked before any tensor is viewed: every key once, each entry a dtype, a shape
+    of ints and two offsets spanning exactly its bytes, no two tensors overlapping, all inside the
+    file, and ``__metadata__`` string to string.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -101,45 +106,90 @@ def _load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         if n > _MAX_HEADER or 8 + n > size:
             raise ConvBNError(f"{path}: truncated or corrupted safetensors file (header of {n} bytes, file of {size})")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError, _DuplicateKeyError) as exc:
             raise ConvBNError(f"{path}: corrupted safetensors header: {exc}") from None
+        except RecursionError:
+            raise ConvBNError(f"{path}: corrupted safetensors header: nested too deeply") from None
     if not isinstance(header, dict):
         raise ConvBNError(f"{path}: corrupted safetensors header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise ConvBNError(f"{path}: corrupted safetensors header: __metadata__ is not an object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ConvBNError(f"{path}: corrupted safetensors header: __metadata__ must map strings to strings")
     data_size = size - 8 - n
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
-    tensors: dict[str, np.ndarray] = {}
-    for name, entry in sorted(header.items(), key=lambda kv: _offsets(kv[1])[0]):
-        try:
-            dtype = _numpy_dtype(entry["dtype"], name, path)
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = _offsets(entry)
-        except (KeyError, TypeError, ValueError):
-            raise ConvBNError(f"{path}: corrupted safetensors header entry for tensor {name!r}: {entry!r}") from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes or begin < 0 or min(shape, default=0) < 0:
-            raise ConvBNError(
-                f"{path}: tensor {name!r} must span {nbytes} bytes for shape {list(shape)} "
-                f"{entry['dtype']}. Received: data_offsets={[begin, end]}"
-            )
+    entries = sorted(((_entry(path, name, entry), name) for name, entry in header.items()), key=lambda e: e[0][2:])
+    previous = ("", 0)
+    for (_, _, begin, end), name in entries:
         if end > data_size:
             raise ConvBNError(
                 f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the data, "
                 f"which has {data_size}"
             )
-        tensors[name] = data[begin:end].view(dtype).reshape(shape)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+        if begin < previous[1]:
+            raise ConvBNError(
+                f"{path}: tensors {previous[0]!r} and {name!r} overlap (data_offsets up to {previous[1]} "
+                f"and from {begin}); each tensor must have bytes of its own"
+            )
+        if end > begin:
+            previous = (name, end)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
+    tensors = {name: data[begin:end].view(dtype).reshape(shape) for (dtype, shape, begin, end), name in entries}
+    return tensors, metadata
 
 
-def _offsets(entry: Any) -> tuple[int, int]:
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that names no key twice (json.loads would keep the last one silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        names = [k for k, _ in pairs]
+        twice = next(k for i, k in enumerate(names) if k in names[:i])
+        raise _DuplicateKeyError(f"key {twice!r} appears twice")
+    return out
+
+
+def _entry(path: Path, name: str, entry: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """A header entry's dtype, shape and data offsets, checked against each other."""
+    ok = (
+        isinstance(entry, dict)
+        and isinstance(entry.get("dtype"), str)
+        and isinstance(entry.get("shape"), list)
+        and all(_is_count(d) for d in entry["shape"])
+        and isinstance(entry.get("data_offsets"), list)
+        and len(entry["data_offsets"]) == 2
+        and all(_is_count(o) for o in entry["data_offsets"])
+    )
+    if not ok:
+        raise ConvBNError(
+            f"{path}: corrupted safetensors header entry for tensor {name!r}: it must be "
+            f'{{"dtype": str, "shape": [int >= 0, ...], "data_offsets": [begin, end]}}. '
+            f"Received: {_preview(entry)}"
+        )
+    dtype = _numpy_dtype(entry["dtype"], name, path)
+    shape = tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise ConvBNError(
+            f"{path}: tensor {name!r} must span {nbytes} bytes for shape {list(shape)} "
+            f"{entry['dtype']}. Received: data_offsets={[begin, end]}"
+        )
+    return dtype, shape, begin, end
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _preview(value: Any) -> str:
+    """A short repr of parsed JSON (a deep one cannot be repr'd whole)."""
     try:
-        begin, end = entry["data_offsets"]
-        return int(begin), int(end)
-    except (KeyError, TypeError, ValueError):
-        return (-1, -1)
+        return json.dumps(value)[:120]
+    except (TypeError, ValueError, RecursionError):
+        return type(value).__name__
 
 
 def read(
@@ -169,12 +219,38 @@ def read(
 
 
 def _json(metadata: Mapping[str, str], key: str, default: Any, path: Path) -> Any:
+    """``metadata[key]`` parsed, of the same JSON type as ``default`` (a list of strings, a dict of
+    strings, or for ``convbn.layers`` a list of objects)."""
     if key not in metadata:
         return default
     try:
-        return json.loads(metadata[key])
+        value = json.loads(metadata[key])
     except json.JSONDecodeError:
         raise ConvBNError(f"{path}: corrupted convbn metadata {key!r}: not JSON") from None
+    except RecursionError:
+        raise ConvBNError(f"{path}: corrupted convbn metadata {key!r}: nested too deeply") from None
+    items = value.values() if isinstance(value, dict) else value
+    item = dict if key == "convbn.layers" else str
+    if type(value) is not type(default) or not all(isinstance(v, item) for v in items):
+        raise ConvBNError(
+            f"{path}: corrupted convbn metadata {key!r}: it must be a JSON "
+            f"{type(default).__name__} of {'objects' if item is dict else 'strings'}. Received: {_preview(value)}"
+        )
+    return value
+
+
+def _layer_field(path: Path, layer: str, entry: Mapping[str, Any], key: str, kinds: tuple[type, ...], default: Any) -> Any:
+    """``entry[key]`` when it is one of ``kinds`` (a dict must map strings to strings)."""
+    value = entry.get(key, default)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if ok and isinstance(value, dict):
+        ok = all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    if not ok:
+        raise ConvBNError(
+            f"{path}: corrupted convbn metadata: layer {layer!r} has {key}={_preview(value)}; it must be "
+            f"{' or '.join(k.__name__ for k in kinds)}"
+        )
+    return value
 
 
 def _read_neutral(
@@ -190,44 +266,51 @@ def _read_neutral(
         if key.startswith("convbn.meta."):
             ckpt.metadata.setdefault(key[len("convbn.meta."):], value)
     ckpt.fused = metadata.get("convbn.fused") == "true"
-    ckpt.dropped = list(_json(metadata, "convbn.dropped", [], path))
-    ckpt.unpaired = dict(_json(metadata, "convbn.unpaired", {}, path))
-    ckpt.notes = list(_json(metadata, "convbn.notes", [], path))
+    ckpt.dropped = _json(metadata, "convbn.dropped", [], path)
+    ckpt.unpaired = _json(metadata, "convbn.unpaired", {}, path)
+    ckpt.notes = _json(metadata, "convbn.notes", [], path)
     used: set[str] = set()
     for entry in _json(metadata, "convbn.layers", [], path):
-        try:
-            name = str(entry["name"])
-            names = {f: str(entry[f]) for f in ARRAY_FIELDS if entry.get(f)}
-            extras = {k: str(v) for k, v in (entry.get("extras") or {}).items()}
-        except (KeyError, TypeError):
-            raise ConvBNError(f"{path}: corrupted convbn metadata: layer entry {entry!r}") from None
+        name = _layer_field(path, "?", entry, "name", (str,), None)
+        if name in ckpt.layers:
+            raise ConvBNError(f"{path}: corrupted convbn metadata: layer {name!r} is listed twice")
+        names = {f: _layer_field(path, name, entry, f, (str,), "") for f in ARRAY_FIELDS}
+        names = {f: t for f, t in names.items() if t}
+        extras = _layer_field(path, name, entry, "extras", (dict,), {})
         missing = [t for t in (*names.values(), *extras.values()) if t not in tensors]
         if missing:
             raise ConvBNError(f"{path}: layer {name!r} names tensors that are not in the file: {missing}")
-        geometry = {k: entry[k] for k in ("stride", "padding", "dilation", "groups") if k in entry}
         if eps is not None:
             ckpt.notes.append(f"eps overridden: {eps:g}")
         if momentum is not None:
             ckpt.notes.append(f"momentum overridden: {momentum:g} (fraction kept)")
-        ckpt.layers[name] = build_layer(
-            path,
-            name,
-            names,
-            **{f: tensors[t] for f, t in names.items()},
-            eps=float(eps if eps is not None else entry.get("eps", conventions.KERAS3.eps)),
-            momentum=float(momentum if momentum is not None else entry.get("momentum", conventions.KERAS3.momentum)),
-            var_update=entry.get("var_update", "unbiased"),
-            **geometry,
-        )
+        number = (int, float)
+        settings = {
+            "eps": float(eps if eps is not None else _layer_field(path, name, entry, "eps", number, conventions.KERAS3.eps)),
+            "momentum": float(
+                momentum if momentum is not None
+                else _layer_field(path, name, entry, "momentum", number, conventions.KERAS3.momentum)
+            ),
+            "var_update": _layer_field(path, name, entry, "var_update", (str,), "unbiased"),
+        }
+        for key in ("stride", "padding", "dilation", "groups"):
+            if key in entry:
+                settings[key] = _layer_field(path, name, entry, key, (int, str, list), None)
+        try:
+            ckpt.layers[name] = build_layer(path, name, names, **{f: tensors[t] for f, t in names.items()}, **settings)
+        except ConvBNError:
+            raise
+        except (TypeError, ValueError) as exc:  # geometry of a JSON shape ConvBNParams does not expect
+            raise ConvBNError(f"{path}: corrupted convbn metadata: layer {name!r}: {exc}") from None
         if extras:
             ckpt.extras[name] = {k: tensors[t] for k, t in extras.items()}
         ckpt.sources[name] = LayerSource(
-            conv=dict(entry.get("source_conv") or {}),
-            bn=dict(entry.get("source_bn") or {}),
-            reason=str(entry.get("reason", "graph")),
-            conv_name=str(entry.get("conv_name", "")),
-            bn_name=str(entry.get("bn_name", "")),
-            geometry=bool(entry.get("geometry", False)),
+            conv=_layer_field(path, name, entry, "source_conv", (dict,), {}),
+            bn=_layer_field(path, name, entry, "source_bn", (dict,), {}),
+            reason=_layer_field(path, name, entry, "reason", (str,), "graph"),
+            conv_name=_layer_field(path, name, entry, "conv_name", (str,), ""),
+            bn_name=_layer_field(path, name, entry, "bn_name", (str,), ""),
+            geometry=_layer_field(path, name, entry, "geometry", (bool,), False),
             settings=True,
         )
         used.update(names.values())
