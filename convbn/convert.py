@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ import numpy as np
 
 from convbn.errors import ConvBNError
 from convbn.formats import FORMATS, load_format
+from convbn.formats._io import placement
 from convbn.formats._pairing import natural_key, parse_pairs
 from convbn.params import ConvBNParams
 
@@ -27,10 +29,12 @@ __all__ = [
     "Checkpoint",
     "LayerCheck",
     "LayerSource",
+    "check_source",
     "detect_format",
     "fold_bias",
     "format_for_path",
     "fuse_checkpoint",
+    "geometry_label",
     "load_checkpoint",
     "natural_key",
     "save_checkpoint",
@@ -212,6 +216,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         'torch'
     """
     p = Path(path)
+    check_source(p)
     for name in _SNIFF_ORDER:
         try:
             module = load_format(name)
@@ -232,7 +237,34 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     )
 
 
+def check_source(path: str | os.PathLike[str]) -> None:
+    """Refuse what is at ``path`` when no checkpoint can be there, before anything opens it.
+
+    A FIFO, device or socket would block or stream forever when sniffed, and an unreadable file
+    would fail deep inside a reader; a missing path is left to the format detection, since a TF
+    checkpoint is named by a prefix that is no file.
+
+    Raises:
+        ConvBNError: naming the path and what it is.
+    """
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConvBNError(f"{p}: a checkpoint must be readable. Received: {exc.strerror or exc}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise ConvBNError(
+            f"{p}: a checkpoint must be a regular file, a TF checkpoint prefix or a directory. Received: {kind}"
+        )
+    if not os.access(p, os.R_OK if stat.S_ISREG(mode) else os.R_OK | os.X_OK):
+        raise ConvBNError(f"{p}: a checkpoint must be readable. Received: permission denied")
+
+
 def _resolve_read_format(path: Path, format: str | None) -> str:
+    check_source(path)
     if format is None:
         return detect_format(path)
     name = str(format).lower()
@@ -372,6 +404,7 @@ def save_checkpoint(
     fold_bias: FoldTarget | None = None,
     conv_bias: bool | None = None,
     overwrite: bool = True,
+    keep_var_update: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Checkpoint:
     """Write ``ckpt`` in ``format``, folding conv biases where the target has none.
@@ -389,8 +422,19 @@ def save_checkpoint(
     independent of eps. Choose ``"beta"`` (the default) to keep the moving statistics as trained.
     ``conv_bias=True`` gives layers without a bias a zero one.
 
+    The moving-variance update: torch and TF checkpoints are loaded into BatchNorms that update
+    the moving variance with the unbiased batch variance, Keras 3 and Flax ones with the biased
+    one (safetensors stores each layer's). A layer whose ``var_update`` differs is written anyway
+    with a line in ``notes`` naming it: a checkpoint holds weights, not a training rule, and the
+    weights and eval outputs are unchanged; only fine-tuning then updates ``moving_var`` with the
+    target's rule. ``keep_var_update=True`` refuses such a conversion instead, as
+    :func:`convbn.to_keras` refuses to build a Keras layer that would train differently (build
+    :class:`convbn.keras.ConvBN` / :class:`convbn.torch.ConvBN2d` to keep the source's rule).
+
     The write is atomic (a scratch file renamed into place), so a failure leaves nothing at
-    ``path``; ``ckpt`` is not modified.
+    ``path``; missing directories of ``path`` are created (and removed again if the write
+    fails). With ``overwrite=False`` the final placement is exclusive: if ``path`` appears while
+    the file is written, the write fails instead of replacing it. ``ckpt`` is not modified.
 
     Args:
         ckpt: the checkpoint, e.g. from :func:`load_checkpoint`.
@@ -400,6 +444,8 @@ def save_checkpoint(
         conv_bias: False to fold every conv bias, True to keep (or add zero) biases, None for the
             target's default.
         overwrite: when False, refuse an existing ``path``.
+        keep_var_update: refuse (instead of noting) layers whose moving-variance update the
+            target's BatchNorms do not follow.
         progress: called with each layer's name as it is written (where the format reports it).
 
     Returns:
@@ -407,7 +453,8 @@ def save_checkpoint(
 
     Raises:
         ConvBNError: an unknown format, conflicting options, an existing ``path`` with
-            ``overwrite=False``, or data the format cannot hold.
+            ``overwrite=False``, a changed moving-variance update with ``keep_var_update=True``,
+            or data the format cannot hold.
 
     Example:
         >>> ckpt = convbn.load_checkpoint("model.pt")  # doctest: +SKIP
@@ -421,17 +468,48 @@ def save_checkpoint(
     if not overwrite and _destination_exists(p, name):
         raise ConvBNError(f"{p} exists; refusing to overwrite it (pass overwrite=True / --force)")
     prepared = prepare_for_format(ckpt, name, fold_bias=fold_bias, conv_bias=conv_bias)
+    _var_update_change(prepared, name, refuse=keep_var_update)
     if name == "slim" and not prepared.fused:
         # A TF checkpoint stores no BatchNorm settings; the slim writer leaves this note to us.
         from convbn.conventions import SLIM
         from convbn.formats._common import unstored_settings_note
 
         unstored_settings_note(prepared, "TF checkpoints", SLIM)
-    if progress is not None and "progress" in inspect.signature(module.write).parameters:
-        module.write(prepared, p, progress=progress)
-    else:
-        module.write(prepared, p)
+    with placement(overwrite=overwrite):
+        if progress is not None and "progress" in inspect.signature(module.write).parameters:
+            module.write(prepared, p, progress=progress)
+        else:
+            module.write(prepared, p)
     return prepared
+
+
+#: The moving-variance update of the BatchNorms a format's files are loaded into (safetensors
+#: stores each layer's own).
+_TARGET_VAR_UPDATE = {"torch": "unbiased", "slim": "unbiased", "keras": "biased", "flax": "biased"}
+
+
+def _var_update_change(ckpt: Checkpoint, format: str, *, refuse: bool) -> None:
+    """Note (or refuse) layers that the target's BatchNorms would train with another update."""
+    expected = _TARGET_VAR_UPDATE.get(format)
+    if expected is None or ckpt.fused:
+        return
+    changed = [layer for layer, p in ckpt.layers.items() if p.var_update != expected]
+    if not changed:
+        return
+    was = ckpt.layers[changed[0]].var_update
+    shown = ", ".join(changed[:5]) + (f", ... ({len(changed) - 5} more)" if len(changed) > 5 else "")
+    if refuse:
+        raise ConvBNError(
+            f"{format} BatchNorms update the moving variance with the {expected} batch variance, and "
+            f"{len(changed)} layer(s) were trained with the {was} one ({shown}); drop keep_var_update "
+            f"/ --keep-var-update to convert anyway (weights and eval outputs are unchanged). "
+            f"Received: var_update={was!r}, format={format!r}"
+        )
+    ckpt.notes.append(
+        f"moving-variance update changes from {was} to {expected} for {len(changed)} layer(s) ({shown}): "
+        f"{format} BatchNorms train with the {expected} batch variance; weights and eval outputs are "
+        "unchanged, fine-tuning differs slightly (keep_var_update=True / --keep-var-update refuses)"
+    )
 
 
 def _destination_exists(path: Path, format: str) -> bool:
@@ -527,6 +605,8 @@ class LayerCheck:
         tolerance: the limit for the converted layer's storage dtype.
         ok: ``max_rel <= tolerance`` and matching shapes.
         problem: why it failed, when it did for another reason than the numbers.
+        geometry: the stride, padding and dilation the layer ran with, and whether they came
+            from the source file or are ConvBNParams defaults (the format stores no geometry).
     """
 
     source: str
@@ -536,6 +616,18 @@ class LayerCheck:
     tolerance: float
     ok: bool
     problem: str = ""
+    geometry: str = ""
+
+
+def geometry_label(params: ConvBNParams, from_file: bool) -> str:
+    """``"stride 2, padding 'SAME', dilation 1 (from the file)"``, or ``(defaults)`` when the
+    format stores no geometry; what ``verify`` ran a layer with."""
+    def pair(v: tuple[int, int]) -> str:
+        return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
+
+    padding = params.padding if isinstance(params.padding, str) else [list(p) for p in params.padding]
+    where = "from the file" if from_file else "defaults: the format stores no geometry"
+    return f"stride {pair(params.stride)}, padding {padding!r}, dilation {pair(params.dilation)} ({where})"
 
 
 def verify_checkpoint(
@@ -553,7 +645,9 @@ def verify_checkpoint(
     backend in float64 from the stored parameters on the same random input, with the source's
     geometry and eps (the converted side uses its own eps when it is fused or its file stores eps),
     so the difference is what the conversion changed. An extra or missing layer, or a changed
-    shape, is a failed check.
+    shape, is a failed check. Each check names the geometry it ran with
+    (:attr:`LayerCheck.geometry`): where the source format stores none, that is stride 1,
+    ``"SAME"``, dilation 1, which checks the stored numbers but not the model's own geometry.
 
     Returns:
         One :class:`LayerCheck` per layer.
@@ -574,7 +668,9 @@ def verify_checkpoint(
             target_name, converted_params = target_items[i]
             where = converted.sources.get(target_name)
             stored = bool(where and where.settings)
-            checks.append(_check_layer(rng, name, params, target_name, converted_params, converted.fused, stored))
+            check = _check_layer(rng, name, params, target_name, converted_params, converted.fused, stored)
+            origin = source.sources.get(name)
+            checks.append(dataclasses.replace(check, geometry=geometry_label(params, bool(origin and origin.geometry))))
         else:
             checks.append(LayerCheck(name, "", np.inf, np.inf, 0.0, False, "missing from the converted checkpoint"))
         if progress is not None:
