@@ -20,6 +20,7 @@ import neither flax nor JAX, and stream one tensor at a time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -87,8 +88,20 @@ def sniff(path: Path) -> bool:
 # -- decoding ----------------------------------------------------------------------------------------
 
 
+#: The dtypes flax writes for arrays (``np.dtype(...).name``); anything else in a file is refused.
+_DTYPES = frozenset(
+    ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
+     "float64", "bfloat16", "complex64", "complex128"]
+)
+#: How deeply maps and lists may nest. Flax variable trees are a few levels deep (collection,
+#: modules, leaf); the bound keeps every walk over the tree far from Python's recursion limit.
+MAX_DEPTH = 100
+
+
 def _dtype(name: bytes | str) -> np.dtype:
-    text = name.decode() if isinstance(name, bytes) else name
+    text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    if text not in _DTYPES:
+        raise ValueError(f"an array has dtype {text[:40]!r}, which convbn does not read (known: {sorted(_DTYPES)})")
     if text == "bfloat16":
         import ml_dtypes
 
@@ -96,11 +109,25 @@ def _dtype(name: bytes | str) -> np.dtype:
     return np.dtype(text)
 
 
+def _array(shape: Any, dtype: np.dtype, buffer: Any) -> np.ndarray:
+    """A view of ``buffer`` as ``shape``, once the shape's size matches the bytes there are."""
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"an array's shape must be a list of ints >= 0. Received: {str(shape)[:80]}")
+    if not isinstance(buffer, bytes):
+        raise ValueError(f"an array's data must be bytes. Received: {type(buffer).__name__}")
+    if math.prod(shape) * dtype.itemsize != len(buffer):
+        raise ValueError(
+            f"an array of shape {list(shape)} {dtype} needs {math.prod(shape) * dtype.itemsize} bytes; "
+            f"the file holds {len(buffer)} for it"
+        )
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
     msgpack = _msgpack()
     if code in (_EXT_NDARRAY, _EXT_SCALAR):
         shape, dtype, buffer = msgpack.unpackb(data, raw=True)
-        array = np.frombuffer(buffer, dtype=_dtype(dtype)).reshape(shape)
+        array = _array(shape, _dtype(dtype), buffer)
         return array if code == _EXT_NDARRAY else array[()]
     if code == _EXT_COMPLEX:
         real, imag = msgpack.unpackb(data)
@@ -108,14 +135,43 @@ def _ext_hook(code: int, data: bytes) -> Any:
     return msgpack.ExtType(code, data)
 
 
-def _unchunk(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        if tree.get(_CHUNKED) is True:
-            shape = tuple(tree["shape"][str(i)] for i in range(len(tree["shape"])))
-            chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
-            return np.concatenate(chunks).reshape(shape)
-        return {k: _unchunk(v) for k, v in tree.items()}
-    return tree
+def _check_depth(tree: Any) -> None:
+    """Refuse maps and lists nested deeper than MAX_DEPTH (walked without recursion)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= MAX_DEPTH:
+                    raise ValueError(f"maps and lists nest deeper than {MAX_DEPTH} levels")
+                stack.append((child, depth + 1))
+
+
+def _unchunk(tree: Any, where: str = "") -> Any:
+    """Flax's chunked arrays (over 1 GiB) joined again; ``where`` names the node in errors."""
+    if not isinstance(tree, dict):
+        return tree
+    if tree.get(_CHUNKED) is not True:
+        return {k: _unchunk(v, f"{where}/{k}") for k, v in tree.items()}
+    shape: Any = tree.get("shape")
+    chunks: Any = tree.get("chunks")
+    dims: list[Any] = [shape.get(str(i)) for i in range(len(shape))] if isinstance(shape, dict) else [None]
+    parts: list[Any] = [chunks.get(str(i)) for i in range(len(chunks))] if isinstance(chunks, dict) else []
+    if not (
+        parts
+        and all(type(d) is int and d >= 0 for d in dims)
+        and all(isinstance(p, np.ndarray) and p.ndim == 1 and p.dtype == parts[0].dtype for p in parts)
+    ):
+        raise ValueError(
+            f"the chunked array at {where or '/'!r} must have a shape {{'0': int, ...}} and chunks "
+            "{'0': 1-D array, ...} of one dtype"
+        )
+    if sum(p.size for p in parts) != math.prod(dims):
+        raise ValueError(
+            f"the chunked array at {where!r} has shape {dims} but its chunks hold {sum(p.size for p in parts)} values"
+        )
+    return np.concatenate(parts).reshape(dims)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -133,15 +189,16 @@ def _load(path: Path) -> dict[str, Any]:
                 pass
             else:
                 raise ConvBNError(f"{path}: corrupted flax msgpack file: data after the variables tree")
+        if not isinstance(tree, dict):
+            raise ConvBNError(f"{path}: a flax checkpoint must hold a dict of variables. Received: {type(tree).__name__}")
+        _check_depth(tree)
+        return _unchunk(tree)  # type: ignore[no-any-return]
     except msgpack.OutOfData:
         raise ConvBNError(f"{path}: truncated flax msgpack file") from None
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        if isinstance(exc, ConvBNError):
-            raise
-        raise ConvBNError(f"{path}: corrupted flax msgpack file: {exc}") from None
-    if not isinstance(tree, dict):
-        raise ConvBNError(f"{path}: a flax checkpoint must hold a dict of variables. Received: {type(tree).__name__}")
-    return _unchunk(tree)  # type: ignore[no-any-return]
+    except ConvBNError:
+        raise
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+        raise ConvBNError(f"{path}: corrupted flax msgpack file: {str(exc) or type(exc).__name__}") from None
 
 
 def _leaves(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
