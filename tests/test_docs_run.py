@@ -200,3 +200,72 @@ with tf.Graph().as_default():
         tf1.train.Saver().restore(sess, "slim/model.ckpt")
         np.save("features.npy", sess.run(features, {image: np.load("x.npy")}))
 """
+
+
+# -- the figures (benchmarks/figures.py) -----------------------------------------------------------
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _bars(svg: str) -> list[tuple[float, str]]:
+    """(width, fill) of each bar: the rects drawn over a row, minus the background and the tracks."""
+    import xml.etree.ElementTree as ET
+
+    from benchmarks.figures import TRACK
+
+    rects = ET.fromstring(svg).iter(f"{SVG}rect")
+    return [(float(r.get("width", 0)), r.get("fill", "")) for r in rects
+            if r.get("fill") not in ("white", TRACK, "#f7f8f9")]
+
+
+def test_conformance_figure_draws_error_over_tolerance_on_a_log_scale() -> None:
+    from benchmarks.figures import BAD, CLOSE, GOOD, conformance_svg
+
+    def cell(dtype: str, status: str, error: float | None, tol: float | None) -> dict[str, Any]:
+        return {"backend": "torch", "device": "cpu", "group": "eval", "dtype": dtype, "status": status,
+                "worst_error": error, "tolerance": tol}
+
+    report = {"backends": {"torch": {"version": "2.13.0"}}, "quick": True,
+              "counts": {"checks": 4, "pass": 2, "fail": 2},
+              "summary": [cell("float64", "pass", 1e-14, 1e-12), cell("float32", "pass", 1.4e-6, 2e-6),
+                          cell("bfloat16", "fail", 0.5, 0.05), cell("float16", "fail", None, 5e-3)]}
+    svg = conformance_svg(report)
+    # 1e-2 of the tolerance: halfway along the 1e-4..1 log scale (96 px); 0.7: inside but close;
+    # 10x over: clipped past the tolerance; a crash: a full red bar and "error", no number.
+    assert _bars(svg) == [(48.0, GOOD), (pytest.approx(96 * (1 + np.log10(0.7) / 4), abs=0.05), CLOSE),
+                          (pytest.approx(96 * 1.15, abs=0.05), BAD), (96.0, BAD)]
+    assert ">0.01<" in svg and ">0.7<" in svg and ">error<" in svg
+    assert "convbn conformance --quick: 2 of 4 checks passed, 2 failed" in svg
+
+
+def test_benchmark_figure_draws_each_ratio_against_native() -> None:
+    from benchmarks.figures import CLOSE, GOOD, benchmarks_svg
+
+    def contest(ratio: float, q3: float) -> dict[str, Any]:
+        return {"backend": "jax", "shape": "tiny", "mode": "eval", "variant": "NHWC jit",
+                "timing": {"ratio": ratio, "ratio_q1": ratio * 0.9, "ratio_q3": q3}}
+
+    report = {"date": "2026-12-01T00:00:00+00:00", "machine": {"cpu": "x", "cores": 2},
+              "settings": {"quick": False, "samples": 21, "threads": 2},
+              "layers": [contest(0.5, 0.6), contest(1.2, 2.1), {"backend": "jax", "timing": None}]}
+    # The scale runs from 0 to 1.5 (the largest ratio rounded up to a half, at least 1.5) over 480 px;
+    # widths in 0.1 px. The second whisker (q3 2.1) is clipped at the edge.
+    svg = benchmarks_svg(report)
+    assert _bars(svg) == [(pytest.approx(480 * 0.5 / 1.5, abs=0.05), GOOD),
+                          (pytest.approx(480 * 1.2 / 1.5, abs=0.05), CLOSE)]
+    assert "x2='810.0'" in svg and ">1.20<" in svg  # 330 px of labels + 480
+
+
+@pytest.mark.parametrize(("page", "figure"), [("conformance.md", "conformance.svg"), ("performance.md", "benchmarks.svg")])
+def test_the_docs_figures_are_drawn_from_passing_runs(page: str, figure: str) -> None:
+    import xml.etree.ElementTree as ET
+
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    assert f"](_static/{figure})" in text and "python -m benchmarks.figures --" in text
+    root = ET.fromstring((ROOT / "docs" / "_static" / figure).read_text(encoding="utf-8"))
+    lines = [t.text or "" for t in root.iter(f"{SVG}text")]
+    if figure == "conformance.svg":
+        assert re.fullmatch(r"convbn conformance( --quick)?: (\d+) of (\d+) checks passed, 0 failed", lines[0]), lines[0]
+    else:
+        assert lines[0].startswith("time of conv_bn / time of the framework's own layers")
+        assert len(_bars(ET.tostring(root, encoding="unicode"))) >= 30  # every contest of a run
