@@ -114,8 +114,6 @@ def _run_readme(backend: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]
 def test_readme_example_runs(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's first example on each framework, against the NumPy reference on the same data."""
     require_backend(backend)
-    if backend == "tensorflow":
-        pytest.importorskip("torch")  # torch before tensorflow where both load
     want = _run_readme("numpy", monkeypatch)
     got = _run_readme(backend, monkeypatch)
     # y: NCHW eval with the moving statistics the training call returned; then the fused conv.
