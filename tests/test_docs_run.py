@@ -267,3 +267,32 @@ def test_the_docs_figures_are_drawn_from_passing_runs(page: str, figure: str) ->
     else:
         assert lines[0].startswith("time of conv_bn / time of the framework's own layers")
         assert len(_bars(ET.tostring(root, encoding="unicode"))) >= 30  # every contest of a run
+
+
+# -- docs/cli.md: convbn info ----------------------------------------------------------------------
+
+
+def test_the_documented_info_output_is_what_info_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/cli.md shows a real `convbn info`: the same header, one row per backend in the same
+    columns, the same closing line, and the JSON keys it names."""
+    import json
+
+    from convbn.cli import main
+
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    block = text.split("```console\n$ convbn info\n", 1)[1].split("```", 1)[0].splitlines()
+    assert main(["info"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == block[0] and printed[-1] == block[-1]
+    assert [line.split()[0] for line in printed[1:-1]] == [line.split()[0] for line in block[1:-1]]
+    device_column = block[0].index("device")
+    for line in printed[1:-1]:  # the third column starts under "device", as on the page
+        assert re.match(r"(\S+\s+){2}", line).end() == device_column, line  # type: ignore[union-attr]
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"backends", "auto_order"}
+    installed = [row for row in report["backends"] if row["installed"]]
+    assert installed and all(
+        set(row) == {"backend", "version", "installed", "device", "max_rel_err_vs_float64"} for row in installed
+    )
+    assert all(f'"{key}"' in text for key in installed[0])
