@@ -93,10 +93,12 @@ def _lie(rng: random.Random, value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Deep:
-    """``value`` wrapped in ``depth`` one-element lists: serialised by hand (the encoders recurse)."""
+    """``value`` wrapped in ``depth`` one-element lists (or one-key maps): serialised by hand, as the
+    encoders recurse."""
 
     depth: int
     value: Any
+    maps: bool = False
 
 
 def dumps_json(tree: Any) -> bytes:
@@ -111,7 +113,9 @@ def dumps_json(tree: Any) -> bytes:
 
     text = json.dumps(tree, allow_nan=True, default=default)
     for i, node in enumerate(deep):
-        text = text.replace(f'"__deep_{i}__"', "[" * node.depth + dumps_json(node.value).decode() + "]" * node.depth)
+        opening, closing = ('{"a": ', "}") if node.maps else ("[", "]")
+        inner = dumps_json(node.value).decode()
+        text = text.replace(f'"__deep_{i}__"', opening * node.depth + inner + closing * node.depth)
     return text.encode()
 
 
@@ -135,7 +139,7 @@ def _mutate_tree(rng: random.Random, tree: Any) -> Any:
         if roll < 0.1 and isinstance(parent, dict):
             del parent[key]
         elif roll < 0.15:
-            parent[key] = Deep(rng.choice((100, 600, 5000)), value)
+            parent[key] = Deep(rng.choice((100, 600, 5000)), value, maps=rng.random() < 0.5)
         else:
             parent[key] = _lie(rng, value)
     else:
@@ -187,16 +191,58 @@ def msgpack_tree(rng: random.Random, data: bytes) -> bytes:
         return node
 
     try:
-        tree = _mutate_tree(rng, unwrap(msgpack.unpackb(data, raw=False, strict_map_key=False)))
+        tree = unwrap(msgpack.unpackb(data, raw=False, strict_map_key=False))
+        chunked = _chunk_one(rng, tree) if rng.random() < 0.35 else None
+        if chunked is None or rng.random() < 0.5:
+            tree = _mutate_tree(rng, tree)
+        elif rng.random() < 0.8:
+            _mutate_tree(rng, chunked)  # the lie inside the chunked array
         deep = _find_deep(tree)
         packed = bytes(msgpack.packb(wrap(tree), use_bin_type=True))
         if deep is not None:
             inner = bytes(msgpack.packb(wrap(deep.value), use_bin_type=True))
-            packed = packed.replace(bytes(msgpack.packb(msgpack.ExtType(0, b""))), b"\x91" * deep.depth + inner, 1)
+            level = b"\x81\xa1a" if deep.maps else b"\x91"
+            packed = packed.replace(bytes(msgpack.packb(msgpack.ExtType(0, b""))), level * deep.depth + inner, 1)
         return packed
     except (ValueError, TypeError, OverflowError, RecursionError, msgpack.ExtraData, msgpack.FormatError,
             msgpack.StackError):
         return data
+
+
+def _chunk_one(rng: random.Random, tree: Any) -> dict[str, Any] | None:
+    """Rewrite one (unwrapped) flax ndarray as flax writes big arrays: ``__msgpack_chunked_array__``
+    with its shape and 1-D chunks; returns the new node (None when the tree holds no ndarray)."""
+    spots: list[tuple[dict[str, Any], str]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if isinstance(child, dict) and set(child) == {"__ext__", "v"} and len(child["v"]) == 3:
+                    spots.append((node, key))
+                else:
+                    walk(child)
+
+    walk(tree)
+    if not spots:
+        return None
+    parent, key = rng.choice(spots)
+    shape, dtype, buf = parent[key]["v"]
+    itemsize = max(1, len(buf) // max(1, _product(shape)))
+    n = _product(shape)
+    cut = rng.randrange(n + 1) if n else 0
+    pieces = [(0, cut), (cut, n)] if 0 < cut < n else [(0, n)]
+    chunks = {str(i): {"__ext__": parent[key]["__ext__"], "v": [[b - a], dtype, buf[a * itemsize:b * itemsize]]}
+              for i, (a, b) in enumerate(pieces)}
+    node = {"__msgpack_chunked_array__": True, "shape": {str(i): d for i, d in enumerate(shape)}, "chunks": chunks}
+    parent[key] = node
+    return node
+
+
+def _product(shape: Any) -> int:
+    n = 1
+    for d in shape if isinstance(shape, list | tuple) else ():
+        n *= d if isinstance(d, int) else 1
+    return n
 
 
 def _find_deep(tree: Any) -> Deep | None:
@@ -316,6 +362,215 @@ def hdf5_objects(rng: random.Random, data: bytes) -> bytes:
             return handle.read()
 
 
+# A TF checkpoint index is a LevelDB-style table whose blocks carry a CRC32C, so byte damage mostly
+# stops at the checksum; this codec rewrites the table around one lying BundleEntryProto field with
+# valid checksums, the way a buggy or hostile writer would. Written from the format's description
+# (block entries with restart points, block handles, a 48-byte footer), independent of convbn's reader.
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    c = 0xFFFFFFFF
+    for byte in data:
+        c = _CRC32C[(c ^ byte) & 0xFF] ^ (c >> 8)
+    c ^= 0xFFFFFFFF
+    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint_bytes(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int64 as protobuf writes it: ten bytes
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if byte < 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _block(data: bytes, offset: int, size: int) -> list[tuple[bytes, bytes]]:
+    end = offset + size
+    restarts = int.from_bytes(data[end - 4:end], "little")
+    limit, at, key, entries = end - 4 - 4 * restarts, offset, b"", []
+    while at < limit:
+        shared, at = _read_varint(data, at)
+        own, at = _read_varint(data, at)
+        length, at = _read_varint(data, at)
+        key = key[:shared] + data[at:at + own]
+        entries.append((key, data[at + own:at + own + length]))
+        at += own + length
+    return entries
+
+
+def table_entries(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The (key, value) entries of a TF table (raises on anything unexpected)."""
+    footer, handles, at = len(data) - 48, [], len(data) - 48
+    for _ in range(4):
+        value, at = _read_varint(data, at)
+        handles.append(value)
+    out = []
+    for _, handle in _block(data, handles[2], handles[3]):
+        offset, at = _read_varint(handle, 0)
+        size, _ = _read_varint(handle, at)
+        out += _block(data, offset, size)
+    assert footer > 0
+    return out
+
+
+def _encode_block(entries: list[tuple[bytes, bytes]]) -> bytes:
+    body, restarts = bytearray(), []
+    for key, value in entries:  # every entry a restart point: no shared prefixes to get wrong
+        restarts.append(len(body))
+        body += _varint_bytes(0) + _varint_bytes(len(key)) + _varint_bytes(len(value)) + key + value
+    restarts = restarts or [0]
+    return bytes(body) + b"".join(r.to_bytes(4, "little") for r in restarts) + len(restarts).to_bytes(4, "little")
+
+
+def encode_table(entries: list[tuple[bytes, bytes]], magic: bytes) -> bytes:
+    """A TF table of ``entries`` in one data block, with valid checksums and footer."""
+    out = bytearray()
+
+    def put(block: bytes) -> bytes:
+        handle = _varint_bytes(len(out)) + _varint_bytes(len(block))
+        out.extend(block + b"\0" + _masked_crc32c(block + b"\0").to_bytes(4, "little"))
+        return handle
+
+    data = put(_encode_block(entries))
+    meta = put(_encode_block([]))
+    index = put(_encode_block([(entries[-1][0] if entries else b"", data)]))
+    footer = (meta + index).ljust(40, b"\0")
+    return bytes(out) + footer + magic
+
+
+def _proto_fields(data: bytes) -> list[tuple[int, int, Any]]:
+    """(field, wire type, value) of a protobuf message; value bytes for length-delimited fields."""
+    fields, at = [], 0
+    while at < len(data):
+        tag, at = _read_varint(data, at)
+        num, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, at = _read_varint(data, at)
+        elif wire == 2:
+            n, at = _read_varint(data, at)
+            value, at = data[at:at + n], at + n
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            value, at = int.from_bytes(data[at:at + width], "little"), at + width
+        else:
+            raise ValueError(f"wire type {wire}")
+        fields.append((num, wire, value))
+    return fields
+
+
+def _proto_bytes(fields: list[tuple[int, int, Any]]) -> bytes:
+    out = bytearray()
+    for num, wire, value in fields:
+        out += _varint_bytes(num << 3 | wire)
+        if wire == 0:
+            out += _varint_bytes(value)
+        elif wire == 2:
+            out += _varint_bytes(len(value)) + value
+        else:
+            out += (value % (1 << (64 if wire == 1 else 32))).to_bytes(8 if wire == 1 else 4, "little")
+    return bytes(out)
+
+
+def _shape(dims: list[int], unknown: bool = False) -> bytes:
+    fields = [(2, 2, _proto_bytes([(1, 0, d)])) for d in dims]
+    return _proto_bytes(fields + ([(3, 0, 1)] if unknown else []))
+
+
+def _lie_in_entry(rng: random.Random, value: bytes, header: bool) -> bytes:
+    """One BundleEntryProto (or, under the empty key, BundleHeaderProto) field replaced by a lie."""
+    fields = _proto_fields(value)
+    if header:  # num_shards 1, endianness 2, version 3
+        num = rng.choice((1, 2, 3))
+        lie = rng.choice((0, 2, -1, 2**31, 100000)) if num != 3 else b"\x08\xff\xff\xff\xff\x0f"
+        fields = [f for f in fields if f[0] != num] + [(num, 2 if num == 3 else 0, lie)]
+        return _proto_bytes(fields)
+    # dtype 1, shape 2, shard_id 3, offset 4, size 5, crc32c 6 (fixed32), slices 7
+    num = rng.choice((1, 2, 2, 2, 3, 4, 5, 5, 6, 7))
+    if num == 2:
+        dims = [d for f in _proto_fields(next((v for n, _, v in fields if n == 2), b""))
+                if f[0] == 2 for d in [_proto_fields(f[2])[0][2] if f[2] else 0]]
+        kind = rng.randrange(6)
+        if kind == 0 and dims:
+            dims[rng.randrange(len(dims))] = -1
+        elif kind == 1:
+            dims = [1] * rng.choice((33, 65, 255, 300))
+        elif kind == 2 and dims:
+            dims[rng.randrange(len(dims))] = rng.choice((0, 2**31, 2**40, 2**62))
+        elif kind == 3:
+            dims = [*dims, rng.choice((2, 3))]
+        elif kind == 4:
+            dims = dims[:-1]
+        lie: Any = _shape(dims, unknown=kind == 5)
+    elif num == 7:
+        lie = _proto_bytes([(1, 2, _proto_bytes([(1, 0, rng.choice((-1, 0, 5))), (2, 0, rng.choice((1, 2**40)))]))])
+    elif num == 1:
+        lie = rng.choice((0, 7, 20, 21, 23, 101, 999, -1))
+    elif num == 6:
+        lie = rng.randrange(1 << 32)
+    else:
+        lie = rng.choice((-1, 1, 2, 3, 2**31, 2**62, 100000)) + (rng.randrange(-4, 5) if num == 5 else 0)
+    wire = 2 if num in (2, 7) else 5 if num == 6 else 0
+    keep = [f for f in fields if f[0] != num or (num == 7 and rng.random() < 0.5)]
+    return _proto_bytes([*keep, (num, wire, lie)])
+
+
+def tf_index(rng: random.Random, data: bytes) -> bytes:
+    """Rewrite a TF checkpoint index with valid checksums around one lie: an entry's field, a key, or the entry list."""
+    try:
+        entries = table_entries(data)
+    except (ValueError, IndexError, AssertionError):
+        return data
+    if not entries:
+        return data
+    i = rng.randrange(len(entries))
+    key, value = entries[i]
+    roll = rng.random()
+    if roll < 0.75:
+        try:
+            entries[i] = (key, _lie_in_entry(rng, value, header=key == b""))
+        except (ValueError, IndexError):
+            return data
+    elif roll < 0.8:
+        entries[i] = (key, rng.choice(GENERIC)(rng, value))  # a value that may not parse at all
+    elif roll < 0.85:
+        entries[i] = (rng.choice((b"\xff\xfe", key + b"/x", b"", key[:-1])), value)
+    elif roll < 0.9:
+        entries.insert(i, (key, value))  # the same key twice
+    elif roll < 0.95:
+        del entries[i]
+    else:
+        rng.shuffle(entries)
+    return encode_table(entries, data[-8:])
+
+
 #: Format-aware mutators by the first bytes they recognise.
 def aware_for(name: str, data: bytes) -> tuple[Mutator, ...]:
     """The format-aware mutators that fit a file, judged from its name and magic bytes."""
@@ -327,6 +582,8 @@ def aware_for(name: str, data: bytes) -> tuple[Mutator, ...]:
         return (safetensors_header,)
     if name.endswith(".msgpack"):
         return (msgpack_tree,)
+    if name.endswith(".index"):
+        return (tf_index,)
     return ()
 
 
