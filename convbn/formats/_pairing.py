@@ -33,6 +33,7 @@ from convbn.errors import ConvBNError
 __all__ = [
     "Pair",
     "Unit",
+    "check_unit",
     "layer_key",
     "natural_key",
     "naming_candidates",
@@ -65,12 +66,20 @@ class Unit:
         kind: ``"conv"`` or ``"bn"``.
         channels: the conv's output channels, or the BatchNorm's feature count.
         payload: whatever the reader needs to build the layer later (tensor names, arrays).
+        vectors: the shapes of the unit's per-channel tensors, by their names in the file: a conv's
+            bias, a BatchNorm's statistics and affine parameters. :func:`pair_units` refuses an
+            unpaired unit whose vectors are not all ``(channels,)``: such a group is corrupt, and
+            leaving it out would convert the file without it, silently (a paired unit's tensors are
+            checked when its layer is built, with every tensor of the layer named).
+        kernel: a conv's kernel name, which ``channels`` comes from (for the error message).
     """
 
     name: str
     kind: Kind
     channels: int
     payload: Any = None
+    vectors: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    kernel: str = ""
 
 
 @dataclasses.dataclass
@@ -167,6 +176,40 @@ def layer_key(conv: str, bn: str) -> str:
     return conv
 
 
+def check_unit(unit: Unit, source: str) -> None:
+    """Raise ConvBNError unless every per-channel tensor of ``unit`` has ``unit.channels`` values.
+
+    A conv's are measured against its kernel's output channels; a BatchNorm's against the length
+    most of its tensors share, so the message names the odd one out.
+
+    Example:
+        >>> check_unit(Unit("bn1", "bn", 4, vectors={"bn1.running_mean": (5,), "bn1.running_var": (4,),
+        ...            "bn1.weight": (4,)}), "m.pt")
+        Traceback (most recent call last):
+        ...
+        convbn.errors.ConvBNError: m.pt: the tensors of BatchNorm 'bn1' must have one value per channel. Received: 'bn1.running_mean' has shape [5], 'bn1.running_var' has 4 values
+    """
+    if unit.kind == "conv":
+        bad = next(((t, s) for t, s in unit.vectors.items() if tuple(s) != (unit.channels,)), None)
+        if bad is not None:
+            raise ConvBNError(
+                f"{source}: the bias of conv {unit.name!r} must have one value per output channel. Received: "
+                f"{bad[0]!r} has shape {list(bad[1])}, the kernel {unit.kernel or unit.name!r} has "
+                f"{unit.channels} output channels"
+            )
+        return
+    flat = [tuple(s) for s in unit.vectors.values() if len(s) == 1]
+    common = max(flat, key=flat.count) if flat else None
+    for tensor, shape in unit.vectors.items():
+        if tuple(shape) != common:
+            ref = next((t for t, s in unit.vectors.items() if tuple(s) == common), None)
+            other = f"{ref!r} has {common[0]} values" if ref and common else "not one value per channel"
+            raise ConvBNError(
+                f"{source}: the tensors of BatchNorm {unit.name!r} must have one value per channel. Received: "
+                f"{tensor!r} has shape {list(shape)}, {other}"
+            )
+
+
 def _check_channels(conv: Unit, bn: Unit, where: str) -> None:
     if conv.channels != bn.channels:
         raise ConvBNError(
@@ -199,8 +242,9 @@ def pair_units(
         over, in source order.
 
     Raises:
-        ConvBNError: when an explicit pair names a conv or BatchNorm that is not in the file, uses
-            one twice, or pairs different channel counts.
+        ConvBNError: when an unpaired unit's tensors disagree on its channel count
+            (:func:`check_unit`), or an explicit pair names a conv or BatchNorm that is not in the file, uses one twice, or
+            pairs different channel counts.
 
     Example:
         >>> units = [Unit("0", "conv", 8), Unit("1", "bn", 8), Unit("fc", "conv", 4)]
@@ -292,6 +336,8 @@ def pair_units(
         used_keys.add(key)
         pairs.append(Pair(key=key, conv=conv, bn=bn, reason=reason))
     unpaired = [u for u in units if id(u) not in paired]
+    for unit in unpaired:
+        check_unit(unit, source or "the checkpoint")
     return pairs, unpaired
 
 

@@ -255,12 +255,15 @@ def read(
     units: list[Unit] = []
     for module, leaves in modules.items():
         kernel = leaves.get("params:kernel")
+        vectors = {name: arrays[name].shape for leaf, name in leaves.items() if leaf != "params:kernel"}
         if kernel is not None and arrays[kernel].ndim == 4 and set(leaves) <= {"params:kernel", "params:bias"}:
-            units.append(Unit(module, "conv", int(arrays[kernel].shape[-1]), payload=leaves))
+            units.append(Unit(module, "conv", int(arrays[kernel].shape[-1]), payload=leaves, vectors=vectors,
+                              kernel=kernel))
         elif {"stats:mean", "stats:var"} <= set(leaves) and set(leaves) <= {
             "stats:mean", "stats:var", "params:scale", "params:bias",
-        } and arrays[leaves["stats:mean"]].ndim == 1:
-            units.append(Unit(module, "bn", int(arrays[leaves["stats:mean"]].shape[0]), payload=leaves))
+        }:
+            mean = arrays[leaves["stats:mean"]].shape
+            units.append(Unit(module, "bn", int(mean[0]) if len(mean) == 1 else 0, payload=leaves, vectors=vectors))
     found, unpaired = pair_units(units, explicit=pairs, source=str(path))
     used: set[str] = set()
     for pair in found:

@@ -453,16 +453,17 @@ def layers_from_state_dict(
 
 
 def _unit(module: str, leaves: dict[str, str], arrays: Mapping[str, np.ndarray]) -> Unit | None:
-    """A conv (4-D ``weight``, optional 1-D ``bias``) or a BatchNorm (running statistics)."""
-    shape = {leaf: np.shape(arrays[key]) for leaf, key in leaves.items()}
+    """A conv (4-D ``weight``, optional ``bias``) or a BatchNorm (running statistics, optional affine
+    parameters); pair_units checks that their per-channel tensors agree."""
+    shape = {leaf: tuple(np.shape(arrays[key])) for leaf, key in leaves.items()}
     if set(leaves) <= {"weight", "bias"} and len(shape.get("weight", ())) == 4:
-        # A bias of the wrong length is reported when the layer is built, naming both tensors.
-        return Unit(module, "conv", int(shape["weight"][0]), payload=dict(leaves))
+        vectors = {leaves["bias"]: shape["bias"]} if "bias" in leaves else {}
+        return Unit(module, "conv", int(shape["weight"][0]), payload=dict(leaves), vectors=vectors,
+                    kernel=leaves["weight"])
     if {"running_mean", "running_var"} <= set(leaves) and set(leaves) <= {*_BN_FIELDS, "num_batches_tracked"}:
+        vectors = {key: shape[leaf] for leaf, key in leaves.items() if leaf in _BN_FIELDS}
         n = shape["running_mean"]
-        if len(n) != 1:
-            return None
-        return Unit(module, "bn", int(n[0]), payload=dict(leaves))
+        return Unit(module, "bn", int(n[0]) if len(n) == 1 else 0, payload=dict(leaves), vectors=vectors)
     return None
 
 
