@@ -158,6 +158,7 @@ def _dcgan_at_the_docs_widths(prefix: Path, x: np.ndarray) -> np.ndarray:
             return np.asarray(sess.run(features, {image: x}))
 
 
+@pytest.mark.slow
 def test_slim_restore_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     """docs/dcgan-to-slim.md end to end at its own widths: the Python API snippet converts a DCGAN
