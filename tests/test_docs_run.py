@@ -32,6 +32,9 @@ RUN_BY = {
         "tests/formats/test_slim.py::test_the_documented_python_conversions_run_as_written"
     ),
     ("docs/dcgan-to-slim.md", "def discriminator("): "tests/test_docs_run.py::test_slim_restore_snippet_runs",
+    ("docs/conversion.md", 'convbn.load_checkpoint("resnet.pt")'): (
+        "tests/test_docs_run.py::test_conversion_overview_runs"
+    ),
     ("docs/torch.md", "ConvBN2d.from_params(p1)"): "tests/layers/test_docs_examples.py::test_page_example_runs",
     ("docs/torch.md", 'convbn.load_into(model, "block.weights.h5"'): (
         "tests/layers/test_docs_examples.py::test_page_example_runs"
@@ -122,6 +125,45 @@ def test_readme_example_runs(backend: str, monkeypatch: pytest.MonkeyPatch) -> N
         assert rel_err(got[name], want[name]) < 1e-5, name
     assert rel_err(got["params"].moving_var, want["params"].moving_var) < 1e-5
     assert not np.allclose(want["params"].moving_var, 1.0)  # training did update it
+
+
+
+# -- docs/conversion.md: the overview --------------------------------------------------------------
+
+
+def test_conversion_overview_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page's first block on a ResNet-named torch checkpoint: the pair it names is read in
+    HWIO, fc travels as a tensor, and the Keras file written holds the same layers."""
+    require_backend("torch")
+    pytest.importorskip("h5py")
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.conv1, block.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+    model = nn.Module()
+    model.conv1, model.bn1 = nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(8)
+    model.layer1, model.fc = nn.Sequential(block), nn.Linear(8, 10)
+    for bn in (model.bn1, block.bn1):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    monkeypatch.chdir(tmp_path)
+    torch.save(model.state_dict(), "resnet.pt")
+    namespace: dict[str, Any] = {}
+    exec(doc_block("docs/conversion.md", 'convbn.load_checkpoint("resnet.pt")'), namespace)
+    ckpt = namespace["ckpt"]
+    params = ckpt.layers["layer1.0.conv1"]
+    np.testing.assert_array_equal(params.kernel, block.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params.moving_var, block.bn1.running_var.numpy())
+    np.testing.assert_array_equal(ckpt.tensors["fc.weight"], model.fc.weight.detach().numpy())
+    import convbn
+
+    written = convbn.load_checkpoint("resnet.weights.h5")
+    assert len(written.layers) == len(ckpt.layers) == 2
+    for want, got in zip(ckpt.layers.values(), written.layers.values(), strict=True):
+        np.testing.assert_array_equal(got.kernel, want.kernel)
+        np.testing.assert_array_equal(got.moving_mean, want.moving_mean)
 
 
 # -- docs/dcgan-to-slim.md: the restore snippet ----------------------------------------------------
