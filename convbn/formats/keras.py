@@ -14,6 +14,13 @@ A ``.weights.h5`` records neither the graph nor the order between classes: convs
 are paired by naming (``x_conv``/``x_bn``, ``x``/``x_bn``), then by order within each class, and
 Keras's defaults (eps 1e-3, momentum 0.99) are assumed.
 
+Reading stays inside the file and within what it holds (each a one-line ConvBNError naming the
+file and the HDF5 object otherwise): external links, external raw storage and virtual datasets are
+refused, as are soft links and a second hard link to one object (loops, cycles); a dataset must
+store the bytes it declares (a compressed one at most 1032x, deflate's own limit, and all of them
+together at most the file's size) and hold numbers; config.json is read at most 64 MiB far and
+the settings it gives are type-checked.
+
 Writing produces groups that a Keras 3 model whose Conv2D/BatchNormalization layers come in
 checkpoint order loads with ``model.load_weights``: the k-th Conv2D reads ``conv2d_k``, the k-th
 BatchNormalization ``batch_normalization_k``, whatever other layers lie between. A checkpoint read
@@ -156,7 +163,7 @@ class _Reader:
             elif isinstance(item, h5py.Dataset):
                 yield "dataset", path, item
             else:
-                raise self.fail(path, f"a Keras weights file holds groups and datasets. Received: {type(item).__name__}")
+                raise self.fail(path, f"a Keras weights file holds groups and datasets; this is a {type(item).__name__}")
 
     def read(self, ds: Any, where: str) -> np.ndarray:
         """The dataset's values, once its layout, dtype and size are checked (see the class)."""
@@ -170,12 +177,12 @@ class _Reader:
             raise self.fail(where, "a Keras dataset must keep its data in the file; this one uses external "
                                    "storage in another file")
         if layout not in (h5d.COMPACT, h5d.CONTIGUOUS, h5d.CHUNKED):
-            raise self.fail(where, f"a Keras dataset has a compact, contiguous or chunked layout. Received: layout {layout}")
+            raise self.fail(where, f"a Keras dataset has a compact, contiguous or chunked layout; this one has layout {layout}")
         dtype = ds.dtype
         if dtype.kind not in "biufcV" or dtype.fields is not None or dtype.subdtype is not None:
-            raise self.fail(where, f"a Keras dataset must hold numbers. Received: dtype {dtype}")
+            raise self.fail(where, f"a Keras dataset must hold numbers; this one has dtype {dtype}")
         if ds.shape is None:
-            raise self.fail(where, "a Keras dataset must have a shape. Received: an empty (null) dataspace")
+            raise self.fail(where, "a Keras dataset must have a shape; this one has an empty (null) dataspace")
         nbytes = int(np.prod(ds.shape, dtype=object)) * dtype.itemsize
         stored = ds.id.get_storage_size()
         filtered = layout == h5d.CHUNKED and plist.get_nfilters() > 0
@@ -199,9 +206,9 @@ class _Reader:
             try:
                 value = value.decode()
             except UnicodeDecodeError:
-                raise self.fail(f"{where}/vars", f"a layer name must be UTF-8 text. Received: name={value!r}") from None
+                raise self.fail(f"{where}/vars", f"a layer name must be UTF-8 text, not {value!r}") from None
         if not isinstance(value, str):
-            raise self.fail(f"{where}/vars", f"a layer name must be text. Received: name of type {type(value).__name__}")
+            raise self.fail(f"{where}/vars", f"a layer name must be text, not {type(value).__name__}")
         return value
 
 

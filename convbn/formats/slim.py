@@ -29,6 +29,12 @@ conv is written as ``L/weights`` and reads back with ``groups=1``: a TF checkpoi
 groups. An existing ``<prefix>.meta`` that does not describe the written variables makes the
 write fail (:func:`check_destination`): a later read would trust it.
 
+Before TensorFlow reads an index, convbn parses it (:func:`_check_index`) and refuses, with one
+line naming the file and the tensor, what TensorFlow's reader would abort the process on or read
+outside the data: a broken table, negative dimensions, a rank above 32, an unknown dtype, a size
+the shape and dtype do not give, a shard out of range, missing or not a regular file, and bytes
+past the end of their shard.
+
 ``sniff`` and ``resolve`` work without TensorFlow; ``read`` and ``write`` import it.
 """
 
@@ -41,6 +47,7 @@ import glob
 import itertools
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -140,7 +147,12 @@ def _prefix_from_state(directory: Path) -> Path:
             f"a TF 'checkpoint' state file must name model_checkpoint_path. Received: file={state}"
         )
     # Text-format escapes, including octal bytes of non-ASCII paths.
-    raw = codecs.escape_decode(match.group(1).encode("utf-8"))[0].decode("utf-8")  # type: ignore[attr-defined]
+    try:
+        raw = codecs.escape_decode(match.group(1).encode("utf-8"))[0].decode("utf-8")  # type: ignore[attr-defined]
+    except ValueError as exc:  # a bad escape, or bytes that are not UTF-8
+        raise ConvBNError(
+            f"a TF 'checkpoint' state file must name a UTF-8 path: {_first_line(exc)}. Received: file={state}"
+        ) from None
     prefix = Path(raw)
     if not prefix.is_absolute():
         return directory / prefix
@@ -222,6 +234,172 @@ class _Var:
         return self.name.rpartition("/")[2].lstrip("_")
 
 
+# -- validating the index before TensorFlow reads it -------------------------------------------------
+#
+# TensorFlow's reader CHECK-fails (SIGABRT, killing the interpreter) on index entries it does not
+# expect: a negative dimension, a rank past its limit, an unknown dtype, a size that does not match
+# the shape. The index is a LevelDB-style table (data blocks of prefix-compressed entries with
+# restart points, an index block of block handles, a 48-byte footer ending in _INDEX_MAGIC); its
+# entries are BundleEntryProto records keyed by tensor name, after a BundleHeaderProto under "".
+# Every entry is checked here first, with TensorFlow's own message classes.
+
+#: Bytes per element of the dtypes a checkpoint tensor may have (DataType enum -> size; None for
+#: DT_STRING, stored with its lengths). Resources, variants and reference types are refused.
+_DTYPE_SIZES: dict[int, int | None] = {
+    1: 4, 2: 8, 3: 4, 4: 1, 5: 2, 6: 1, 7: None, 8: 8, 9: 8, 10: 1, 11: 1, 12: 1, 13: 4, 14: 2, 15: 2,
+    16: 2, 17: 2, 18: 16, 19: 2, 22: 4, 23: 8, 24: 1, 25: 1,
+}
+#: The most dimensions a checkpoint tensor may have here (no model variable has more; NumPy's own
+#: limit is 64, TensorFlow's 254).
+_MAX_RANK = 32
+_BLOCK_TRAILER = 5  # compression type byte + masked CRC32C
+
+
+def _varint(data: bytes, at: int, end: int) -> tuple[int, int]:
+    """The unsigned LEB128 varint at ``data[at:]`` (not past ``end``) and where it ends."""
+    value = shift = 0
+    while at < end and shift < 64:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if byte < 0x80:
+            return value, at
+        shift += 7
+    raise ValueError(f"a varint at byte {at} runs past its block")
+
+
+def _table_block(data: bytes, offset: int, size: int) -> list[tuple[bytes, bytes]]:
+    """The (key, value) entries of the uncompressed table block at ``offset``."""
+    end = offset + size
+    if end + _BLOCK_TRAILER > len(data) or size < 4:
+        raise ValueError(f"a block at byte {offset} of {size} bytes runs past the file ({len(data)} bytes)")
+    if data[end] != 0:
+        raise ValueError(f"the block at byte {offset} is compressed (type {data[end]}); TF writes them uncompressed")
+    restarts = int.from_bytes(data[end - 4 : end], "little")
+    limit = end - 4 - 4 * restarts
+    if restarts < 1 or limit < offset:
+        raise ValueError(f"the block at byte {offset} declares {restarts} restart points")
+    entries: list[tuple[bytes, bytes]] = []
+    key, at = b"", offset
+    while at < limit:
+        shared, at = _varint(data, at, limit)
+        own, at = _varint(data, at, limit)
+        length, at = _varint(data, at, limit)
+        if shared > len(key) or at + own + length > limit:
+            raise ValueError(f"an entry at byte {at} of the block at byte {offset} runs past it")
+        key = key[:shared] + data[at : at + own]
+        entries.append((key, data[at + own : at + own + length]))
+        at += own + length
+    return entries
+
+
+def _table_entries(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a TF table, in file order, through its footer and index block."""
+    if len(data) < _FOOTER_BYTES or data[-len(_INDEX_MAGIC) :] != _INDEX_MAGIC:
+        raise ValueError("it does not end in a TF table footer")
+    footer = len(data) - _FOOTER_BYTES
+    handles = []
+    at = footer
+    for _ in range(4):  # metaindex offset, size; index offset, size
+        value, at = _varint(data, at, footer + 40)
+        handles.append(value)
+    _table_block(data, handles[0], handles[1])  # the metaindex: checked, unused
+    entries: list[tuple[bytes, bytes]] = []
+    previous_end = 0
+    for _, handle in _table_block(data, handles[2], handles[3]):
+        offset, at = _varint(handle, 0, len(handle))
+        size, _ = _varint(handle, at, len(handle))
+        if offset < previous_end:  # blocks lie in order, one after another: none is read twice
+            raise ValueError(f"the index points twice into the bytes before {previous_end}")
+        entries += _table_block(data, offset, size)
+        previous_end = offset + size + _BLOCK_TRAILER
+    return entries
+
+
+def _check_index(prefix: Path) -> None:
+    """Refuse an index that TensorFlow's reader would abort on, or that reads outside its data files.
+
+    Checks the table structure, the header (shard count, endianness), and per entry: a known
+    dtype, a rank of at most ``_MAX_RANK`` with dimensions >= 0, a size that the shape and dtype
+    give, a shard in range, and offset + size within that shard's data file, which must be a
+    regular file next to the prefix (shard files are named from the prefix, never by the index).
+    """
+    from tensorflow.core.protobuf import tensor_bundle_pb2
+
+    index = _index_of(prefix)
+
+    def refuse(problem: str, key: bytes | None = None) -> ConvBNError:
+        where = "" if key is None else f", tensor={key.decode('utf-8', 'replace')!r}"
+        return ConvBNError(f"a TF checkpoint index must be readable: {problem}. Received: file={index}{where}")
+
+    try:
+        entries = _table_entries(index.read_bytes())
+    except ValueError as exc:
+        raise refuse(str(exc)) from None
+    if not entries or entries[0][0] != b"":
+        raise refuse("it has no header entry (the empty key) first")
+    header = tensor_bundle_pb2.BundleHeaderProto()
+    try:
+        header.ParseFromString(entries[0][1])
+    except Exception as exc:
+        raise refuse(f"its header does not parse ({_first_line(exc)})") from None
+    if not 1 <= header.num_shards <= 99999 or header.endianness != header.LITTLE:
+        raise refuse(f"its header declares {header.num_shards} shards, endianness {header.endianness}")
+    shard_sizes: dict[int, int] = {}
+    for key, value in entries[1:]:
+        entry = tensor_bundle_pb2.BundleEntryProto()
+        try:
+            entry.ParseFromString(value)
+        except Exception as exc:
+            raise refuse(f"an entry does not parse ({_first_line(exc)})", key) from None
+        if not key:
+            raise refuse("a second header entry", key)
+        if entry.dtype not in _DTYPE_SIZES:
+            raise refuse(f"dtype {entry.dtype} is not a tensor dtype convbn reads", key)
+        dims = [d.size for d in entry.shape.dim]
+        if entry.shape.unknown_rank or len(dims) > _MAX_RANK or any(d < 0 for d in dims):
+            rank = "unknown" if entry.shape.unknown_rank else len(dims)
+            raise refuse(f"a tensor needs a rank of at most {_MAX_RANK} and dimensions >= 0, not rank {rank} {dims[:8]}",
+                         key)
+        count = 1
+        for d in dims:
+            count *= d
+        itemsize = _DTYPE_SIZES[entry.dtype]
+        if entry.slices:
+            for piece in entry.slices:
+                extents = [(e.start, e.length if e.HasField("length") else None) for e in piece.extent]
+                if len(extents) not in (0, len(dims)) or any(
+                    start < 0 or (n is not None and (n < 0 or start + n > d)) for (start, n), d in zip(extents, dims, strict=False)
+                ):
+                    raise refuse(f"a slice {extents[:8]} does not lie within shape {dims[:8]}", key)
+            continue  # a partitioned variable: its data is in its slices' own entries
+        if (count * itemsize != entry.size) if itemsize is not None else entry.size < count:
+            raise refuse(f"shape {dims[:8]} of dtype {entry.dtype} does not take the {entry.size} bytes declared", key)
+        if entry.shard_id >= header.num_shards:
+            raise refuse(f"shard {entry.shard_id} of {header.num_shards}", key)
+        if entry.shard_id not in shard_sizes:
+            shard = prefix.with_name(f"{prefix.name}.data-{entry.shard_id:05d}-of-{header.num_shards:05d}")
+            try:
+                info = shard.stat()
+            except OSError:
+                if not glob.glob(glob.escape(str(prefix)) + ".data-*"):
+                    raise ConvBNError(
+                        f"a TF checkpoint needs its data file {prefix}.data-00000-of-NNNNN next to the index. "
+                        f"Received: file={index} with no data file"
+                    ) from None
+                raise refuse(f"its data file {shard.name} is missing", key) from None
+            if not stat.S_ISREG(info.st_mode):
+                raise refuse(f"its data file {shard.name} is not a regular file", key)
+            shard_sizes[entry.shard_id] = info.st_size
+        if entry.offset < 0 or entry.offset + entry.size > shard_sizes[entry.shard_id]:
+            shard = prefix.with_name(f"{prefix.name}.data-{entry.shard_id:05d}-of-{header.num_shards:05d}")
+            raise ConvBNError(
+                f"a TF checkpoint's data must hold every tensor its index lists (truncated data?): bytes "
+                f"{entry.offset}..{entry.offset + entry.size} lie past its end ({shard_sizes[entry.shard_id]} bytes). "
+                f"Received: file={shard}, tensor={key.decode('utf-8', 'replace')!r}"
+            )
+
+
 class _Source:
     """An open checkpoint: reads tensors one at a time, turning TF errors into ConvBNError."""
 
@@ -230,6 +408,7 @@ class _Source:
 
         self.prefix = prefix
         self.index = _index_of(prefix)
+        _check_index(prefix)
         try:
             self.reader = tf.train.load_checkpoint(str(prefix))
             self.shapes = {k: tuple(int(d) for d in v) for k, v in self.reader.get_variable_to_shape_map().items()}
@@ -238,11 +417,6 @@ class _Source:
                 f"a TF checkpoint index must be readable: {_first_line(exc)}. Received: file={self.index}"
             ) from None
         self.data_files = sorted(glob.glob(glob.escape(str(prefix)) + ".data-*"))
-        if self.shapes and not self.data_files:
-            raise ConvBNError(
-                f"a TF checkpoint needs its data file {prefix}.data-00000-of-NNNNN next to the index. "
-                f"Received: file={self.index} with no data file"
-            )
 
     def data_name(self) -> str:
         return ", ".join(self.data_files) if self.data_files else f"{self.prefix}.data-*"
@@ -319,6 +493,12 @@ def _object_graph_names(source: _Source) -> tuple[dict[str, str], list[str]]:
     for node_id, node in enumerate(nodes):
         for attr in node.attributes:
             if attr.name == "VARIABLE_VALUE" and node_id in best and node_id not in slots and best[node_id]:
+                if attr.checkpoint_key not in source.shapes:
+                    raise ConvBNError(
+                        f"a TF2 checkpoint's object graph must name keys its index holds; variable "
+                        f"{'/'.join(best[node_id])!r} is stored under {attr.checkpoint_key!r}, which it does not. "
+                        f"Received: file={source.index}"
+                    )
                 names["/".join(best[node_id])] = attr.checkpoint_key
     kept = set(names.values())
     dropped = [k for k in source.shapes if k not in kept]
@@ -408,7 +588,13 @@ def _load_graph(
         notes.append(f"ignored {meta}: it belongs to another checkpoint: {conflict}")
         return None
     functions = {f.signature.name: f for f in proto.graph_def.library.function}
-    return _analyse_graph(list(proto.graph_def.node), nodes, functions, variables, set(bn_scopes))
+    try:
+        return _analyse_graph(list(proto.graph_def.node), nodes, functions, variables, set(bn_scopes))
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, RecursionError) as exc:
+        raise ConvBNError(
+            f"a .meta graph next to the checkpoint must be well-formed (remove it to read the checkpoint "
+            f"without it): {_first_line(exc)}. Received: file={meta}"
+        ) from None
 
 
 def _analyse_graph(
@@ -480,7 +666,10 @@ def _analyse_graph(
         kernel = variable_of(inputs[1]) if len(inputs) > 1 else None
         if kernel is None or kernel in conv_op:
             continue
-        conv_op[kernel] = _geometry(node, nodes)
+        try:
+            conv_op[kernel] = _geometry(node, nodes)
+        except (ValueError, TypeError, IndexError) as exc:
+            raise ValueError(f"node {node.name!r}: {_first_line(exc)}") from None
         found: set[str] = set()
         stack, seen = [node.name], {node.name}
         while stack:
@@ -536,19 +725,33 @@ def _geometry(node: Any, nodes: Mapping[str, Any]) -> dict[str, Any]:
     """
     tf = _tensorflow()
 
-    fmt = node.attr["data_format"].s.decode() or "NHWC"
+    def ints(key: str, count: int, default: int) -> list[int]:
+        values = list(node.attr[key].list.i) or [default] * count
+        if len(values) != count:
+            raise ValueError(f"{key} must have {count} values. Received: {values[:8]}")
+        return values
+
+    fmt = node.attr["data_format"].s.decode("ascii", "replace") or "NHWC"
+    if fmt not in ("NHWC", "NCHW"):
+        raise ValueError(f"data_format must be 'NHWC' or 'NCHW'. Received: {fmt!r}")
     h, w = (1, 2) if fmt == "NHWC" else (2, 3)
-    strides = list(node.attr["strides"].list.i) or [1, 1, 1, 1]
-    dilations = list(node.attr["dilations"].list.i) or [1, 1, 1, 1]
-    padding: Any = node.attr["padding"].s.decode() or "SAME"
+    strides, dilations = ints("strides", 4, 1), ints("dilations", 4, 1)
+    padding: Any = node.attr["padding"].s.decode("ascii", "replace") or "SAME"
     if padding == "EXPLICIT":
-        p = list(node.attr["explicit_paddings"].list.i)
+        p = ints("explicit_paddings", 8, 0)
         padding = ((p[2 * h], p[2 * h + 1]), (p[2 * w], p[2 * w + 1]))
     geometry = {"stride": (strides[h], strides[w]), "dilation": (dilations[h], dilations[w]), "padding": padding}
 
     def const(name: str) -> np.ndarray | None:
+        """A small Const's value (a block shape or paddings: at most 8 values, so a declared
+        shape of 2**40 is not expanded into memory)."""
         source = nodes.get(name.split(":")[0])
-        return tf.make_ndarray(source.attr["value"].tensor) if source is not None and source.op == "Const" else None
+        if source is None or source.op != "Const":
+            return None
+        dims = [d.size for d in source.attr["value"].tensor.tensor_shape.dim]
+        if len(dims) > 2 or any(d < 0 for d in dims) or int(np.prod(dims)) > 8:
+            return None
+        return tf.make_ndarray(source.attr["value"].tensor)
 
     s2b = nodes.get(node.input[0].split(":")[0]) if node.input else None
     if s2b is None or s2b.op != "SpaceToBatchND" or len(s2b.input) < 3:
