@@ -53,9 +53,10 @@ class Svg:
         self.parts.append(f"<text x='{x:.1f}' y='{y:.1f}' text-anchor='{anchor}' fill='{fill}'{weight}>{escape(s)}</text>")
 
     def render(self) -> str:
-        # viewBox + width 100%: the figure scales to the page's content column.
-        return (f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {self.width} {self.height}' "
-                f"width='100%' style='max-width:{self.width}px' {FONT}>\n" + "\n".join(self.parts) + "\n</svg>\n")
+        # An intrinsic size plus a viewBox: as an <img>, the theme's max-width: 100% scales it down
+        # to the content column, keeping its proportions.
+        return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{self.width}' height='{self.height}' "
+                f"viewBox='0 0 {self.width} {self.height}' {FONT}>\n" + "\n".join(self.parts) + "\n</svg>\n")
 
 
 def _color(fraction: float) -> str:
