@@ -14,11 +14,17 @@ longer run, for a reader change or before a release (about 15 minutes on 2 cores
     python -m tests.fuzz --formats torch,safetensors,flax,keras,slim --mutants 2000 --seed 0 --out fuzz-out
 
 A different ``--seed`` gives a fresh set of mutants; the same seed gives the same bytes everywhere.
+``--replay DIR`` runs one saved reproducer in this process (a crash then kills it, with the
+traceback in view) and prints what is still not clean::
+
+    python -m tests.fuzz --replay fuzz-out/reproducers/<signature>
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds per mutant (default 20)")
     parser.add_argument("--memory", type=float, default=2.0, help="GiB a worker may grow by (default 2)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--replay", type=Path, default=None, metavar="DIR",
+                        help="run one reproducer directory (with its mutant.json) in this process")
     args = parser.parse_args(argv)
+    if args.replay is not None:
+        return replay(args.replay)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -58,6 +68,26 @@ def main(argv: list[str] | None = None) -> int:
     print(report.summary())
     print(f"reproducers under {out / 'reproducers'}" if report.count else "all clean")
     return 1 if report.count or report.unclean_seeds else 0
+
+
+def replay(directory: Path) -> int:
+    """Run a saved reproducer through the three stages in this process; 1 if still not clean."""
+    meta = json.loads((directory / "mutant.json").read_text())
+    from convbn.formats import import_frameworks
+
+    import_frameworks(meta["format"], meta["convert_to"])
+    work = Path(tempfile.mkdtemp(prefix="convbn-replay-"))
+    try:
+        shutil.copytree(directory, work / "src", ignore=shutil.ignore_patterns("mutant.json"))
+        found, refused = runner.run_stages(meta["format"], work / "src" / meta["entry"], meta["convert_to"], work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{meta['format']} mutant {meta['index']} (seed {meta['seed']}, {meta['mutation']}): "
+          f"{'refused: ' + refused if refused else 'loaded and converted'}")
+    for stage, kind, where, message in found:
+        print(f"  {stage} | {kind} | {where}\n    {message.strip()[:2000]}")
+    print("not clean" if found else "clean")
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

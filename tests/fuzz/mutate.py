@@ -468,10 +468,12 @@ def encode_table(entries: list[tuple[bytes, bytes]], magic: bytes) -> bytes:
 
 def _proto_fields(data: bytes) -> list[tuple[int, int, Any]]:
     """(field, wire type, value) of a protobuf message; value bytes for length-delimited fields."""
-    fields, at = [], 0
+    fields: list[tuple[int, int, Any]] = []
+    at = 0
     while at < len(data):
         tag, at = _read_varint(data, at)
         num, wire = tag >> 3, tag & 7
+        value: Any
         if wire == 0:
             value, at = _read_varint(data, at)
         elif wire == 2:
@@ -507,6 +509,7 @@ def _shape(dims: list[int], unknown: bool = False) -> bytes:
 def _lie_in_entry(rng: random.Random, value: bytes, header: bool) -> bytes:
     """One BundleEntryProto (or, under the empty key, BundleHeaderProto) field replaced by a lie."""
     fields = _proto_fields(value)
+    lie: Any
     if header:  # num_shards 1, endianness 2, version 3
         num = rng.choice((1, 2, 3))
         lie = rng.choice((0, 2, -1, 2**31, 100000)) if num != 3 else b"\x08\xff\xff\xff\xff\x0f"
@@ -528,7 +531,7 @@ def _lie_in_entry(rng: random.Random, value: bytes, header: bool) -> bytes:
             dims = [*dims, rng.choice((2, 3))]
         elif kind == 4:
             dims = dims[:-1]
-        lie: Any = _shape(dims, unknown=kind == 5)
+        lie = _shape(dims, unknown=kind == 5)
     elif num == 7:
         lie = _proto_bytes([(1, 2, _proto_bytes([(1, 0, rng.choice((-1, 0, 5))), (2, 0, rng.choice((1, 2**40)))]))])
     elif num == 1:

@@ -111,12 +111,19 @@ def _prefix(message: str) -> str:
     return re.sub(r"\d+", "N", first)[:70]
 
 
+#: How allocation failures read once a reader has wrapped them (NumPy, h5py, torch, TF, Python).
+_ALLOCATION_FAILED = re.compile(r"MemoryError|Unable to allocate|[Cc]annot allocate|[Oo]ut of memory|bad_alloc")
+
+
 def _unclean_error(exc: BaseException) -> tuple[str, str, str] | None:
     """None for a one-line ConvBNError; else (kind, where, message)."""
     from convbn.errors import ConvBNError
 
     message = str(exc)
-    if type(exc) is ConvBNError or isinstance(exc, ConvBNError):
+    if isinstance(exc, ConvBNError):
+        if _ALLOCATION_FAILED.search(message) or isinstance(exc.__context__, MemoryError):
+            # A reader that caught the failed allocation still tried to materialize more than the file holds.
+            return ("ConvBNError after a failed allocation", _where(exc), message)
         if message.strip() and "\n" not in message.strip():
             return None
         return ("multi-line ConvBNError" if message.strip() else "empty ConvBNError", _prefix(message), message)
