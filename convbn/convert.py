@@ -21,7 +21,7 @@ import numpy as np
 
 from convbn.errors import ConvBNError
 from convbn.formats import FORMATS, load_format
-from convbn.formats._io import placement
+from convbn.formats._io import parent_directories, placement
 from convbn.formats._pairing import natural_key, parse_pairs
 from convbn.params import ConvBNParams
 
@@ -37,6 +37,7 @@ __all__ = [
     "geometry_label",
     "load_checkpoint",
     "natural_key",
+    "read_format",
     "save_checkpoint",
     "tolerance_for",
     "verify_checkpoint",
@@ -263,7 +264,9 @@ def check_source(path: str | os.PathLike[str]) -> None:
         raise ConvBNError(f"{p}: a checkpoint must be readable. Received: permission denied")
 
 
-def _resolve_read_format(path: Path, format: str | None) -> str:
+def read_format(path: Path, format: str | None = None) -> str:
+    """The format :func:`load_checkpoint` reads ``path`` as: ``format`` checked against the
+    content, or detected (raises ConvBNError like :func:`load_checkpoint`, before any reading)."""
     check_source(path)
     if format is None:
         return detect_format(path)
@@ -320,7 +323,7 @@ def load_checkpoint(
         ['features.0', 'features.3']
     """
     p = Path(path)
-    name = _resolve_read_format(p, format)
+    name = read_format(p, format)
     module = _format_module(name)
     explicit = parse_pairs(pairs)
     ckpt: Checkpoint = module.read(p, pairs=explicit, eps=eps, momentum=momentum, use_ema=use_ema)
@@ -475,7 +478,7 @@ def save_checkpoint(
         from convbn.formats._common import unstored_settings_note
 
         unstored_settings_note(prepared, "TF checkpoints", SLIM)
-    with placement(overwrite=overwrite):
+    with parent_directories(p), placement(overwrite=overwrite):
         if progress is not None and "progress" in inspect.signature(module.write).parameters:
             module.write(prepared, p, progress=progress)
         else:
@@ -620,13 +623,14 @@ class LayerCheck:
 
 
 def geometry_label(params: ConvBNParams, from_file: bool) -> str:
-    """``"stride 2, padding 'SAME', dilation 1 (from the file)"``, or ``(defaults)`` when the
-    format stores no geometry; what ``verify`` ran a layer with."""
+    """``"stride 2, padding 'SAME', dilation 1 (from the file)"``: what ``verify`` ran a layer
+    with, and whether the source file stated it (else they are the reader's defaults, stride 1 and
+    ``'SAME'``, or values set since)."""
     def pair(v: tuple[int, int]) -> str:
         return str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}"
 
     padding = params.padding if isinstance(params.padding, str) else [list(p) for p in params.padding]
-    where = "from the file" if from_file else "defaults: the format stores no geometry"
+    where = "from the file" if from_file else "not from the file: its format stores no geometry"
     return f"stride {pair(params.stride)}, padding {padding!r}, dilation {pair(params.dilation)} ({where})"
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
+import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,9 +15,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from convbn import conventions
-from convbn.convert import Checkpoint, LayerCheck, detect_format, format_for_path
+from convbn.convert import Checkpoint, LayerCheck, format_for_path, read_format
 from convbn.errors import ConvBNError
 from convbn.formats import FORMATS, import_frameworks, load_format
+from convbn.formats._io import placement, staging
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:
@@ -27,22 +28,34 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
                         help="pair this conv with this BatchNorm (repeatable), or the path of a mapping file")
     parser.add_argument("--eps", type=float, default=None, metavar="E",
                         help="BatchNorm eps of every layer (default: the file's, else the source's default)")
-    parser.add_argument("--momentum", type=float, default=None, metavar="M",
-                        help="BatchNorm momentum as the fraction kept, e.g. 0.9 for torch's momentum=0.1")
+    momentum = parser.add_mutually_exclusive_group()
+    momentum.add_argument("--momentum", type=float, default=None, metavar="M",
+                          help="BatchNorm momentum as the fraction kept, e.g. 0.9 for torch's momentum=0.1 "
+                               "(below 0.5 from a torch source is refused as torch's spelling)")
+    momentum.add_argument("--torch-momentum", type=float, default=None, metavar="M",
+                          help="BatchNorm momentum in torch's spelling, the weight of the new value "
+                               "(0.1 is 0.9 kept)")
     parser.add_argument("--use-ema", action="store_true",
                         help="read moving-average shadow values (slim checkpoints that have them)")
 
 
-def add_target_options(parser: argparse.ArgumentParser) -> None:
+def add_target_options(parser: argparse.ArgumentParser, *, var_update: bool = True) -> None:
     parser.add_argument("--to", dest="target_format", choices=FORMATS, metavar="F",
-                        help="target format; from DST's suffix when omitted")
+                        help="target format; from DST's suffix when omitted (a suffix naming another "
+                             "format is refused)")
     parser.add_argument("--verify", action="store_true",
-                        help="compare every layer's conv_bn output before and after; exit 1 above tolerance")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing DST")
+                        help="compare every layer's conv_bn output before and after (at the geometry the "
+                             "file stores, else stride 1 / SAME, as the report says); exit 1 above tolerance")
+    if var_update:
+        parser.add_argument("--keep-var-update", action="store_true",
+                            help="refuse a target whose BatchNorms update the moving variance otherwise "
+                                 "(biased vs unbiased) than the source's; by default convert and say so in a note")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing DST (never a file of SRC)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def target_format(args: argparse.Namespace, dst: Path, default: str | None = None) -> str:
+    """``--to``, else the format DST's suffix names, else ``default``."""
     name = args.target_format or format_for_path(dst) or default
     if name is None:
         raise ConvBNError(
@@ -52,33 +65,104 @@ def target_format(args: argparse.Namespace, dst: Path, default: str | None = Non
     return name
 
 
-def check_destination(src: Path, dst: Path, force: bool) -> None:
-    """Never write over the source; refuse an existing DST without --force."""
-    if (dst.exists() and src.exists() and os.path.samefile(src, dst)) or dst.resolve() == src.resolve() or (
-        _same_tf_checkpoint(src, dst)
-    ):
-        raise ConvBNError(f"DST must differ from SRC: convbn never modifies its source. Received: DST={str(dst)!r}")
-    if not force and (dst.exists() or Path(f"{dst}.index").exists()):
-        raise ConvBNError(f"{dst} exists; pass --force to overwrite it")
-    if not dst.parent.is_dir():
-        raise ConvBNError(f"DST's directory must exist. Received: {str(dst.parent)!r}")
+#: The package each format's reader and writer import, and the extra that installs it.
+_NEEDS = {"torch": ("torch", "torch"), "slim": ("tensorflow", "tensorflow"), "keras": ("h5py", "keras"),
+          "flax": ("msgpack", "jax")}
 
 
-def _same_tf_checkpoint(src: Path, dst: Path) -> bool:
-    """Whether DST, written as a TF checkpoint, would replace SRC's files: a TF checkpoint is named
-    by its prefix, its .index or .data file, or its directory (no TensorFlow needed)."""
-    slim = load_format("slim")
-    if not slim.sniff(src):
-        return False
-    return bool(slim.resolve(src).resolve() == slim.write_prefix(dst).resolve())
+def require_packages(*formats: str) -> None:
+    """Refuse, before any reading, a format whose package is not installed (no import needed)."""
+    for name in formats:
+        package, extra = _NEEDS.get(name, (None, None))
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ConvBNError(
+                f"the {name} format needs {package}, which is not installed: pip install 'convbn[{extra}]'"
+            )
 
 
-def prepare_conversion(src: Path, source_format: str | None, target_format: str | None) -> str:
-    """SRC's format (detected unless given), with the frameworks both formats need imported in a
-    safe order (torch before TensorFlow) before either is read or written."""
-    name = source_format or detect_format(src)
-    import_frameworks(name, *([target_format] if target_format else []))
+def momentum(args: argparse.Namespace, source_format: str) -> float | None:
+    """The momentum override as the fraction kept, from ``--momentum`` or ``--torch-momentum``.
+
+    ``--momentum`` below 0.5 from a torch source is torch's spelling (0.1, the weight of the new
+    value) far more often than a real 0.1 kept, so it is refused with the fix.
+    """
+    if args.torch_momentum is not None:
+        if not 0.0 <= args.torch_momentum <= 1.0:
+            raise ConvBNError(f"--torch-momentum must be in [0, 1]. Received: --torch-momentum {args.torch_momentum:g}")
+        return 1.0 - float(args.torch_momentum)
+    if args.momentum is not None and args.momentum < 0.5 and source_format == "torch":
+        kept = 1.0 - args.momentum
+        raise ConvBNError(
+            f"--momentum is the fraction kept, and {args.momentum:g} from a torch source looks like torch's "
+            f"spelling: torch's momentum={args.momentum:g} is {kept:g} kept; pass --momentum {kept:g} or "
+            f"--torch-momentum {args.momentum:g}. Received: --momentum {args.momentum:g}"
+        )
+    return args.momentum
+
+
+def prepare_source(args: argparse.Namespace, src: Path, *targets: str | None) -> str:
+    """SRC checked (it exists, is a file or TF checkpoint, is readable) and its format, with every
+    package the conversion needs present: all before DST is looked at and before any reading."""
+    name = read_format(src, args.source_format)
+    require_packages(name, *(t for t in targets if t))
     return name
+
+
+def source_files(src: Path, source_format: str) -> list[Path]:
+    """Every file SRC consists of: the file, or a TF checkpoint's index, data shards and graph."""
+    if source_format != "slim":
+        return [src]
+    prefix = load_format("slim").resolve(src)
+    files = [Path(f"{prefix}.index"), *prefix.parent.glob(f"{glob.escape(prefix.name)}.data-*"),
+             Path(f"{prefix}.meta")]
+    if src.is_dir():
+        files.append(src / "checkpoint")
+    return [f for f in files if f.exists()]
+
+
+def check_destination(src: Path, source_format: str, dst: Path, to: str, force: bool) -> None:
+    """Never write over any file of the source; refuse a DST suffix naming another format than
+    ``to`` (a torch file named ``.safetensors`` misleads every reader) and an existing DST
+    without --force.
+
+    Paths are compared resolved and by inode, so a symlink or a hard link to a source file is
+    refused too; placement checks again (see :func:`staged`).
+    """
+    protected = source_files(src, source_format)
+    if to == "slim":
+        prefix = load_format("slim").write_prefix(dst)
+        written = [Path(f"{prefix}.index"), Path(f"{prefix}.data-00000-of-00001"),
+                   *prefix.parent.glob(f"{glob.escape(prefix.name)}.data-*")]
+    else:
+        written = [dst]
+    same = {p.resolve() for p in protected}
+    for path in written:
+        if path.resolve() in same or (path.exists() and any(os.path.samefile(path, p) for p in protected)):
+            raise ConvBNError(
+                f"DST must differ from SRC: convbn never modifies its source, and {path} is a file of "
+                f"{src}. Received: DST={str(dst)!r}"
+            )
+    by_suffix = format_for_path(dst)
+    if by_suffix and by_suffix != to:
+        raise ConvBNError(
+            f"DST's suffix must match --to: {dst.name!r} names the {by_suffix} format, not {to}; "
+            f"rename DST or drop --to. Received: DST={str(dst)!r}, --to {to}"
+        )
+    if dst.is_dir():
+        raise ConvBNError(f"DST must name a file (a prefix for slim), not a directory. Received: DST={str(dst)!r}")
+    if not force and (dst.exists() or (to == "slim" and Path(f"{written[0]}").exists())):
+        raise ConvBNError(f"{dst} exists; pass --force to overwrite it")
+    for parent in (dst.parent, *dst.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConvBNError(f"DST's directory must be a directory. Received: {str(parent)!r}")
+            break
+
+
+def prepare_conversion(source_format: str, target_format: str | None) -> None:
+    """Import the frameworks both formats need in a safe order (torch before TensorFlow) before
+    either is read or written."""
+    import_frameworks(source_format, *([target_format] if target_format else []))
 
 
 def check_target(ckpt: Checkpoint, dst: Path, to: str) -> None:
@@ -90,18 +174,17 @@ def check_target(ckpt: Checkpoint, dst: Path, to: str) -> None:
 
 
 @contextlib.contextmanager
-def staged(dst: Path) -> Iterator[Path]:
+def staged(dst: Path, *, force: bool, protect: Sequence[Path]) -> Iterator[Path]:
     """A path beside ``dst`` to write to; its files move to ``dst``'s directory only on success.
 
-    Lets ``--verify`` read the output back before anything appears at DST.
+    Lets ``--verify`` read the output back before anything appears at DST. Missing directories
+    are created (and removed if anything fails); without ``force`` the placement is exclusive (a
+    DST that appeared meanwhile wins and this run fails), and never onto a file in ``protect``.
     """
-    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".stage", dir=dst.parent))
-    try:
-        yield scratch / dst.name
-        for file in sorted(scratch.iterdir(), key=lambda f: (f.name.endswith(".index"), f.name)):
-            os.replace(file, dst.parent / file.name)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with staging(dst) as stage:
+        yield stage.path
+        with placement(protect=protect):
+            stage.place(overwrite=force)
 
 
 class ProgressBar:
@@ -201,6 +284,7 @@ def check_rows(checks: Sequence[LayerCheck]) -> list[dict[str, Any]]:
             "max_rel": c.max_rel if np.isfinite(c.max_rel) else None,
             "tolerance": c.tolerance,
             "ok": c.ok,
+            "geometry": c.geometry,
             **({"problem": c.problem} if c.problem else {}),
         }
         for c in checks

@@ -52,14 +52,19 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
+    # SRC first (a bad source is the first thing to fix), then the options, then DST; all before
+    # any reading or framework import.
+    source_format = common.read_format(src, args.source_format)
     like_format = _like_format(args, dst)
     to = common.target_format(args, dst, default=like_format)
-    common.check_destination(src, dst, args.force)
+    common.require_packages(source_format, to)
+    momentum = common.momentum(args, source_format)
+    common.check_destination(src, source_format, dst, to, args.force)
     if like_format is not None:
         _check_like(args, dst, to, like_format)
-    source_format = common.prepare_conversion(src, args.source_format, to)
+    common.prepare_conversion(source_format, to)
     ckpt = load_checkpoint(
-        src, source_format, pairs=args.pair, eps=args.eps, momentum=args.momentum, use_ema=args.use_ema
+        src, source_format, pairs=args.pair, eps=args.eps, momentum=momentum, use_ema=args.use_ema
     )
     read_notes = len(ckpt.notes)
     match: LoadReport | None = None
@@ -67,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     if like_format is not None:
         ckpt, to_write, match = _conform(args, ckpt, like_format)
     checks: list[LayerCheck] = []
+    protect = common.source_files(src, source_format)
     try:
-        written = _write(args, ckpt, dst, to, read_notes, checks, to_write=to_write, match=match)
+        written = _write(args, ckpt, dst, to, read_notes, checks, protect, to_write=to_write, match=match)
     except _VerificationFailed:
         return 1
     report(args, ckpt, written, to, read_notes, checks, written_ok=True, match=match)
@@ -129,6 +135,7 @@ def _write(
     to: str,
     read_notes: int,
     checks: list[LayerCheck],
+    protect: list[Path],
     *,
     to_write: Checkpoint | None = None,
     match: LoadReport | None = None,
@@ -139,16 +146,18 @@ def _write(
     """
     target = ckpt if to_write is None else to_write
     common.check_target(target, dst, to)
-    with common.staged(dst) as staging:
+    with common.staged(dst, force=args.force, protect=protect) as staging:
         bar = common.ProgressBar(len(target.layers), "writing")
         try:
             if to_write is None:
                 written = save_checkpoint(
                     ckpt, staging, to, fold_bias=args.fold_bias,
-                    conv_bias=False if args.no_conv_bias else None, progress=bar,
+                    conv_bias=False if args.no_conv_bias else None, keep_var_update=args.keep_var_update,
+                    progress=bar,
                 )
             else:
-                written = save_checkpoint(to_write, staging, to, progress=bar)
+                written = save_checkpoint(to_write, staging, to, keep_var_update=args.keep_var_update,
+                                          progress=bar)
         finally:
             bar.close()
         if args.verify:
@@ -249,6 +258,13 @@ def report(
         if c.problem:
             print(f"verify: {c.source or c.target}: {c.problem}", file=out)
     if args.verify:
+        geometries = {c.geometry for c in checks if c.geometry}
+        if len(geometries) == 1:
+            print(f"verify geometry, every layer: {geometries.pop()}", file=out)
+        else:
+            for c in checks:
+                if c.geometry:
+                    print(f"verify geometry: {c.source}: {c.geometry}", file=out)
         failed = [c for c in checks if not c.ok]
         if failed:
             print(f"verification FAILED for {len(failed)} layer(s); nothing was written to {args.dst}", file=out)

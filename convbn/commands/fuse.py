@@ -15,7 +15,6 @@ from typing import Any
 from convbn.commands import _checkpoints as common
 from convbn.commands.convert import report
 from convbn.convert import (
-    format_for_path,
     fuse_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -37,20 +36,23 @@ def register(sub: Any) -> None:
     parser.add_argument("src", metavar="SRC", help="source checkpoint")
     parser.add_argument("dst", metavar="DST", help="destination; SRC's format unless --to or its suffix says otherwise")
     common.add_source_options(parser)
-    common.add_target_options(parser)
+    common.add_target_options(parser, var_update=False)  # a fused layer has no BatchNorm to train
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
-    common.check_destination(src, dst, args.force)
-    source_format = common.prepare_conversion(src, args.source_format, args.target_format or format_for_path(dst))
-    ckpt = load_checkpoint(
-        src, source_format, pairs=args.pair, eps=args.eps, momentum=args.momentum, use_ema=args.use_ema
-    )
-    to = common.target_format(args, dst, default=ckpt.format)
+    source_format = common.read_format(src, args.source_format)
+    to = common.target_format(args, dst, default=source_format)
     if not getattr(load_format(to), "WRITES_FUSED", False):
         raise ConvBNError(f"the {to} format cannot write fused layers (conv weight + bias without BatchNorm)")
+    common.require_packages(source_format, to)
+    momentum = common.momentum(args, source_format)
+    common.check_destination(src, source_format, dst, to, args.force)
+    common.prepare_conversion(source_format, to)
+    ckpt = load_checkpoint(
+        src, source_format, pairs=args.pair, eps=args.eps, momentum=momentum, use_ema=args.use_ema
+    )
     read_notes = len(ckpt.notes)
     fused = fuse_checkpoint(ckpt)
     checks = []
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             report(args, ckpt, fused, to, read_notes, checks, written_ok=False, command="fuse")
             return 1
     common.check_target(fused, dst, to)
-    with common.staged(dst) as staging:
+    with common.staged(dst, force=args.force, protect=common.source_files(src, source_format)) as staging:
         bar = common.ProgressBar(len(ckpt.layers), "writing")
         try:
             written = save_checkpoint(fused, staging, to, progress=bar)

@@ -26,8 +26,11 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    src = Path(args.src)
+    source_format = common.read_format(src, args.source_format)
+    common.require_packages(source_format)
     ckpt = load_checkpoint(
-        Path(args.src), args.source_format, pairs=args.pair, eps=args.eps, momentum=args.momentum,
+        src, source_format, pairs=args.pair, eps=args.eps, momentum=common.momentum(args, source_format),
         use_ema=args.use_ema,
     )
     rows = common.layer_rows(ckpt)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from convbn.errors import ConvBNError
 
-__all__ = ["Stage", "atomic_output", "placement", "staging"]
+__all__ = ["Stage", "atomic_output", "parent_directories", "placement", "staging"]
 
 #: convbn's scratch directories: ``.<name>.convbn<owner pid>.<random>.<tmp|stage>``.
 _SCRATCH = re.compile(r"^\..+\.convbn(\d+)\.[A-Za-z0-9_]+\.(tmp|stage)$")
@@ -131,8 +131,7 @@ def staging(target: str | os.PathLike[str], suffix: str = ".stage") -> Iterator[
     processes in the same directory are removed first.
     """
     target = Path(target)
-    created = _make_parents(target.parent)
-    try:
+    with parent_directories(target):
         _remove_stale(target.parent)
         scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.convbn{os.getpid()}.", suffix=suffix,
                                         dir=target.parent))
@@ -140,6 +139,15 @@ def staging(target: str | os.PathLike[str], suffix: str = ".stage") -> Iterator[
             yield Stage(target, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def parent_directories(target: str | os.PathLike[str]) -> Iterator[None]:
+    """Create ``target``'s missing parent directories (as TF's Saver does); remove the ones
+    created here again, innermost first, when the block raises."""
+    created = _make_parents(Path(target).parent)
+    try:
+        yield
     except BaseException:
         for directory in reversed(created):
             with contextlib.suppress(OSError):

@@ -595,10 +595,12 @@ def load_into(
     framework = importlib.import_module(f"convbn.loading._{kind}")
     found: ModelPairs = framework.find_pairs(model)
     ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(Path(path))
-    if ckpt.fused:
+    if ckpt.fused or (found.targets and _looks_fused(ckpt)):
+        what = "a fused checkpoint" if ckpt.fused else (
+            f"{len(ckpt.unpaired)} conv(s) and no BatchNorm, as 'convbn fuse' writes them")
         raise ConvBNError(
             "a fused checkpoint has no BatchNorm statistics to load into the model's BatchNorms (its "
-            "BatchNorms were folded into the convs). Load the unfused checkpoint. Received: a fused checkpoint"
+            f"BatchNorms were folded into the convs). Load the unfused checkpoint. Received: {what}"
         )
     report = LoadReport(
         pairing=found.pairing,
@@ -621,6 +623,12 @@ def load_into(
     if kind == "flax":
         report.variables = result
     return report
+
+
+def _looks_fused(ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt`` is what ``convbn fuse`` writes in a format that cannot mark it (torch,
+    Keras, Flax files hold only tensors): convs and no BatchNorm at all."""
+    return not ckpt.layers and bool(ckpt.unpaired) and set(ckpt.unpaired.values()) == {"conv"}
 
 
 def conform_checkpoint(
