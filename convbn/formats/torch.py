@@ -139,7 +139,7 @@ def _storage_scanner(pickle: Any) -> Any:
     """An Unpickler class that records each storage's persistent id, and constructs nothing else."""
 
     class Scanner(pickle.Unpickler):  # type: ignore[misc, name-defined]
-        def __init__(self, file: BinaryIO) -> None:
+        def __init__(self, file: Any) -> None:
             super().__init__(file)
             self.storages: dict[str, tuple[int, int]] = {}  # key -> (itemsize, numel)
 
@@ -177,7 +177,7 @@ def _check_storages(path: Path) -> bool:
     try:
         if zip_first_member(path) is not None:
             records, data_pkl = _zip_records(path)
-            scanner = _storage_scanner(pickle)(io.BytesIO(data_pkl))
+            scanner = _storage_scanner(pickle)(_checked_lengths(io.BytesIO(data_pkl)))
             scanner.load()
             for key, (itemsize, numel) in scanner.storages.items():
                 held = records.get(f"data/{key}")
@@ -189,7 +189,7 @@ def _check_storages(path: Path) -> bool:
                     )
             return True
         with open(path, "rb") as f:
-            _check_legacy(f, pickle)
+            _check_legacy(_BoundedReader(f), pickle)
         return False
     except ConvBNError as exc:
         raise ConvBNError(f"{path}: not a readable torch checkpoint: {exc}") from None
@@ -235,7 +235,45 @@ def _zip_records(path: Path) -> tuple[dict[str, int], bytes]:
         return records, z.read(folder + "data.pkl")
 
 
-def _check_legacy(f: BinaryIO, pickle: Any) -> None:
+def _checked_lengths(f: Any) -> Any:
+    """``f``, back where it was after checking that the pickle there holds every byte its opcodes
+    declare: the C unpickler allocates a BINBYTES' declared length before reading it."""
+    import pickletools
+
+    start = f.tell()
+    for _ in pickletools.genops(f):
+        pass
+    f.seek(start)
+    return f
+
+
+class _BoundedReader:
+    """A file whose ``read(n)`` asks for no more than the bytes left: a pickle opcode's length is
+    read from the file, and a file's ``read`` allocates what it is asked for before reading."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        import os
+
+        self._f, self._end = f, os.fstat(f.fileno()).st_size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(self._end - self._f.tell(), 0)
+        return self._f.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self, limit: int | None = -1) -> bytes:
+        return self._f.readline(-1 if limit is None else limit)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def size(self) -> int:
+        return self._end
+
+
+def _check_legacy(f: _BoundedReader, pickle: Any) -> None:
     """The legacy format: magic, protocol and system pickles, the object pickle, the storage keys,
     then each storage as an 8-byte element count and its bytes, every one inside the file."""
     import os
@@ -246,13 +284,13 @@ def _check_legacy(f: BinaryIO, pickle: Any) -> None:
         raise ConvBNError("not a torch.save file (no zip, no legacy magic number)")
     f.seek(0)
     for _ in range(3):  # magic number, protocol version, system info
-        scanner(f).load()
-    objects = scanner(f)
+        scanner(_checked_lengths(f)).load()
+    objects = scanner(_checked_lengths(f))
     objects.load()
-    keys = scanner(f).load()
+    keys = scanner(_checked_lengths(f)).load()
     if not isinstance(keys, list) or sorted(keys, key=str) != sorted(objects.storages, key=str):
         raise ConvBNError("the storage list does not match the storages the tensors use")
-    end = os.fstat(f.fileno()).st_size
+    end = f.size()
     for key in keys:
         itemsize, numel = objects.storages[key]
         raw = f.read(8)

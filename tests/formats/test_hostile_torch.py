@@ -193,3 +193,29 @@ def test_a_pickle_that_would_run_code_runs_nothing(saved, tmp_path):
     path = _rezip(saved, tmp_path / "evil.pt", lambda name, data: evil if name.endswith("/data.pkl") else data)
     _refused(path, "refused to unpickle")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("container", ["zip", "legacy"])
+def test_a_lying_pickle_length_allocates_nothing(tmp_path, container):
+    import struct
+    import tracemalloc
+
+    from convbn.formats.torch import _LEGACY_MAGIC
+
+    # A pickle whose BINBYTES says 1 GiB follow; 2 bytes do. The C unpickler allocates the
+    # declared length before reading.
+    lying = b"\x80\x02B" + struct.pack("<I", 2**30) + b"xx"
+    path = tmp_path / "lying.pt"
+    if container == "zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", lying)
+            z.writestr("archive/version", b"3\n")
+    else:
+        path.write_bytes(_LEGACY_MAGIC + b"." + lying)
+    tracemalloc.start()
+    try:
+        _refused(path, "not a readable torch checkpoint")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**24, peak
