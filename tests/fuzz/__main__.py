@@ -79,7 +79,14 @@ def replay(directory: Path) -> int:
     work = Path(tempfile.mkdtemp(prefix="convbn-replay-"))
     try:
         shutil.copytree(directory, work / "src", ignore=shutil.ignore_patterns("mutant.json"))
-        found, refused = runner.run_stages(meta["format"], work / "src" / meta["entry"], meta["convert_to"], work)
+        # An "equivalent file" finding needs the seed, which is rebuilt from its name.
+        seed = None
+        if meta.get("expect") == "same":
+            bundle = next(b for b in seeds.BUILDERS[meta["format"]]() if b.name == meta["seed_file"])
+            (work / "seed").mkdir()
+            seed = bundle.write(work / "seed")
+        found, refused = runner.run_stages(meta["format"], work / "src" / meta["entry"], meta["convert_to"], work,
+                                           meta.get("expect", ""), seed)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{meta['format']} mutant {meta['index']} (seed {meta['seed']}, {meta['mutation']}): "

@@ -327,9 +327,10 @@ def hdf5_objects(rng: random.Random, data: bytes) -> bytes:
                 roll = rng.random()
                 if datasets and roll < 0.45:
                     name = rng.choice(datasets)
-                    old = f[name][()]
+                    shape = f[name].shape
+                    # An earlier mutation may have declared a huge dataset: never read one into memory here.
+                    old = f[name][()] if f[name].size <= 1 << 16 else np.zeros(1, f[name].dtype)
                     del f[name]
-                    shape = np.shape(old)
                     choice = rng.randrange(5)
                     if choice == 0:
                         f[name] = np.zeros((*shape, 2), np.float32)
@@ -590,8 +591,91 @@ def aware_for(name: str, data: bytes) -> tuple[Mutator, ...]:
     return ()
 
 
-def mutate(rng: random.Random, name: str, data: bytes) -> tuple[bytes, str]:
-    """One to three stacked mutations of ``data`` (half of them format-aware where one fits); and their names."""
+# Mutations with a known right answer, applied alone: a hostile file must be refused (loading it is
+# the defect, however cleanly it goes), an equivalent rewrite must load to the seed's values or be
+# refused (anything else is silent garbage).
+
+
+def zip_deflate(rng: random.Random, data: bytes) -> bytes:
+    """The same archive with every member deflated: the same values, or a refusal."""
+    with zipfile.ZipFile(io.BytesIO(data)) as src:
+        members = [(info, src.read(info)) for info in src.infolist()]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as out:
+        for info, payload in members:
+            out.writestr(info.filename, payload)
+    return buf.getvalue()
+
+
+def safetensors_reordered(rng: random.Random, data: bytes) -> bytes:
+    """The same tensors with the header's keys in another order and more padding: the same values."""
+    (n,) = struct.unpack("<Q", data[:8])
+    items = list(json.loads(data[8:8 + n]).items())
+    rng.shuffle(items)
+    text = json.dumps(dict(items)).encode() + b" " * rng.choice((0, 8, 13))
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
+#: A file outside the checkpoint that a reader must never copy into its output.
+OUTSIDE = "/etc/passwd"
+
+
+def hdf5_outside(rng: random.Random, data: bytes) -> bytes:
+    """A dataset stored in a file outside (HDF5 external raw storage), or an external link: refused."""
+    import tempfile
+
+    import h5py
+
+    with tempfile.NamedTemporaryFile(suffix=".h5") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        with h5py.File(tmp.name, "r+") as f:
+            names: list[str] = []
+            f.visit(names.append)
+            datasets = [n for n in names if isinstance(f.get(n), h5py.Dataset) and f[n].dtype.kind == "f"]
+            name = rng.choice(datasets)
+            shape, dtype = f[name].shape, f[name].dtype
+            del f[name]
+            if rng.random() < 0.7:
+                f.create_dataset(name, shape=shape, dtype=dtype, external=[(OUTSIDE, 0, h5py.h5f.UNLIMITED)])
+            else:
+                f[name] = h5py.ExternalLink(OUTSIDE, "/")
+        with open(tmp.name, "rb") as handle:
+            return handle.read()
+
+
+def keras_outside(rng: random.Random, data: bytes) -> bytes:
+    """A ``.keras`` archive whose weights file has a dataset stored outside: refused."""
+    with zipfile.ZipFile(io.BytesIO(data)) as src:
+        members = [(info, src.read(info)) for info in src.infolist()]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as out:
+        for info, payload in members:
+            out.writestr(info, hdf5_outside(rng, payload) if info.filename.endswith(".h5") else payload)
+    return buf.getvalue()
+
+
+def expecting(name: str, data: bytes) -> list[tuple[Mutator, str]]:
+    """The mutations with a known answer ("refused" or "same") that fit a file."""
+    if name.endswith(".pt"):
+        return [(zip_deflate, "same")] if data.startswith(b"PK\x03\x04") else []
+    if name.endswith(".keras"):
+        return [(zip_deflate, "same"), (keras_outside, "refused")]
+    if name.endswith(".h5"):
+        return [(hdf5_outside, "refused")]
+    if name.endswith(".safetensors"):
+        return [(safetensors_reordered, "same")]
+    return []
+
+
+def mutate(rng: random.Random, name: str, data: bytes) -> tuple[bytes, str, str]:
+    """One to three stacked mutations of ``data`` (half of them format-aware where one fits), their
+    names, and what a right reader does with the result: "" (refuse it cleanly or read it),
+    "refused" (it is hostile) or "same" (it holds the seed's values)."""
+    known = expecting(name, data)
+    if known and rng.random() < 0.1:
+        mutator, expect = rng.choice(known)
+        return mutator(rng, data), mutator.__name__, expect
     applied = []
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
         aware = aware_for(name, data)
@@ -602,4 +686,4 @@ def mutate(rng: random.Random, name: str, data: bytes) -> tuple[bytes, str]:
             mutator = rng.choice(GENERIC)
             data = mutator(rng, data)
         applied.append(mutator.__name__)
-    return data, "+".join(applied)
+    return data, "+".join(applied), ""

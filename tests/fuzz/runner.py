@@ -47,6 +47,7 @@ class Mutant:
     seed_name: str
     how: str
     bundle: Bundle
+    expect: str = ""  # "refused": hostile; "same": must read as the seed does (see mutate.mutate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +76,8 @@ def make_mutant(fmt: str, seeds: list[Bundle], index: int, seed: int) -> Mutant:
         del files[victim]
         return Mutant(fmt, index, base.name, f"{victim}:removed", Bundle(base.name, files, base.entry))
     victim = rng.choices(names, [next((w for s, w in _WEIGHT.items() if n.endswith(s)), 1) for n in names])[0]
-    files[victim], how = mutation.mutate(rng, victim, files[victim])
-    return Mutant(fmt, index, base.name, f"{victim}:{how}", Bundle(base.name, files, base.entry))
+    files[victim], how, expect = mutation.mutate(rng, victim, files[victim])
+    return Mutant(fmt, index, base.name, f"{victim}:{how}", Bundle(base.name, files, base.entry), expect)
 
 
 # ---------------------------------------------------------------------------------------- worker
@@ -157,17 +158,55 @@ def _check_cli(stage: str, rc: int | None, err: str, exc: BaseException | None) 
     return None
 
 
-def run_stages(fmt: str, src: Path, target: str, work: Path) -> tuple[list[tuple[str, str, str, str]], str]:
+_SEED_LAYERS: dict[Path, dict[str, dict[str, Any]]] = {}
+
+
+def _layers(ckpt: Any) -> dict[str, dict[str, Any]]:
+    from convbn.params import ARRAY_FIELDS
+
+    return {name: {f: getattr(p, f) for f in ARRAY_FIELDS} for name, p in ckpt.layers.items()}
+
+
+def _differs(got: dict[str, dict[str, Any]], want: dict[str, dict[str, Any]]) -> str:
+    """The first layer field where two checkpoints' values differ ("" when none does)."""
+    import numpy as np
+
+    if list(got) != list(want):
+        return f"layers {list(got)[:4]} instead of {list(want)[:4]}"
+    for name, fields in want.items():
+        for field, value in fields.items():
+            other = got[name][field]
+            if value is None or other is None:
+                same = value is None and other is None
+            else:
+                a, b = np.asarray(value), np.asarray(other)
+                same = a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+            if not same:
+                return f"{name}.{field}"
+    return ""
+
+
+def run_stages(fmt: str, src: Path, target: str, work: Path, expect: str = "",
+               seed: Path | None = None) -> tuple[list[tuple[str, str, str, str]], str]:
     """The three stages on one mutant: (stage, kind, where, message) of each that was not clean, and
     why it was refused ("" when it loaded and converted: a seed must; a mutant that always does shows
-    a weak mutator)."""
+    a weak mutator). ``expect`` "refused": loading or converting it is a finding; "same": it must
+    read as ``seed`` does, or be refused."""
     import convbn
 
     found: list[tuple[str, str, str, str]] = []
     before = _listing(src.parent)
     loaded = ""
     try:
-        convbn.load_checkpoint(src)
+        ckpt = convbn.load_checkpoint(src)
+        if expect == "refused":
+            found.append(("load", "hostile input accepted", "-", f"{src.name} loaded"))
+        elif expect == "same" and seed is not None:
+            if seed not in _SEED_LAYERS:
+                _SEED_LAYERS[seed] = _layers(convbn.load_checkpoint(seed))
+            where = _differs(_layers(ckpt), _SEED_LAYERS[seed])
+            if where:
+                found.append(("load", "equivalent file read differently", where, f"{src.name}: {where} differs"))
     except BaseException as error:  # a finding, whatever it is
         loaded = f"{type(error).__name__}: {error}"
         bad = _unclean_error(error)
@@ -189,6 +228,8 @@ def run_stages(fmt: str, src: Path, target: str, work: Path) -> tuple[list[tuple
         found.append(("convert", "exit 0, DST missing or litter", str(left)[:70], str(left)))
     elif rc == 2 and left:
         found.append(("convert", "exit 2, output left behind", str(left)[:70], str(left)))
+    if rc == 0 and expect == "refused":
+        found.append(("convert", "hostile input accepted", "-", f"{src.name} converted"))
     after = _listing(src.parent)
     if after != before:
         found.append(("convert", "source directory changed", str(sorted(set(after) ^ set(before)))[:70], ""))
@@ -223,9 +264,9 @@ def worker_main(conn: multiprocessing.connection.Connection, frameworks: list[st
         job = conn.recv()
         if job is None:
             return
-        fmt, src, target, work = job
+        fmt, src, target, work, expect, seed = job
         try:
-            result = run_stages(fmt, Path(src), target, Path(work))
+            result = run_stages(fmt, Path(src), target, Path(work), expect, Path(seed))
         except BaseException as exc:  # a finding, whatever it is
             result = ([("fuzzer", type(exc).__name__, _where(exc), traceback.format_exc()[-2000:])], str(exc))
         conn.send(result)
@@ -348,13 +389,18 @@ def run(
                 mutant.bundle.write(keep)
                 (keep / "mutant.json").write_text(json.dumps({
                     "format": mutant.fmt, "seed": seed, "index": mutant.index, "seed_file": mutant.seed_name,
-                    "mutation": mutant.how, "signature": outcome.signature, "message": message,
+                    "mutation": mutant.how, "expect": mutant.expect, "signature": outcome.signature, "message": message,
                     "entry": mutant.bundle.entry, "convert_to": targets[mutant.fmt],
                     "reproduce": f"convbn convert {keep / mutant.bundle.entry} /tmp/out{SUFFIX[targets[mutant.fmt]]}",
                 }, indent=1))
                 report.reproducers[outcome.signature] = keep
         shutil.rmtree(work, ignore_errors=True)
 
+    seed_paths: dict[str, Path] = {}
+    for bundles in seeds.values():
+        for b in bundles:
+            (scratch / "seeds" / b.name).mkdir(parents=True, exist_ok=True)
+            seed_paths[b.name] = b.write(scratch / "seeds" / b.name)
     workers = [start() for _ in range(max(1, jobs))]
     serial = 0
     try:
@@ -367,7 +413,8 @@ def run(
                     shutil.rmtree(work, ignore_errors=True)
                     (work / "src").mkdir(parents=True)
                     src = mutant.bundle.write(work / "src")
-                    w.conn.send((mutant.fmt, str(src), targets[mutant.fmt], str(work)))
+                    w.conn.send((mutant.fmt, str(src), targets[mutant.fmt], str(work), mutant.expect,
+                                 str(seed_paths[mutant.seed_name])))
                     w.job = (mutant, work, time.monotonic())
             waitables: list[Any] = [w.conn for w in workers] + [w.process.sentinel for w in workers]
             multiprocessing.connection.wait(waitables, timeout=0.5)
