@@ -160,6 +160,7 @@ def test_a_missing_package_fails_where_a_requested_backend_brings_it(tmp_path):
     assert run.returncode != 0
 
 
+@pytest.mark.needs("tensorflow")
 def test_a_cross_env_oracle_is_not_expected_in_a_single_backend_run(tmp_path):
     _, probe = _pytest(tmp_path, "tensorflow", *_package_tests(tmp_path, "tf_slim"), hide="tf_slim")
     assert _outcomes(probe)["test_marked.py::test_marker"] == ("skipped", "tf_slim not installed")
