@@ -9,7 +9,7 @@ grouped by signature, printed with one example, and saved as a reproducer under 
 The exit status is 1 when anything was not clean.
 
 The test suite runs a few hundred mutants per format (``tests/fuzz/test_fuzz_readers.py``). The
-longer run, for a reader change or before a release (about 15 minutes on 2 cores)::
+longer run, for a reader change or before a release (about 6 minutes on 2 cores)::
 
     python -m tests.fuzz --formats torch,safetensors,flax,keras,slim --mutants 2000 --seed 0 --out fuzz-out
 

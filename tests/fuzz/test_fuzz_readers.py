@@ -1,8 +1,11 @@
 """The mutation fuzzer in the suite: a fixed, seeded set of mutants per format must all be clean.
 
 Clean: the mutant loads (and converts, exit 0, DST written), or is refused with a one-line
-``ConvBNError`` (exit 2, nothing written). Counts are sized for about three minutes for all five
-formats on two cores; ``python -m tests.fuzz --mutants 2000`` is the longer run.
+``ConvBNError`` (exit 2, nothing written), within the worker's memory limit and timeout and without
+a signal. Mutants with a known answer are held to it: a hostile one (data stored outside the file)
+must be refused, an equivalent rewrite must read as its seed does. Counts are sized for about three
+minutes for all five formats on two cores; ``python -m tests.fuzz --mutants 2000`` is the longer
+run (tests/fuzz/__main__.py).
 """
 
 from __future__ import annotations
