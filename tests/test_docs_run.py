@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.cases import rel_err
-from tests.conftest import require_backend
+from tests.conftest import need, require_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -134,8 +134,7 @@ def test_readme_example_runs(backend: str, monkeypatch: pytest.MonkeyPatch) -> N
 def test_conversion_overview_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The page's first block on a ResNet-named torch checkpoint: the pair it names is read in
     HWIO, fc travels as a tensor, and the Keras file written holds the same layers."""
-    require_backend("torch")
-    pytest.importorskip("h5py")
+    need("torch", "h5py")
     import torch
     from torch import nn
 
@@ -315,24 +314,27 @@ def test_the_docs_figures_are_drawn_from_passing_runs(page: str, figure: str) ->
 # -- docs/cli.md: convbn info ----------------------------------------------------------------------
 
 
-def test_the_documented_info_output_is_what_info_prints(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_documented_info_output_is_what_info_prints() -> None:
     """docs/cli.md shows a real `convbn info`: the same header, one row per backend in the same
-    columns, the same closing line, and the JSON keys it names."""
+    columns, the same closing line, and the JSON keys it names. Run in a fresh process: info
+    imports every installed framework, which a run that tests fewer backends must not."""
     import json
 
-    from convbn.cli import main
+    def info(*argv: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "convbn", "info", *argv], capture_output=True,
+                              text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
 
     text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
     block = text.split("```console\n$ convbn info\n", 1)[1].split("```", 1)[0].splitlines()
-    assert main(["info"]) == 0
-    printed = capsys.readouterr().out.splitlines()
+    printed = info().splitlines()
     assert printed[0] == block[0] and printed[-1] == block[-1]
     assert [line.split()[0] for line in printed[1:-1]] == [line.split()[0] for line in block[1:-1]]
     device_column = block[0].index("device")
     for line in printed[1:-1]:  # the third column starts under "device", as on the page
         assert re.match(r"(\S+\s+){2}", line).end() == device_column, line  # type: ignore[union-attr]
-    assert main(["info", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(info("--json"))
     assert set(report) == {"backends", "auto_order"}
     installed = [row for row in report["backends"] if row["installed"]]
     assert installed and all(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_backend
+from tests.conftest import need, require_backend
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -42,9 +42,9 @@ def test_page_example_runs(page, section, tmp_path, monkeypatch):
     if "tensorflow" in PAGES[page]:
         if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
             pytest.skip("the example uses Keras's TensorFlow backend")
-        pytest.importorskip("keras")
+        need("keras")
     if "jax" in PAGES[page]:
-        pytest.importorskip("flax")
+        need("flax")
     monkeypatch.chdir(tmp_path)  # the Keras example saves a file
     script = tmp_path / f"example_{page.replace('.md', '')}.py"
     script.write_text(_example(page, section))
