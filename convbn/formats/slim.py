@@ -300,10 +300,9 @@ def _table_entries(data: bytes) -> list[tuple[bytes, bytes]]:
     footer = len(data) - _FOOTER_BYTES
     handles = []
     at = footer
-    for _ in range(4):  # metaindex offset, size; index offset, size
+    for _ in range(4):  # metaindex offset, size (unused, as TensorFlow leaves it); index offset, size
         value, at = _varint(data, at, footer + 40)
         handles.append(value)
-    _table_block(data, handles[0], handles[1])  # the metaindex: checked, unused
     entries: list[tuple[bytes, bytes]] = []
     previous_end = 0
     for _, handle in _table_block(data, handles[2], handles[3]):
@@ -375,10 +374,10 @@ def _check_index(prefix: Path) -> None:
             continue  # a partitioned variable: its data is in its slices' own entries
         if (count * itemsize != entry.size) if itemsize is not None else entry.size < count:
             raise refuse(f"shape {dims[:8]} of dtype {entry.dtype} does not take the {entry.size} bytes declared", key)
-        if entry.shard_id >= header.num_shards:
+        if not 0 <= entry.shard_id < header.num_shards:
             raise refuse(f"shard {entry.shard_id} of {header.num_shards}", key)
+        shard = prefix.with_name(f"{prefix.name}.data-{entry.shard_id:05d}-of-{header.num_shards:05d}")
         if entry.shard_id not in shard_sizes:
-            shard = prefix.with_name(f"{prefix.name}.data-{entry.shard_id:05d}-of-{header.num_shards:05d}")
             try:
                 info = shard.stat()
             except OSError:
@@ -392,7 +391,6 @@ def _check_index(prefix: Path) -> None:
                 raise refuse(f"its data file {shard.name} is not a regular file", key)
             shard_sizes[entry.shard_id] = info.st_size
         if entry.offset < 0 or entry.offset + entry.size > shard_sizes[entry.shard_id]:
-            shard = prefix.with_name(f"{prefix.name}.data-{entry.shard_id:05d}-of-{header.num_shards:05d}")
             raise ConvBNError(
                 f"a TF checkpoint's data must hold every tensor its index lists (truncated data?): bytes "
                 f"{entry.offset}..{entry.offset + entry.size} lie past its end ({shard_sizes[entry.shard_id]} bytes). "

@@ -125,9 +125,10 @@ def test_the_hand_built_index_reads(tmp_path):
         (_entry(shape=(1 << 40,), size=1 << 42), "past its end"),
         (_entry(shape=(4,), offset=56), "past its end"),
         (_entry(shard=3), "shard 3 of 1"),
+        (_entry(shard=-1), "shard -1 of 1"),
     ],
     ids=["negative-dim", "rank-300", "unknown-dtype", "variant", "ref-dtype", "short-size", "lying-dtype",
-         "huge", "offset", "shard-id"],
+         "huge", "offset", "shard-id", "negative-shard"],
 )
 def test_an_entry_tensorflow_would_abort_on_is_refused_first(tmp_path, entry, fragment):
     prefix = _checkpoint(tmp_path, [(b"c/weights", entry)])
