@@ -82,6 +82,9 @@ class Summary:
     worst: Result | None  # the result with the largest error / tolerance
 
     def cell(self) -> str:
+        if self.status == "fail" and self.worst is not None and self.worst.exception:
+            # A crashed check has no number; the cell must not show a passing one beside FAIL.
+            return f"error: {self.worst.exception.split(':', 1)[0]}"
         if self.worst is None or self.worst.error is None:
             return {"skip": "skip", "ref": "reference", "pass": "ok", "fail": "FAIL"}[self.status]
         text = f"{self.worst.error:.1e} / {_tol(self.worst.tolerance)}"
@@ -104,6 +107,7 @@ class Summary:
             "tolerance": None if w is None else w.tolerance,
             "worst_case": None if w is None else w.case,
             "worst_quantity": None if w is None else w.quantity,
+            "error": w.exception if w is not None and w.exception else None,
         }
 
 
@@ -166,8 +170,15 @@ class Report:
             else:
                 status = "skip"
             with_error = [r for r in measured if r.error is not None]
-            worst = max(with_error, key=lambda r: r.ratio) if with_error else (
-                next((r for r in rs if r.failed), None))
+            # A failure without a number (a crash first) outranks every measured error: showing the
+            # largest measured one would put a passing number in a failed cell.
+            unmeasured = sorted((r for r in rs if r.failed and r.error is None), key=lambda r: not r.exception)
+            if unmeasured:
+                worst: Result | None = unmeasured[0]
+            elif with_error:
+                worst = max(with_error, key=lambda r: r.ratio)
+            else:
+                worst = None
             out.append(Summary(*key, status, len(rs), failed, skipped, worst))
         return out
 

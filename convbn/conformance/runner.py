@@ -65,6 +65,7 @@ class Result:
     tolerance: float | None = None
     quantity: str = ""
     detail: str = ""
+    exception: str = ""  # "Type: message" when the check crashed instead of producing numbers
 
     @property
     def failed(self) -> bool:
@@ -222,7 +223,8 @@ def _skip_or_fail(
     if isinstance(exc, testing.NotSupported):
         return [Result(backend, device, g, dtype, label, "skip", detail=str(exc)) for g in groups]
     detail = f"raised {type(exc).__name__}: {exc}"
-    return [Result(backend, device, g, dtype, label, "fail", detail=detail) for g in groups]
+    crash = f"{type(exc).__name__}: {exc}"
+    return [Result(backend, device, g, dtype, label, "fail", detail=detail, exception=crash) for g in groups]
 
 
 def _is_reference(backend: str, dtype: str) -> bool:

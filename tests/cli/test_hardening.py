@@ -109,8 +109,12 @@ def test_the_source_is_judged_before_the_destination(tmp_path, capsys):
 def test_a_fifo_source_is_refused_at_once(tmp_path):
     fifo = tmp_path / "pipe.pt"
     os.mkfifo(fifo)
-    with pytest.raises(ConvBNError, match="a checkpoint must be a regular file, a TF checkpoint prefix or a directory"):
-        convbn.load_checkpoint(fifo)
+    # In subprocesses: opening a FIFO blocks until a writer comes, which is what this guards against.
+    api = subprocess.run([sys.executable, "-c", f"import convbn; convbn.load_checkpoint({str(fifo)!r})"],
+                         capture_output=True, text=True, timeout=120)
+    assert api.stderr.splitlines()[-1] == (
+        f"convbn.errors.ConvBNError: {fifo}: a checkpoint must be a regular file, a TF checkpoint prefix or a "
+        "directory. Received: a FIFO")
     result = subprocess.run([sys.executable, "-m", "convbn", "convert", str(fifo), str(tmp_path / "o.safetensors")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr == (
@@ -260,7 +264,7 @@ def test_two_concurrent_converts_to_one_destination_one_wins(tmp_path, source):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in runs]
     assert sorted(code for code, _ in results) == [0, 2], results
-    assert [err for code, err in results if code == 2][0].startswith(f"convbn convert: error: {dst} exists")
+    assert next(err for code, err in results if code == 2).startswith(f"convbn convert: error: {dst} exists")
     assert _listing(tmp_path) == ["o.safetensors", "src.safetensors"]
 
 
@@ -297,3 +301,37 @@ def test_load_into_names_a_fused_torch_checkpoint(tmp_path, torch_source, capsys
         convbn.load_into(model, tmp_path / "fused.pt")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert np.isfinite(before["1.running_var"].numpy()).all()
+
+
+# -- a crashed conformance check reads as one ---------------------------------------------------------
+
+
+def test_a_crashed_conformance_check_reads_error_not_a_passing_number(monkeypatch):
+    from convbn import testing
+    from convbn.conformance import runner
+    from convbn.conformance.report import Report
+
+    real = testing.run
+
+    def crashing(backend, x, params, training, layout, device, dtype, *args, **kwargs):
+        if dtype == "float32" and not training and layout == "NCHW":  # NHWC still measures and passes
+            raise RuntimeError("Must provide as many biases as the last dimension [4] vs. [0,8,8,3]")
+        return real(backend, x, params, training, layout, device, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(testing, "run", crashing)
+    report = runner.run(["numpy"], quick=True, gpu=False)
+    crashed = [r for r in report.results if r.exception]
+    assert crashed and all(r.failed and r.error is None for r in crashed)
+    cells = {(s.group, s.dtype): s for s in report.summaries()}
+    group = crashed[0].group
+    cell = cells[(group, "float32")]
+    # The cell also holds measured checks that passed; their number must not stand beside FAIL.
+    assert any(r.error is not None and r.status == "pass" for r in report.results
+               if (r.group, r.dtype) == (group, "float32"))
+    assert cell.cell() == "error: RuntimeError"
+    row = next(r for r in report.table().splitlines() if r.split()[:3] == ["numpy", "cpu", group])
+    assert "error: RuntimeError" in row and "FAIL" not in row
+    summary = next(s for s in report.as_dict()["summary"] if (s["group"], s["dtype"]) == (group, "float32"))
+    assert summary["status"] == "fail" and summary["error"] == (
+        "RuntimeError: Must provide as many biases as the last dimension [4] vs. [0,8,8,3]")
+    assert not report.passed and isinstance(report, Report)
