@@ -144,7 +144,7 @@ def _storage_scanner(pickle: Any) -> Any:
             self.storages: dict[str, tuple[int, int]] = {}  # key -> (itemsize, numel)
 
         def find_class(self, module: str, name: str) -> Any:
-            if module == "torch" and name in _STORAGE_ITEMSIZE:
+            if module in ("torch", "torch.storage") and name in _STORAGE_ITEMSIZE:
                 return _StorageType(name)
             return _Opaque
 

@@ -142,6 +142,7 @@ def test_legacy_files_with_lying_or_missing_storages_are_refused(tmp_path, capsy
         ("quantized", lambda: torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8), "quantized (torch.qint8)"),
         ("sparse", lambda: torch.randn(4, 4).to_sparse(), "sparse (torch.sparse_coo)"),
         ("meta", lambda: torch.empty(4, device="meta"), "a meta tensor"),
+        ("float8", lambda: torch.zeros(4, dtype=torch.float8_e4m3fn), "has dtype torch.float8_e4m3fn"),
     ],
 )
 def test_tensors_other_than_dense_cpu_ones_are_an_unsupported_kind(tmp_path, capsys, kind, make, said):
@@ -152,6 +153,17 @@ def test_tensors_other_than_dense_cpu_ones_are_an_unsupported_kind(tmp_path, cap
     _refused(path, "tensor 'odd'", said, "unsupported tensor kind")
     if kind == "quantized":
         _cli_refuses(path, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.bool, torch.float16, torch.bfloat16, torch.int64])
+def test_every_numpy_dtype_passes_the_storage_scan(tmp_path, dtype):
+    # Newer dtypes are saved with torch.storage.UntypedStorage and _rebuild_tensor_v3.
+    values = torch.arange(6).reshape(2, 3).to(dtype)
+    path = tmp_path / "dtypes.pt"
+    torch.save({"x": values}, path)
+    got = convbn.load_checkpoint(path).tensors["x"]
+    want = values.float().numpy() if dtype == torch.bfloat16 else values.numpy()
+    np.testing.assert_array_equal(np.asarray(got, want.dtype), want)
 
 
 class _no_warning:
