@@ -1,10 +1,18 @@
-"""``convbn info``: installed backends, their versions and devices, and a one-call agreement check."""
+"""``convbn info``: installed backends, their versions and devices, and a one-call agreement check;
+then convbn's and Python's versions, the other packages convbn uses, and TensorFlow's oneDNN
+setting (which changes TF's CPU kernels and so its numbers).
+
+Nothing that is not installed is imported: installation is judged with ``importlib.util`` and
+versions come from ``importlib.metadata``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
 import json
+import os
+import platform
 import sys
 from typing import Any
 
@@ -21,8 +29,18 @@ _DISTRIBUTIONS = {
 }
 
 
+#: Packages convbn's formats and layers use beside the backends, by distribution name.
+_PACKAGES = ("keras", "flax", "tf_keras", "tf-slim", "safetensors", "h5py", "msgpack")
+
+
 def register(sub: Any) -> None:
-    parser = sub.add_parser("info", help="installed backends, devices, and a quick agreement check")
+    parser = sub.add_parser(
+        "info",
+        help="installed backends, devices, and a quick agreement check",
+        description="One line per backend (version or 'not installed', default device, float32 error of one "
+                    "conv + BatchNorm against the float64 reference), then convbn's and Python's versions, "
+                    "the other packages convbn uses, and TensorFlow's oneDNN setting.",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=run)
 
@@ -34,6 +52,21 @@ def _version(name: str) -> str | None:
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
+
+
+def _package_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def onednn_setting() -> str:
+    """TF_ENABLE_ONEDNN_OPTS as this process has it, or what TensorFlow does when it is unset."""
+    value = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if value is not None:
+        return f"TF_ENABLE_ONEDNN_OPTS={value}"
+    return "TF_ENABLE_ONEDNN_OPTS unset (TensorFlow's default: on for x86 CPUs)"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,8 +92,13 @@ def run(args: argparse.Namespace) -> int:
             row["device"] = str(device)
             row["max_rel_err_vs_float64"] = float(np.max(np.abs(y - reference)) / np.max(np.abs(reference)))
         rows.append(row)
+    from convbn import __version__
+
+    packages = {dist: _package_version(dist) for dist in _PACKAGES}
     if args.json:
-        json.dump({"backends": rows, "auto_order": list(dispatch.AUTO_ORDER)}, sys.stdout, indent=2)
+        json.dump({"backends": rows, "auto_order": list(dispatch.AUTO_ORDER), "convbn": __version__,
+                   "python": platform.python_version(), "packages": packages, "onednn": onednn_setting()},
+                  sys.stdout, indent=2)
         print()
         return 0
     print(f"{'backend':<11} {'version':<10} {'device':<28} {'float32 vs float64 (rel)'}")
@@ -70,4 +108,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         print(f"{row['backend']:<11} {row['version'] or '?':<10} {row['device']:<28} {row['max_rel_err_vs_float64']:.2e}")
     print(f"NumPy input picks the first installed of: {', '.join(dispatch.AUTO_ORDER)}")
+    print(f"convbn {__version__}, Python {platform.python_version()} ({platform.system()} {platform.machine()})")
+    print("other packages: " + ", ".join(f"{d} {v or 'not installed'}" for d, v in packages.items()))
+    print(f"TensorFlow oneDNN: {onednn_setting()}")
     return 0

@@ -335,3 +335,39 @@ def test_a_crashed_conformance_check_reads_error_not_a_passing_number(monkeypatc
     assert summary["status"] == "fail" and summary["error"] == (
         "RuntimeError: Must provide as many biases as the last dimension [4] vs. [0,8,8,3]")
     assert not report.passed and isinstance(report, Report)
+
+
+# -- convbn info ----------------------------------------------------------------------------------
+
+
+def _metadata_version(*dists: str) -> str | None:
+    import importlib.metadata
+
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("onednn", ["0", None])
+def test_info_reports_versions_python_and_onednn_as_installed(onednn):
+    import platform
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if onednn is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn
+    result = subprocess.run([sys.executable, "-m", "convbn", "info", "--json"], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["convbn"] == convbn.__version__ and report["python"] == platform.python_version()
+    dists = {"numpy": ("numpy",), "torch": ("torch",), "tensorflow": ("tensorflow", "tensorflow-cpu"), "jax": ("jax",)}
+    assert {row["backend"]: row["version"] for row in report["backends"]} == {
+        name: _metadata_version(*d) for name, d in dists.items()}
+    assert all(row["installed"] == (row["version"] is not None) for row in report["backends"])
+    assert report["packages"] == {d: _metadata_version(d) for d in report["packages"]}
+    assert set(report["packages"]) >= {"keras", "flax", "safetensors", "h5py"}
+    assert report["onednn"] == ("TF_ENABLE_ONEDNN_OPTS=0" if onednn else
+                                "TF_ENABLE_ONEDNN_OPTS unset (TensorFlow's default: on for x86 CPUs)")
