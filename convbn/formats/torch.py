@@ -17,6 +17,7 @@ module names. torch state_dicts store no eps or momentum; reading assumes torch'
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -171,7 +172,6 @@ def _storage_scanner(pickle: Any) -> Any:
 
 def _check_storages(path: Path) -> bool:
     """Check every storage the pickle declares against the file's bytes; whether it is a zip."""
-    import io
     import pickle
 
     try:
@@ -189,7 +189,7 @@ def _check_storages(path: Path) -> bool:
                     )
             return True
         with open(path, "rb") as f:
-            _check_legacy(_BoundedReader(f), pickle)
+            _check_legacy(f, pickle)
         return False
     except ConvBNError as exc:
         raise ConvBNError(f"{path}: not a readable torch checkpoint: {exc}") from None
@@ -235,7 +235,7 @@ def _zip_records(path: Path) -> tuple[dict[str, int], bytes]:
         return records, z.read(folder + "data.pkl")
 
 
-def _checked_lengths(f: Any) -> Any:
+def _checked_lengths(f: io.BytesIO) -> io.BytesIO:
     """``f``, back where it was after checking that the pickle there holds every byte its opcodes
     declare: the C unpickler allocates a BINBYTES' declared length before reading it."""
     import pickletools
@@ -247,56 +247,55 @@ def _checked_lengths(f: Any) -> Any:
     return f
 
 
-class _BoundedReader:
-    """A file whose ``read(n)`` asks for no more than the bytes left: a pickle opcode's length is
-    read from the file, and a file's ``read`` allocates what it is asked for before reading."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        import os
-
-        self._f, self._end = f, os.fstat(f.fileno()).st_size
-
-    def read(self, n: int | None = -1) -> bytes:
-        left = max(self._end - self._f.tell(), 0)
-        return self._f.read(left if n is None or n < 0 else min(n, left))
-
-    def readline(self, limit: int | None = -1) -> bytes:
-        return self._f.readline(-1 if limit is None else limit)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def size(self) -> int:
-        return self._end
-
-
-def _check_legacy(f: _BoundedReader, pickle: Any) -> None:
+def _check_legacy(f: BinaryIO, pickle: Any) -> None:
     """The legacy format: magic, protocol and system pickles, the object pickle, the storage keys,
     then each storage as an 8-byte element count and its bytes, every one inside the file."""
     import os
     import struct
 
-    scanner = _storage_scanner(pickle)
     if f.read(len(_LEGACY_MAGIC)) != _LEGACY_MAGIC:
         raise ConvBNError("not a torch.save file (no zip, no legacy magic number)")
-    f.seek(0)
+    head = _legacy_pickles(f)  # their declared lengths checked
+    scanner = _storage_scanner(pickle)
     for _ in range(3):  # magic number, protocol version, system info
-        scanner(_checked_lengths(f)).load()
-    objects = scanner(_checked_lengths(f))
+        scanner(head).load()
+    objects = scanner(head)
     objects.load()
-    keys = scanner(_checked_lengths(f)).load()
+    keys = scanner(head).load()
     if not isinstance(keys, list) or sorted(keys, key=str) != sorted(objects.storages, key=str):
         raise ConvBNError("the storage list does not match the storages the tensors use")
-    end = f.size()
+    end = os.fstat(f.fileno()).st_size
+    f.seek(head.tell())
     for key in keys:
         itemsize, numel = objects.storages[key]
         raw = f.read(8)
         if len(raw) < 8 or struct.unpack("<q", raw)[0] != numel or f.tell() + numel * itemsize > end:
             raise ConvBNError(f"storage {key!r} of {numel * itemsize} bytes is not in the file")
         f.seek(numel * itemsize, os.SEEK_CUR)
+
+
+def _legacy_pickles(f: BinaryIO) -> io.BytesIO:
+    """The start of the file that holds its five pickles, in memory (the storages' bytes follow),
+    each checked as :func:`_checked_lengths` does: read 1 MiB, then four times more until the
+    pickles end inside it or the file does."""
+    import os
+    import pickletools
+
+    size, n = os.fstat(f.fileno()).st_size, 1 << 20
+    while True:
+        f.seek(0)
+        head = io.BytesIO(f.read(min(n, size)))
+        try:
+            for _ in range(5):
+                for _ in pickletools.genops(head):
+                    pass
+        except Exception:  # a pickle runs past what was read, or the file is corrupt
+            if n >= size:
+                raise
+            n *= 4
+            continue
+        head.seek(0)
+        return head
 
 
 def _is_tensor(value: Any) -> bool:
