@@ -2,7 +2,10 @@
 
 Reading uses ``torch.load(weights_only=True)``: only tensors and plain containers are unpickled, and
 a pickle that would construct anything else (and so could run code) is refused. Zip-format files
-are memory-mapped, so reading copies no tensor data.
+are memory-mapped, so reading copies no tensor data. torch.load trusts the sizes in the pickle, so
+they are checked first against the bytes the file holds (zip members must be stored uncompressed,
+as torch.save writes them), and each tensor against its storage: a stride-0 view of one value does
+not convert into gigabytes. Quantized, sparse, nested and meta tensors are refused.
 
 Layer ``L`` is written with the default names (``/`` in ``L`` becomes ``.``)::
 
@@ -18,6 +21,7 @@ module names. torch state_dicts store no eps or momentum; reading assumes torch'
 from __future__ import annotations
 
 import io
+import pickle
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,8 +74,6 @@ def sniff(path: Path) -> bool:
 
 def _load(path: Path) -> Any:
     """The unpickled object, after :func:`_check_storages` bounded what ``torch.load`` may read."""
-    import pickle
-
     import torch
 
     is_zip = _check_storages(path)
@@ -136,48 +138,43 @@ class _StorageType:
         self.name, self.itemsize = name, _STORAGE_ITEMSIZE[name]
 
 
-def _storage_scanner(pickle: Any) -> Any:
-    """An Unpickler class that records each storage's persistent id, and constructs nothing else."""
+class _StorageScanner(pickle.Unpickler):
+    """An unpickler that records each storage's persistent id, and constructs nothing else."""
 
-    class Scanner(pickle.Unpickler):  # type: ignore[misc, name-defined]
-        def __init__(self, file: Any) -> None:
-            super().__init__(file)
-            self.storages: dict[str, tuple[int, int]] = {}  # key -> (itemsize, numel)
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self.storages: dict[str, tuple[int, int]] = {}  # key -> (itemsize, numel)
 
-        def find_class(self, module: str, name: str) -> Any:
-            if module in ("torch", "torch.storage") and name in _STORAGE_ITEMSIZE:
-                return _StorageType(name)
-            return _Opaque
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("torch", "torch.storage") and name in _STORAGE_ITEMSIZE:
+            return _StorageType(name)
+        return _Opaque
 
-        def persistent_load(self, pid: Any) -> Any:
-            if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] not in ("storage", b"storage"):
-                raise ConvBNError(f"unsupported persistent object {str(pid)[:80]}")
-            storage_type, key, _location, numel = pid[1:5]
-            view = pid[5] if len(pid) == 6 else None
-            if not isinstance(storage_type, _StorageType):
-                raise ConvBNError(f"storage {key!r} has an unsupported type")
-            if not isinstance(key, str) or type(numel) is not int or numel < 0:
-                raise ConvBNError(f"storage {key!r} has a malformed id {str(pid)[:80]}")
-            entry = (storage_type.itemsize, numel)
-            if self.storages.setdefault(key, entry) != entry:
-                raise ConvBNError(f"storage {key!r} is declared twice with different types or sizes")
-            if view is not None:
-                ok = isinstance(view, tuple) and len(view) == 3 and all(type(v) is int and v >= 0 for v in view[1:])
-                if not ok or view[1] + view[2] > numel:
-                    raise ConvBNError(f"storage {key!r} has a view {str(view)[:80]} outside its {numel} elements")
-            return _Opaque()
-
-    return Scanner
+    def persistent_load(self, pid: Any) -> Any:
+        if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] not in ("storage", b"storage"):
+            raise ConvBNError(f"unsupported persistent object {str(pid)[:80]}")
+        storage_type, key, _location, numel = pid[1:5]
+        view = pid[5] if len(pid) == 6 else None
+        if not isinstance(storage_type, _StorageType):
+            raise ConvBNError(f"storage {key!r} has an unsupported type")
+        if not isinstance(key, str) or type(numel) is not int or numel < 0:
+            raise ConvBNError(f"storage {key!r} has a malformed id {str(pid)[:80]}")
+        entry = (storage_type.itemsize, numel)
+        if self.storages.setdefault(key, entry) != entry:
+            raise ConvBNError(f"storage {key!r} is declared twice with different types or sizes")
+        if view is not None:
+            ok = isinstance(view, tuple) and len(view) == 3 and all(type(v) is int and v >= 0 for v in view[1:])
+            if not ok or view[1] + view[2] > numel:
+                raise ConvBNError(f"storage {key!r} has a view {str(view)[:80]} outside its {numel} elements")
+        return _Opaque()
 
 
 def _check_storages(path: Path) -> bool:
     """Check every storage the pickle declares against the file's bytes; whether it is a zip."""
-    import pickle
-
     try:
         if zip_first_member(path) is not None:
             records, data_pkl = _zip_records(path)
-            scanner = _storage_scanner(pickle)(_checked_lengths(io.BytesIO(data_pkl)))
+            scanner = _StorageScanner(_checked_lengths(io.BytesIO(data_pkl)))
             scanner.load()
             for key, (itemsize, numel) in scanner.storages.items():
                 held = records.get(f"data/{key}")
@@ -189,7 +186,7 @@ def _check_storages(path: Path) -> bool:
                     )
             return True
         with open(path, "rb") as f:
-            _check_legacy(f, pickle)
+            _check_legacy(f)
         return False
     except ConvBNError as exc:
         raise ConvBNError(f"{path}: not a readable torch checkpoint: {exc}") from None
@@ -247,7 +244,7 @@ def _checked_lengths(f: io.BytesIO) -> io.BytesIO:
     return f
 
 
-def _check_legacy(f: BinaryIO, pickle: Any) -> None:
+def _check_legacy(f: BinaryIO) -> None:
     """The legacy format: magic, protocol and system pickles, the object pickle, the storage keys,
     then each storage as an 8-byte element count and its bytes, every one inside the file."""
     import os
@@ -256,12 +253,11 @@ def _check_legacy(f: BinaryIO, pickle: Any) -> None:
     if f.read(len(_LEGACY_MAGIC)) != _LEGACY_MAGIC:
         raise ConvBNError("not a torch.save file (no zip, no legacy magic number)")
     head = _legacy_pickles(f)  # their declared lengths checked
-    scanner = _storage_scanner(pickle)
     for _ in range(3):  # magic number, protocol version, system info
-        scanner(head).load()
-    objects = scanner(head)
+        _StorageScanner(head).load()
+    objects = _StorageScanner(head)
     objects.load()
-    keys = scanner(head).load()
+    keys = _StorageScanner(head).load()
     if not isinstance(keys, list) or sorted(keys, key=str) != sorted(objects.storages, key=str):
         raise ConvBNError("the storage list does not match the storages the tensors use")
     end = os.fstat(f.fileno()).st_size
