@@ -147,6 +147,7 @@ def test_a_missing_framework_is_named_before_the_source_is_read(tmp_path, source
 def slim_source(tmp_path):
     require_backend("tensorflow")
     prefix = tmp_path / "ck" / "model.ckpt"
+    prefix.parent.mkdir()
     convbn.save_checkpoint(random_checkpoint(), prefix, "slim")
     (tmp_path / "ck" / "model.ckpt.meta").write_bytes(b"a graph")  # a file of the checkpoint as well
     return prefix
