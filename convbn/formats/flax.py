@@ -15,7 +15,8 @@ momentum; reading assumes flax's defaults (eps 1e-5, momentum 0.99) unless overr
 
 The msgpack encoding is flax's own (arrays as extension type 1 holding ``(shape, dtype name,
 bytes)``, arrays over 1 GiB chunked), implemented here with ``msgpack`` alone: reading and writing
-import neither flax nor JAX, and stream one tensor at a time.
+import neither flax nor JAX, and stream one tensor at a time. Reading refuses maps and lists nested
+deeper than :data:`MAX_DEPTH` (100) and any array whose shape and dtype do not match its bytes.
 """
 
 from __future__ import annotations
