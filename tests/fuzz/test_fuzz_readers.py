@@ -20,7 +20,7 @@ from tests.fuzz import runner, seeds
 from tests.fuzz.mutate import Deep, dumps_json
 
 #: Mutants per format: fewer where a mutant costs more (an HDF5 rewrite, a TF checkpoint).
-MUTANTS = {"torch": 300, "safetensors": 300, "flax": 300, "keras": 200, "slim": 200}
+MUTANTS = {"torch": 500, "safetensors": 500, "flax": 500, "keras": 300, "slim": 300}
 SEED = 0
 
 
