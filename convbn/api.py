@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -115,7 +115,7 @@ def _conv_bn_numpy(
         native = module.to_backend(params, resolved)
         params._cache[key] = native
     if plan.empty:
-        y = np.zeros(plan.out_shape, x.dtype)
+        y = np.zeros(cast("tuple[int, ...]", plan.out_shape), x.dtype)  # NumPy shapes are concrete
         return (y, params) if plan.training else y
     xb = module.asarray(x, resolved)
     out = module.conv_bn(xb, native, plan)
