@@ -107,6 +107,9 @@ def _conv_bn_numpy(
     name = dispatch.auto_backend(backend)
     module = dispatch.load_backend(name)
     plan = plan_for(x.shape, params, data_format, training)
+    if plan.empty:  # nothing to compute or convert: the shape comes from the geometry
+        y = np.zeros(cast("tuple[int, ...]", plan.out_shape), x.dtype)  # NumPy shapes are concrete
+        return (y, params) if plan.training else y
     resolved = module.resolve_device(device)
     conversion_key = getattr(module, "conversion_key", None)
     key = ("to_backend", name, str(resolved), conversion_key() if conversion_key is not None else None)
@@ -114,9 +117,6 @@ def _conv_bn_numpy(
     if native is None:
         native = module.to_backend(params, resolved)
         params._cache[key] = native
-    if plan.empty:
-        y = np.zeros(cast("tuple[int, ...]", plan.out_shape), x.dtype)  # NumPy shapes are concrete
-        return (y, params) if plan.training else y
     xb = module.asarray(x, resolved)
     out = module.conv_bn(xb, native, plan)
     if not plan.training:
