@@ -16,8 +16,10 @@ import pytest
 import convbn
 from convbn import ConvBNError
 from convbn.cli import main
+from tests.conftest import need
 
-h5py = pytest.importorskip("h5py")
+need("h5py")
+import h5py  # noqa: E402
 
 # Bytes another file holds: four float32 values that would make a valid moving mean.
 SECRET = np.array([11.5, -2.25, 7.0, 3.125], "<f4")

@@ -19,8 +19,10 @@ import convbn
 from convbn import ConvBNError
 from convbn.cli import main
 from convbn.formats import slim
+from tests.conftest import need
 
-tf = pytest.importorskip("tensorflow")
+need("tensorflow")
+import tensorflow as tf  # noqa: E402
 from tensorflow.core.framework import graph_pb2, node_def_pb2  # noqa: E402
 from tensorflow.core.protobuf import meta_graph_pb2, tensor_bundle_pb2, trackable_object_graph_pb2  # noqa: E402
 
