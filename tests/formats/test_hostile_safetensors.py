@@ -59,7 +59,7 @@ def _refused(path: Path, *fragments: str) -> str:
 
 def _cli_refuses(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = set(os.listdir(tmp_path))
-    dst = tmp_path / "out.pt"
+    dst = tmp_path / "out.safetensors"
     assert convbn.cli.main(["convert", str(path), str(dst)]) == 2
     assert not dst.exists() and set(os.listdir(tmp_path)) == before
     assert convbn.cli.main(["inspect", str(path)]) == 2
