@@ -30,7 +30,8 @@ def register(sub: Any) -> None:
     parser = sub.add_parser(
         "convert",
         help="convert a checkpoint between torch, slim, keras, flax and safetensors",
-        description="Read SRC, fold conv biases where the target has none, write DST atomically.",
+        description="Read SRC, fold conv biases where the target has none, write DST atomically (creating its "
+                    "directories; never onto a file of SRC).",
     )
     parser.add_argument("src", metavar="SRC", help="source checkpoint (a file, or a TF prefix/directory)")
     parser.add_argument("dst", metavar="DST", help="destination (a TF prefix such as model.ckpt for slim)")
