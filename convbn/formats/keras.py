@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import lzma
 import os
 import re
 import tempfile
@@ -291,7 +292,7 @@ def _open(path: Path) -> tuple[list[_Group], dict[str, np.ndarray], list[str], d
                 return (*_read_h5(f, path, h5py, info.file_size), config)
     except ConvBNError:
         raise
-    except (*_H5_ERRORS, zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error) as exc:
+    except (*_H5_ERRORS, zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error, lzma.LZMAError) as exc:
         raise ConvBNError(f"{path}: not a readable Keras weights file (truncated or corrupted): {_first_line(exc)}") from None
 
 

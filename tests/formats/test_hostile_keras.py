@@ -275,3 +275,21 @@ def test_a_corrupt_group_is_refused(tmp_path):
 def test_a_malformed_config_is_refused(tmp_path, config, fragment):
     src = _archive(tmp_path / "m.keras", _weights(tmp_path / "m.weights.h5"), config)
     _refused(src, fragment)
+
+
+def test_a_corrupt_lzma_member_is_refused(tmp_path):
+    """A .keras member may use any zip method; a corrupt LZMA stream is the file's fault, not a
+    traceback from the decompressor (found by tests/fuzz)."""
+    weights = _weights(tmp_path / "m.weights.h5")
+    src = tmp_path / "m.keras"
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("metadata.json", json.dumps({"keras_version": "3"}))
+        zf.writestr("config.json", json.dumps(_config()))
+        zf.write(weights, "model.weights.h5", compress_type=zipfile.ZIP_LZMA)
+    with zipfile.ZipFile(src) as zf:
+        info = zf.getinfo("model.weights.h5")
+    data = bytearray(src.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 9  # past LZMA's props
+    data[start:start + 64] = bytes(64)
+    src.write_bytes(bytes(data))
+    _refused(src, "not a readable Keras weights file")
