@@ -66,7 +66,15 @@ def onednn_setting() -> str:
     value = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     if value is not None:
         return f"TF_ENABLE_ONEDNN_OPTS={value}"
-    return "TF_ENABLE_ONEDNN_OPTS unset (TensorFlow's default: on for x86 CPUs)"
+    # TensorFlow turns oneDNN on by default only on x86 CPUs with its neural-network instructions
+    # (AVX-512 VNNI or BF16, AVX-VNNI, AMX: recent Intel Xeons); /proc/cpuinfo tells which this is.
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return "TF_ENABLE_ONEDNN_OPTS unset (TensorFlow's default: on for x86 CPUs with AVX-512 VNNI/BF16, AVX-VNNI or AMX)"
+    on = bool(flags & {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile"})
+    return f"TF_ENABLE_ONEDNN_OPTS unset (TensorFlow's default on this CPU: {'on' if on else 'off'})"
 
 
 def run(args: argparse.Namespace) -> int:
