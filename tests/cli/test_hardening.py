@@ -46,6 +46,7 @@ def torch_source(tmp_path):
 # -- semantics that a conversion would change ---------------------------------------------------------
 
 
+@pytest.mark.needs("h5py")
 def test_a_changed_moving_variance_update_is_noted_or_refused_alike_in_python_and_the_cli(tmp_path, torch_source, capsys):
     ckpt = convbn.load_checkpoint(torch_source)
     assert {p.var_update for p in ckpt.layers.values()} == {"unbiased"}
@@ -66,6 +67,7 @@ def test_a_changed_moving_variance_update_is_noted_or_refused_alike_in_python_an
     assert not (tmp_path / "z.keras").exists()
 
 
+@pytest.mark.needs("h5py")
 def test_a_torch_spelled_momentum_is_refused_with_the_fix(tmp_path, torch_source, capsys):
     code, out, err = _run(capsys, "convert", torch_source, tmp_path / "o.safetensors", "--momentum", "0.1")
     assert code == 2 and out == "" and not (tmp_path / "o.safetensors").exists()
@@ -86,6 +88,7 @@ def test_a_torch_spelled_momentum_is_refused_with_the_fix(tmp_path, torch_source
         main(["convert", str(torch_source), str(tmp_path / "b.safetensors"), "--momentum", "0.9", "--torch-momentum", "0.1"])
 
 
+@pytest.mark.needs("torch")
 def test_a_destination_suffix_naming_another_format_is_refused(tmp_path, source, capsys):
     dst = tmp_path / "model.safetensors"
     code, out, err = _run(capsys, "convert", source, dst, "--to", "torch")
@@ -272,6 +275,7 @@ def test_two_concurrent_converts_to_one_destination_one_wins(tmp_path, source):
 # -- verify says what it verified ---------------------------------------------------------------------
 
 
+@pytest.mark.needs("h5py")
 def test_verify_names_the_geometry_it_checked(tmp_path, torch_source, capsys):
     code, out, _ = _run(capsys, "convert", torch_source, tmp_path / "o.safetensors", "--verify")
     assert code == 0
