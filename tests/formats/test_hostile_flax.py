@@ -3,7 +3,6 @@ with arrays checked against their bytes before they are viewed; the CLI exits 2 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,9 @@ import pytest
 
 import convbn
 import convbn.cli
-from convbn import ConvBNError
 from convbn.formats import flax as flax_format
 from tests.conftest import need
+from tests.formats.hostile import cli_refuses, refused
 
 need("msgpack")
 import msgpack  # noqa: E402
@@ -34,24 +33,6 @@ def _write(path: Path, tree: Any) -> Path:
     return path
 
 
-def _refused(path: Path, *fragments: str) -> str:
-    with pytest.raises(ConvBNError) as info:
-        convbn.load_checkpoint(path)
-    message = str(info.value)
-    assert "\n" not in message and str(path) in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
-
-
-def _cli_refuses(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    before = set(os.listdir(tmp_path))
-    dst = tmp_path / "out.safetensors"
-    assert convbn.cli.main(["convert", str(path), str(dst)]) == 2
-    assert not dst.exists() and set(os.listdir(tmp_path)) == before
-    assert convbn.cli.main(["inspect", str(path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(str(path) in line for line in err), err
 
 
 def _chunked(shape: dict[str, Any], chunks: dict[str, Any]) -> dict[str, Any]:
@@ -60,8 +41,8 @@ def _chunked(shape: dict[str, Any], chunks: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_minimal_chunked_array_is_a_clean_error(tmp_path, capsys):
     path = _write(tmp_path / "chunk.msgpack", {"params": {"w": _chunked({}, {})}})
-    _refused(path, "chunked array at '/params/w'")
-    _cli_refuses(path, tmp_path, capsys)
+    refused(path, "chunked array at '/params/w'")
+    cli_refuses(path, capsys)
 
 
 def test_chunked_arrays_are_joined_and_checked_against_their_shape(tmp_path):
@@ -70,10 +51,10 @@ def test_chunked_arrays_are_joined_and_checked_against_their_shape(tmp_path):
     good = _write(tmp_path / "good.msgpack", {"params": {"w": _chunked({"0": 3, "1": 4}, parts)}})
     np.testing.assert_array_equal(convbn.load_checkpoint(good).tensors["params/w"], values.reshape(3, 4))
     bad = _write(tmp_path / "bad.msgpack", {"params": {"w": _chunked({"0": 3, "1": 5}, parts)}})
-    _refused(bad, "shape [3, 5] but its chunks hold 12 values")
+    refused(bad, "shape [3, 5] but its chunks hold 12 values")
     mixed = {"0": _real(values[:5]), "1": _real(values[5:].astype(np.float64))}
-    _refused(_write(tmp_path / "mixed.msgpack", {"params": {"w": _chunked({"0": 12}, mixed)}}), "of one dtype")
-    _refused(_write(tmp_path / "str.msgpack", {"params": {"w": _chunked({"0": "12"}, parts)}}), "'/params/w'")
+    refused(_write(tmp_path / "mixed.msgpack", {"params": {"w": _chunked({"0": 12}, mixed)}}), "of one dtype")
+    refused(_write(tmp_path / "str.msgpack", {"params": {"w": _chunked({"0": "12"}, parts)}}), "'/params/w'")
 
 
 def test_maps_nested_beyond_the_bound_are_refused(tmp_path, capsys):
@@ -88,8 +69,8 @@ def test_maps_nested_beyond_the_bound_are_refused(tmp_path, capsys):
     np.testing.assert_array_equal(convbn.load_checkpoint(at_bound).tensors[deep_name], [1, 1])
     # About 500 levels raised RecursionError.
     path = _write(tmp_path / "deep.msgpack", nested(500))
-    _refused(path, f"nest deeper than {flax_format.MAX_DEPTH} levels")
-    _cli_refuses(path, tmp_path, capsys)
+    refused(path, f"nest deeper than {flax_format.MAX_DEPTH} levels")
+    cli_refuses(path, capsys)
     lists = _write(tmp_path / "lists.msgpack", {"params": {"w": [[[[]]]], "deep": [[], [[[]]]]}})
     assert convbn.load_checkpoint(lists).dropped == ["params/w", "params/deep"]
 
@@ -112,7 +93,7 @@ def test_maps_nested_beyond_the_bound_are_refused(tmp_path, capsys):
 )
 def test_an_array_whose_shape_and_dtype_do_not_match_its_bytes_is_refused(tmp_path, shape, dtype, data, said):
     path = _write(tmp_path / "bad.msgpack", {"params": {"w": _array(shape, dtype, data)}})
-    _refused(path, "corrupted flax msgpack file", said)
+    refused(path, "corrupted flax msgpack file", said)
 
 
 def test_an_array_that_matches_its_bytes_reads_back(tmp_path):

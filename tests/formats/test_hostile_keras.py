@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 import convbn
-from convbn import ConvBNError
-from convbn.cli import main
 from tests.conftest import need
+from tests.formats.hostile import cli_refuses, refused
 
 need("h5py")
 import h5py  # noqa: E402
@@ -76,18 +75,11 @@ def _secret_file(directory: Path) -> Path:
     return secret
 
 
+
 def _refused(src: Path, *fragments: str) -> str:
-    """``src`` gives one ConvBNError line naming it (and ``fragments``), and the CLI exits 2, writing nothing."""
-    with pytest.raises(ConvBNError) as info:
-        convbn.load_checkpoint(src)
-    message = str(info.value)
-    assert "\n" not in message and str(src) in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    dst = src.parent / "out.safetensors"
-    assert main(["convert", str(src), str(dst)]) == 2
-    assert not dst.exists()
-    assert main(["inspect", str(src)]) == 2
+    """``refused``, and the CLI refuses it too, writing nothing."""
+    message = refused(src, *fragments)
+    cli_refuses(src)
     return message
 
 

@@ -4,7 +4,6 @@ the header key), before any tensor is viewed; the CLI exits 2 writing nothing.""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import time
 from collections.abc import Callable
@@ -16,8 +15,8 @@ import pytest
 
 import convbn
 import convbn.cli
-from convbn import ConvBNError
 from tests.formats.builders import random_checkpoint
+from tests.formats.hostile import cli_refuses, refused
 
 
 def _write(path: Path, header: bytes | dict[str, Any], data: bytes = b"") -> Path:
@@ -47,30 +46,12 @@ def _edited(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Pat
     return _write(dst, header, data)
 
 
-def _refused(path: Path, *fragments: str) -> str:
-    with pytest.raises(ConvBNError) as info:
-        convbn.load_checkpoint(path)
-    message = str(info.value)
-    assert "\n" not in message and str(path) in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
-
-
-def _cli_refuses(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    before = set(os.listdir(tmp_path))
-    dst = tmp_path / "out.safetensors"
-    assert convbn.cli.main(["convert", str(path), str(dst)]) == 2
-    assert not dst.exists() and set(os.listdir(tmp_path)) == before
-    assert convbn.cli.main(["inspect", str(path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(str(path) in line for line in err), err
 
 
 def test_a_header_nested_5000_deep_is_refused(tmp_path, capsys):
     path = _write(tmp_path / "deep.safetensors", b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}")
-    _refused(path, "nested too deeply")
-    _cli_refuses(path, tmp_path, capsys)
+    refused(path, "nested too deeply")
+    cli_refuses(path, capsys)
 
 
 def _layer(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -111,13 +92,13 @@ def _meta(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
 )
 def test_unvalidated_convbn_metadata_is_refused_naming_the_key(neutral, tmp_path, edit, said):
     path = _edited(neutral, tmp_path / "bad.safetensors", edit)
-    _refused(path, said)
+    refused(path, said)
 
 
 def test_a_note_that_is_not_a_string_writes_nothing(neutral, tmp_path, capsys):
     # It used to fail in the CLI's report after DST was written, leaving DST behind with exit 1.
     path = _edited(neutral, tmp_path / "bad.safetensors", _meta("convbn.notes", "[1, {}]"))
-    _cli_refuses(path, tmp_path, capsys)
+    cli_refuses(path, capsys)
 
 
 def _tensor(offsets: list[int], dtype: str = "F32", shape: tuple[int, ...] = (4,)) -> dict[str, Any]:
@@ -129,10 +110,10 @@ def test_overlapping_tensors_and_repeated_keys_are_refused(tmp_path, capsys):
     fine = _write(tmp_path / "fine.safetensors", {"a": _tensor([0, 16]), "b": _tensor([16, 32])}, data)
     np.testing.assert_array_equal(convbn.load_checkpoint(fine).tensors["b"], [4, 5, 6, 7])
     overlap = _write(tmp_path / "overlap.safetensors", {"a": _tensor([0, 16]), "b": _tensor([8, 24])}, data)
-    _refused(overlap, "tensors 'a' and 'b' overlap")
-    _cli_refuses(overlap, tmp_path, capsys)
+    refused(overlap, "tensors 'a' and 'b' overlap")
+    cli_refuses(overlap, capsys)
     raw = b'{"a":' + json.dumps(_tensor([0, 16])).encode() + b',"a":' + json.dumps(_tensor([16, 32])).encode() + b"}"
-    _refused(_write(tmp_path / "twice.safetensors", raw, data), "key 'a' appears twice")
+    refused(_write(tmp_path / "twice.safetensors", raw, data), "key 'a' appears twice")
 
 
 @pytest.mark.parametrize(
@@ -150,12 +131,12 @@ def test_overlapping_tensors_and_repeated_keys_are_refused(tmp_path, capsys):
 )
 def test_entries_that_lie_about_their_bytes_are_refused(tmp_path, entry, said):
     path = _write(tmp_path / "bad.safetensors", {"a": entry}, np.zeros(4, np.float32).tobytes())
-    _refused(path, said)
+    refused(path, said)
 
 
 def test_a_header_longer_than_the_file_is_refused_before_reading_it(tmp_path):
     path = tmp_path / "huge.safetensors"
     path.write_bytes(struct.pack("<Q", 90 * 1024 * 1024) + b'{"a":{}}')
     start = time.perf_counter()
-    _refused(path, "header of 94371840 bytes, file of 16")
+    refused(path, "header of 94371840 bytes, file of 16")
     assert time.perf_counter() - start < 1.0

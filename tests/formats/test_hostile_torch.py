@@ -15,8 +15,8 @@ import pytest
 
 import convbn
 import convbn.cli
-from convbn import ConvBNError
 from tests.conftest import need
+from tests.formats.hostile import cli_refuses, refused
 
 need("torch")
 import torch  # noqa: E402
@@ -53,26 +53,6 @@ def _edit_pickle(old: bytes, new: bytes) -> Callable[[str, bytes], bytes]:
     return edit
 
 
-def _refused(path: Path, *fragments: str) -> str:
-    """load_checkpoint's one-line ConvBNError, naming the file and containing ``fragments``."""
-    with pytest.raises(ConvBNError) as info:
-        convbn.load_checkpoint(path)
-    message = str(info.value)
-    assert "\n" not in message and str(path) in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
-
-
-def _cli_refuses(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """convert exits 2 with nothing at DST (nor beside it) and one line on stderr; so does inspect."""
-    before = set(os.listdir(tmp_path))
-    dst = tmp_path / "out.safetensors"
-    assert convbn.cli.main(["convert", str(path), str(dst)]) == 2
-    assert not dst.exists() and set(os.listdir(tmp_path)) == before
-    assert convbn.cli.main(["inspect", str(path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(str(path) in line for line in err), err
 
 
 @pytest.fixture
@@ -88,16 +68,16 @@ def test_a_rezipped_file_reads_back_and_a_deflated_one_is_refused(saved, tmp_pat
     np.testing.assert_array_equal(ckpt.layers["c"].moving_var, _state()["b.running_var"].numpy())
     # Read in place, the deflated bytes became a running_var of about -9e4.
     deflated = _rezip(saved, tmp_path / "deflated.pt", method=zipfile.ZIP_DEFLATED)
-    _refused(deflated, "'ok/data.pkl' is compressed")
-    _cli_refuses(deflated, tmp_path, capsys)
+    refused(deflated, "'ok/data.pkl' is compressed")
+    cli_refuses(deflated, capsys)
 
 
 def test_a_stride_0_tensor_is_bounded_by_its_storage(tmp_path, capsys):
     path = tmp_path / "expanded.pt"
     torch.save({"w": torch.zeros(1).expand(32768, 32768, 1, 1)}, path)
     assert path.stat().st_size < 4096  # it read back as a 4 GiB kernel
-    _refused(path, "tensor 'w'", "4294967296 bytes", "4-byte storage")
-    _cli_refuses(path, tmp_path, capsys)
+    refused(path, "tensor 'w'", "4294967296 bytes", "4-byte storage")
+    cli_refuses(path, capsys)
 
 
 def test_tensors_sharing_a_storage_may_not_take_more_than_it_holds(tmp_path):
@@ -111,7 +91,7 @@ def test_tensors_sharing_a_storage_may_not_take_more_than_it_holds(tmp_path):
         np.testing.assert_array_equal(ckpt.tensors[name], np.array(want, np.float32))
     overlapping = tmp_path / "overlapping.pt"
     torch.save({"a": base[:6], "b": base[2:]}, overlapping)
-    _refused(overlapping, "tensor 'b'", "beside the other tensors sharing it")
+    refused(overlapping, "tensor 'b'", "beside the other tensors sharing it")
 
 
 def test_a_storage_larger_than_its_record_is_refused(saved, tmp_path):
@@ -119,7 +99,7 @@ def test_a_storage_larger_than_its_record_is_refused(saved, tmp_path):
     # record's offset and returns the next members' bytes as weights.
     path = _rezip(saved, tmp_path / "lying.pt", _edit_pickle(b"K\x6ct", b"K\xc8t"))
     torch.load(path, weights_only=True, mmap=True)  # what convbn must not do
-    _refused(path, "storage '0' declares 800 bytes", "data/0 holds 432")
+    refused(path, "storage '0' declares 800 bytes", "data/0 holds 432")
 
 
 def test_legacy_files_with_lying_or_missing_storages_are_refused(tmp_path, capsys):
@@ -130,11 +110,11 @@ def test_legacy_files_with_lying_or_missing_storages_are_refused(tmp_path, capsy
                                   _state()["c.weight"].numpy().transpose(2, 3, 1, 0))
     lying = tmp_path / "lying.pt"
     lying.write_bytes(data.replace(b"K\x6cN", b"J\x00\x00\x00\x40N", 1))  # 108 floats -> 2**30
-    _refused(lying, "storage '")
+    refused(lying, "storage '")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[:-20])
-    _refused(truncated, "is not in the file")
-    _cli_refuses(truncated, tmp_path, capsys)
+    refused(truncated, "is not in the file")
+    cli_refuses(truncated, capsys)
 
 
 @pytest.mark.parametrize(
@@ -152,9 +132,9 @@ def test_tensors_other_than_dense_cpu_ones_are_an_unsupported_kind(tmp_path, cap
         warnings.simplefilter("ignore", UserWarning)  # quantize_per_tensor is deprecated
         tensor = make()
     torch.save({**_state(), "odd": tensor}, path)
-    _refused(path, "tensor 'odd'", said, "unsupported tensor kind")
+    refused(path, "tensor 'odd'", said, "unsupported tensor kind")
     if kind == "quantized":
-        _cli_refuses(path, tmp_path, capsys)
+        cli_refuses(path, capsys)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.bool, torch.float16, torch.bfloat16, torch.int64])
@@ -181,8 +161,8 @@ def test_errors_inside_torchs_unpickler_become_one_line(saved, tmp_path, capsys,
     path = _rezip(saved, tmp_path / "bad.pt", _edit_pickle(old, new))
     with pytest.raises(raised):
         torch.load(path, weights_only=True, mmap=True)
-    _refused(path, "not a readable torch checkpoint")
-    _cli_refuses(path, tmp_path, capsys)
+    refused(path, "not a readable torch checkpoint")
+    cli_refuses(path, capsys)
 
 
 class _Run:
@@ -197,7 +177,7 @@ def test_a_pickle_that_would_run_code_runs_nothing(saved, tmp_path):
     _Run.marker = str(marker)
     evil = pickle.dumps({"w": _Run()}, protocol=2)
     path = _rezip(saved, tmp_path / "evil.pt", lambda name, data: evil if name.endswith("/data.pkl") else data)
-    _refused(path, "refused to unpickle")
+    refused(path, "refused to unpickle")
     assert not marker.exists()
 
 
@@ -220,7 +200,7 @@ def test_a_lying_pickle_length_allocates_nothing(tmp_path, container):
         path.write_bytes(_LEGACY_MAGIC + b"." + lying)
     tracemalloc.start()
     try:
-        _refused(path, "not a readable torch checkpoint")
+        refused(path, "not a readable torch checkpoint")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -4,7 +4,6 @@ both lengths, not a group quietly left unpaired (the file then converted without
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,8 @@ import pytest
 
 import convbn
 import convbn.cli
-from convbn import ConvBNError
 from tests.conftest import need
+from tests.formats.hostile import cli_refuses, refused
 
 
 def _state(override: dict[str, tuple[int, ...]] | None = None, only: str = "") -> dict[str, np.ndarray]:
@@ -51,23 +50,6 @@ def _save_safetensors(path: Path, state: dict[str, np.ndarray]) -> Path:
 SAVERS = {"torch": (_save_torch, "m.pt"), "safetensors": (_save_safetensors, "m.safetensors")}
 
 
-def _refused(path: Path, *fragments: str) -> None:
-    with pytest.raises(ConvBNError) as info:
-        convbn.load_checkpoint(path)
-    message = str(info.value)
-    assert "\n" not in message and message.startswith(f"{path}: "), message
-    for fragment in fragments:
-        assert fragment in message, message
-
-
-def _cli_refuses(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    before = set(os.listdir(tmp_path))
-    dst = tmp_path / "out.safetensors"
-    assert convbn.cli.main(["convert", str(path), str(dst)]) == 2
-    assert not dst.exists() and set(os.listdir(tmp_path)) == before
-    assert convbn.cli.main(["inspect", str(path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(str(path) in line for line in err), err
 
 
 @pytest.mark.parametrize("fmt", list(SAVERS))
@@ -86,8 +68,8 @@ def test_a_batchnorm_with_a_running_mean_of_another_length_is_an_error(tmp_path,
     # 5 means beside 4 of everything else: the BatchNorm could not pair with the 4-channel conv
     # and was left out of the conversion, exit 0.
     path = save(tmp_path / name, _state({"l.bn.running_mean": (5,)}))
-    _refused(path, "BatchNorm 'l.bn'", "'l.bn.running_mean' has shape [5]", "has 4 values")
-    _cli_refuses(path, tmp_path, capsys)
+    refused(path, "BatchNorm 'l.bn'", "'l.bn.running_mean' has shape [5]", "has 4 values")
+    cli_refuses(path, capsys)
 
 
 @pytest.mark.parametrize("fmt", list(SAVERS))
@@ -102,28 +84,28 @@ def test_a_batchnorm_with_a_running_mean_of_another_length_is_an_error(tmp_path,
 )
 def test_a_lone_batchnorm_whose_tensors_disagree_names_the_odd_one(tmp_path, fmt, override, said):
     save, name = SAVERS[fmt]
-    _refused(save(tmp_path / name, _state(override, only="l.bn.")), "BatchNorm 'l.bn'", said)
+    refused(save(tmp_path / name, _state(override, only="l.bn.")), "BatchNorm 'l.bn'", said)
 
 
 @pytest.mark.parametrize("fmt", list(SAVERS))
 def test_a_paired_batchnorm_whose_tensors_disagree_names_the_layer_and_tensor(tmp_path, fmt):
     save, name = SAVERS[fmt]
     path = save(tmp_path / name, _state({"l.bn.running_var": (4, 1)}))
-    _refused(path, "layer 'l'", "moving_var='l.bn.running_var'", "Received: moving_var.shape=(4, 1), kernel.shape=(3, 3, 3, 4)")
+    refused(path, "layer 'l'", "moving_var='l.bn.running_var'", "Received: moving_var.shape=(4, 1), kernel.shape=(3, 3, 3, 4)")
 
 
 @pytest.mark.parametrize("fmt", list(SAVERS))
 def test_an_unpaired_conv_whose_bias_is_not_one_per_output_channel_is_an_error(tmp_path, capsys, fmt):
     save, name = SAVERS[fmt]
     path = save(tmp_path / name, _state({"l.conv.bias": (5,)}, only="l.conv."))  # no BatchNorm
-    _refused(path, "conv 'l.conv'", "'l.conv.bias' has shape [5], the kernel 'l.conv.weight' has 4 output channels")
-    _cli_refuses(path, tmp_path, capsys)
+    refused(path, "conv 'l.conv'", "'l.conv.bias' has shape [5], the kernel 'l.conv.weight' has 4 output channels")
+    cli_refuses(path, capsys)
 
 
 @pytest.mark.parametrize("fmt", list(SAVERS))
 def test_a_paired_conv_with_a_wrong_bias_names_the_layer(tmp_path, fmt):
     save, name = SAVERS[fmt]
-    _refused(save(tmp_path / name, _state({"l.conv.bias": (5,)})), "layer 'l'", "bias='l.conv.bias'", "bias.shape=(5,)")
+    refused(save(tmp_path / name, _state({"l.conv.bias": (5,)})), "layer 'l'", "bias='l.conv.bias'", "bias.shape=(5,)")
 
 
 def test_a_flax_batchnorm_whose_statistics_disagree_is_an_error(tmp_path, capsys):
@@ -140,7 +122,7 @@ def test_a_flax_batchnorm_whose_statistics_disagree_is_an_error(tmp_path, capsys
     }
     path = tmp_path / "m.msgpack"
     path.write_bytes(msgpack.packb(tree))
-    _refused(path, "BatchNorm 'BatchNorm_0'", "'batch_stats/BatchNorm_0/mean' has shape [6]", "has 4 values")
+    refused(path, "BatchNorm 'BatchNorm_0'", "'batch_stats/BatchNorm_0/mean' has shape [6]", "has 4 values")
     dst = tmp_path / "out.safetensors"
     assert convbn.cli.main(["convert", str(path), str(dst)]) == 2 and not dst.exists()
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
