@@ -59,6 +59,15 @@ _ZERO_SIZE = textwrap.dedent("""
             assert y.shape == y2.shape == want.shape and y.dtype == tf.float32, (y.shape, want.shape)
             assert np.array_equal(new.moving_mean, params.moving_mean)
             assert np.array_equal(new.moving_var, params.moving_var)
+        # Inside tf.function with the batch size unknown at trace time, 0 at run time.
+        spec = tf.TensorSpec([None, *x.shape[1:]], tf.float32)
+        ev = tf.function(lambda t: convbn.conv_bn(t, params, data_format=fmt), input_signature=[spec])
+        tr = tf.function(lambda t: convbn.conv_bn(t, params, True, data_format=fmt)[1].moving_var,
+                         input_signature=[spec])
+        assert tuple(ev(tf.constant(x[:0])).shape) == want.shape
+        assert np.array_equal(tr(tf.constant(x[:0])).numpy(), params.moving_var)
+        ref = convbn.conv_bn(x, params, data_format=fmt, backend="numpy")
+        assert np.abs(ev(tf.constant(x)).numpy() - ref).max() < 1e-4 * np.abs(ref).max()
     layer = ConvBN(5, 3, strides=2, padding="same")
     layer.build((None, 9, 8, 3))
     assert tuple(layer(tf.zeros((0, 9, 8, 3)), training=True).shape) == (0, 5, 4, 5)

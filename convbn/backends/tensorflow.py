@@ -241,7 +241,39 @@ def conv_bn(x: Any, params: ConvBNParams, plan: Plan) -> Any:
         # caller's own device scopes.
         with tf.device(x.device):
             return _conv_bn(x, params, plan)
+    if plan.batch is None and None not in plan.out_hw:
+        return _unknown_batch(x, params, plan)
     return _conv_bn(x, params, plan)
+
+
+def _unknown_batch(x: Any, params: ConvBNParams, plan: Plan) -> Any:
+    """A batch size unknown at trace time may be 0 at run time, which convbn never lets a kernel
+    see (TF's oneDNN conv then keeps the input's channel count: a wrong shape in eval, an error in
+    training). A ``tf.cond`` on the batch size gives the empty output the geometry's shape and keeps
+    the moving statistics, as :func:`convbn.api.empty_batch` does for static shapes."""
+    _, *rest = plan.out_shape
+    traced: dict[str, Any] = {}
+
+    def compute() -> Any:
+        out = _conv_bn(x, params, plan)
+        if not plan.training:
+            return out
+        y, new = out
+        traced["new"] = new
+        return y, new.moving_mean, new.moving_var
+
+    def empty() -> Any:
+        y = empty_output(x, (tf.shape(x)[0], *rest))
+        if not plan.training:
+            return y
+        new = traced["new"]  # compute() is traced first: the same dtypes in both branches
+        return y, tf.cast(params.moving_mean, new.moving_mean.dtype), tf.cast(params.moving_var, new.moving_var.dtype)
+
+    out = tf.cond(tf.shape(x)[0] > 0, compute, empty)
+    if not plan.training:
+        return out
+    y, mean, var = out
+    return y, with_moving_stats(params, mean, var)
 
 
 def _conv_bn(x: Any, params: ConvBNParams, plan: Plan) -> Any:
@@ -310,7 +342,7 @@ def _train(x: Any, params: ConvBNParams, plan: Plan) -> tuple[Any, ConvBNParams]
     return y, new
 
 
-def empty_output(x: Any, shape: tuple[int, ...]) -> Any:
+def empty_output(x: Any, shape: tuple[Any, ...]) -> Any:
     """Zeros of ``shape`` like ``x``: the output of a zero-size batch. Adding the sum of ``x`` (an
     exact 0 over no elements) keeps the result on ``x``'s device and in a tape's graph."""
     return tf.zeros(shape, x.dtype) + tf.reduce_sum(x)
