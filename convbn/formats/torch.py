@@ -169,6 +169,10 @@ class _StorageScanner(pickle.Unpickler):
         return _Opaque()
 
 
+#: Opcodes that store into or read from the unpickler's memo by index.
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+
+
 def _check_storages(path: Path) -> bool:
     """Check every storage the pickle declares against the file's bytes; whether it is a zip."""
     try:
@@ -235,13 +239,22 @@ def _zip_records(path: Path) -> tuple[dict[str, int], bytes]:
 def _checked_lengths(f: io.BytesIO) -> io.BytesIO:
     """``f``, back where it was after checking that the pickle there holds every byte its opcodes
     declare: the C unpickler allocates a BINBYTES' declared length before reading it."""
-    import pickletools
-
     start = f.tell()
-    for _ in pickletools.genops(f):
-        pass
+    _scan_pickle(f)
     f.seek(start)
     return f
+
+
+def _scan_pickle(f: io.BytesIO) -> None:
+    """Walk one pickle's opcodes without building anything: ``pickletools`` checks every declared
+    length against the bytes there, and a memo index is bounded by the opcodes before it (a
+    pickler numbers its memo entries in order, and the C unpickler grows its memo table to the
+    largest index it is given, so one lying index is gigabytes)."""
+    import pickletools
+
+    for count, (op, arg, _) in enumerate(pickletools.genops(f)):
+        if op.name in _MEMO_OPS and isinstance(arg, int) and arg > count:
+            raise ConvBNError(f"pickle memo index {arg} at opcode {count} is beyond any the pickle can hold")
 
 
 def _check_legacy(f: BinaryIO) -> None:
@@ -275,7 +288,6 @@ def _legacy_pickles(f: BinaryIO) -> io.BytesIO:
     each checked as :func:`_checked_lengths` does: read 1 MiB, then four times more until the
     pickles end inside it or the file does."""
     import os
-    import pickletools
 
     size, n = os.fstat(f.fileno()).st_size, 1 << 20
     while True:
@@ -283,8 +295,9 @@ def _legacy_pickles(f: BinaryIO) -> io.BytesIO:
         head = io.BytesIO(f.read(min(n, size)))
         try:
             for _ in range(5):
-                for _ in pickletools.genops(head):
-                    pass
+                _scan_pickle(head)
+        except ConvBNError:
+            raise
         except Exception:  # a pickle runs past what was read, or the file is corrupt
             if n >= size:
                 raise

@@ -205,3 +205,29 @@ def test_a_lying_pickle_length_allocates_nothing(tmp_path, container):
     finally:
         tracemalloc.stop()
     assert peak < 2**24, peak
+
+
+@pytest.mark.parametrize("container", ["zip", "legacy"])
+def test_a_lying_memo_index_allocates_nothing(tmp_path, container):
+    """A LONG_BINPUT of index 2**30 after one opcode: the C unpickler grows its memo table to the
+    index it is given (8 bytes a slot), so the scan must refuse it first (found by tests/fuzz)."""
+    import struct
+    import tracemalloc
+
+    from convbn.formats.torch import _LEGACY_MAGIC
+
+    lying = b"\x80\x02Nr" + struct.pack("<I", 2**30) + b"."
+    path = tmp_path / "memo.pt"
+    if container == "zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", lying)
+            z.writestr("archive/version", b"3\n")
+    else:
+        path.write_bytes(_LEGACY_MAGIC + b"." + lying)
+    tracemalloc.start()
+    try:
+        message = refused(path, "not a readable torch checkpoint")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**24, (peak, message)
