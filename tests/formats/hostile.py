@@ -35,3 +35,10 @@ def cli_refuses(path: Path, capsys: pytest.CaptureFixture[str] | None = None) ->
     if capsys is not None:
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 2 and all(str(path) in line for line in err), err
+
+
+def refused_everywhere(path: Path, *fragments: str) -> str:
+    """:func:`refused`, and :func:`cli_refuses` too: the message, for further checks."""
+    message = refused(path, *fragments)
+    cli_refuses(path)
+    return message

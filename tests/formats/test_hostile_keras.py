@@ -15,7 +15,7 @@ import pytest
 
 import convbn
 from tests.conftest import need
-from tests.formats.hostile import cli_refuses, refused
+from tests.formats.hostile import refused_everywhere
 
 need("h5py")
 import h5py  # noqa: E402
@@ -75,14 +75,6 @@ def _secret_file(directory: Path) -> Path:
     return secret
 
 
-
-def _refused(src: Path, *fragments: str) -> str:
-    """``refused``, and the CLI refuses it too, writing nothing."""
-    message = refused(src, *fragments)
-    cli_refuses(src)
-    return message
-
-
 def test_the_baseline_file_reads(tmp_path):
     """The files the hostile cases start from are valid: each refusal below is the mutation's."""
     ckpt = convbn.load_checkpoint(_weights(tmp_path / "m.weights.h5"))
@@ -128,7 +120,7 @@ def _virtual(f: Any, directory: Path) -> None:
 def test_data_outside_the_file_is_never_read(tmp_path, mutate, fragment, archive):
     weights = _weights(tmp_path / "m.weights.h5", mutate, mean=False)
     src = _archive(tmp_path / "m.keras", weights) if archive else weights
-    message = _refused(src, fragment, "layers/batch_normalization/vars/2")
+    message = refused_everywhere(src, fragment, "layers/batch_normalization/vars/2")
     assert "11.5" not in message
     _no_secret_anywhere(tmp_path)
 
@@ -146,7 +138,7 @@ def test_a_zip_bomb_config_is_refused_by_a_bounded_read(tmp_path):
             member.write(b"}")
         zf.write(weights, "model.weights.h5")
     assert src.stat().st_size < 1 << 20
-    _refused(src, "config.json", "64 MiB")
+    refused_everywhere(src, "config.json", "64 MiB")
 
 
 def _huge_unwritten(f: Any, directory: Path) -> None:
@@ -165,7 +157,7 @@ def _huge_compressed(f: Any, directory: Path) -> None:
 def test_a_dataset_larger_than_its_stored_bytes_is_refused_before_reading(tmp_path, mutate):
     src = _weights(tmp_path / "m.weights.h5", mutate)
     assert src.stat().st_size < 1 << 20
-    _refused(src, "layers/dense/vars/0", "268435456")
+    refused_everywhere(src, "layers/dense/vars/0", "268435456")
 
 
 def test_a_compressed_dataset_within_bounds_still_reads(tmp_path):
@@ -212,7 +204,7 @@ def _hard_cycle_to_root(f: Any, directory: Path) -> None:
 )
 def test_links_are_not_followed(tmp_path, mutate, where, fragment):
     src = _weights(tmp_path / "m.weights.h5", mutate, mean=mutate is not _dangling)
-    _refused(src, where, fragment)
+    refused_everywhere(src, where, fragment)
 
 
 def test_a_layer_name_that_is_not_utf8_is_refused(tmp_path):
@@ -220,14 +212,14 @@ def test_a_layer_name_that_is_not_utf8_is_refused(tmp_path):
         f["layers/conv2d/vars"].attrs["name"] = np.void(b"\xff\xfe")
         f["layers/batch_normalization/vars"].attrs["name"] = b"\xff\xfe"
 
-    _refused(_weights(tmp_path / "m.weights.h5", bad_name), "layers/", "name")
+    refused_everywhere(_weights(tmp_path / "m.weights.h5", bad_name), "layers/", "name")
 
 
 def test_a_string_dataset_is_refused(tmp_path):
     def strings(f: Any, directory: Path) -> None:
         f.create_dataset("layers/dense/vars/0", data=np.array([b"a", b"b"], dtype=h5py.string_dtype()))
 
-    _refused(_weights(tmp_path / "m.weights.h5", strings), "layers/dense/vars/0", "dtype")
+    refused_everywhere(_weights(tmp_path / "m.weights.h5", strings), "layers/dense/vars/0", "dtype")
 
 
 def test_a_corrupt_group_is_refused(tmp_path):
@@ -243,7 +235,7 @@ def test_a_corrupt_group_is_refused(tmp_path):
             at = data.find(magic, at + 4)
     assert seen
     src.write_bytes(bytes(data))
-    _refused(src)
+    refused_everywhere(src)
 
 
 @pytest.mark.parametrize(
@@ -266,7 +258,7 @@ def test_a_corrupt_group_is_refused(tmp_path):
 )
 def test_a_malformed_config_is_refused(tmp_path, config, fragment):
     src = _archive(tmp_path / "m.keras", _weights(tmp_path / "m.weights.h5"), config)
-    _refused(src, fragment)
+    refused_everywhere(src, fragment)
 
 
 def test_a_corrupt_lzma_member_is_refused(tmp_path):
@@ -284,4 +276,4 @@ def test_a_corrupt_lzma_member_is_refused(tmp_path):
     start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 9  # past LZMA's props
     data[start:start + 64] = bytes(64)
     src.write_bytes(bytes(data))
-    _refused(src, "not a readable Keras weights file")
+    refused_everywhere(src, "not a readable Keras weights file")

@@ -20,7 +20,7 @@ from convbn import ConvBNError
 from convbn.cli import main
 from convbn.formats import slim
 from tests.conftest import need
-from tests.formats.hostile import cli_refuses, refused
+from tests.formats.hostile import refused_everywhere
 
 need("tensorflow")
 import tensorflow as tf  # noqa: E402
@@ -91,14 +91,6 @@ def _checkpoint(directory: Path, entries: list[tuple[bytes, bytes]], *, shards: 
     return prefix
 
 
-
-def _refused(src: Path, *fragments: str) -> str:
-    """``refused``, and the CLI refuses it too, writing nothing."""
-    message = refused(src, *fragments)
-    cli_refuses(src)
-    return message
-
-
 def test_the_hand_built_index_reads(tmp_path):
     """The table writer above makes indexes TensorFlow reads: every refusal below is the lie's."""
     data = np.arange(16, dtype="<f4").tobytes()
@@ -129,7 +121,7 @@ def test_the_hand_built_index_reads(tmp_path):
 )
 def test_an_entry_tensorflow_would_abort_on_is_refused_first(tmp_path, entry, fragment):
     prefix = _checkpoint(tmp_path, [(b"c/weights", entry)])
-    message = _refused(prefix, fragment, "'c/weights'")
+    message = refused_everywhere(prefix, fragment, "'c/weights'")
     if "past its end" in fragment:
         assert "data must hold every tensor" in message and "m.ckpt.data-00000-of-00001" in message, message
     else:
@@ -138,7 +130,7 @@ def test_an_entry_tensorflow_would_abort_on_is_refused_first(tmp_path, entry, fr
 
 def test_a_missing_shard_file_is_refused(tmp_path):
     prefix = _checkpoint(tmp_path, [(b"a", _entry()), (b"b", _entry(shard=1))], shards=2)
-    _refused(prefix, "m.ckpt.data-00001-of-00002 is missing")
+    refused_everywhere(prefix, "m.ckpt.data-00001-of-00002 is missing")
 
 
 def test_a_shard_that_is_not_a_regular_file_is_refused(tmp_path):
@@ -147,7 +139,7 @@ def test_a_shard_that_is_not_a_regular_file_is_refused(tmp_path):
     data = Path(f"{prefix}.data-00000-of-00001")
     data.unlink()
     os.mkfifo(data)
-    _refused(prefix, "not a regular file")
+    refused_everywhere(prefix, "not a regular file")
 
 
 @pytest.mark.parametrize(
@@ -159,14 +151,14 @@ def test_a_shard_that_is_not_a_regular_file_is_refused(tmp_path):
     ids=["snappy-block", "index-past-end"],
 )
 def test_a_broken_table_is_refused(tmp_path, table, fragment):
-    _refused(_checkpoint(tmp_path, [(b"a", _entry())], **table), fragment)
+    refused_everywhere(_checkpoint(tmp_path, [(b"a", _entry())], **table), fragment)
 
 
 def test_an_index_without_header_is_refused(tmp_path):
     prefix = tmp_path / "m.ckpt"
     Path(f"{prefix}.index").write_bytes(_table([(b"a", _entry())]))
     Path(f"{prefix}.data-00000-of-00001").write_bytes(bytes(64))
-    _refused(prefix, "no header")
+    refused_everywhere(prefix, "no header")
 
 
 def _save(prefix: Path, tensors: dict[str, Any]) -> None:
@@ -185,7 +177,7 @@ def test_an_object_graph_naming_a_key_the_index_lacks_is_refused(tmp_path):
     prefix = tmp_path / "m.ckpt"
     _save(prefix, {"_CHECKPOINTABLE_OBJECT_GRAPH": graph.SerializeToString(),
                    "other/.ATTRIBUTES/VARIABLE_VALUE": np.ones(3, "f4")})
-    _refused(prefix, "conv/.ATTRIBUTES/VARIABLE_VALUE", "object graph")
+    refused_everywhere(prefix, "conv/.ATTRIBUTES/VARIABLE_VALUE", "object graph")
 
 
 def _slim_vars() -> dict[str, Any]:
@@ -225,7 +217,7 @@ def test_a_corrupt_meta_graph_is_refused_by_name(tmp_path, conv, fragment):
     prefix = tmp_path / "m.ckpt"
     _save(prefix, _slim_vars())
     _meta(prefix, conv)
-    message = _refused(prefix, "m.ckpt.meta", "'c/Conv2D'", fragment)
+    message = refused_everywhere(prefix, "m.ckpt.meta", "'c/Conv2D'", fragment)
     assert "well-formed" in message
 
 
