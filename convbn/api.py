@@ -23,6 +23,7 @@ def conv_bn(
     data_format: str = "NHWC",
     backend: str | None = None,
     device: Any = None,
+    sync: Any = None,
 ) -> Any:
     """Conv2D followed by BatchNorm, with one meaning on every backend.
 
@@ -42,6 +43,16 @@ def conv_bn(
         backend: for NumPy input, ``"numpy"``, ``"torch"``, ``"tensorflow"`` or ``"jax"``.
         device: for NumPy input, ``"cpu"``, ``"cuda"``/``"gpu"`` (``":N"`` suffix allowed),
             ``"tpu"``, ``"mps"`` or a framework device object.
+        sync: in training, share the batch statistics across replicas, on the framework's own
+            distributed engine: the statistics are those of every replica's batch together
+            (weighted by each replica's number of values, so uneven shards are right), the
+            moving-variance update uses the global count, every replica returns the same new
+            moving statistics, and gradients flow across replicas as in torch's SyncBatchNorm.
+            torch: a ``torch.distributed`` process group, or ``True`` for the default group;
+            JAX: the axis name (or a tuple of names) of the enclosing ``shard_map``/``pmap``;
+            TensorFlow: ``True``, the current ``tf.distribute`` replica context. Every replica
+            must call with the same ``sync``, even one holding an empty batch. Ignored in eval.
+            None or False: this call's batch only.
 
     Returns:
         eval: ``y``. training: ``(y, new_params)``, ``new_params`` being ``params`` with the
@@ -49,8 +60,9 @@ def conv_bn(
         modified in place. ``y`` has ``x``'s dtype; statistics are computed in float32 or wider.
 
     Raises:
-        ConvBNError: for a bad data_format, rank, channel count, padding, or a training batch with
-            one value per channel.
+        ConvBNError: for a bad data_format, rank, channel count, padding, a training batch with
+            one value per channel (without ``sync``), or a ``sync`` the backend cannot honour
+            (NumPy input, torch.distributed not initialized, no replica context, an unknown axis).
         TypeError: when ``x`` is not an array of a supported framework, or ``params`` is not a
             ``ConvBNParams``.
         ImportError: when the requested backend's framework is not installed (names the extra).
@@ -69,7 +81,13 @@ def conv_bn(
             f"params must be a convbn.ConvBNParams. Received: params of type {type(params).__name__}"
         )
     name = dispatch.backend_name_of(x)
+    synced = bool(training) and sync is not None and sync is not False
     if name == "numpy":
+        if synced:
+            raise ConvBNError(
+                "sync needs x as a torch, TensorFlow or JAX array on one of the replicas that share "
+                f"statistics; NumPy input has no replicas. Received: sync={sync!r} with a NumPy x"
+            )
         return _conv_bn_numpy(x, params, training, data_format, backend, device)
     if backend is not None and dispatch.normalize_name(backend) != name:
         raise ConvBNError(
@@ -82,6 +100,11 @@ def conv_bn(
             f"{name} first. Received: device={device!r}"
         )
     module = dispatch.load_backend(name)
+    if synced:
+        # An empty replica still takes part in the collectives, so the backend sees it too.
+        group = module.sync_group(sync)
+        plan = plan_for(module.static_shape(x), params, data_format, True, synced=True)
+        return module.train_sync(x, params, plan, group)
     plan = plan_for(module.static_shape(x), params, data_format, training)
     if plan.empty:
         return empty_batch(module, x, params, plan)

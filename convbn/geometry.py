@@ -85,22 +85,26 @@ def _received(x_shape: tuple[Dim, ...], data_format: str) -> str:
 
 
 def plan_for(
-    x_shape: tuple[Dim, ...], params: ConvBNParams, data_format: str, training: bool
+    x_shape: tuple[Dim, ...], params: ConvBNParams, data_format: str, training: bool,
+    synced: bool = False,
 ) -> Plan:
     """Validate ``x`` against ``params`` and resolve the geometry; cached per params object
     (and shared with the params a training step returns, see :func:`share_plans`).
 
+    ``synced``: the batch statistics span every replica's batch, so this replica may hold one
+    value per channel, or none.
+
     Raises:
         ConvBNError: for a bad data_format, rank, channel count, an input smaller than the
-            dilated kernel, or a training batch with one value per channel.
+            dilated kernel, or (unless ``synced``) a training batch with one value per channel.
     """
     plans = params._cache.get("plans")
     if plans is None:
         plans = params._cache.setdefault("plans", {})
-    key = (x_shape, data_format, training)
+    key = (x_shape, data_format, training, synced)
     plan = plans.get(key)
     if plan is None:
-        plan = _make_plan(tuple(x_shape), params, data_format, bool(training))
+        plan = _make_plan(tuple(x_shape), params, data_format, bool(training), synced)
         plans[key] = plan
     return plan  # type: ignore[no-any-return]
 
@@ -116,7 +120,7 @@ def share_plans(source: ConvBNParams, target: ConvBNParams) -> ConvBNParams:
 
 
 def _make_plan(
-    x_shape: tuple[Dim, ...], params: ConvBNParams, data_format: str, training: bool
+    x_shape: tuple[Dim, ...], params: ConvBNParams, data_format: str, training: bool, synced: bool = False
 ) -> Plan:
     if data_format not in DATA_FORMATS:
         raise ConvBNError(
@@ -179,7 +183,7 @@ def _make_plan(
     values: Dim = None
     if n is not None and out_hw[0] is not None and out_hw[1] is not None:
         values = n * out_hw[0] * out_hw[1]
-        if training and values == 1:
+        if training and values == 1 and not synced:
             raise ConvBNError(
                 "training needs more than one value per channel to compute batch statistics "
                 "(N * H_out * W_out = 1); use training=False for single values. "

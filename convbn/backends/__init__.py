@@ -14,6 +14,13 @@ Every backend module defines:
 - ``empty_output(x, shape)``: zeros of ``shape`` in ``x``'s dtype, on ``x``'s device, for a
   zero-size batch (``conv_bn`` never sees one; see :func:`convbn.api.empty_batch`).
 - ``fuse(params)``: ``(kernel, bias)`` with BatchNorm folded into the conv, HWIO.
+- ``sync_group(sync)``: the replicas ``conv_bn(..., sync=sync)`` shares statistics across, in the
+  framework's terms (a process group, axis names, a replica context), or a ``ConvBNError`` saying
+  what is missing for it.
+- ``train_sync(x, params, plan, group)``: training with the batch statistics of every replica
+  (:func:`convbn.backends._common.combine_moments`); returns ``(y, new_params)`` with the same new
+  moving statistics on every replica. Runs for an empty local batch too: it still takes part in
+  the collectives.
 
 A backend module imports its framework at the top: it is only loaded after dispatch chose it.
 """

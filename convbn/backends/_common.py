@@ -8,7 +8,7 @@ from typing import Any
 from convbn.geometry import share_plans
 from convbn.params import ConvBNParams, with_arrays
 
-__all__ = ["fold", "moving_update", "with_moving_stats"]
+__all__ = ["combine_moments", "fold", "moving_update", "with_moving_stats"]
 
 
 def fold(
@@ -50,6 +50,27 @@ def moving_update(
     new_mean = old_mean * m + batch_mean * (1.0 - m)
     new_var = old_var * m + var * (1.0 - m)
     return new_mean, new_var
+
+
+def combine_moments(
+    count: Any, mean: Any, m2: Any, psum: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+) -> tuple[Any, Any, Any]:
+    """Per-channel moments of every replica's values together, from each replica's own.
+
+    Each replica has ``count`` values per channel with mean ``mean`` and sum of squared deviations
+    ``m2`` (a replica with no values passes 0, 0, 0). ``psum`` sums a tuple of arrays over the
+    replicas (one all-reduce per call, differentiable in every framework that has one). Returns
+    the global ``(count, mean, m2)``:
+
+    ``N = sum n_i``, ``mean = sum(n_i mean_i) / N``, ``M2 = sum(M2_i + n_i (mean_i - mean)^2)``,
+
+    the parallel form of the two-pass variance (Chan et al.): no ``E[x^2] - E[x]^2``, so float32
+    stays accurate when ``|mean| >> std``. Uneven replicas are weighted by their counts.
+    """
+    total, weighted = psum((count, mean * count))
+    global_mean = weighted / total
+    (global_m2,) = psum((m2 + count * (mean - global_mean) ** 2,))
+    return total, global_mean, global_m2
 
 
 def with_moving_stats(params: ConvBNParams, moving_mean: Any, moving_var: Any) -> ConvBNParams:

@@ -28,8 +28,10 @@ __all__ = [
     "fuse",
     "resolve_device",
     "static_shape",
+    "sync_group",
     "to_backend",
     "to_numpy",
+    "train_sync",
 ]
 
 
@@ -229,3 +231,15 @@ def conv_bn_vjp(
         dx = dx.transpose(0, 3, 1, 2)
     grads["x"] = np.ascontiguousarray(dx)
     return grads
+
+
+def sync_group(sync: Any) -> Any:
+    """NumPy has no replicas: a ``sync`` is refused, naming the engines that have them."""
+    raise ConvBNError(
+        "the numpy backend runs in one process with no replicas; sync needs torch.distributed, JAX "
+        f"collectives (shard_map/pmap) or tf.distribute. Received: sync={sync!r}"
+    )
+
+
+def train_sync(x: np.ndarray, params: ConvBNParams, plan: Plan, group: Any) -> Any:
+    return sync_group(group)
