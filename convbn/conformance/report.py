@@ -16,7 +16,7 @@ from convbn.conformance.runner import ORDER, Result
 __all__ = ["GROUP_ORDER", "Report", "Summary", "environment"]
 
 #: Row order within a backend; ``agree`` rows (pairs of backends) come last.
-GROUP_ORDER = ("eval", "train", "stats", "grad", "extreme", "edge", "gpu", "agree")
+GROUP_ORDER = ("eval", "train", "stats", "grad", "extreme", "edge", "gpu", "distributed", "agree")
 
 _DISTRIBUTIONS = {
     "numpy": ("numpy",),
