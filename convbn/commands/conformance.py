@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -43,6 +44,22 @@ def register(sub: Any) -> None:
         help="let GPU float32 convs/matmuls use TF32 (off by default) to measure its effect",
     )
     parser.add_argument("--no-gpu", action="store_true", help="run on the CPU only")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help=(
+            "run the distributed group instead: training across replicas (sync=) on each framework's "
+            "own engine against one process on the whole batch. On CPU each backend makes its "
+            "replicas itself; under torchrun (python -m convbn.conformance) it runs on the launched "
+            "processes"
+        ),
+    )
+    parser.add_argument(
+        "--world",
+        metavar="LIST",
+        default="2,3",
+        help="with --distributed: comma-separated replica counts (default 2,3; torchrun sets its own)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -99,18 +116,53 @@ def _jax_float64(names: list[str]) -> Iterator[None]:
         jax.config.update("jax_enable_x64", old)
 
 
+def _parse_worlds(text: str) -> tuple[int, ...]:
+    try:
+        worlds = tuple(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        worlds = ()
+    if not worlds or min(worlds) < 1:
+        raise ConvBNError(f"--world must be comma-separated replica counts >= 1. Received: --world={text!r}")
+    return worlds
+
+
+def _launched_rank() -> int | None:
+    """This process's rank when a launcher such as torchrun started it, else None."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return None
+
+
+def _run_distributed(args: argparse.Namespace) -> Any:
+    from convbn.conformance import distributed
+
+    worlds = _parse_worlds(args.world)
+    backends = _parse_backends(args.backends)
+    if _launched_rank() is not None:
+        # Every launched process runs this: the replicas are the processes, and only torch's
+        # engine spans processes here.
+        worlds = (int(os.environ["WORLD_SIZE"]),)
+        backends = backends or ["torch"]
+    return distributed.run(backends, worlds=worlds, quick=args.quick)
+
+
 def run(args: argparse.Namespace) -> int:
     from convbn.conformance import runner
 
-    names = runner.select(_parse_backends(args.backends))
-    with _jax_float64(names):
-        report = runner.run(
-            names,
-            quick=args.quick,
-            gpu=not args.no_gpu,
-            allow_tf32=args.allow_tf32,
-            progress=_Progress(sys.stderr),
-        )
+    if args.distributed:
+        report = _run_distributed(args)
+        if (_launched_rank() or 0) != 0:
+            return 0 if report.passed else 1  # rank 0 prints the report for every replica
+    else:
+        names = runner.select(_parse_backends(args.backends))
+        with _jax_float64(names):
+            report = runner.run(
+                names,
+                quick=args.quick,
+                gpu=not args.no_gpu,
+                allow_tf32=args.allow_tf32,
+                progress=_Progress(sys.stderr),
+            )
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=1)
         sys.stdout.write("\n")
