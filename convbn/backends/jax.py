@@ -7,6 +7,15 @@ eager calls. The conv takes the formulation XLA runs fastest: a matmul for 1x1 k
 multiply-adds for depthwise kernels, ``conv_general_dilated`` otherwise. Training statistics
 use the two-pass variance in float32 or wider (Flax's default E[x^2]-E[x]^2 collapses on
 large-mean data). Float64 needs ``jax_enable_x64``, which convbn never sets on its own.
+
+Training on several devices: the recommended JAX path needs no ``sync`` at all. Shard the batch
+over a mesh (``jax.device_put(x, NamedSharding(mesh, P("data")))``, params replicated) and call
+``conv_bn`` under plain ``jax.jit``: the program is written for the whole batch, so its statistics
+are the whole batch's, and XLA's SPMD partitioner inserts the cross-device reductions itself.
+``sync=axis_name`` is for code that is already per-device, inside ``shard_map`` or ``pmap``: there
+each device sees only its shard, and :func:`train_sync` all-reduces the moments with
+``lax.psum``, whose transpose makes the gradients those of the global loss. Both shard evenly,
+so every device holds the same number of images.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from convbn.backends._common import fold, moving_update, with_moving_stats
+from convbn.backends._common import combine_moments, fold, moving_update, with_moving_stats
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan
 from convbn.params import ConvBNParams, with_arrays
@@ -34,8 +43,10 @@ __all__ = [
     "fuse",
     "resolve_device",
     "static_shape",
+    "sync_group",
     "to_backend",
     "to_numpy",
+    "train_sync",
 ]
 
 
@@ -289,3 +300,99 @@ def _fuse(kernel: Any, bias: Any, gamma: Any, beta: Any, mean: Any, var: Any, ep
 def fuse(params: ConvBNParams) -> tuple[Any, Any]:
     p = to_backend(params)
     return _fuse(p.kernel, p.bias, p.gamma, p.beta, p.moving_mean, p.moving_var, params.eps)  # type: ignore[no-any-return]
+
+
+AxisNames = str | tuple[str, ...]
+
+
+def sync_group(sync: Any) -> AxisNames:
+    """The axis name(s) of the enclosing ``shard_map``/``pmap``, checked to be bound here.
+
+    JAX resolves axis names at trace time; an unbound one would surface as a ``NameError`` (or an
+    ``AssertionError`` from ``psum`` inside ``shard_map``) deep in the trace, so it is looked up
+    first and refused with the fix.
+    """
+    names = sync if isinstance(sync, tuple) else (sync,)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ConvBNError(
+            "sync on JAX must be the axis name of the enclosing shard_map/pmap, or a non-empty tuple of "
+            f"them (e.g. sync='data'). Received: sync={sync!r}"
+        )
+    for name in names:
+        try:
+            lax.axis_size(name)
+        except NameError:
+            raise ConvBNError(
+                f"sync={sync!r} needs the axis {name!r} bound by an enclosing shard_map or pmap; none is "
+                "here. Call conv_bn inside jax.shard_map(..., mesh=...) or jax.pmap(..., axis_name=...) "
+                f"over {name!r}, or drop sync under plain jax.jit on a sharded batch (XLA then computes "
+                "global statistics itself)"
+            ) from None
+    return sync  # type: ignore[no-any-return]
+
+
+def _psum(axes: AxisNames) -> Any:
+    """``combine_moments``'s all-reduce: the tuple flattened into one array, so one collective."""
+
+    def psum(arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+        flat = lax.psum(jnp.concatenate([jnp.ravel(a) for a in arrays]), axes)
+        out, start = [], 0
+        for a in arrays:
+            out.append(flat[start : start + a.size].reshape(a.shape))
+            start += a.size
+        return tuple(out)
+
+    return psum
+
+
+def _train_sync(x: Any, params: ConvBNParams, plan: Plan, axes: AxisNames) -> tuple[Any, Any, Any]:
+    """:func:`_train` with every device's moments combined over ``axes``."""
+    dtype = x.dtype
+    cd = _compute_dtype(dtype)
+    shape = _channel_shape(plan)
+    channels = plan.out_channels
+    count = plan.values_per_channel
+    assert count is not None
+    if count:
+        z = _conv(x, _cast(params.kernel, dtype), plan)
+        if params.bias is not None:
+            z = z + _cast(params.bias, dtype).reshape(shape)
+        zc = z.astype(cd)
+        axes_ = (0, 1, 2) if plan.data_format == "NHWC" else (0, 2, 3)
+        local_mean = jnp.mean(zc, axis=axes_)
+        local_m2 = jnp.sum(jnp.square(zc - local_mean.reshape(shape)), axis=axes_)
+    else:  # an empty shard: nothing to convolve, but its zeros still join the all-reduce
+        local_mean = local_m2 = jnp.zeros((channels,), cd)
+    total, mean, m2 = combine_moments(jnp.asarray(count, cd), local_mean, local_m2, _psum(axes))
+    if count:
+        var = m2 / total
+        scale = lax.rsqrt(var + params.eps)
+        if params.gamma is not None:
+            scale = scale * _cast(params.gamma, cd)
+        y = (zc - mean.reshape(shape)) * scale.reshape(shape)
+        if params.beta is not None:
+            y = y + _cast(params.beta, cd).reshape(shape)
+        y = y.astype(dtype)
+    else:
+        y = empty_output(x, plan.out_shape)  # type: ignore[arg-type]  # JAX shapes are static
+    mean, m2, total = lax.stop_gradient(mean), lax.stop_gradient(m2), lax.stop_gradient(total)
+    old_mean, old_var = jnp.asarray(params.moving_mean), jnp.asarray(params.moving_var)
+    new_mean, new_var = moving_update(
+        params, old_mean.astype(cd), old_var.astype(cd), mean, m2 / (total - 1), total
+    )
+    if not count:  # every shard may be empty: then there are no statistics to learn from
+        new_mean = jnp.where(total > 0, new_mean, old_mean.astype(cd))
+        new_var = jnp.where(total > 0, new_var, old_var.astype(cd))
+    return y, new_mean.astype(old_mean.dtype), new_var.astype(old_var.dtype)
+
+
+def train_sync(x: Any, params: ConvBNParams, plan: Plan, group: AxisNames) -> tuple[Any, ConvBNParams]:
+    """Training with the moments of every device over the axes ``group``.
+
+    Runs in the caller's trace (``shard_map``/``pmap`` bind axis names only while tracing), so there
+    is no jit of its own here. ``lax.psum`` is differentiable, and its transpose sums the cotangents
+    over the devices: each device's gradient of its own loss w.r.t. its ``x`` is the gradient of
+    the sum of every device's loss, as torch's SyncBatchNorm gives.
+    """
+    y, mean, var = _train_sync(x, params, plan, group)
+    return y, with_moving_stats(params, mean, var)
