@@ -32,6 +32,7 @@ BatchNormalization`` branch per layer, with the layers' geometry, eps and moment
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import lzma
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from convbn.conventions import KERAS3
+from convbn.conventions import KERAS2_FUSED, KERAS3
 from convbn.errors import ConvBNError
 from convbn.formats._common import (
     Progress,
@@ -77,6 +78,16 @@ _KERAS_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
 _CONV_GROUP = re.compile(r"conv2d(_\d+)?")
 _BN_GROUP = re.compile(r"batch_normalization(_\d+)?")
 _BN_FIELDS = ("gamma", "beta", "moving_mean", "moving_var")
+#: Keras 2 files: the root attribute listing the layers, the group a whole-model file keeps them
+#: in, and that file's model config attribute.
+_LAYER_NAMES, _LEGACY_MODEL, _LEGACY_CONFIG = "layer_names", "model_weights", "model_config"
+#: Checkpoint.metadata key of a Keras 2 file's ``[[layer, [weight names]], ...]`` (JSON), so that
+#: writing it back as .h5 gives every layer its weights in the order load_weights expects.
+_LEGACY_ORDER = "keras2_layers"
+#: A Keras 2 weight's role (its name's last part) -> the ConvBNParams field.
+_LEGACY_FIELDS = {"kernel": "kernel", "depthwise_kernel": "kernel", "bias": "bias", "gamma": "gamma",
+                  "beta": "beta", "moving_mean": "moving_mean", "moving_variance": "moving_var"}
+_CONV_CLASSES = ("Conv2D", "DepthwiseConv2D")
 #: config.json is read at most this far: a real model's config is a few MB, and a zip bomb must
 #: not become gigabytes of JSON in memory.
 _CONFIG_LIMIT = 64 << 20
@@ -107,12 +118,32 @@ def sniff(path: Path) -> bool:
 
 
 class _Group:
-    """A Keras layer's weights: its h5 group, its name and its variables in order."""
+    """A Keras layer's weights: its h5 group, its name and its variables in order.
 
-    def __init__(self, path: str, name: str, arrays: list[tuple[str, np.ndarray]]) -> None:
+    ``roles`` are the Keras 2 weight names' last parts (``kernel``, ``depthwise_kernel``, ``gamma``,
+    ...), one per array; Keras 3 files name their variables by position only (None). ``top`` says
+    whether the layer is one of the model's own, which its config entry describes.
+    """
+
+    def __init__(self, path: str, name: str, arrays: list[tuple[str, np.ndarray]], *,
+                 roles: list[str] | None = None, top: bool | None = None) -> None:
         self.path = path
         self.name = name
         self.arrays = arrays
+        self.roles = roles
+        self.top = path.count("/") == 1 if top is None else top
+
+
+@dataclasses.dataclass
+class _Contents:
+    """What an HDF5 weights file holds: layer groups, other datasets, what was dropped, the model
+    config if the file has one, and for a Keras 2 file its layers' weight names in file order."""
+
+    groups: list[_Group]
+    loose: dict[str, np.ndarray]
+    dropped: list[str]
+    config: dict[str, Any] | None = None
+    legacy: list[list[Any]] | None = None
 
 
 class _Reader:
@@ -213,15 +244,17 @@ class _Reader:
         return value
 
 
-def _read_h5(f: Any, path: Path, h5py: Any, size: int) -> tuple[list[_Group], dict[str, np.ndarray], list[str]]:
+def _read_h5(f: Any, path: Path, h5py: Any, size: int) -> _Contents:
     reader = _Reader(path, h5py, size)
     where = "/"
     try:
         if "layers" not in f:
+            if _LAYER_NAMES in f.attrs or f"{_LAYER_NAMES}0" in f.attrs or _LEGACY_MODEL in f:
+                return _read_legacy(f, reader)
             keys = sorted(f.keys())[:5]
             raise ConvBNError(
-                f"{path}: not a Keras 3 weights file: it has no 'layers' group (top level: {keys}); "
-                "Keras 2 .h5 files are not supported, re-save them with Keras 3"
+                f"{path}: not a Keras weights file: it has neither Keras 3's 'layers' group nor Keras 2's "
+                f"'layer_names' attribute (top level: {keys})"
             )
         groups: list[_Group] = []
         loose: dict[str, np.ndarray] = {}
@@ -243,7 +276,99 @@ def _read_h5(f: Any, path: Path, h5py: Any, size: int) -> tuple[list[_Group], di
         raise
     except (*_H5_ERRORS, UnicodeDecodeError, RecursionError) as exc:
         raise ConvBNError(f"{path}: truncated or corrupted Keras weights under {where!r}: {_first_line(exc)}") from None
-    return groups, loose, dropped
+    return _Contents(groups, loose, dropped)
+
+
+def _read_legacy(f: Any, reader: _Reader) -> _Contents:
+    """A Keras 2 file: the layers ``layer_names`` lists, each with the datasets its ``weight_names``
+    lists (at ``layer/weight_name``); a whole-model file keeps them under ``model_weights`` and
+    its ``model_config`` (JSON, read as data: no layer's code is ever run) beside them.
+
+    Every object is walked first (links, cycles and external data refused as for Keras 3); the
+    names in the attributes are then looked up among what the walk found, so an attribute cannot
+    lead anywhere else. Datasets no layer lists are kept as other tensors; everything outside
+    ``model_weights`` (the optimizer's state) is dropped and listed.
+    """
+    whole = _LAYER_NAMES not in f.attrs and f"{_LAYER_NAMES}0" not in f.attrs
+    prefix = f"{_LEGACY_MODEL}/" if whole else ""
+    datasets: dict[str, tuple[str, Any]] = {}  # name within the weights -> (HDF5 path, dataset)
+    dropped: list[str] = []
+    for kind, where, item in reader.walk(f):
+        if kind == "vars":
+            raise reader.fail(f"{where}/vars", "a Keras 2 file names its weights in 'weight_names'; a 'vars' "
+                                               "group is Keras 3's layout, and the two do not mix")
+        if where.startswith(prefix):
+            datasets[where[len(prefix):]] = (where, item)
+        else:
+            dropped.append(where)
+    root = f[_LEGACY_MODEL] if whole else f
+    config = _parse_config(_attribute(reader, f, _LEGACY_CONFIG, "/"), reader.source, _LEGACY_CONFIG) \
+        if _LEGACY_CONFIG in f.attrs else None
+    groups: list[_Group] = []
+    order: list[list[Any]] = []
+    layers = _names(reader, root, _LAYER_NAMES, prefix or "/")
+    if layers is None:
+        raise reader.fail(_LEGACY_MODEL, "a Keras 2 model file lists its layers in model_weights' "
+                                         "'layer_names' attribute; this one has none")
+    for layer in layers:
+        if layer not in root or not isinstance(root[layer], reader.h5py.Group):
+            raise reader.fail(prefix or "/", f"layer_names lists layer {layer!r}, which the file has no group for")
+        weights = _names(reader, root[layer], "weight_names", f"{prefix}{layer}") or []
+        arrays: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for weight in weights:
+            name = f"{layer}/{weight}"
+            if name not in datasets:
+                raise reader.fail(f"{prefix}{layer}", f"weight_names lists {weight!r}, which the file has no "
+                                                      f"dataset for at {prefix}{name!r}")
+            where, ds = datasets.pop(name)
+            scope = weight.rsplit("/", 1)[0] if "/" in weight else layer
+            arrays.setdefault(scope, []).append((name, reader.read(ds, where)))
+        if weights:
+            order.append([layer, weights])
+        for scope, items in arrays.items():
+            # One scope is the layer itself; several are a nested model's layers, named by their scope.
+            own = len(arrays) == 1
+            roles = [n.rsplit("/", 1)[-1].split(":", 1)[0] for n, _ in items]
+            groups.append(_Group(layer if own else f"{layer}/{scope}", layer if own else scope, items,
+                                 roles=roles, top=own))
+    loose = {name: reader.read(ds, where) for name, (where, ds) in datasets.items()}
+    return _Contents(groups, loose, dropped, config, order)
+
+
+def _attribute(reader: _Reader, obj: Any, key: str, where: str) -> Any:
+    """An HDF5 attribute's value; it lies in the object's header, so it is at most what the file holds."""
+    try:
+        return obj.attrs[key]
+    except (OSError, TypeError, ValueError) as exc:
+        raise reader.fail(where, f"attribute {key!r} is unreadable: {_first_line(exc)}") from None
+
+
+def _names(reader: _Reader, obj: Any, key: str, where: str) -> list[str] | None:
+    """A Keras 2 list of names (``layer_names``, ``weight_names``), None when absent; tf_keras splits
+    one longer than an HDF5 header holds (64 KiB) into ``key0``, ``key1``, ..., joined here."""
+    if key in obj.attrs:
+        chunks = [_attribute(reader, obj, key, where)]
+    elif f"{key}0" in obj.attrs:
+        chunks = [_attribute(reader, obj, f"{key}{i}", where)
+                  for i in itertools.takewhile(lambda i: f"{key}{i}" in obj.attrs, itertools.count())]
+    else:
+        return None
+    names: list[str] = []
+    for chunk in chunks:
+        array = np.asarray(chunk)
+        if array.size == 0:  # tf_keras writes a layer without weights as an empty float array
+            continue
+        if array.ndim != 1 or array.dtype.kind not in "SUO":
+            raise reader.fail(where, f"attribute {key!r} must be a list of names. Received: {_shown(chunk)}")
+        for item in array.tolist():
+            try:
+                name = item.decode() if isinstance(item, bytes) else item
+            except UnicodeDecodeError:
+                raise reader.fail(where, f"attribute {key!r} must hold UTF-8 names, not {item!r}") from None
+            if not isinstance(name, str) or not name:
+                raise reader.fail(where, f"attribute {key!r} must hold names. Received: {_shown(item)}")
+            names.append(name)
+    return names
 
 
 def _first_line(exc: BaseException) -> str:
@@ -260,22 +385,34 @@ def _config_json(zf: zipfile.ZipFile, path: Path) -> dict[str, Any]:
             f"{path}: config.json must be at most {_CONFIG_LIMIT >> 20} MiB (a model config is far smaller). "
             f"Received: {max(info.file_size, len(data))} bytes or more"
         )
+    return _parse_config(data, path, "config.json")
+
+
+def _parse_config(data: Any, path: Path, what: str) -> dict[str, Any]:
+    """A model config (config.json, or a Keras 2 file's model_config attribute) as a JSON object."""
+    if isinstance(data, np.ndarray) and data.shape == ():
+        data = data.item()
+    if not isinstance(data, bytes | str):
+        raise ConvBNError(f"{path}: {what} must be JSON text. Received: {_shown(data)}")
+    if len(data) > _CONFIG_LIMIT:
+        raise ConvBNError(f"{path}: {what} must be at most {_CONFIG_LIMIT >> 20} MiB (a model config is far "
+                          f"smaller). Received: {len(data)} bytes")
     try:
         config = json.loads(data)
     except (ValueError, RecursionError) as exc:
-        raise ConvBNError(f"{path}: config.json must be JSON (UTF-8): {_first_line(exc)}") from None
+        raise ConvBNError(f"{path}: {what} must be JSON (UTF-8): {_first_line(exc)}") from None
     if not isinstance(config, dict):
-        raise ConvBNError(f"{path}: config.json must hold a JSON object (the model). Received: {type(config).__name__}")
+        raise ConvBNError(f"{path}: {what} must hold a JSON object (the model). Received: {type(config).__name__}")
     return config
 
 
-def _open(path: Path) -> tuple[list[_Group], dict[str, np.ndarray], list[str], dict[str, Any] | None]:
+def _open(path: Path) -> _Contents:
     h5py = _h5py()
     config = None
     try:
         if head(path, 8) == _HDF5_MAGIC:
             with h5py.File(path, "r") as f:
-                return (*_read_h5(f, path, h5py, path.stat().st_size), None)
+                return _read_h5(f, path, h5py, path.stat().st_size)
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             if "model.weights.h5" not in names:
@@ -289,7 +426,11 @@ def _open(path: Path) -> tuple[list[_Group], dict[str, np.ndarray], list[str], d
                     f"more than deflate's {_MAX_EXPANSION}x: a zip bomb or a corrupt archive"
                 )
             with zf.open(info) as member, h5py.File(member, "r") as f:
-                return (*_read_h5(f, path, h5py, info.file_size), config)
+                contents = _read_h5(f, path, h5py, info.file_size)
+                if contents.legacy is not None:
+                    raise ConvBNError(f"{path}: a .keras archive holds Keras 3 weights; its model.weights.h5 "
+                                      "has Keras 2's layout")
+                return dataclasses.replace(contents, config=config)
     except ConvBNError:
         raise
     except (*_H5_ERRORS, zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error, lzma.LZMAError) as exc:
@@ -323,14 +464,14 @@ def _layer_configs(
     if config.get("class_name") == "Sequential":
         chain = [n for n in order if layers[n].get("class_name") != "InputLayer"]
         for a, b in itertools.pairwise(chain):
-            if layers[a].get("class_name") == "Conv2D" and layers[b].get("class_name") == "BatchNormalization":
+            if layers[a].get("class_name") in _CONV_CLASSES and layers[b].get("class_name") == "BatchNormalization":
                 graph[a] = b
     else:
         for name in order:
             if layers[name].get("class_name") != "BatchNormalization":
                 continue
             producer = _producer(layers[name].get("inbound_nodes"))
-            if producer in layers and layers[producer].get("class_name") == "Conv2D":
+            if producer in layers and layers[producer].get("class_name") in _CONV_CLASSES:
                 graph[producer] = name
     return layers, graph, order
 
@@ -393,6 +534,10 @@ def _producer(nodes: Any) -> str | None:
 
 
 def _unit(group: _Group, entry: Mapping[str, Any] | None, notes: list[str]) -> Unit | None:
+    """The group as a conv or BatchNorm unit, payload ``(fields, cfg, geometry)``; None when it is
+    neither (a dense layer, a transposed or separable conv, a layer of unexpected variables)."""
+    if group.roles is not None:
+        return _legacy_unit(group, entry)
     base = group.path.rsplit("/", 1)[-1]
     cls = entry.get("class_name") if entry else ("Conv2D" if _CONV_GROUP.fullmatch(base) else
                                                   "BatchNormalization" if _BN_GROUP.fullmatch(base) else None)
@@ -401,9 +546,7 @@ def _unit(group: _Group, entry: Mapping[str, Any] | None, notes: list[str]) -> U
     if cls == "Conv2D":
         if not shapes or len(shapes[0]) != 4 or len(shapes) > 2:
             return None
-        out = shapes[0][3]
-        fields = dict(zip(("kernel", "bias"), group.arrays, strict=False))
-        return Unit(group.name, "conv", int(out), payload=(group, fields, cfg))
+        return _conv_unit(group, dict(zip(("kernel", "bias"), group.arrays, strict=False)), cfg)
     if cls == "BatchNormalization":
         if entry:
             names = [f for f, on in zip(_BN_FIELDS, (cfg.get("scale", True), cfg.get("center", True), True, True),
@@ -418,10 +561,56 @@ def _unit(group: _Group, entry: Mapping[str, Any] | None, notes: list[str]) -> U
                 "the model config (scale or center off?); left unpaired. Read the .keras file instead"
             )
             return None
-        if len(names) != len(shapes) or any(len(s) != 1 or s != shapes[0] for s in shapes):
+        if len(names) != len(shapes):
             return None
-        return Unit(group.name, "bn", int(shapes[0][0]), payload=(group, dict(zip(names, group.arrays, strict=True)), cfg))
+        return _bn_unit(group, dict(zip(names, group.arrays, strict=True)), cfg)
     return None
+
+
+def _legacy_unit(group: _Group, entry: Mapping[str, Any] | None) -> Unit | None:
+    """A Keras 2 layer names its weights (``kernel:0``, ``moving_variance:0``), so its kind and
+    fields follow from them; the config, where there is one, must agree on the class."""
+    assert group.roles is not None
+    roles = group.roles
+    if len(set(roles)) != len(roles) or not set(roles) <= set(_LEGACY_FIELDS):
+        return None
+    fields = {_LEGACY_FIELDS[r]: item for r, item in zip(roles, group.arrays, strict=True)}
+    cls = entry.get("class_name") if entry else None
+    cfg = (entry or {}).get("config") or {}
+    conv = "kernel" in fields and len(fields["kernel"][1].shape) == 4 and set(fields) <= {"kernel", "bias"}
+    if conv and cls in (None, *_CONV_CLASSES):
+        # Without a config, Conv2DTranspose's (kH, kW, out, in) kernel looks like a conv's: only
+        # its default name tells them apart.
+        if cls is None and re.search(r"(^|/)conv2d_transpose(_\d+)?$", group.name):
+            return None
+        depthwise = "depthwise_kernel" in roles
+        if depthwise != (cls == "DepthwiseConv2D") and cls is not None:
+            return None
+        return _conv_unit(group, fields, cfg, depthwise=depthwise)
+    if {"moving_mean", "moving_var"} <= set(fields) and cls in (None, "BatchNormalization"):
+        return _bn_unit(group, fields, cfg)
+    return None
+
+
+def _conv_unit(group: _Group, fields: dict[str, tuple[str, np.ndarray]], cfg: Mapping[str, Any], *,
+               depthwise: bool = False) -> Unit:
+    """A conv unit; a depthwise ``(kH, kW, C, m)`` kernel becomes the grouped HWIO ``(kH, kW, 1, C*m)``
+    (output channel ``c*m + j`` in both) with ``groups=C``."""
+    name, kernel = fields["kernel"]
+    geometry: dict[str, Any] = {}
+    if depthwise:
+        kh, kw, c, m = kernel.shape
+        fields = {**fields, "kernel": (name, kernel.reshape(kh, kw, 1, c * m))}
+        geometry["groups"] = int(c)
+    out = fields["kernel"][1].shape[3]
+    return Unit(group.name, "conv", int(out), payload=(fields, cfg, geometry))
+
+
+def _bn_unit(group: _Group, fields: dict[str, tuple[str, np.ndarray]], cfg: Mapping[str, Any]) -> Unit | None:
+    shapes = [a.shape for _, a in fields.values()]
+    if any(len(s) != 1 or s != shapes[0] for s in shapes):
+        return None
+    return Unit(group.name, "bn", int(shapes[0][0]), payload=(fields, cfg, {}))
 
 
 def read(
@@ -432,17 +621,21 @@ def read(
     momentum: float | None = None,
     use_ema: bool = False,
 ) -> Checkpoint:
-    """Read Keras 3 ``.weights.h5`` or ``.keras``; see the module docstring."""
+    """Read Keras 3 ``.weights.h5`` or ``.keras``, or a Keras 2 ``.h5``; see the module docstring."""
     from convbn.convert import Checkpoint, LayerSource
 
     if use_ema:
         raise ConvBNError(f"{path}: use_ema applies to slim checkpoints with moving-average shadows, not Keras files")
-    groups, loose, dropped, config = _open(path)
-    ckpt = Checkpoint(format=NAME, convention=KERAS3.name, dropped=dropped)
+    contents = _open(path)
+    groups, legacy = contents.groups, contents.legacy is not None
+    convention = KERAS2_FUSED if legacy else KERAS3
+    ckpt = Checkpoint(format=NAME, convention=convention.name, dropped=contents.dropped)
     ckpt.metadata["source_format"] = NAME
-    configs, graph, order = _layer_configs(config, path)
+    if contents.legacy is not None:
+        ckpt.metadata[_LEGACY_ORDER] = json.dumps(contents.legacy)
+    configs, graph, order = _layer_configs(contents.config, path)
     # Top-level layers match their config entry by name; nested models' layers have none.
-    top = {g.name: g for g in groups if g.path.count("/") == 1}
+    top = {g.name: g for g in groups if g.top}
     rank = {name: i for i, name in enumerate(order)}
     if rank:
         groups.sort(key=lambda g: (rank.get(g.name, len(rank)), natural_key(g.path)))
@@ -462,10 +655,17 @@ def read(
         explicit=pairs,
         graph=graph,
         naming=not with_graph,
-        order=None if with_graph else "by_kind",
+        # A Keras 2 file lists its layers in the model's order; a Keras 3 one only within each class.
+        order=None if with_graph else "adjacent" if legacy else "by_kind",
         source=str(path),
     )
-    if found and not with_graph and any(p.reason == "order" for p in found):
+    if found and not with_graph and legacy and any(p.reason == "order" for p in found):
+        ckpt.notes.append(
+            "Keras 2 weights files do not record which BatchNorm follows which conv: paired each conv "
+            "with a BatchNormalization of the same width right after it in layer order (check with "
+            "'convbn inspect'; pass pairs / --pair, or read the whole-model .h5, to be explicit)"
+        )
+    elif found and not with_graph and any(p.reason == "order" for p in found):
         ckpt.notes.append(
             ".weights.h5 files do not record which BatchNorm follows which conv: paired the k-th Conv2D "
             "with the next BatchNormalization of the same width (check with 'convbn inspect'; pass "
@@ -473,14 +673,14 @@ def read(
         )
     used: set[str] = set()
     for pair in found:
-        _, conv_fields, conv_cfg = pair.conv.payload
-        _, bn_fields, bn_cfg = pair.bn.payload
+        conv_fields, conv_cfg, kernel_geometry = pair.conv.payload
+        bn_fields, bn_cfg, _ = pair.bn.payload
         layer_eps, layer_momentum = resolve_settings(
-            KERAS3, "Keras .weights.h5" if not bn_cfg else NAME, eps=eps, momentum=momentum,
-            stored_eps=_number(path, pair.bn.name, bn_cfg, "epsilon"),
+            convention, NAME if bn_cfg else "Keras 2 .h5 weights" if legacy else "Keras .weights.h5",
+            eps=eps, momentum=momentum, stored_eps=_number(path, pair.bn.name, bn_cfg, "epsilon"),
             stored_momentum=_number(path, pair.bn.name, bn_cfg, "momentum"), notes=ckpt.notes,
         )
-        geometry = _conv_geometry(path, pair.conv.name, conv_cfg) if conv_cfg else {}
+        geometry = {**(_conv_geometry(path, pair.conv.name, conv_cfg) if conv_cfg else {}), **kernel_geometry}
         tensor_names = {f: name for f, (name, _) in {**conv_fields, **bn_fields}.items()}
         ckpt.layers[pair.key] = build_layer(
             path,
@@ -489,7 +689,7 @@ def read(
             **{f: a for f, (_, a) in {**conv_fields, **bn_fields}.items()},
             eps=layer_eps,
             momentum=layer_momentum,
-            var_update=KERAS3.var_update,
+            var_update=_var_update(path, pair.bn.name, bn_cfg) if legacy else KERAS3.var_update,
             **geometry,
         )
         ckpt.sources[pair.key] = LayerSource(
@@ -498,14 +698,15 @@ def read(
             reason=pair.reason,
             conv_name=pair.conv.name,
             bn_name=pair.bn.name,
-            geometry=bool(geometry),
+            geometry=bool(conv_cfg),
             settings=bool(bn_cfg),
         )
         used.update(tensor_names.values())
     if found and not any(s.geometry for s in ckpt.sources.values()):
         ckpt.notes.append(
-            ".weights.h5 files do not store stride, padding, dilation or groups: the layers keep "
-            "ConvBNParams defaults (stride 1, 'SAME', groups 1); set them with dataclasses.replace"
+            f"{'Keras 2 .h5 weights' if legacy else '.weights.h5'} files do not store stride, padding, "
+            "dilation or groups: the layers keep ConvBNParams defaults (stride 1, 'SAME', groups 1, "
+            "a depthwise kernel's groups excepted); set them with dataclasses.replace"
         )
     for unit in unpaired:
         ckpt.unpaired[unit.name] = unit.kind
@@ -513,8 +714,18 @@ def read(
         for name, array in group.arrays:
             if name not in used:
                 ckpt.tensors[name] = array
-    ckpt.tensors.update(loose)
+    ckpt.tensors.update(contents.loose)
     return ckpt
+
+
+def _var_update(path: Path, layer: str, cfg: Mapping[str, Any]) -> str:
+    """A Keras 2 BatchNormalization's moving-variance update: unbiased on its default fused path
+    (``fused`` None or True, measured in SEMANTICS.md), biased with ``fused=False``."""
+    fused = cfg.get("fused")
+    if fused is not None and not isinstance(fused, bool):
+        raise ConvBNError(f"{path}: model_config's BatchNormalization fused must be true, false or null. "
+                          f"Received: layer {layer!r}, fused={_shown(fused)}")
+    return "biased" if fused is False else KERAS2_FUSED.var_update
 
 
 # -- writing -----------------------------------------------------------------------------------------
