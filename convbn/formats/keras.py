@@ -1,6 +1,7 @@
-"""Keras 3 weights: ``.weights.h5`` (``model.save_weights``) and ``.keras`` archives.
+"""Keras weights: Keras 3 ``.weights.h5`` and ``.keras`` archives, Keras 2 / tf_keras ``.h5``.
 
-Both hold an HDF5 file laid out by layer, read here with h5py alone (no TensorFlow, no Keras)::
+All hold an HDF5 file laid out by layer, read here with h5py alone (no TensorFlow, no Keras).
+Keras 3 (``model.save_weights("x.weights.h5")``, and inside a ``.keras``)::
 
     layers/conv2d/vars/0                 kernel (kH, kW, I/g, O)     vars.attrs["name"]: layer name
     layers/conv2d/vars/1                 bias (if use_bias)
@@ -13,6 +14,24 @@ conv's strides/padding/dilation/groups and each BatchNorm's epsilon and momentum
 A ``.weights.h5`` records neither the graph nor the order between classes: convs and BatchNorms
 are paired by naming (``x_conv``/``x_bn``, ``x``/``x_bn``), then by order within each class, and
 Keras's defaults (eps 1e-3, momentum 0.99) are assumed.
+
+Keras 2 (tf_keras ``model.save_weights("x.h5")``; keras.applications' weight files)::
+
+    attrs["layer_names"]                         every layer, in the model's order (``model.layers``)
+    conv2d/                                      attrs["weight_names"]: ["conv2d/kernel:0", ...]
+    conv2d/conv2d/kernel:0                       a dataset at ``layer/weight_name``
+    depthwise_conv2d/.../depthwise_kernel:0      (kH, kW, C, m): read as the grouped (kH, kW, 1, C*m)
+
+A whole-model file (``model.save("m.h5")``) keeps the same under ``model_weights`` and adds the
+``model_config`` attribute: JSON, read as data for the graph, geometry, eps, momentum and
+``fused``; no layer's code (a Lambda's marshalled bytecode) is ever run, and the optimizer's
+weights are dropped and listed. The weight names give each layer's kind and fields, so a layer
+without gamma (``scale=False``) needs no config; a layer holding several scopes' weights (a nested
+model, transformers' TF models) gives one layer per scope. Without a config, convs pair with the
+BatchNorm right after them in layer order. A Keras 2 BatchNorm trains on its default fused path,
+which updates the moving variance with the unbiased batch variance (``conventions.KERAS2_FUSED``;
+``fused=False`` in the config: biased). SeparableConv2D, Conv2DTranspose and Dense weights stay
+other tensors.
 
 Reading stays inside the file and within what it holds (each a one-line ConvBNError naming the
 file and the HDF5 object otherwise): external links, external raw storage and virtual datasets are
@@ -28,6 +47,17 @@ from Keras and written as ``.weights.h5`` goes back to its original groups, with
 tensor. A ``.keras`` archive gets a config of its own: one independent ``Input → Conv2D →
 BatchNormalization`` branch per layer, with the layers' geometry, eps and momentum, so
 ``keras.saving.load_model`` rebuilds it and ``load_weights`` fills any model with these layers.
+
+Any other ``*.h5`` (or ``*.hdf5``) gets the Keras 2 layout, which tf_keras's
+``model.load_weights("x.h5")`` reads (by layer order, or ``by_name=True``) and Keras 3's too (its
+legacy-h5 loading, by order). Each layer is a conv layer named after the checkpoint's layer
+(``layer1.0.conv1`` -> ``layer1_0_conv1``) followed by its BatchNormalization ``<conv>_bn``, so a
+tf_keras model whose convs and BatchNorms come in checkpoint order (and no other layers with
+weights) loads it by order, and one named so loads it by name. A depthwise conv (``groups ==
+in_channels``) is written as tf_keras's DepthwiseConv2D (``depthwise_kernel``, as keras.applications
+builds MobileNets), any other as Conv2D. A checkpoint read from a Keras 2 file goes back to its
+own layers and weight names, every other tensor included. eps and momentum are not stored (load
+into BatchNorms built with them, as the report says).
 """
 
 from __future__ import annotations
@@ -71,7 +101,7 @@ NAME = "keras"
 #: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
 WRITES_FUSED = True
 
-__all__ = ["NAME", "read", "sniff", "write"]
+__all__ = ["NAME", "read", "sniff", "target_var_update", "write"]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _KERAS_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
@@ -88,6 +118,10 @@ _LEGACY_ORDER = "keras2_layers"
 _LEGACY_FIELDS = {"kernel": "kernel", "depthwise_kernel": "kernel", "bias": "bias", "gamma": "gamma",
                   "beta": "beta", "moving_mean": "moving_mean", "moving_variance": "moving_var"}
 _CONV_CLASSES = ("Conv2D", "DepthwiseConv2D")
+#: Names that write() gives the Keras 2 layout (what Keras's load_weights reads as legacy h5).
+_LEGACY_SUFFIXES = (".h5", ".hdf5")
+#: What one HDF5 attribute may hold in an object header; tf_keras splits longer name lists.
+_HEADER_LIMIT = 64512
 #: config.json is read at most this far: a real model's config is a few MB, and a zip bomb must
 #: not become gigabytes of JSON in memory.
 _CONFIG_LIMIT = 64 << 20
@@ -762,9 +796,12 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
     h5py = _h5py()
     archive = path.name.endswith(".keras")
     if not archive and not path.name.endswith(".weights.h5"):
+        if path.suffix in _LEGACY_SUFFIXES:
+            _write_legacy(ckpt, path, h5py, progress)
+            return
         raise ConvBNError(
-            "a Keras 3 weights file must be named *.weights.h5 or *.keras (model.load_weights "
-            f"requires it). Received: {path.name!r}"
+            "a Keras weights file must be named *.weights.h5 or *.keras (Keras 3), or *.h5 (Keras 2 / "
+            f"tf_keras; what model.load_weights requires). Received: {path.name!r}"
         )
     same_format = origin_format(ckpt) == NAME and not archive and all(
         "kernel" in s.conv and "/vars/" in s.conv["kernel"] for s in ckpt.sources.values()
@@ -835,6 +872,94 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
                 zf.write(weights, "model.weights.h5")
         finally:
             os.unlink(weights)
+
+
+def target_var_update(path: Path) -> str:
+    """The moving-variance update of the BatchNorms that load what :func:`write` puts at ``path``:
+    Keras 2's fused one (unbiased) for the Keras 2 layout (``*.h5``), Keras 3's (biased) otherwise."""
+    legacy = Path(path).suffix in _LEGACY_SUFFIXES and not Path(path).name.endswith(".weights.h5")
+    return KERAS2_FUSED.var_update if legacy else KERAS3.var_update
+
+
+def _write_legacy(ckpt: Checkpoint, path: Path, h5py: Any, progress: Progress | None) -> None:
+    """Write the Keras 2 layout (see the module docstring) that tf_keras's and Keras 3's
+    ``load_weights("x.h5")`` read, by layer order or ``by_name=True``."""
+    recorded = ckpt.metadata.get(_LEGACY_ORDER) if origin_format(ckpt) == NAME else None
+    values: dict[str, np.ndarray] = {}  # tensor name -> array, for a Keras 2 source written back
+    done: dict[str, str] = {}  # the last tensor of each layer -> the layer, for progress
+    layers: list[tuple[str, list[tuple[str, np.ndarray]]]] = []
+    if recorded and not ckpt.fused:
+        for key, params in ckpt.layers.items():
+            source = ckpt.sources.get(key)
+            if source is None:
+                break
+            fields = {"kernel": params.kernel, "bias": params.bias, "gamma": params.gamma, "beta": params.beta,
+                      "moving_mean": params.moving_mean, "moving_var": params.moving_var}
+            named = {**source.conv, **source.bn}
+            if any(fields.get(f) is None for f in named):
+                break  # a field the file had was removed (a folded bias): write a fresh layout
+            for field, name in named.items():
+                array = as_numpy(fields[field])
+                if name.endswith("/depthwise_kernel:0"):
+                    kh, kw, _, out = array.shape
+                    array = array.reshape(kh, kw, params.groups, out // params.groups)
+                values[name] = array
+            done[source.bn["moving_var"]] = key
+        else:
+            values.update({name: as_numpy(v) for name, v in ckpt.tensors.items()})
+            for layer, weights in json.loads(recorded):
+                layers.append((layer, [(w, values.pop(f"{layer}/{w}")) for w in weights if f"{layer}/{w}" in values]))
+    if not layers:
+        values, done = {}, {}
+        taken: set[str] = set()
+        for key, params in ckpt.layers.items():
+            conv = _keras_name(key, taken)
+            kernel = as_numpy(params.kernel)
+            role = "kernel"
+            if params.groups > 1 and params.groups == params.in_channels:
+                # A depthwise conv is tf_keras's DepthwiseConv2D, as keras.applications builds it.
+                kh, kw, _, out = kernel.shape
+                kernel, role = kernel.reshape(kh, kw, params.groups, out // params.groups), "depthwise_kernel"
+            weights = [(f"{conv}/{role}:0", kernel)]
+            if params.bias is not None:
+                weights.append((f"{conv}/bias:0", as_numpy(params.bias)))
+            layers.append((conv, weights))
+            if not ckpt.fused:
+                bn = _keras_name(f"{conv}_bn", taken)
+                roles = ("gamma", "beta", "moving_mean", "moving_variance")
+                layers.append((bn, [(f"{bn}/{r}:0", a) for r, a in zip(roles, _bn_arrays(params, False), strict=True)]))
+            done[f"{layers[-1][0]}/{layers[-1][1][-1][0]}"] = key
+        if ckpt.tensors:
+            ckpt.notes.append(not_written_note(ckpt))
+    if not ckpt.fused:
+        unstored_settings_note(ckpt, "Keras 2 .h5 weights", KERAS2_FUSED)
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        _legacy_names(f, _LAYER_NAMES, [layer for layer, _ in layers])
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2"  # not "1", whose kernels Keras would convert
+        for layer, weights in layers:
+            group = f.create_group(layer)
+            _legacy_names(group, "weight_names", [w for w, _ in weights])
+            for weight, array in weights:
+                group.create_dataset(weight, data=contiguous(array))
+                if f"{layer}/{weight}" in done:
+                    tick(progress, done[f"{layer}/{weight}"])
+        for name, array in values.items():  # tensors of no recorded layer: kept, as datasets only
+            if name in f:
+                raise ConvBNError(f"{path}: tensor name {name!r} is used twice (a layer and another tensor)")
+            f.create_dataset(name, data=contiguous(array))
+
+
+def _legacy_names(obj: Any, key: str, names: list[str]) -> None:
+    """Store a list of names as tf_keras does: UTF-8 bytes, split into ``key0``, ``key1``, ... when
+    it would not fit in the 64 KiB an HDF5 object header holds."""
+    data = np.array([n.encode() for n in names], dtype=f"S{max((len(n.encode()) for n in names), default=1)}")
+    chunks = max(1, -(-data.nbytes // _HEADER_LIMIT))
+    if chunks == 1:
+        obj.attrs[key] = data
+        return
+    for i, chunk in enumerate(np.array_split(data, chunks)):
+        obj.attrs[f"{key}{i}"] = chunk
 
 
 def _dtype_policy(params: Any) -> str:
