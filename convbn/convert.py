@@ -29,6 +29,7 @@ __all__ = [
     "Checkpoint",
     "LayerCheck",
     "LayerSource",
+    "check_shard_size",
     "check_source",
     "detect_format",
     "fold_bias",
@@ -195,6 +196,8 @@ def format_for_path(path: str | os.PathLike[str]) -> str | None:
         ('keras', 'flax')
     """
     p = Path(path)
+    if p.name.endswith(".index.json"):  # a shard index: model.safetensors.index.json
+        p = p.with_name(p.name[: -len(".index.json")])
     for suffix in reversed(p.suffixes):
         if suffix.lower() in _SUFFIXES:
             return _SUFFIXES[suffix.lower()]
@@ -228,9 +231,12 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if not p.exists():
         raise ConvBNError(f"a checkpoint must exist at the path given. Received: {str(p)!r} (no such file)")
     if p.is_dir():
+        indexes = sorted(f.name for f in p.glob("*.index.json"))
+        if len(indexes) > 1:
+            raise ConvBNError(f"{p}: the directory holds {len(indexes)} shard indexes ({', '.join(indexes)}); name one")
         raise ConvBNError(
-            f"{p}: a directory is a checkpoint only when it holds a TF 'checkpoint' file; name the "
-            "file inside it"
+            f"{p}: a directory is a checkpoint only when it holds a TF 'checkpoint' file, one shard index "
+            "(*.index.json) or an Orbax checkpoint; name the file inside it"
         )
     raise ConvBNError(
         f"{p}: not a checkpoint in any known format ({', '.join(FORMATS)}): unrecognised content, or "
@@ -409,6 +415,7 @@ def save_checkpoint(
     overwrite: bool = True,
     keep_var_update: bool = False,
     progress: Callable[[str], None] | None = None,
+    max_shard_size: int | str | None = None,
 ) -> Checkpoint:
     """Write ``ckpt`` in ``format``, folding conv biases where the target has none.
 
@@ -450,6 +457,12 @@ def save_checkpoint(
         keep_var_update: refuse (instead of noting) layers whose moving-variance update the
             target's BatchNorms do not follow.
         progress: called with each layer's name as it is written (where the format reports it).
+        max_shard_size: split the tensors into shards of at most this many bytes (an int, or a
+            string such as ``"5GB"``, ``"500MiB"``, read as transformers' ``save_pretrained``
+            reads it), for the formats that write shards (``safetensors``, ``torch``): shards named
+            ``model-00001-of-00003.safetensors`` and an index ``model.safetensors.index.json``
+            beside ``path``, all placed together or not at all. A checkpoint that fits stays one
+            file at ``path`` (unless ``path`` names the index).
 
     Returns:
         The checkpoint as written (folded copy, with notes on what was folded and assumed).
@@ -457,7 +470,7 @@ def save_checkpoint(
     Raises:
         ConvBNError: an unknown format, conflicting options, an existing ``path`` with
             ``overwrite=False``, a changed moving-variance update with ``keep_var_update=True``,
-            or data the format cannot hold.
+            or data the format cannot hold, a ``max_shard_size`` the format cannot honour.
 
     Example:
         >>> ckpt = convbn.load_checkpoint("model.pt")  # doctest: +SKIP
@@ -468,6 +481,13 @@ def save_checkpoint(
         raise ConvBNError(f"format must be one of {list(FORMATS)}. Received: format={format!r}")
     module = _format_module(name)
     p = Path(path)
+    options: dict[str, Any] = {}
+    accepted = inspect.signature(module.write).parameters
+    if max_shard_size is not None:
+        check_shard_size(name, max_shard_size)
+        options["max_shard_size"] = max_shard_size
+    if progress is not None and "progress" in accepted:
+        options["progress"] = progress
     if not overwrite and _destination_exists(p, name):
         raise ConvBNError(f"{p} exists; refusing to overwrite it (pass overwrite=True / --force)")
     prepared = prepare_for_format(ckpt, name, fold_bias=fold_bias, conv_bias=conv_bias)
@@ -479,11 +499,36 @@ def save_checkpoint(
 
         unstored_settings_note(prepared, "TF checkpoints", SLIM)
     with parent_directories(p), placement(overwrite=overwrite):
-        if progress is not None and "progress" in inspect.signature(module.write).parameters:
-            module.write(prepared, p, progress=progress)
-        else:
-            module.write(prepared, p)
+        module.write(prepared, p, **options)
     return prepared
+
+
+def check_shard_size(format: str, max_shard_size: int | str) -> int:
+    """``max_shard_size`` in bytes, for a format whose writer takes it (``write(...,
+    max_shard_size=)``): what :func:`save_checkpoint` checks before writing anything.
+
+    Raises:
+        ConvBNError: a size :func:`convbn.formats._sharded.parse_size` refuses, or a format whose
+            files are written whole.
+    """
+    from convbn.formats._sharded import parse_size
+
+    size = parse_size(max_shard_size)
+    shardable = [n for n in FORMATS if "max_shard_size" in _write_parameters(n)]
+    if format not in shardable:
+        raise ConvBNError(
+            f"the {format} format is written whole, not in shards; max_shard_size applies to "
+            f"{', '.join(shardable)}. Received: max_shard_size={max_shard_size!r}, format={format!r}"
+        )
+    return size
+
+
+def _write_parameters(name: str) -> Mapping[str, inspect.Parameter]:
+    """The parameters of format ``name``'s ``write`` (none for a format not in this build)."""
+    try:
+        return inspect.signature(_format_module(name).write).parameters
+    except ConvBNError:
+        return {}
 
 
 #: The moving-variance update of the BatchNorms a format's files are loaded into (safetensors

@@ -14,6 +14,7 @@ from convbn.commands import _checkpoints as common
 from convbn.convert import (
     Checkpoint,
     LayerCheck,
+    check_shard_size,
     detect_format,
     load_checkpoint,
     save_checkpoint,
@@ -47,6 +48,11 @@ def register(sub: Any) -> None:
     parser.add_argument("--no-strict", action="store_true",
                         help="with --like: write what matches even when a layer is missing, unexpected or "
                              "of another shape (the report lists them) instead of refusing")
+    parser.add_argument("--max-shard-size", metavar="SIZE", default=None,
+                        help="write safetensors/torch targets in shards of at most SIZE (bytes, or e.g. 5GB, "
+                             "500MB, 2GiB, as transformers' save_pretrained reads it): DST's name gives "
+                             "model-00001-of-0000N.safetensors and model.safetensors.index.json beside it; "
+                             "a checkpoint that fits stays one file")
     common.add_target_options(parser)
     parser.set_defaults(func=run)
 
@@ -61,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     common.require_packages(source_format, to)
     momentum = common.momentum(args, source_format)
     common.check_destination(src, source_format, dst, to, args.force)
+    if args.max_shard_size is not None:
+        _check_shard_size(args.max_shard_size, to)
     if like_format is not None:
         _check_like(args, dst, to, like_format)
     common.prepare_conversion(source_format, to)
@@ -80,6 +88,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     report(args, ckpt, written, to, read_notes, checks, written_ok=True, match=match)
     return 0
+
+
+def _check_shard_size(size: str, to: str) -> None:
+    """``--max-shard-size`` checked against the target before any reading."""
+    try:
+        check_shard_size(to, size)
+    except ConvBNError as exc:
+        raise ConvBNError(str(exc).replace("max_shard_size=", "--max-shard-size ").replace("max_shard_size", "--max-shard-size")) from None
 
 
 def _like_format(args: argparse.Namespace, dst: Path) -> str | None:
@@ -154,11 +170,11 @@ def _write(
                 written = save_checkpoint(
                     ckpt, staging, to, fold_bias=args.fold_bias,
                     conv_bias=False if args.no_conv_bias else None, keep_var_update=args.keep_var_update,
-                    progress=bar,
+                    progress=bar, max_shard_size=args.max_shard_size,
                 )
             else:
                 written = save_checkpoint(to_write, staging, to, keep_var_update=args.keep_var_update,
-                                          progress=bar)
+                                          progress=bar, max_shard_size=args.max_shard_size)
         finally:
             bar.close()
         if args.verify:

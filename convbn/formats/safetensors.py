@@ -20,6 +20,12 @@ metadata (e.g. ``safetensors.torch.save_file(model.state_dict())``) is read as a
 Reading and writing are done here with NumPy (no framework, and not the ``safetensors`` package):
 reading memory-maps the file, writing streams one tensor at a time, so neither holds a second
 copy of the checkpoint.
+
+Sharded checkpoints (``model.safetensors.index.json`` and the shards it names, see
+:mod:`convbn.formats._sharded`) read as one file: named by the index, its directory or
+``model.safetensors``, each shard memory-mapped and checked as a single file is, and against the
+index (every tensor in exactly the shard the index names). ``write(..., max_shard_size=)`` writes
+them.
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ from convbn.errors import ConvBNError
 from convbn.formats._common import Progress, as_numpy, build_layer, contiguous, head, origin_format, tick
 from convbn.formats._io import atomic_output
 from convbn.formats._pairing import natural_key
+from convbn.formats._sharded import (
+    INDEX_SUFFIX,
+    Shards,
+    find_index,
+    parse_size,
+    shard_names,
+    split,
+    write_index,
+)
 from convbn.params import ARRAY_FIELDS
 
 if TYPE_CHECKING:
@@ -70,7 +85,16 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def sniff(path: Path) -> bool:
-    """An 8-byte little-endian header length followed by a JSON object."""
+    """An 8-byte little-endian header length followed by a JSON object, or a shard index
+    (``model.safetensors.index.json``, its directory or ``model.safetensors``) of such files."""
+    return _sniff_file(path) or find_index(path, _sniff_file, _INDEX_OF) is not None
+
+
+#: What a shard index of this format is named after: model.safetensors.index.json
+_INDEX_OF = (".safetensors",)
+
+
+def _sniff_file(path: Path) -> bool:
     data = head(path, 9)
     if len(data) < 9 or data[8:9] != b"{":
         return False
@@ -141,6 +165,28 @@ def _load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, metadata
 
 
+def _load_shards(index: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every shard's tensors (each memory-mapped as :func:`_load` does) checked against the index,
+    and the ``__metadata__`` they share."""
+    shards = Shards.read(index)
+    tensors: dict[str, np.ndarray] = {}
+    seen: dict[str, Path] = {}
+    metadata: dict[str, str] = {}
+    for i, shard in enumerate(shards.files):
+        with shards.reading():
+            held, shard_metadata = _load(shard)
+        shards.check(shard, list(held), seen)
+        if i == 0:
+            metadata = shard_metadata
+        elif shard_metadata != metadata:
+            raise ConvBNError(
+                f"{index}: shard {shard.name} has other __metadata__ than {shards.files[0].name}; the shards "
+                "of one checkpoint share it"
+            )
+        tensors.update(held)
+    return tensors, metadata
+
+
 class _DuplicateKeyError(ValueError):
     pass
 
@@ -207,7 +253,8 @@ def read(
     """Read a safetensors file; see the module docstring."""
     if use_ema:
         raise ConvBNError(f"{path}: use_ema applies to slim checkpoints with moving-average shadows, not safetensors files")
-    tensors, metadata = _load(path)
+    index = find_index(path, _sniff_file, _INDEX_OF)
+    tensors, metadata = _load(path) if index is None else _load_shards(index)
     if metadata.get("convbn") is None:
         from convbn.formats.torch import layers_from_state_dict
 
@@ -324,8 +371,16 @@ def _read_neutral(
     return ckpt
 
 
-def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> None:
-    """Write ``ckpt`` as a convbn safetensors file; see the module docstring."""
+def write(
+    ckpt: Checkpoint, path: Path, *, progress: Progress | None = None, max_shard_size: int | str | None = None
+) -> None:
+    """Write ``ckpt`` as a convbn safetensors file; see the module docstring.
+
+    With ``max_shard_size`` (see :func:`convbn.formats._sharded.parse_size`), a checkpoint larger
+    than that is written as ``<stem>-00001-of-0000N.safetensors`` shards, each with the same
+    ``__metadata__``, and ``<name>.index.json``, as transformers' ``save_pretrained`` does; one that
+    fits stays one file at ``path``, unless ``path`` names the index itself.
+    """
     entries: list[tuple[str, np.ndarray]] = []
     layers = []
     for layer, params in ckpt.layers.items():
@@ -374,18 +429,43 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
     for key, value in ckpt.metadata.items():
         if key != "source_format":
             metadata[f"convbn.meta.{key}"] = str(value)
+    for name, array in entries:
+        if array.dtype.name not in _CODES:
+            raise ConvBNError(f"{path}: tensor {name!r} has dtype {array.dtype}, which safetensors cannot store")
+    layer_of = {f"{layer}/kernel": layer for layer in ckpt.layers}
+
+    def on_tensor(name: str) -> None:
+        if name in layer_of:
+            tick(progress, layer_of[name])
+
+    with atomic_output(path) as tmp:
+        groups = [[name for name, _ in entries]]
+        if max_shard_size is not None:
+            groups = split([(name, array.nbytes) for name, array in entries], parse_size(max_shard_size))
+        if len(groups) == 1 and not path.name.endswith(INDEX_SUFFIX):
+            _write_file(tmp, entries, metadata, on_tensor)
+            return
+        arrays = dict(entries)
+        files, index_name = shard_names(path, len(groups))
+        for file, group in zip(files, groups, strict=True):
+            _write_file(tmp.parent / file, [(name, arrays[name]) for name in group], metadata, on_tensor)
+        weight_map = {name: file for file, group in zip(files, groups, strict=True) for name in group}
+        write_index(tmp.parent, index_name, weight_map, sum(a.nbytes for _, a in entries))
+
+
+def _write_file(
+    path: Path, entries: list[tuple[str, np.ndarray]], metadata: Mapping[str, str], on_tensor: Progress
+) -> None:
+    """One safetensors file of ``entries``, streamed a tensor at a time."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, array in entries:
-        code = _CODES.get(array.dtype.name)
-        if code is None:
-            raise ConvBNError(f"{path}: tensor {name!r} has dtype {array.dtype}, which safetensors cannot store")
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {"dtype": _CODES[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % 8)  # the data starts 8-byte aligned
-    layer_of = {f"{layer}/kernel": layer for layer in ckpt.layers}
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, array in entries:
@@ -393,5 +473,4 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
             if a.dtype.byteorder == ">":
                 a = a.astype(a.dtype.newbyteorder("<"))
             f.write(a.reshape(-1).view(np.uint8).data)
-            if name in layer_of:
-                tick(progress, layer_of[name])
+            on_tensor(name)

@@ -16,6 +16,11 @@ or, when the checkpoint came from a torch file, with the module names it had the
 any naming: a conv weight followed by a BatchNorm with the same channel count pairs, whatever the
 module names. torch state_dicts store no eps or momentum; reading assumes torch's defaults
 (eps 1e-5, momentum 0.1, i.e. 0.9 kept) unless overridden.
+
+Sharded state_dicts (``pytorch_model.bin.index.json`` and its shards, see
+:mod:`convbn.formats._sharded`) read as one: each shard with every check above, none unpickled
+before its sizes are checked, and every tensor in exactly the shard the index names.
+``write(..., max_shard_size=)`` writes them.
 """
 
 from __future__ import annotations
@@ -45,6 +50,15 @@ from convbn.formats._common import (
 )
 from convbn.formats._io import atomic_output
 from convbn.formats._pairing import Unit, pair_units
+from convbn.formats._sharded import (
+    INDEX_SUFFIX,
+    Shards,
+    find_index,
+    parse_size,
+    shard_names,
+    split,
+    write_index,
+)
 
 if TYPE_CHECKING:
     from convbn.convert import Checkpoint
@@ -65,7 +79,16 @@ _BN_FIELDS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", 
 
 
 def sniff(path: Path) -> bool:
-    """A ``torch.save`` zip (first member ``<name>/data.pkl``) or a legacy torch pickle."""
+    """A ``torch.save`` zip (first member ``<name>/data.pkl``) or a legacy torch pickle, or a shard
+    index (``pytorch_model.bin.index.json``, its directory or ``pytorch_model.bin``) of such files."""
+    return _sniff_file(path) or find_index(path, _sniff_file, _INDEX_OF) is not None
+
+
+#: What a shard index of this format is named after: pytorch_model.bin.index.json
+_INDEX_OF = (".bin", ".pt", ".pth")
+
+
+def _sniff_file(path: Path) -> bool:
     first = zip_first_member(path)
     if first is not None:
         return first.endswith("data.pkl") or first.endswith("/version") or first.endswith(".format_version")
@@ -421,13 +444,34 @@ def read(
     """Read a ``torch.save`` state_dict; see the module docstring."""
     if use_ema:
         raise ConvBNError(f"{path}: use_ema applies to slim checkpoints with moving-average shadows, not torch files")
-    obj = _load(path)
-    state, dropped, notes = _state_dict(obj, path)
-    arrays = _arrays(state, path, notes)
-    ckpt = layers_from_state_dict(arrays, source=path, pairs=pairs, eps=eps, momentum=momentum)
+    index = find_index(path, _sniff_file, _INDEX_OF)
+    if index is None:
+        state, dropped, notes = _state_dict(_load(path), path)
+        arrays = _arrays(state, path, notes)
+    else:
+        arrays, dropped, notes = _load_shards(index)
+    ckpt = layers_from_state_dict(arrays, source=index or path, pairs=pairs, eps=eps, momentum=momentum)
     ckpt.dropped += dropped
     ckpt.notes[:0] = notes
     return ckpt
+
+
+def _load_shards(index: Path) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+    """Every shard read as a single file is (each with its own checks before unpickling, under
+    ``weights_only``, memory-mapped), its tensors checked against the index, in shard order."""
+    shards = Shards.read(index)
+    arrays: dict[str, np.ndarray] = {}
+    dropped: list[str] = []
+    notes: list[str] = []
+    seen: dict[str, Path] = {}
+    for shard in shards.files:
+        with shards.reading():
+            state, shard_dropped, shard_notes = _state_dict(_load(shard), shard)
+            shards.check(shard, list(state), seen)
+            arrays.update(_arrays(state, shard, notes))
+        dropped += shard_dropped
+        notes += [note for note in shard_notes if note not in notes]
+    return arrays, dropped, notes
 
 
 def layers_from_state_dict(
@@ -525,8 +569,16 @@ def _tensor(array: Any) -> Any:
         return torch.from_numpy(a)
 
 
-def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> None:
-    """Write ``ckpt`` as a torch state_dict with ``torch.save``; see the module docstring."""
+def write(
+    ckpt: Checkpoint, path: Path, *, progress: Progress | None = None, max_shard_size: int | str | None = None
+) -> None:
+    """Write ``ckpt`` as a torch state_dict with ``torch.save``; see the module docstring.
+
+    With ``max_shard_size`` (see :func:`convbn.formats._sharded.parse_size`), a state_dict larger
+    than that is written as ``<stem>-00001-of-0000N.bin`` shards (each a ``torch.save`` of part of
+    it) and ``<name>.index.json``, as transformers' ``save_pretrained`` does; one that fits stays
+    one file at ``path``, unless ``path`` names the index itself.
+    """
     import torch
 
     same_format = origin_format(ckpt) == NAME
@@ -569,5 +621,17 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
     if not ckpt.fused:
         unstored_settings_note(ckpt, NAME, TORCH)
     with atomic_output(path) as tmp:
-        torch.save(state, tmp)
+        groups = [list(state)]
+        if max_shard_size is not None:
+            sizes = [(key, t.numel() * t.element_size()) for key, t in state.items()]
+            groups = split(sizes, parse_size(max_shard_size))
+        if len(groups) == 1 and not path.name.endswith(INDEX_SUFFIX):
+            torch.save(state, tmp)
+            return
+        files, index_name = shard_names(path, len(groups))
+        for file, group in zip(files, groups, strict=True):
+            torch.save({key: state[key] for key in group}, tmp.parent / file)
+        weight_map = {key: file for file, group in zip(files, groups, strict=True) for key in group}
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        write_index(tmp.parent, index_name, weight_map, total)
 
