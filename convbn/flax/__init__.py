@@ -103,8 +103,13 @@ class ConvBN(nn.Module):
             moving-variance update.
         kernel_init, bias_init, scale_init, bn_bias_init: initializers.
         param_dtype: the params' dtype (the moving statistics are float32, as in ``nn.BatchNorm``).
+        axis_name: in training, the axis name (or a tuple of names) of the enclosing
+            ``shard_map``/``pmap`` whose devices share batch statistics, as ``nn.BatchNorm``'s
+            (``conv_bn``'s ``sync``). As there, ``init`` does not need the axis bound. Under plain
+            ``jax.jit`` on a batch sharded with ``NamedSharding`` leave it None: the statistics are
+            already the whole batch's.
 
-    The output has the input's dtype. Cross-device statistics (``axis_name``) are not supported.
+    The output has the input's dtype.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -133,6 +138,7 @@ class ConvBN(nn.Module):
     scale_init: Initializer = nn.initializers.ones_init()
     bn_bias_init: Initializer = nn.initializers.zeros_init()
     param_dtype: Any = jnp.float32
+    axis_name: str | tuple[str, ...] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -175,8 +181,10 @@ class ConvBN(nn.Module):
         )
         if use_running_average:
             return conv_bn(x, params)  # type: ignore[no-any-return]
-        y, new = conv_bn(x, params, True)
-        if not self.is_initializing():  # as nn.BatchNorm: init does not move the statistics
+        # As nn.BatchNorm: init neither moves the statistics nor needs the axis bound.
+        initializing = self.is_initializing()
+        y, new = conv_bn(x, params, True, sync=None if initializing else self.axis_name)
+        if not initializing:
             bn.update(new.moving_mean, new.moving_var)
         return y  # type: ignore[no-any-return]
 

@@ -54,6 +54,10 @@ class ConvBN(nnx.Module):
         use_bn_bias: whether BatchNorm has ``bias``.
         var_update: ``"biased"`` (Flax's) or ``"unbiased"`` (torch's) moving-variance update.
         param_dtype: the params' dtype.
+        axis_name: in training, the axis name (or a tuple of names) of the enclosing
+            ``shard_map``/``pmap`` whose devices share batch statistics, as ``nnx.BatchNorm``'s
+            (``conv_bn``'s ``sync``); kept on ``bn``. None under plain ``jax.jit`` on a sharded
+            batch, whose statistics are already global.
         rngs: the ``nnx.Rngs`` for initialization.
 
     Raises:
@@ -78,6 +82,7 @@ class ConvBN(nnx.Module):
         use_bn_bias: bool = True,
         var_update: str = "biased",
         param_dtype: Any = jnp.float32,
+        axis_name: str | tuple[str, ...] | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         kernel_size = normalize_pair(kernel_size, "kernel_size")
@@ -104,7 +109,7 @@ class ConvBN(nnx.Module):
         )
         self.bn = nnx.BatchNorm(
             out_features, momentum=momentum, epsilon=epsilon, use_bias=use_bn_bias, use_scale=use_scale,
-            use_fast_variance=False, param_dtype=param_dtype, rngs=rngs,
+            use_fast_variance=False, param_dtype=param_dtype, axis_name=axis_name, rngs=rngs,  # type: ignore[arg-type]
         )
 
     def _params(self) -> ConvBNParams:
@@ -143,7 +148,7 @@ class ConvBN(nnx.Module):
         params = self._params()
         if eval_mode:
             return conv_bn(x, params)  # type: ignore[no-any-return]
-        y, new = conv_bn(x, params, True)
+        y, new = conv_bn(x, params, True, sync=self.bn.axis_name)
         _set(self.bn.mean, new.moving_mean)
         _set(self.bn.var, new.moving_var)
         return y  # type: ignore[no-any-return]
