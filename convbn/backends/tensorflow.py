@@ -10,6 +10,9 @@ inside each call (O(weights)). Training uses the fused batch-norm kernel (FusedB
 also updates the moving statistics; float64 and ``eps < 1.001e-5`` (which cuDNN would clamp) use
 ``tf.nn.moments`` instead. NCHW is transposed to NHWC internally: TF's CPU kernels do not all
 support NCHW.
+
+``sync=True`` shares the batch statistics across the replicas of the current ``tf.distribute``
+replica context (see :func:`train_sync`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from convbn.backends._common import fold, moving_update, with_moving_stats
+from convbn.backends._common import combine_moments, fold, moving_update, with_moving_stats
 from convbn.errors import ConvBNError
-from convbn.geometry import Plan
+from convbn.geometry import Plan, plan_for
 from convbn.params import ARRAY_FIELDS, ConvBNParams, with_arrays
 
 NAME = "tensorflow"
@@ -35,8 +38,10 @@ __all__ = [
     "fuse",
     "resolve_device",
     "static_shape",
+    "sync_group",
     "to_backend",
     "to_numpy",
+    "train_sync",
 ]
 
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
@@ -351,3 +356,104 @@ def empty_output(x: Any, shape: tuple[Any, ...]) -> Any:
 def fuse(params: ConvBNParams) -> tuple[Any, Any]:
     t = _param_tensors(params)
     return _fold(t, params.eps, t["kernel"].dtype)
+
+
+def sync_group(sync: Any) -> Any:
+    """``sync=True``: the current ``tf.distribute`` replica context (``strategy.run``'s function).
+
+    With no strategy, TF's default replica context has one replica, whose statistics are the global
+    ones: the same training step then runs with and without a strategy, as Keras's
+    ``BatchNormalization(synchronized=True)`` does. In a strategy's cross-replica context (inside
+    ``strategy.scope()`` but not ``strategy.run``) there is no replica to share with.
+    """
+    if sync is not True:
+        raise ConvBNError(
+            "sync for TensorFlow must be True, meaning the current tf.distribute replica context "
+            f"(call conv_bn inside strategy.run). Received: sync={sync!r}"
+        )
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        raise ConvBNError(
+            "sync=True needs a tf.distribute replica context, and this call is in the cross-replica "
+            "context of a strategy: call conv_bn inside strategy.run(...), not directly under "
+            "strategy.scope(). Received: sync=True in cross-replica context"
+        )
+    return context
+
+
+@tf.autograph.experimental.do_not_convert
+def train_sync(x: Any, params: ConvBNParams, plan: Plan, group: Any) -> Any:
+    """Training with the statistics of every replica of ``group`` (a ``tf.distribute.ReplicaContext``).
+
+    Each replica reduces its own values to (count, mean, M2) per channel, in float32 (float64 for
+    float64 input), and :func:`combine_moments` sums them over the replicas with
+    ``ReplicaContext.all_reduce``, two all-reduces of one concatenated tensor each. TF's all-reduce
+    is differentiable (its gradient is the all-reduce of the incoming gradients), so each replica's
+    gradients of its own loss include what every other replica's loss owes its values through the
+    shared statistics, as torch's SyncBatchNorm does. A replica with an empty batch contributes
+    zeros and still joins both all-reduces, forward and backward. One replica (no strategy) takes
+    the single-device path, fused kernel included.
+    """
+    if group.num_replicas_in_sync == 1:
+        local = plan_for(static_shape(x), params, plan.data_format, True)
+        if local.empty:
+            return empty_output(x, local.out_shape), params
+        return conv_bn(x, params, local)
+    if isinstance(x, tf.Variable):
+        x = tf.convert_to_tensor(x)
+    nchw = plan.data_format == "NCHW"
+    if nchw:
+        x = tf.transpose(x, (0, 2, 3, 1))
+    t = _param_tensors(params)
+    dtype = x.dtype
+    cd = _compute_dtype(dtype)
+    channels = plan.out_channels
+    z = tf.cast(_sync_conv(x, t, params, plan), cd)
+    if plan.values_per_channel is not None:
+        count: Any = tf.constant(float(plan.values_per_channel), cd)
+    else:
+        count = tf.cast(tf.size(z) // channels, cd)
+    mean = tf.math.divide_no_nan(tf.reduce_sum(z, axis=(0, 1, 2)), count)  # 0 for an empty replica
+    m2 = tf.reduce_sum(tf.square(z - mean), axis=(0, 1, 2))
+    total, mean, m2 = combine_moments(count, mean, m2, functools.partial(_all_sum, group))
+    gamma = None if t["gamma"] is None else tf.cast(t["gamma"], cd)
+    beta = None if t["beta"] is None else tf.cast(t["beta"], cd)
+    y = tf.cast(tf.nn.batch_normalization(z, mean, m2 / total, beta, gamma, params.eps), dtype)
+    old_mean, old_var = t["moving_mean"], t["moving_var"]
+    old_mean_cd, old_var_cd = tf.cast(old_mean, cd), tf.cast(old_var, cd)
+    batch_mean, batch_m2 = tf.stop_gradient(mean), tf.stop_gradient(m2)
+    new_mean, new_var = moving_update(params, old_mean_cd, old_var_cd, batch_mean, batch_m2 / (total - 1.0), total)
+    # Every replica empty: no statistics to learn from, the moving ones stay (as for one device).
+    new_mean = tf.where(total > 0, new_mean, old_mean_cd)
+    new_var = tf.where(total > 0, new_var, old_var_cd)
+    new = with_moving_stats(params, tf.cast(new_mean, old_mean.dtype), tf.cast(new_var, old_var.dtype))
+    return (tf.transpose(y, (0, 3, 1, 2)) if nchw else y), new
+
+
+def _all_sum(group: Any, values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``values`` summed over the replicas in one all-reduce: flattened, concatenated, split back."""
+    flat = tf.concat([tf.reshape(v, [-1]) for v in values], axis=0)
+    summed = group.all_reduce(tf.distribute.ReduceOp.SUM, flat)
+    sizes = [int(np.prod(v.shape)) for v in values]
+    return tuple(
+        tf.reshape(part, v.shape) for part, v in zip(tf.split(summed, sizes), values, strict=True)
+    )
+
+
+def _sync_conv(x: Any, t: dict[str, Any], params: ConvBNParams, plan: Plan) -> Any:
+    """``conv(x) + bias`` (NHWC) for :func:`train_sync`. A zero-size batch never reaches the conv
+    (oneDNN's returns a wrong shape for one) but gets zeros of the geometry's shape that still
+    depend on ``x``, so the replica's statistics and gradients stay in the collectives' graph."""
+
+    def compute() -> Any:
+        z = _conv(x, tf.cast(t["kernel"], x.dtype), params, plan)
+        return z if t["bias"] is None else tf.nn.bias_add(z, tf.cast(t["bias"], x.dtype))
+
+    def empty() -> Any:
+        return empty_output(x, (tf.shape(x)[0], *plan.out_hw, plan.out_channels))
+
+    if plan.empty:
+        return empty()
+    if plan.batch is None and None not in plan.out_hw:
+        return tf.cond(tf.shape(x)[0] > 0, compute, empty)
+    return compute()
