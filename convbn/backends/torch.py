@@ -7,6 +7,9 @@ batch-norm kernel, which also updates (clones of) the moving statistics with mom
 ``1 - momentum``: exactly the ``"unbiased"`` update, and one O(channels) step from the
 ``"biased"`` one. NHWC input is handed to torch as a channels_last view, so no copy is made for
 the layout.
+
+``sync`` training (:func:`train_sync`) shares the batch statistics over a ``torch.distributed``
+process group, the way ``nn.SyncBatchNorm`` does, but on any device and backend (gloo on CPU too).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from convbn.backends._common import fold, moving_update, with_moving_stats
+from convbn.backends._common import combine_moments, fold, moving_update, with_moving_stats
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan
 from convbn.params import ARRAY_FIELDS, ConvBNParams, with_arrays
@@ -32,8 +36,10 @@ __all__ = [
     "fuse",
     "resolve_device",
     "static_shape",
+    "sync_group",
     "to_backend",
     "to_numpy",
+    "train_sync",
 ]
 
 
@@ -253,6 +259,34 @@ def _batch_norm(
     return torch.batch_norm(z, gamma, beta, mean, var, True, momentum, eps, torch.backends.cudnn.enabled)
 
 
+def _train_conv(
+    x: torch.Tensor, t: dict[str, Any], plan: Plan
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.dtype]:
+    """The conv of a training step, in ``x``'s dtype, and gamma/beta in the batch-norm dtype.
+
+    Batch-norm parameters and statistics are float32 (float64 for float64 input). Returns
+    ``(z, gamma, beta, bn_dtype)``, ``z`` NCHW (channels_last for NHWC input).
+    """
+    dtype = x.dtype
+    kernel = t["kernel"]
+    if kernel.dtype != dtype:
+        kernel = kernel.to(dtype)
+    conv_bias = t["bias"]
+    if conv_bias is not None and conv_bias.dtype != dtype:
+        conv_bias = conv_bias.to(dtype)
+    z = _conv(x, kernel.permute(3, 2, 0, 1), conv_bias, plan)
+    bn_dtype = _compute_dtype(dtype)
+    gamma, beta = t["gamma"], t["beta"]
+    if gamma is not None and gamma.dtype != bn_dtype:
+        gamma = gamma.to(bn_dtype)
+    if beta is not None and beta.dtype != bn_dtype:
+        beta = beta.to(bn_dtype)
+    if dtype == torch.float16 and z.device.type == "cpu":
+        # CPU batch_norm has no float16 kernel with float32 params; compute in float32.
+        z = z.float()
+    return z, gamma, beta, bn_dtype
+
+
 def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Tensor, ConvBNParams]:
     """Conv, then torch's fused batch-norm kernel, which also updates the moving statistics.
 
@@ -264,23 +298,7 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
     """
     t = _param_tensors(params, x.device)
     dtype = x.dtype
-    kernel = t["kernel"]
-    if kernel.dtype != dtype:
-        kernel = kernel.to(dtype)
-    conv_bias = t["bias"]
-    if conv_bias is not None and conv_bias.dtype != dtype:
-        conv_bias = conv_bias.to(dtype)
-    z = _conv(x, kernel.permute(3, 2, 0, 1), conv_bias, plan)
-    # Batch-norm parameters and statistics are float32 (float64 for float64 input).
-    bn_dtype = _compute_dtype(dtype)
-    gamma, beta = t["gamma"], t["beta"]
-    if gamma is not None and gamma.dtype != bn_dtype:
-        gamma = gamma.to(bn_dtype)
-    if beta is not None and beta.dtype != bn_dtype:
-        beta = beta.to(bn_dtype)
-    if dtype == torch.float16 and z.device.type == "cpu":
-        # CPU batch_norm has no float16 kernel with float32 params; compute in float32.
-        z = z.float()
+    z, gamma, beta, bn_dtype = _train_conv(x, t, plan)
     old_mean, old_var = t["moving_mean"], t["moving_var"]
     count = plan.values_per_channel
     assert count is not None  # torch shapes are static
@@ -312,6 +330,139 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
     # The next step's params hold the same tensors but for the statistics, already on the device.
     new._cache[("torch-tensors", x.device)] = {**t, "moving_mean": mean, "moving_var": var}
     return _layout_out(y, plan), new
+
+
+def sync_group(sync: Any) -> Any:
+    """``True``: the default process group; a ``ProcessGroup``: that group. Either needs
+    ``torch.distributed`` initialized in this process (``init_process_group``, or ``torchrun``)."""
+    if sync is not True and not isinstance(sync, dist.ProcessGroup):
+        raise ConvBNError(
+            "sync must be True (the default torch.distributed process group) or a "
+            "torch.distributed.ProcessGroup that this rank belongs to (from dist.new_group). "
+            f"Received: sync={sync!r} of type {type(sync).__name__}"
+        )
+    if not dist.is_available() or not dist.is_initialized():
+        raise ConvBNError(
+            "sync needs torch.distributed initialized in this process: call "
+            "torch.distributed.init_process_group(...) on every rank first (torchrun sets up the "
+            f"environment for it). Received: sync={sync!r} with no process group"
+        )
+    return dist.group.WORLD if sync is True else sync
+
+
+def _psum(group: Any) -> Any:
+    """``combine_moments``'s psum over ``group``: the tuple concatenated, so one all-reduce."""
+
+    def psum(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        dist.all_reduce(flat, group=group)
+        return tuple(v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in parts]), parts, strict=True))
+
+    return psum
+
+
+def train_sync(x: torch.Tensor, params: ConvBNParams, plan: Plan, group: Any) -> tuple[torch.Tensor, ConvBNParams]:
+    """Training with the batch statistics of every rank of ``group``, as ``nn.SyncBatchNorm``.
+
+    Forward: each rank's per-channel count, mean and M2 (torch's batch-norm statistics kernel, one
+    pass), combined by :func:`combine_moments` with two all-reduces of ``2C + 1`` and ``C``
+    numbers; the output is torch's inference batch-norm kernel on the global statistics. Backward
+    (:class:`_SyncNorm`): one all-reduce of the per-channel ``sum(dy)`` and ``sum(dy * xhat)``,
+    which makes every rank's input gradient that of the loss summed over ranks. An empty local
+    batch still joins all three collectives; ranks whose shapes differ are fine, since the
+    collectives are per channel. Every rank must run the forward, and the backward, together.
+
+    Raises:
+        ConvBNError: when the ranks together hold one value per channel (no variance to compute).
+    """
+    t = _param_tensors(params, x.device)
+    z, gamma, beta, bn_dtype = _train_conv(x, t, plan)
+    count = plan.values_per_channel
+    assert count is not None  # torch shapes are static
+    c = plan.out_channels
+    with torch.no_grad():
+        if count:
+            # Biased variance of the local values, computed around their own mean.
+            local_mean, local_var = torch.batch_norm_update_stats(
+                z if z.dtype == bn_dtype else z.to(bn_dtype), None, None, 0.0
+            )
+            m2 = local_var * count
+        else:
+            local_mean = m2 = torch.zeros(c, dtype=bn_dtype, device=z.device)
+        n = torch.full((1,), float(count), dtype=bn_dtype, device=z.device)
+        total_t, mean, m2 = combine_moments(n, local_mean, m2, _psum(group))
+    # Identical on every rank (all-reduce results are), so every rank takes the same branch.
+    total = round(float(total_t))
+    if total == 0:  # every rank's batch is empty: as one process with an empty batch
+        return empty_output(x, plan.out_shape), params  # type: ignore[arg-type]
+    if total == 1:
+        raise ConvBNError(
+            "training needs more than one value per channel across the ranks to compute batch "
+            f"statistics; the ranks of the sync group hold 1 together. Received: x.shape={tuple(x.shape)}"
+        )
+    var = m2 / total
+    y = _SyncNorm.apply(z, gamma, beta, mean, var, params.eps, total, group)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    old_mean, old_var = t["moving_mean"], t["moving_var"]
+    with torch.no_grad():
+        new_mean, new_var = moving_update(
+            params, old_mean.to(bn_dtype), old_var.to(bn_dtype), mean, m2 / (total - 1), total
+        )
+        new_mean, new_var = new_mean.to(old_mean.dtype), new_var.to(old_var.dtype)
+    new = with_moving_stats(params, new_mean, new_var)
+    new._cache[("torch-tensors", x.device)] = {**t, "moving_mean": new_mean, "moving_var": new_var}
+    return _layout_out(y, plan), new
+
+
+class _SyncNorm(torch.autograd.Function):
+    """``y = (z - mean) / sqrt(var + eps) * gamma + beta`` with ``mean``/``var`` the statistics of
+    all ranks' ``z``, and the exact gradient through them.
+
+    With ``xhat = (z - mean) r``, ``k = gamma r`` and sums over every rank's values,
+    ``dz = k (dy - sum(dy) / N - xhat sum(dy xhat) / N)``: each rank reduces its own two sums
+    (torch's inference batch-norm backward kernel, which centres on ``mean`` before multiplying,
+    so a large mean does not cancel), all-reduces them once, and applies the per-channel affine
+    ``xhat (-k sum(dy xhat) / N) - k sum(dy) / N`` with the inference kernel again, plus ``k dy``.
+    ``dgamma``/``dbeta`` are this rank's own sums: summed over ranks they are the total's.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,  # type: ignore[override]
+                mean: torch.Tensor, var: torch.Tensor, eps: float, total: int, group: Any) -> torch.Tensor:
+        ctx.save_for_backward(z, gamma, mean, var)
+        ctx.eps, ctx.total, ctx.group, ctx.has_beta = eps, total, group, beta is not None
+        return torch.batch_norm(z, gamma, beta, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> Any:  # type: ignore[override]
+        z, gamma, mean, var = ctx.saved_tensors
+        weight = torch.ones_like(mean) if gamma is None else gamma
+        if z.numel():
+            dy = dy.contiguous(memory_format=_memory_format(z))
+            _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                dy, z, weight, mean, var, None, None, False, ctx.eps, [False, True, True]
+            )
+        else:  # the kernel divides by the size; an empty rank contributes nothing to the sums
+            sum_dy_xhat = sum_dy = torch.zeros_like(mean)
+        both = torch.cat([sum_dy, sum_dy_xhat])
+        dist.all_reduce(both, group=ctx.group)
+        total_dy, total_dy_xhat = both.split(mean.numel())
+        k = weight * torch.rsqrt(var + ctx.eps)
+        dz = None
+        if ctx.needs_input_grad[0]:
+            dz = torch.batch_norm(z, -k * total_dy_xhat / ctx.total, -k * total_dy / ctx.total, mean, var,
+                                  False, 0.0, ctx.eps, torch.backends.cudnn.enabled)
+            dz = dz.addcmul_(dy, k.view(1, -1, 1, 1))
+        dgamma = sum_dy_xhat if gamma is not None and ctx.needs_input_grad[1] else None
+        dbeta = sum_dy if ctx.has_beta and ctx.needs_input_grad[2] else None
+        return dz, dgamma, dbeta, None, None, None, None, None
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def empty_output(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
