@@ -30,7 +30,7 @@ from convbn.errors import ConvBNError
 from convbn.geometry import DATA_FORMATS, plan_for, same_pads
 from convbn.params import ConvBNParams, VarUpdate, normalize_pair, with_arrays
 
-__all__ = ["ConvBN2d"]
+__all__ = ["ConvBN2d", "convert_sync"]
 
 
 class ConvBN2d(nn.Module):
@@ -59,6 +59,12 @@ class ConvBN2d(nn.Module):
         data_format: ``"NCHW"`` (torch's) or ``"NHWC"``, for input and output.
         device: where the parameters live.
         dtype: the parameters' dtype.
+        sync: in training, share the batch statistics across the ranks of a ``torch.distributed``
+            process group, as ``nn.SyncBatchNorm`` does (on CPU with gloo too): ``True`` for the
+            default group, or a ``ProcessGroup``. Ranks may hold different batch sizes, or none;
+            every rank must run each forward and backward. None: this rank's batch only. Checked
+            at the first training call, so the layer can be built before
+            ``init_process_group``; :func:`convert_sync` sets it on a whole model.
 
     Attributes:
         conv: the ``nn.Conv2d`` holding ``weight`` (OIHW) and ``bias``. Its ``padding`` is torch's
@@ -70,6 +76,7 @@ class ConvBN2d(nn.Module):
         padding: the padding as convbn stores it (``"SAME"``, ``"VALID"`` or explicit pairs).
         var_update: as above.
         data_format: as above.
+        sync: as above; may be changed between calls.
 
     Raises:
         ConvBNError: for a malformed geometry, ``momentum`` outside [0, 1] or None, a bad
@@ -100,6 +107,7 @@ class ConvBN2d(nn.Module):
         data_format: str = "NCHW",
         device: Any = None,
         dtype: Any = None,
+        sync: Any = None,
     ) -> None:
         super().__init__()
         if data_format not in DATA_FORMATS:
@@ -126,6 +134,7 @@ class ConvBN2d(nn.Module):
             template.dilation, groups, bias, device=device, dtype=dtype,
         )
         self.bn = nn.BatchNorm2d(out_channels, eps, momentum, device=device, dtype=dtype)
+        self.sync = sync
         self._states: dict[bool, tuple[tuple[Any, ...], ConvBNParams]] = {}
 
     # -- params ------------------------------------------------------------------------------------
@@ -260,6 +269,8 @@ class ConvBN2d(nn.Module):
             params, tensors = self._live_params()
         weight, conv_bias, gamma, beta, mean, var = tensors
         training = self.training
+        if training and self.sync is not None and self.sync is not False:
+            return self._forward_sync(x, params, mean, var)  # type: ignore[arg-type]
         plan = plan_for(tuple(x.shape), params, self.data_format, training)
         if plan.empty:  # no statistics to learn from; the shape comes from the geometry
             return backend.empty_output(x, plan.out_shape)  # type: ignore[arg-type]
@@ -283,6 +294,19 @@ class ConvBN2d(nn.Module):
             mean.copy_(new.moving_mean)  # type: ignore[union-attr]
             var.copy_(new.moving_var)  # type: ignore[union-attr]
         return y  # type: ignore[no-any-return]
+
+    def _forward_sync(self, x: torch.Tensor, params: ConvBNParams, mean: torch.Tensor,
+                      var: torch.Tensor) -> torch.Tensor:
+        """Training on the statistics of every rank of ``sync``'s group; an empty local batch
+        still joins the collectives, so there is no early return for it."""
+        group = backend.sync_group(self.sync)
+        plan = plan_for(tuple(x.shape), params, self.data_format, True, synced=True)
+        self.bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        y, new = backend.train_sync(x, params, plan, group)
+        with torch.no_grad():
+            mean.copy_(new.moving_mean)
+            var.copy_(new.moving_var)
+        return y
 
     # -- export ------------------------------------------------------------------------------------
 
@@ -348,10 +372,41 @@ class ConvBN2d(nn.Module):
     # -- plumbing ----------------------------------------------------------------------------------
 
     def extra_repr(self) -> str:
-        return f"padding={self.padding!r}, var_update={self.var_update!r}, data_format={self.data_format!r}"
+        sync = "" if self.sync is None else f", sync={self.sync!r}"
+        return f"padding={self.padding!r}, var_update={self.var_update!r}, data_format={self.data_format!r}{sync}"
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         # Views of the old tensors, and the folds cached on them: rebuilt on the first call.
         state.update(_states={})
         return state  # type: ignore[no-any-return]
+
+
+def convert_sync(module: nn.Module, group: Any = None) -> nn.Module:
+    """Make every :class:`ConvBN2d` in ``module`` (itself included) share its batch statistics
+    across ``group``'s ranks in training, like ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+
+    The layers are changed in place (``ConvBN2d`` itself synchronizes, so no module is replaced and
+    the ``state_dict`` keeps its names); plain ``nn.BatchNorm2d`` layers are left alone, for
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``. Call it before wrapping the model in
+    ``DistributedDataParallel``.
+
+    Args:
+        module: the model.
+        group: a ``torch.distributed`` ``ProcessGroup``; None for the default group.
+
+    Returns:
+        ``module``.
+
+    Example:
+        >>> from torch import nn
+        >>> from convbn.torch import ConvBN2d, convert_sync
+        >>> model = convert_sync(nn.Sequential(ConvBN2d(3, 8, 3), ConvBN2d(8, 8, 3)))
+        >>> [layer.sync for layer in model]
+        [True, True]
+    """
+    sync = True if group is None else group
+    for layer in module.modules():
+        if isinstance(layer, ConvBN2d):
+            layer.sync = sync
+    return module
