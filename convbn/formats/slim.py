@@ -29,13 +29,12 @@ conv is written as ``L/weights`` and reads back with ``groups=1``: a TF checkpoi
 groups. An existing ``<prefix>.meta`` that does not describe the written variables makes the
 write fail (:func:`check_destination`): a later read would trust it.
 
-Before TensorFlow reads an index, convbn parses it (:func:`_check_index`) and refuses, with one
-line naming the file and the tensor, what TensorFlow's reader would abort the process on or read
-outside the data: a broken table, negative dimensions, a rank above 32, an unknown dtype, a size
-the shape and dtype do not give, a shard out of range, missing or not a regular file, and bytes
-past the end of their shard.
-
-``sniff`` and ``resolve`` work without TensorFlow; ``read`` and ``write`` import it.
+Nothing here imports TensorFlow: the tensor bundle (index and data shards) is read and written
+by :mod:`convbn.formats._tfbundle`, and the ``.meta`` graph and TF2 object graph are decoded by
+:mod:`convbn.formats._tfproto`. The index is checked whole before any tensor is read, and what
+would read outside the data or take more memory than the files hold is refused with one line
+naming the file and the tensor (see :mod:`convbn.formats._tfbundle`). A partitioned variable is
+read whole from its slices. ``write(..., max_shard_size=)`` splits the data into several shards.
 """
 
 from __future__ import annotations
@@ -43,11 +42,10 @@ from __future__ import annotations
 import codecs
 import collections
 import dataclasses
-import glob
 import itertools
+import math
 import os
 import re
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,23 +55,16 @@ import numpy as np
 from convbn import conventions
 from convbn.convert import Checkpoint, LayerSource, natural_key
 from convbn.errors import ConvBNError
+from convbn.formats import _tfbundle, _tfproto
 from convbn.formats._common import not_written_note, origin_format
-from convbn.formats._io import atomic_output
 from convbn.params import ConvBNParams
 
-__all__ = [
-    "FRAMEWORK", "NAME", "WRITES_FUSED", "check_destination", "read", "resolve", "sniff", "write", "write_prefix",
-]
+__all__ = ["NAME", "WRITES_FUSED", "check_destination", "read", "resolve", "sniff", "write", "write_prefix"]
 
 NAME = "slim"
-#: The framework read() and write() import (see convbn.formats.import_frameworks).
-FRAMEWORK = "tensorflow"
 #: write() honours Checkpoint.fused (conv weights + biases, what slim.conv2d without a normalizer has).
 WRITES_FUSED = True
 
-# The last 8 bytes of every TF checkpoint index (a LevelDB-style table): its footer magic.
-_INDEX_MAGIC = bytes.fromhex("57fb808b247547db")
-_FOOTER_BYTES = 48
 _DATA_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
 _STATE_PATH = re.compile(r'^\s*model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', re.MULTILINE)
 
@@ -125,17 +116,17 @@ _STYLE_PRESET = {
 # -- locating the checkpoint (no TensorFlow) ------------------------------------------------------
 
 
-def _index_of(prefix: Path) -> Path:
-    return prefix.with_name(prefix.name + ".index")
+_index_of = _tfbundle.index_path
 
 
 def _has_index_magic(index: Path) -> bool:
+    magic = _tfbundle.INDEX_MAGIC
     with open(index, "rb") as f:
         size = f.seek(0, os.SEEK_END)
-        if size < _FOOTER_BYTES:
+        if size < _tfbundle.FOOTER_BYTES:
             return False
-        f.seek(size - len(_INDEX_MAGIC))
-        return f.read(len(_INDEX_MAGIC)) == _INDEX_MAGIC
+        f.seek(size - len(magic))
+        return f.read(len(magic)) == magic
 
 
 def _prefix_from_state(directory: Path) -> Path:
@@ -234,214 +225,20 @@ class _Var:
         return self.name.rpartition("/")[2].lstrip("_")
 
 
-# -- validating the index before TensorFlow reads it -------------------------------------------------
-#
-# TensorFlow's reader CHECK-fails (SIGABRT, killing the interpreter) on index entries it does not
-# expect: a negative dimension, a rank past its limit, an unknown dtype, a size that does not match
-# the shape. The index is a LevelDB-style table (data blocks of prefix-compressed entries with
-# restart points, an index block of block handles, a 48-byte footer ending in _INDEX_MAGIC); its
-# entries are BundleEntryProto records keyed by tensor name, after a BundleHeaderProto under "".
-# Every entry is checked here first, with TensorFlow's own message classes.
-
-#: Bytes per element of the dtypes a checkpoint tensor may have (DataType enum -> size; None for
-#: DT_STRING, stored with its lengths). Resources, variants and reference types are refused.
-_DTYPE_SIZES: dict[int, int | None] = {
-    1: 4, 2: 8, 3: 4, 4: 1, 5: 2, 6: 1, 7: None, 8: 8, 9: 8, 10: 1, 11: 1, 12: 1, 13: 4, 14: 2, 15: 2,
-    16: 2, 17: 2, 18: 16, 19: 2, 22: 4, 23: 8, 24: 1, 25: 1,
-}
-#: The most dimensions a checkpoint tensor may have here (no model variable has more; NumPy's own
-#: limit is 64, TensorFlow's 254).
-_MAX_RANK = 32
-_BLOCK_TRAILER = 5  # compression type byte + masked CRC32C
-
-
-def _varint(data: bytes, at: int, end: int) -> tuple[int, int]:
-    """The unsigned LEB128 varint at ``data[at:]`` (not past ``end``) and where it ends."""
-    value = shift = 0
-    while at < end and shift < 64:
-        byte = data[at]
-        value |= (byte & 0x7F) << shift
-        at += 1
-        if byte < 0x80:
-            return value, at
-        shift += 7
-    raise ValueError(f"a varint at byte {at} runs past its block")
-
-
-def _table_block(data: bytes, offset: int, size: int) -> list[tuple[bytes, bytes]]:
-    """The (key, value) entries of the uncompressed table block at ``offset``."""
-    end = offset + size
-    if end + _BLOCK_TRAILER > len(data) or size < 4:
-        raise ValueError(f"a block at byte {offset} of {size} bytes runs past the file ({len(data)} bytes)")
-    if data[end] != 0:
-        raise ValueError(f"the block at byte {offset} is compressed (type {data[end]}); TF writes them uncompressed")
-    restarts = int.from_bytes(data[end - 4 : end], "little")
-    limit = end - 4 - 4 * restarts
-    if restarts < 1 or limit < offset:
-        raise ValueError(f"the block at byte {offset} declares {restarts} restart points")
-    entries: list[tuple[bytes, bytes]] = []
-    key, at = b"", offset
-    while at < limit:
-        shared, at = _varint(data, at, limit)
-        own, at = _varint(data, at, limit)
-        length, at = _varint(data, at, limit)
-        if shared > len(key) or at + own + length > limit:
-            raise ValueError(f"an entry at byte {at} of the block at byte {offset} runs past it")
-        key = key[:shared] + data[at : at + own]
-        entries.append((key, data[at + own : at + own + length]))
-        at += own + length
-    return entries
-
-
-def _table_entries(data: bytes) -> list[tuple[bytes, bytes]]:
-    """Every (key, value) of a TF table, in file order, through its footer and index block."""
-    if len(data) < _FOOTER_BYTES or data[-len(_INDEX_MAGIC) :] != _INDEX_MAGIC:
-        raise ValueError("it does not end in a TF table footer")
-    footer = len(data) - _FOOTER_BYTES
-    handles = []
-    at = footer
-    for _ in range(4):  # metaindex offset, size (unused, as TensorFlow leaves it); index offset, size
-        value, at = _varint(data, at, footer + 40)
-        handles.append(value)
-    entries: list[tuple[bytes, bytes]] = []
-    previous_end = 0
-    for _, handle in _table_block(data, handles[2], handles[3]):
-        offset, at = _varint(handle, 0, len(handle))
-        size, _ = _varint(handle, at, len(handle))
-        if offset < previous_end:  # blocks lie in order, one after another: none is read twice
-            raise ValueError(f"the index points twice into the bytes before {previous_end}")
-        entries += _table_block(data, offset, size)
-        previous_end = offset + size + _BLOCK_TRAILER
-    return entries
-
-
-def _check_index(prefix: Path) -> None:
-    """Refuse an index that TensorFlow's reader would abort on, or that reads outside its data files.
-
-    Checks the table structure, the header (shard count, endianness), and per entry: a known
-    dtype, a rank of at most ``_MAX_RANK`` with dimensions >= 0, a size that the shape and dtype
-    give, a shard in range, and offset + size within that shard's data file, which must be a
-    regular file next to the prefix (shard files are named from the prefix, never by the index).
-    """
-    from tensorflow.core.protobuf import tensor_bundle_pb2
-
-    index = _index_of(prefix)
-
-    def refuse(problem: str, key: bytes | None = None) -> ConvBNError:
-        where = "" if key is None else f", tensor={key.decode('utf-8', 'replace')!r}"
-        return ConvBNError(f"a TF checkpoint index must be readable: {problem}. Received: file={index}{where}")
-
-    try:
-        entries = _table_entries(index.read_bytes())
-    except ValueError as exc:
-        raise refuse(str(exc)) from None
-    if not entries or entries[0][0] != b"":
-        raise refuse("it has no header entry (the empty key) first")
-    header = tensor_bundle_pb2.BundleHeaderProto()
-    try:
-        header.ParseFromString(entries[0][1])
-    except Exception as exc:
-        raise refuse(f"its header does not parse ({_first_line(exc)})") from None
-    if not 1 <= header.num_shards <= 99999 or header.endianness != header.LITTLE:
-        raise refuse(f"its header declares {header.num_shards} shards, endianness {header.endianness}")
-    shard_sizes: dict[int, int] = {}
-    for key, value in entries[1:]:
-        entry = tensor_bundle_pb2.BundleEntryProto()
-        try:
-            entry.ParseFromString(value)
-        except Exception as exc:
-            raise refuse(f"an entry does not parse ({_first_line(exc)})", key) from None
-        if not key:
-            raise refuse("a second header entry", key)
-        if entry.dtype not in _DTYPE_SIZES:
-            raise refuse(f"dtype {entry.dtype} is not a tensor dtype convbn reads", key)
-        dims = [d.size for d in entry.shape.dim]
-        if entry.shape.unknown_rank or len(dims) > _MAX_RANK or any(d < 0 for d in dims):
-            rank = "unknown" if entry.shape.unknown_rank else len(dims)
-            raise refuse(f"a tensor needs a rank of at most {_MAX_RANK} and dimensions >= 0, not rank {rank} {dims[:8]}",
-                         key)
-        count = 1
-        for d in dims:
-            count *= d
-        itemsize = _DTYPE_SIZES[entry.dtype]
-        if entry.slices:
-            for piece in entry.slices:
-                extents = [(e.start, e.length if e.HasField("length") else None) for e in piece.extent]
-                if len(extents) not in (0, len(dims)) or any(
-                    start < 0 or (n is not None and (n < 0 or start + n > d)) for (start, n), d in zip(extents, dims, strict=False)
-                ):
-                    raise refuse(f"a slice {extents[:8]} does not lie within shape {dims[:8]}", key)
-            continue  # a partitioned variable: its data is in its slices' own entries
-        if (count * itemsize != entry.size) if itemsize is not None else entry.size < count:
-            raise refuse(f"shape {dims[:8]} of dtype {entry.dtype} does not take the {entry.size} bytes declared", key)
-        if not 0 <= entry.shard_id < header.num_shards:
-            raise refuse(f"shard {entry.shard_id} of {header.num_shards}", key)
-        shard = prefix.with_name(f"{prefix.name}.data-{entry.shard_id:05d}-of-{header.num_shards:05d}")
-        if entry.shard_id not in shard_sizes:
-            try:
-                info = shard.stat()
-            except OSError:
-                if not glob.glob(glob.escape(str(prefix)) + ".data-*"):
-                    raise ConvBNError(
-                        f"a TF checkpoint needs its data file {prefix}.data-00000-of-NNNNN next to the index. "
-                        f"Received: file={index} with no data file"
-                    ) from None
-                raise refuse(f"its data file {shard.name} is missing", key) from None
-            if not stat.S_ISREG(info.st_mode):
-                raise refuse(f"its data file {shard.name} is not a regular file", key)
-            shard_sizes[entry.shard_id] = info.st_size
-        if entry.offset < 0 or entry.offset + entry.size > shard_sizes[entry.shard_id]:
-            raise ConvBNError(
-                f"a TF checkpoint's data must hold every tensor its index lists (truncated data?): bytes "
-                f"{entry.offset}..{entry.offset + entry.size} lie past its end ({shard_sizes[entry.shard_id]} bytes). "
-                f"Received: file={shard}, tensor={key.decode('utf-8', 'replace')!r}"
-            )
-
-
 class _Source:
-    """An open checkpoint: reads tensors one at a time, turning TF errors into ConvBNError."""
+    """An open checkpoint: its index checked, tensors read one at a time."""
 
     def __init__(self, prefix: Path) -> None:
-        tf = _tensorflow()
-
         self.prefix = prefix
         self.index = _index_of(prefix)
-        _check_index(prefix)
-        try:
-            self.reader = tf.train.load_checkpoint(str(prefix))
-            self.shapes = {k: tuple(int(d) for d in v) for k, v in self.reader.get_variable_to_shape_map().items()}
-        except Exception as exc:
-            raise ConvBNError(
-                f"a TF checkpoint index must be readable: {_first_line(exc)}. Received: file={self.index}"
-            ) from None
-        self.data_files = sorted(glob.glob(glob.escape(str(prefix)) + ".data-*"))
+        self.bundle = _tfbundle.Bundle(prefix)
+        self.shapes = self.bundle.shapes
 
     def data_name(self) -> str:
-        return ", ".join(self.data_files) if self.data_files else f"{self.prefix}.data-*"
+        return ", ".join(str(f) for f in self.bundle.data_files)
 
     def get(self, key: str) -> np.ndarray:
-        return np.asarray(self.get_raw(key))
-
-    def get_raw(self, key: str) -> Any:
-        """The value as TF returns it (bytes stay bytes: NumPy would strip trailing NULs)."""
-        try:
-            return self.reader.get_tensor(key)
-        except Exception as exc:
-            raise ConvBNError(
-                f"a TF checkpoint's data must hold every tensor its index lists (truncated or corrupt "
-                f"data?): {_first_line(exc)}. Received: file={self.data_name()}, tensor={key!r}"
-            ) from None
-
-
-def _tensorflow() -> Any:
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise ImportError(
-            "the slim format needs TensorFlow to read and write TF checkpoints: pip install tensorflow "
-            "(or 'convbn[tensorflow]')"
-        ) from None
-    return tf
+        return self.bundle.read(key)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -456,14 +253,15 @@ def _object_graph_names(source: _Source) -> tuple[dict[str, str], list[str]]:
     ``optimizer``; variables reachable only through one, optimizer slots and ``save_counter`` are
     dropped, as are non-variable attributes.
     """
-    from tensorflow.core.protobuf import trackable_object_graph_pb2
-
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    value = source.get(_OBJECT_GRAPH)
+    if value.dtype != object or value.shape != ():
+        raise ConvBNError(
+            f"a TF2 checkpoint's object graph must be a string scalar. Received: file={source.data_name()}, "
+            f"tensor={_OBJECT_GRAPH!r} of dtype {value.dtype}, shape {value.shape}"
+        )
     try:
-        graph.ParseFromString(source.get_raw(_OBJECT_GRAPH))
-    except ConvBNError:
-        raise
-    except Exception as exc:
+        graph = _tfproto.parse_object_graph(value.item())
+    except ValueError as exc:
         raise ConvBNError(
             f"a TF2 checkpoint's object graph must parse: {_first_line(exc)}. "
             f"Received: file={source.data_name()}, tensor={_OBJECT_GRAPH!r}"
@@ -529,13 +327,9 @@ def _meta_path(prefix: Path) -> Path:
 
 def _read_meta(meta: Path) -> Any:
     """The MetaGraphDef in ``meta``; raises ValueError naming why it cannot be read."""
-    _tensorflow()
-    from tensorflow.core.protobuf import meta_graph_pb2
-
-    proto = meta_graph_pb2.MetaGraphDef()
     try:
-        proto.ParseFromString(meta.read_bytes())
-    except Exception as exc:
+        proto = _tfproto.parse_meta_graph(meta.read_bytes())
+    except (OSError, ValueError) as exc:
         raise ValueError(f"not a readable MetaGraphDef ({_first_line(exc)})") from None
     return proto
 
@@ -581,7 +375,8 @@ def _load_graph(
         return None
     # A .meta left from another checkpoint at this prefix must not lend it its order, pairs,
     # geometry or eps.
-    conflict = _shape_conflict(_declared_shapes(proto), ((v.name, v.shape) for v in variables.values()))
+    declared = _declared_shapes(proto)  # in graph order: the first variable declared is reported
+    conflict = _shape_conflict(declared, ((name, variables[name].shape) for name in declared if name in variables))
     if conflict is not None:
         notes.append(f"ignored {meta}: it belongs to another checkpoint: {conflict}")
         return None
@@ -721,7 +516,6 @@ def _geometry(node: Any, nodes: Mapping[str, Any]) -> dict[str, Any]:
     An atrous conv that TF built as SpaceToBatchND -> Conv2D(VALID) -> BatchToSpaceND gets its
     dilation from the block shape and its padding from the space-to-batch paddings.
     """
-    tf = _tensorflow()
 
     def ints(key: str, count: int, default: int) -> list[int]:
         values = list(node.attr[key].list.i) or [default] * count
@@ -746,10 +540,11 @@ def _geometry(node: Any, nodes: Mapping[str, Any]) -> dict[str, Any]:
         source = nodes.get(name.split(":")[0])
         if source is None or source.op != "Const":
             return None
-        dims = [d.size for d in source.attr["value"].tensor.tensor_shape.dim]
-        if len(dims) > 2 or any(d < 0 for d in dims) or int(np.prod(dims)) > 8:
+        tensor = source.attr["value"].tensor
+        dims = [d.size for d in tensor.tensor_shape.dim]
+        if len(dims) > 2 or any(d < 0 for d in dims) or math.prod(dims) > 8:
             return None
-        return tf.make_ndarray(source.attr["value"].tensor)
+        return _tfproto.tensor_value(tensor, max_elements=8)
 
     s2b = nodes.get(node.input[0].split(":")[0]) if node.input else None
     if s2b is None or s2b.op != "SpaceToBatchND" or len(s2b.input) < 3:
@@ -1297,20 +1092,6 @@ def _slim_entries(ckpt: Checkpoint) -> list[tuple[str, np.ndarray]]:
     return entries
 
 
-def _to_tf(value: np.ndarray) -> Any:
-    """A TF tensor viewing ``value``'s memory where DLPack allows it (no copy), else a copy."""
-    tf = _tensorflow()
-
-    if value.dtype.kind in "biuf" and value.dtype.isnative:
-        try:
-            # np.ascontiguousarray would turn a 0-d array into a 1-d one.
-            contiguous = value if value.flags.c_contiguous else np.ascontiguousarray(value)
-            return tf.experimental.dlpack.from_dlpack(contiguous.__dlpack__())
-        except Exception:  # e.g. a dtype DLPack cannot carry
-            pass
-    return tf.constant(value)
-
-
 def write_prefix(path: str | os.PathLike[str]) -> Path:
     """The prefix :func:`write` writes for ``path``: ``path`` itself, or without a final ``.index``."""
     target = Path(path)
@@ -1365,7 +1146,7 @@ def check_destination(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
         )
 
 
-def write(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
+def write(ckpt: Checkpoint, path: str | os.PathLike[str], *, max_shard_size: int | None = None) -> None:
     """Write ``ckpt`` as a tf-slim checkpoint at prefix ``path`` (``path.index`` + ``path.data-*``).
 
     Each layer ``L`` becomes ``L/weights`` (``L/depthwise_weights`` when depthwise),
@@ -1379,12 +1160,16 @@ def write(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
     otherwise (their names and layouts are another framework's). Values are written bit for bit, in
     their own dtypes. Stride, padding, dilation, groups (of a grouped, non-depthwise conv), eps and
     momentum are not part of a TF checkpoint. An existing ``path.meta`` is kept only when it
-    describes the new checkpoint (see :func:`check_destination`).
+    describes the new checkpoint (see :func:`check_destination`). TensorFlow is not needed: TF's
+    ``tf.train.load_checkpoint``, ``tf.compat.v1.train.Saver.restore`` and (by name)
+    ``tf.train.Checkpoint.restore`` read the result.
 
     Args:
         ckpt: the checkpoint; its layers must have no conv bias unless it is fused.
         path: the checkpoint prefix to write (its directory must exist); a path ending in
             ``.index`` names the prefix without it.
+        max_shard_size: the most bytes per data file, ``path.data-0000K-of-0000N`` (a larger
+            tensor gets a file of its own); None writes one data file.
 
     Raises:
         ConvBNError: for a layer with a conv bias, a name written twice, an existing directory at
@@ -1414,15 +1199,4 @@ def write(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
             f"kept {_meta_path(target)}: it declares every variable written, so later reads take layer "
             "order, pairing, stride, padding and eps from it"
         )
-    tf = _tensorflow()
-
-    with atomic_output(target) as out:
-        try:
-            tf.raw_ops.SaveV2(
-                prefix=str(out),
-                tensor_names=[name for name, _ in entries],
-                shape_and_slices=[""] * len(entries),
-                tensors=[_to_tf(value) for _, value in entries],
-            )
-        except Exception as exc:
-            raise ConvBNError(f"writing the TF checkpoint failed: {_first_line(exc)}. Received: path={str(path)!r}") from None
+    _tfbundle.write(target, entries, max_shard_size=max_shard_size)
