@@ -78,11 +78,19 @@ class ConvBN(keras.layers.Layer):
         moving_mean_initializer, moving_variance_initializer: Keras initializers.
         kernel_regularizer, bias_regularizer, beta_regularizer, gamma_regularizer: Keras
             regularizers.
+        synchronized: Keras's ``BatchNormalization(synchronized=True)``, TensorFlow backend only:
+            in training, inside ``strategy.run`` of a ``tf.distribute`` strategy (``fit`` under
+            ``strategy.scope()``), the batch statistics are those of every replica's batch
+            together and each replica's moving statistics get the same update
+            (``conv_bn(..., sync=True)``). Where there is no replica to share with (no strategy,
+            one replica, or a call in the strategy's cross-replica context) it uses this call's
+            batch, as Keras's layer does. On the JAX and torch backends it is refused, as by Keras.
         **kwargs: ``Layer`` arguments (``name``, ``dtype``, ``trainable``, ...).
 
     Raises:
-        ConvBNError: for a malformed geometry or convention, a bad ``data_format``, or (when
-            built) input channels that ``groups`` does not divide.
+        ConvBNError: for a malformed geometry or convention, a bad ``data_format``, ``synchronized``
+            on a backend other than TensorFlow, or (when built) input channels that ``groups``
+            does not divide.
 
     Example:
         >>> import numpy as np
@@ -118,9 +126,17 @@ class ConvBN(keras.layers.Layer):
         bias_regularizer: Any = None,
         beta_regularizer: Any = None,
         gamma_regularizer: Any = None,
+        synchronized: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if synchronized and keras.backend.backend() != "tensorflow":
+            raise ConvBNError(
+                "synchronized=True is only supported with the TensorFlow backend (as for Keras's "
+                "BatchNormalization); on JAX, call convbn.conv_bn(..., sync=axis_name) inside "
+                f"shard_map. Received: synchronized=True with KERAS_BACKEND={keras.backend.backend()!r}"
+            )
+        self.synchronized = bool(synchronized)
         self.filters = int(filters)
         self.kernel_size = normalize_pair(kernel_size, "kernel_size")
         self.data_format = adapters._keras_data_format(data_format)
@@ -234,7 +250,8 @@ class ConvBN(keras.layers.Layer):
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         params = self._current_params()
         if training and self.trainable:
-            y, new = conv_bn(inputs, params, True, data_format=self._data_format_code)
+            y, new = conv_bn(inputs, params, True, data_format=self._data_format_code,
+                             sync=self.synchronized and _in_replica_context())
             self.moving_mean.assign(new.moving_mean)
             self.moving_variance.assign(new.moving_var)
         else:
@@ -335,6 +352,7 @@ class ConvBN(keras.layers.Layer):
             var_update=self.var_update,
             center=self.center,
             scale=self.scale,
+            synchronized=self.synchronized,
             **{
                 name: keras.initializers.serialize(getattr(self, name))
                 for name in (
@@ -355,3 +373,11 @@ def _with_settings(template: ConvBNParams, layer: ConvBN) -> ConvBNParams:
     if (template.momentum, template.eps, template.var_update) == (layer.momentum, layer.epsilon, layer.var_update):
         return template
     return dataclasses.replace(template, momentum=layer.momentum, eps=layer.epsilon, var_update=layer.var_update)
+
+
+def _in_replica_context() -> bool:
+    """Whether this call runs in a ``tf.distribute`` replica context (``synchronized`` is
+    TensorFlow-only, so TF is loaded); Keras's layer also falls back to local statistics outside one."""
+    import tensorflow as tf
+
+    return tf.distribute.get_replica_context() is not None
