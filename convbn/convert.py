@@ -498,7 +498,11 @@ def save_checkpoint(
         from convbn.formats._common import unstored_settings_note
 
         unstored_settings_note(prepared, "TF checkpoints", SLIM)
-    with parent_directories(p), placement(overwrite=overwrite):
+    # A directory (an Orbax checkpoint) is placed by one rename, which never merges into or replaces a
+    # non-empty directory, and its writer refuses an existing path; hard-linking it into place, as
+    # files are for exclusive placement, is impossible.
+    directory = getattr(module, "writes_directory", lambda _: False)(p)
+    with parent_directories(p), placement(overwrite=overwrite or directory):
         module.write(prepared, p, **options)
     return prepared
 

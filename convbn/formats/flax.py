@@ -1,4 +1,5 @@
-"""Flax variables serialized with ``flax.serialization`` (``to_bytes`` / ``msgpack_serialize``).
+"""Flax variables: msgpack files of ``flax.serialization`` (``to_bytes`` / ``msgpack_serialize``)
+and Orbax checkpoint directories.
 
 Layer ``L`` is written as::
 
@@ -17,6 +18,14 @@ The msgpack encoding is flax's own (arrays as extension type 1 holding ``(shape,
 bytes)``, arrays over 1 GiB chunked), implemented here with ``msgpack`` alone: reading and writing
 import neither flax nor JAX, and stream one tensor at a time. Reading refuses maps and lists nested
 deeper than :data:`MAX_DEPTH` (100) and any array whose shape and dtype do not match its bytes.
+
+Orbax checkpoints (Flax's recommended format; :mod:`convbn.formats._orbax`) hold the same tree and
+read into the same Checkpoint, a train state's ``opt_state`` and ``step`` dropped alike. Writing
+picks the container from the name: ``*.msgpack`` is a msgpack file, any other name an Orbax
+directory, as ``ocp.StandardCheckpointer().save(path, variables)`` writes it (what
+``restore(path)`` reads back, and what Flax users now keep), so ``convbn convert model.pt ckpt
+--to flax`` gives Orbax and ``convbn convert model.pt model.msgpack`` msgpack. Orbax needs
+``orbax-checkpoint`` (``convbn[orbax]``); msgpack does not.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import numpy as np
 
 from convbn.conventions import FLAX
 from convbn.errors import ConvBNError
+from convbn.formats import _orbax
 from convbn.formats._common import (
     Progress,
     as_numpy,
@@ -52,7 +62,7 @@ NAME = "flax"
 #: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
 WRITES_FUSED = True
 
-__all__ = ["NAME", "read", "sniff", "write"]
+__all__ = ["NAME", "read", "sniff", "write", "writes_directory"]
 
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3
 _CHUNKED = "__msgpack_chunked_array__"
@@ -69,7 +79,12 @@ def _msgpack() -> Any:
 
 
 def sniff(path: Path) -> bool:
-    """A msgpack map whose first key is a string (``.msgpack`` files from flax)."""
+    """A msgpack map whose first key is a string (``.msgpack`` files from flax), or an Orbax
+    checkpoint directory (see :mod:`convbn.formats._orbax`)."""
+    return _orbax.is_checkpoint(path) or _sniff_msgpack(path)
+
+
+def _sniff_msgpack(path: Path) -> bool:
     data = head(path, 2)
     if len(data) < 2:
         return False
@@ -219,12 +234,19 @@ def read(
     momentum: float | None = None,
     use_ema: bool = False,
 ) -> Checkpoint:
-    """Read a flax msgpack checkpoint; see the module docstring."""
-    from convbn.convert import Checkpoint, LayerSource
-
+    """Read a flax msgpack file or Orbax checkpoint; see the module docstring."""
     if use_ema:
         raise ConvBNError(f"{path}: use_ema applies to slim checkpoints with moving-average shadows, not flax files")
-    tree = _load(path)
+    tree = _orbax.load(path) if path.is_dir() else _load(path)
+    return _from_tree(tree, path, pairs=pairs, eps=eps, momentum=momentum)
+
+
+def _from_tree(
+    tree: Mapping[str, Any], path: Path, *, pairs: Mapping[str, str] | None, eps: float | None, momentum: float | None
+) -> Checkpoint:
+    """The layers of a Flax variables tree (from either container), paired; everything else kept."""
+    from convbn.convert import Checkpoint, LayerSource
+
     ckpt = Checkpoint(format=NAME, convention=FLAX.name)
     ckpt.metadata["source_format"] = NAME
     params_root: tuple[str, ...]
@@ -372,9 +394,22 @@ def _pack(f: BinaryIO, tree: Mapping[str, Any], msgpack: Any, progress: Any) -> 
             progress(id(value))
 
 
+def writes_directory(path: Path) -> bool:
+    """Whether writing at ``path`` makes an Orbax directory (any name but ``*.msgpack``)."""
+    return path.suffix.lower() != ".msgpack"
+
+
+def _numpy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``tree`` with every array as NumPy (Orbax saves NumPy and JAX arrays, not torch tensors)."""
+    return {
+        k: _numpy_tree(v) if isinstance(v, Mapping) else v if isinstance(v, (bool, int, float, str)) else as_numpy(v)
+        for k, v in tree.items()
+    }
+
+
 def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> None:
-    """Write ``ckpt`` as flax msgpack variables; see the module docstring."""
-    msgpack = _msgpack()
+    """Write ``ckpt`` as flax variables: a msgpack file when ``path`` ends in ``.msgpack``, else an
+    Orbax checkpoint directory; see the module docstring."""
     same_format = origin_format(ckpt) == NAME
     tree: dict[str, Any] = {}
     last_array: dict[int, str] = {}
@@ -432,6 +467,19 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
             ckpt.notes.append(not_written_note(ckpt))
     if not ckpt.fused:
         unstored_settings_note(ckpt, NAME, FLAX)
+
+    if writes_directory(path):
+        if path.exists():
+            raise ConvBNError(
+                f"{path} exists; an Orbax checkpoint is written as a new directory, never into or over "
+                "an existing one (as Orbax itself refuses): remove it or name another"
+            )
+        with atomic_output(path) as tmp:
+            _orbax.save(_numpy_tree(tree), tmp)
+        for layer in ckpt.layers:  # Orbax writes the tree at once
+            tick(progress, layer)
+        return
+    msgpack = _msgpack()
 
     def on_array(array_id: int) -> None:
         layer = last_array.get(array_id)
