@@ -397,7 +397,9 @@ def _names(reader: _Reader, obj: Any, key: str, where: str) -> list[str] | None:
         for item in array.tolist():
             try:
                 name = item.decode() if isinstance(item, bytes) else item
-            except UnicodeDecodeError:
+                if isinstance(name, str):
+                    name.encode()  # h5py gives undecodable text as lone surrogates, which do not encode
+            except UnicodeError:
                 raise reader.fail(where, f"attribute {key!r} must hold UTF-8 names, not {item!r}") from None
             if not isinstance(name, str) or not name:
                 raise reader.fail(where, f"attribute {key!r} must hold names. Received: {_shown(item)}")
