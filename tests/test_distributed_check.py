@@ -81,3 +81,34 @@ def test_splits_cover_the_batch() -> None:
         for s in dist.splits(world):
             assert len(s) == world and sum(s) == dist.BATCH and min(s) >= 0
     assert (5, 0, 1) in dist.splits(3) and (3, 2, 1) in dist.splits(3) and (3, 3) in dist.splits(2)
+
+
+def test_combined_variance_keeps_float32_accuracy_at_a_large_mean() -> None:
+    """|mean| = 1e3, std = 1, three uneven replicas in float32: the moving variance updated from
+    the combined (count, mean, M2) is within the float32 stats tolerance of the float64 oracle,
+    where E[x^2] - E[x]^2 is not. Local moments by :func:`local_moments`, as the backends take them."""
+    from convbn.backends._common import combine_moments, local_moments
+    from convbn.conformance.tolerances import tolerance
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((700, 5)) + 1e3).astype(np.float32)
+    shards = np.split(values, [400, 650, 700])  # 400, 250, 50 and no values per channel
+    counts = np.array([len(s) for s in shards], np.float32)
+    moments = [local_moments(s, len(s), lambda a: a.sum(axis=0, dtype=np.float32), lambda m: m)
+               for s in shards]
+    means = np.array([m for m, _ in moments])
+    m2s = np.array([m2 for _, m2 in moments])
+
+    def psum(parts: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        return tuple(np.sum(p, axis=0, dtype=np.float32) for p in parts)
+
+    n, mean, m2 = combine_moments(counts[:, None], means, m2s, psum)
+    assert mean.dtype == np.float32 and m2.dtype == np.float32
+    old = np.ones(5)
+    exact = values.astype(np.float64)
+    expected = 0.9 * old + 0.1 * exact.var(axis=0, ddof=1)
+    err, _ = reference.var_error(0.9 * old + 0.1 * (m2 / (n - 1)), expected, expected)
+    assert err <= tolerance("stats", "float32"), err
+    naive = (values**2).mean(axis=0, dtype=np.float32) - values.mean(axis=0, dtype=np.float32) ** 2
+    naive_err, _ = reference.var_error(0.9 * old + 0.1 * naive * 700 / 699, expected, expected)
+    assert naive_err > 100 * tolerance("stats", "float32"), naive_err
