@@ -546,3 +546,20 @@ def test_a_keras_applications_resnet_converts_to_torch_and_back(tmp_path):
             [np.asarray(getattr(params, f)) for f in ("gamma", "beta", "moving_mean", "moving_var")])
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype("f4")
     assert np.array_equal(fresh(x, training=False).numpy(), model(x, training=False).numpy())
+
+
+@pytest.mark.slow
+def test_every_mutant_of_a_keras2_file_is_read_or_refused_cleanly(tmp_path):
+    """The suite's mutation fuzzer (tests/fuzz) on both Keras 2 layouts: each mutant loads and
+    converts, or is refused with one ConvBNError line and exit 2, nothing written."""
+    from tests.fuzz import runner
+    from tests.fuzz.seeds import Bundle
+
+    bundles = []
+    for whole in (False, True):
+        path = _legacy(tmp_path / f"{'model' if whole else 'weights'}.h5", whole=whole)
+        bundles.append(Bundle(f"keras2-{path.stem}", {path.name: path.read_bytes()}, path.name))
+    report = runner.run({"keras": bundles}, {"keras": "safetensors"}, 150, seed=0, jobs=1, timeout=30,
+                        out=tmp_path / "fuzz")
+    assert report.mutants["keras"] == 150 and not report.unclean_seeds, report.summary()
+    assert report.count == 0, "not clean:\n" + report.summary()
