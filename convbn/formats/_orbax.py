@@ -198,12 +198,14 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def _plain(node: Any) -> Any:
-    """Orbax's restored tree as dicts of NumPy arrays (a jax.Array on the CPU converts without a copy)."""
+    """Orbax's restored tree as dicts of NumPy arrays (a jax.Array on the CPU converts without a
+    copy). ``None`` is an empty subtree to JAX (optax's ``EmptyState``), so it is left out, as
+    flax's msgpack leaves out the empty dict it writes for one."""
     if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
+        return {str(k): _plain(v) for k, v in node.items() if v is not None}
     if isinstance(node, (list, tuple)):
-        return {str(i): _plain(v) for i, v in enumerate(node)}
-    if node is None or isinstance(node, (bool, int, float, str, np.ndarray)):
+        return {str(i): _plain(v) for i, v in enumerate(node) if v is not None}
+    if isinstance(node, (bool, int, float, str, np.ndarray)):
         return node
     return np.asarray(node)
 
