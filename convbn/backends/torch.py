@@ -364,9 +364,10 @@ def _psum(group: Any) -> Any:
 def train_sync(x: torch.Tensor, params: ConvBNParams, plan: Plan, group: Any) -> tuple[torch.Tensor, ConvBNParams]:
     """Training with the batch statistics of every rank of ``group``, as ``nn.SyncBatchNorm``.
 
-    Forward: each rank's per-channel count, mean and M2 (torch's batch-norm statistics kernel, one
-    pass), combined by :func:`combine_moments` with two all-reduces of ``2C + 1`` and ``C``
-    numbers; the output is torch's inference batch-norm kernel on the global statistics. Backward
+    Forward: each rank's per-channel count, mean and M2 (torch's batch-norm statistics kernel and a
+    float64-accumulated sum), combined in float64 by :func:`combine_moments` with two all-reduces
+    of ``C + 1`` and ``C`` numbers; the output is torch's inference batch-norm kernel on the global
+    statistics. Backward
     (:class:`_SyncNorm`): one all-reduce of the per-channel ``sum(dy)`` and ``sum(dy * xhat)``,
     which makes every rank's input gradient that of the loss summed over ranks. An empty local
     batch still joins all three collectives; ranks whose shapes differ are fine, since the
@@ -380,16 +381,22 @@ def train_sync(x: torch.Tensor, params: ConvBNParams, plan: Plan, group: Any) ->
     count = plan.values_per_channel
     assert count is not None  # torch shapes are static
     c = plan.out_channels
+    # The moments are combined in float64 (float32 where the device has no float64: MPS): a
+    # float32 local mean is off by up to half an ulp of |mean|, which n_i (mean_i - mean)^2 turns
+    # into a variance error of ~1e-7 |mean| / (std sqrt(n_i)), 1.6e-6 at |mean| = 1e3, std = 1 on
+    # 256 values. One float64-accumulated sum per channel gives the exact local mean; M2 is
+    # torch's, centred on that mean, and the C-sized arithmetic after it costs nothing.
+    wide = torch.float32 if z.device.type == "mps" else torch.float64
     with torch.no_grad():
         if count:
-            # Biased variance of the local values, computed around their own mean.
-            local_mean, local_var = torch.batch_norm_update_stats(
+            _, local_var = torch.batch_norm_update_stats(
                 z if z.dtype == bn_dtype else z.to(bn_dtype), None, None, 0.0
             )
-            m2 = local_var * count
+            local_mean = z.sum((0, 2, 3), dtype=wide) / count
+            m2 = local_var.to(wide) * count
         else:
-            local_mean = m2 = torch.zeros(c, dtype=bn_dtype, device=z.device)
-        n = torch.full((1,), float(count), dtype=bn_dtype, device=z.device)
+            local_mean = m2 = torch.zeros(c, dtype=wide, device=z.device)
+        n = torch.full((1,), float(count), dtype=wide, device=z.device)
         total_t, mean, m2 = combine_moments(n, local_mean, m2, _psum(group))
     # Identical on every rank (all-reduce results are), so every rank takes the same branch.
     total = round(float(total_t))
@@ -400,14 +407,13 @@ def train_sync(x: torch.Tensor, params: ConvBNParams, plan: Plan, group: Any) ->
             "training needs more than one value per channel across the ranks to compute batch "
             f"statistics; the ranks of the sync group hold 1 together. Received: x.shape={tuple(x.shape)}"
         )
-    var = m2 / total
-    y = _SyncNorm.apply(z, gamma, beta, mean, var, params.eps, total, group)
+    y = _SyncNorm.apply(z, gamma, beta, mean.to(bn_dtype), (m2 / total).to(bn_dtype), params.eps, total, group)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     old_mean, old_var = t["moving_mean"], t["moving_var"]
     with torch.no_grad():
         new_mean, new_var = moving_update(
-            params, old_mean.to(bn_dtype), old_var.to(bn_dtype), mean, m2 / (total - 1), total
+            params, old_mean.to(wide), old_var.to(wide), mean, m2 / (total - 1), total
         )
         new_mean, new_var = new_mean.to(old_mean.dtype), new_var.to(old_var.dtype)
     new = with_moving_stats(params, new_mean, new_var)
