@@ -487,16 +487,17 @@ def model_kind(model: Any) -> str:
 
     Keras is checked first: under Keras's torch backend a Keras layer is also a ``torch.nn.Module``.
     """
-    keras = sys.modules.get("keras")
-    if keras is not None and isinstance(model, keras.layers.Layer):
-        return "keras"
+    for name in ("keras", "tf_keras"):  # Keras 3, then Keras 2 (transformers' TF models are tf_keras)
+        module = sys.modules.get(name)
+        if module is not None and isinstance(model, module.layers.Layer):
+            return "keras"
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(model, torch.nn.Module):
         return "torch"
     if isinstance(model, Mapping):
         return "flax"
     raise TypeError(
-        "model must be a torch.nn.Module, a Keras 3 model or layer, or a Flax variable tree "
+        "model must be a torch.nn.Module, a Keras 3 model or layer (or a tf_keras one), or a Flax variable tree "
         "(the mapping model.init returns). Received: model of type "
         f"{type(model).__module__}.{type(model).__qualname__}"
     )

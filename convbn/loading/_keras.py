@@ -1,27 +1,51 @@
-""":func:`convbn.load_into` for Keras 3 models: pairs from the layer graph, else layer order.
+""":func:`convbn.load_into` for Keras 3 and tf_keras (Keras 2) models: pairs from the layer
+graph, else layer order.
 
-Loaded only once the model is known to be a Keras layer, so importing Keras here is free.
+Loaded only once the model is known to be a Keras layer, so importing Keras here is free. A
+tf_keras model (transformers' TF models are ones) is walked the same way, with tf_keras's own
+classes; its layers are written with ``set_weights``, since :func:`convbn.adapters.assign_keras`
+takes Keras 3 layers only, and its BatchNorms keep their own moving-variance update (unbiased on
+tf_keras's default fused path).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import keras
 import numpy as np
 
-from convbn.adapters import _check_keras_pair, _keras_hwio_shape, assign_keras
+from convbn.adapters import _check_keras_pair, assign_keras
 from convbn.errors import ConvBNError
 from convbn.loading import ModelPairs, Staged, Target
 
 __all__ = ["apply", "find_pairs"]
 
-_CONV = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+
+def _namespaces() -> list[Any]:
+    """Keras 3, and tf_keras where it is imported (a tf_keras model cannot exist otherwise)."""
+    spaces: list[Any] = [keras]
+    return spaces + ([sys.modules["tf_keras"]] if "tf_keras" in sys.modules else [])
+
+
+def _classes(*names: str) -> tuple[Any, ...]:
+    """The layer classes of these names in each Keras that is loaded."""
+    return tuple(getattr(ns.layers, name) for ns in _namespaces() for name in names)
+
+
+def _classes_of(name: str) -> tuple[Any, ...]:
+    return tuple(getattr(ns, name) for ns in _namespaces())
+
+
+def _is_tf_keras(layer: Any) -> bool:
+    tf_keras = sys.modules.get("tf_keras")
+    return tf_keras is not None and isinstance(layer, tf_keras.layers.Layer)
 
 
 def _children(layer: Any) -> list[Any]:
-    if isinstance(layer, keras.Model):
+    if isinstance(layer, _classes_of("Model")):
         return list(layer.layers)  # graph order for functional models, tracking order otherwise
     return list(layer._flatten_layers(include_self=False, recursive=False))
 
@@ -45,13 +69,68 @@ def _producer(layer: Any) -> tuple[Any, bool] | None:
     nodes = getattr(layer, "_inbound_nodes", [])
     if len(nodes) != 1 or len(nodes[0].parent_nodes) != 1:
         return None
-    parent = nodes[0].parent_nodes[0].operation
+    node = nodes[0].parent_nodes[0]
+    parent = node.layer if _is_tf_keras(layer) else node.operation
     return parent, len(getattr(parent, "_outbound_nodes", [])) == 1
 
 
+def _kernel(conv: Any) -> Any:
+    """The conv's kernel variable: tf_keras names a depthwise one ``depthwise_kernel``."""
+    return conv.depthwise_kernel if _is_tf_keras(conv) and _depthwise(conv) else conv.kernel
+
+
+def _depthwise(conv: Any) -> bool:
+    return isinstance(conv, _classes("DepthwiseConv2D"))
+
+
+def _is_conv(layer: Any) -> bool:
+    """A Conv2D or DepthwiseConv2D; tf_keras's Conv2DTranspose subclasses its Conv2D but is none."""
+    return isinstance(layer, _classes("Conv2D", "DepthwiseConv2D")) and not isinstance(layer, _classes("Conv2DTranspose"))
+
+
+def _hwio_shape(conv: Any) -> tuple[int, int, int, int]:
+    """The kernel's shape as convbn holds it: a depthwise (kH, kW, C, m) is the grouped (kH, kW, 1, C*m)."""
+    kh, kw, c, m = (int(d) for d in _kernel(conv).shape)
+    return (kh, kw, 1, c * m) if _depthwise(conv) else (kh, kw, c, m)
+
+
+def _check_tf_keras_pair(conv: Any, bn: Any) -> None:
+    """What :func:`convbn.adapters.assign_keras` checks of Keras 3 layers, for tf_keras ones: a
+    linear conv, and a BatchNorm over its channel axis that computes the plain batch norm."""
+    import tf_keras
+
+    activation = tf_keras.activations.serialize(conv.activation)
+    if activation != "linear":
+        raise ConvBNError("conv must have no activation: an activation between the conv and BatchNorm is not a "
+                          f"Conv2D + BatchNorm pair. Received: conv.activation={activation!r}")
+    for option in ("renorm", "virtual_batch_size", "adjustment"):
+        if getattr(bn, option, None):
+            raise ConvBNError(f"bn must be a plain BatchNormalization. Received: bn.{option}={getattr(bn, option)!r}")
+    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
+    channel = 3 if conv.data_format == "channels_last" else 1
+    if axis is None or axis % 4 != channel:
+        raise ConvBNError(f"bn.axis must be the conv's channel axis ({channel} for data_format="
+                          f"{conv.data_format!r}). Received: bn.axis={bn.axis!r}")
+
+
+def _assign_tf_keras(conv: Any, bn: Any, params: Any) -> None:
+    """Write matched params (geometry, bias and gamma/beta already settled by the matcher) into
+    tf_keras layers with ``set_weights``, in their weights' order; an absent gamma/beta is 1/0."""
+    n = params.out_channels
+
+    def value(array: Any, fill: float) -> np.ndarray:
+        return np.full(n, fill, np.float32) if array is None else np.asarray(array)
+
+    conv.set_weights([np.asarray(params.kernel).reshape(tuple(_kernel(conv).shape))]
+                     + ([value(params.bias, 0.0)] if conv.use_bias else []))
+    bn.set_weights(([value(params.gamma, 1.0)] if bn.scale else []) + ([value(params.beta, 0.0)] if bn.center else [])
+                   + [np.asarray(params.moving_mean), np.asarray(params.moving_var)])
+    bn.epsilon, bn.momentum = params.eps, params.momentum
+
+
 def _geometry(conv: Any) -> dict[str, Any]:
-    c = int(conv.kernel.shape[2])
-    depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+    c = int(_kernel(conv).shape[2])
+    depthwise = _depthwise(conv)
     return {
         "stride": tuple(conv.strides),
         "padding": str(conv.padding).upper(),
@@ -73,18 +152,19 @@ def find_pairs(model: Any) -> ModelPairs:
     pairs: list[tuple[str, str, Any, Any]] = []
     kinds: set[str] = set()
     previous: tuple[str, Any] | None = None
+    bns = _classes("BatchNormalization")
     for name, layer in layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
+        if isinstance(layer, bns):
             producer = _producer(layer)
             if producer is not None:
                 parent, only = producer
-                if isinstance(parent, _CONV) and id(parent) in name_of:
+                if _is_conv(parent) and id(parent) in name_of:
                     if only:
                         pairs.append((name_of[id(parent)], name, parent, layer))
                         kinds.add("layer graph")
                     else:
                         notes.append(f"{name_of[id(parent)]}: its output feeds more than {name}; not a pair")
-            elif previous is not None and isinstance(previous[1], _CONV) and not _producer(previous[1]):
+            elif previous is not None and _is_conv(previous[1]) and not _producer(previous[1]):
                 pairs.append((previous[0], name, previous[1], layer))
                 kinds.add("layer order")
         previous = (name, layer)
@@ -93,14 +173,14 @@ def find_pairs(model: Any) -> ModelPairs:
     used: set[int] = set()
     for conv_name, bn_name, conv, bn in pairs:
         try:
-            _check_keras_pair(conv, bn)
+            _check_tf_keras_pair(conv, bn) if _is_tf_keras(conv) else _check_keras_pair(conv, bn)
         except (ConvBNError, TypeError) as exc:
             notes.append(f"{conv_name} + {bn_name} left as they are: {exc}")
             continue
         targets.append(Target(
             name=conv_name,
             bn_name=bn_name,
-            kernel_shape=_keras_hwio_shape(conv),
+            kernel_shape=_hwio_shape(conv),
             bias=bool(conv.use_bias),
             gamma=bool(bn.scale),
             beta=bool(bn.center),
@@ -116,17 +196,22 @@ def find_pairs(model: Any) -> ModelPairs:
 
 
 def apply(model: Any, staged: list[Staged]) -> None:
-    """Write every staged pair with ``assign_keras``; restore all of them if any write fails."""
+    """Write every staged pair (``assign_keras``, or ``set_weights`` for tf_keras); restore all of
+    them if any write fails."""
     saved = []
     for s in staged:
         conv, bn = s.target.handle
         variables = [*conv.weights, *bn.weights]
-        saved.append((bn, [(v, np.array(keras.ops.convert_to_numpy(v.value), copy=True)) for v in variables],
-                      bn.epsilon, bn.momentum))
+        # A tf_keras weight is a tf.Variable, whose .value is a method.
+        read = (lambda v: v.numpy()) if _is_tf_keras(conv) else (lambda v: keras.ops.convert_to_numpy(v.value))
+        saved.append((bn, [(v, np.array(read(v), copy=True)) for v in variables], bn.epsilon, bn.momentum))
     try:
         for s in staged:
             conv, bn = s.target.handle
-            assign_keras(conv, bn, dataclasses.replace(s.params, **_geometry(conv), var_update="biased"))
+            if _is_tf_keras(conv):
+                _assign_tf_keras(conv, bn, s.params)
+            else:
+                assign_keras(conv, bn, dataclasses.replace(s.params, **_geometry(conv), var_update="biased"))
     except BaseException:
         for bn, variables, eps, momentum in saved:
             for variable, value in variables:

@@ -1,0 +1,168 @@
+"""convbn.load_into with tf_keras (Keras 2) models, through the same path as Keras 3 models.
+
+tf_keras models used to be refused ("model must be a torch.nn.Module, a Keras 3 model ..."); they
+are what transformers' TF models and TF-era code build. Values are compared: the loaded model's
+eval outputs against the source's (torch, or the tf_keras model that wrote the file).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import convbn
+from convbn.cli import main
+from convbn.loading import LoadError
+from tests.conftest import need
+
+need("torch", "tf_keras", "h5py")  # tests/conftest.py has imported torch, before TensorFlow
+import tf_keras  # noqa: E402
+import torch  # noqa: E402
+
+layers = tf_keras.layers
+# float32 torch vs float32 TF, relative to max|y| (SEMANTICS.md section 4: within 3.2e-5 absolute
+# at |y| ~ 5); a wrong layer, layout or eps gives 1e-3 to 1.
+TOL = 1e-5
+
+
+def _rel(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def _torch_net() -> Any:
+    """A strided conv with a bias, a depthwise conv, a 1x1 conv with a bias (the tf_keras twin's
+    has none: folded), each followed by a BatchNorm with trained-looking statistics."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16),
+    )
+    for bn in net[1::3]:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    return net.eval()
+
+
+def _tf_keras_twin(width: int = 16) -> Any:
+    inp = tf_keras.Input((9, 9, 3))
+    x = layers.ZeroPadding2D(1)(inp)
+    x = layers.Conv2D(8, 3, strides=2, name="stem")(x)
+    x = layers.BatchNormalization(epsilon=1e-5, name="stem_bn")(x)
+    x = layers.ReLU()(x)
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = layers.BatchNormalization(epsilon=1e-5, name="dw_bn")(x)
+    x = layers.ReLU()(x)
+    x = layers.Conv2D(width, 1, use_bias=False, name="project")(x)
+    x = layers.BatchNormalization(epsilon=1e-5, name="project_bn")(x)
+    return tf_keras.Model(inp, x)
+
+
+def _weights(model: Any) -> list[np.ndarray]:
+    return [np.array(w) for w in model.get_weights()]
+
+
+def test_a_torch_checkpoint_loads_into_a_tf_keras_model(tmp_path):
+    net = _torch_net()
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    model = _tf_keras_twin()
+    report = convbn.load_into(model, tmp_path / "m.pt")
+    assert report.ok and report.loaded and report.pairing == "layer graph"
+    assert report.matched == {"stem": "0", "dw": "3", "project": "6"}
+    assert report.folded == {"project": "beta"}
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 9)).astype("f4")
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+    assert _rel(model(x.transpose(0, 2, 3, 1), training=False).numpy(), expected) < TOL
+
+
+def _tiny_resnet() -> Any:
+    """keras.applications' ResNet blocks: each block lists its shortcut conv before the main
+    branch's last conv, and both before their BatchNorms."""
+    from tf_keras.src.applications import resnet
+
+    def stacks(x: Any) -> Any:
+        x = resnet.stack1(x, 8, 2, stride1=1, name="conv2")
+        return resnet.stack1(x, 16, 1, name="conv3")
+
+    return resnet.ResNet(stacks, False, True, "tiny", include_top=False, weights=None, input_shape=(32, 32, 3))
+
+
+def test_a_keras_applications_resnet_loads_from_its_own_h5_and_from_torch(tmp_path):
+    """Its own Keras 2 file, and the torch file converted from it, load into a fresh model by the
+    graph's order and shapes, to the same outputs bit for bit (the values pass through unchanged)."""
+    rng = np.random.default_rng(0)
+    model = _tiny_resnet()
+    for layer in model.layers:
+        values = [rng.standard_normal(w.shape).astype("f4") * 0.3 for w in layer.get_weights()]
+        if isinstance(layer, layers.BatchNormalization):
+            values[-1] = rng.uniform(0.5, 1.5, values[-1].shape).astype("f4")
+        layer.set_weights(values)
+    model.save_weights(tmp_path / "w.h5")
+    assert main(["convert", str(tmp_path / "w.h5"), str(tmp_path / "m.pt")]) == 0
+    x = rng.standard_normal((2, 32, 32, 3)).astype("f4")
+    expected = model(x, training=False).numpy()
+    for source in ("w.h5", "m.pt"):
+        fresh = _tiny_resnet()
+        report = convbn.load_into(fresh, tmp_path / source)
+        assert report.ok and len(report.matched) == 12 and not report.folded, source
+        assert report.matched["conv2_block1_0_conv"] == "conv2_block1_0_conv", source
+        assert np.array_equal(fresh(x, training=False).numpy(), expected), source
+
+
+def test_a_shape_mismatch_changes_nothing(tmp_path):
+    torch.save(_torch_net().state_dict(), tmp_path / "m.pt")
+    model = _tf_keras_twin(width=12)
+    before = _weights(model)
+    with pytest.raises(LoadError) as info:
+        convbn.load_into(model, tmp_path / "m.pt")
+    assert [m.model for m in info.value.report.mismatched] == ["project"]
+    assert all(np.array_equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+
+
+def test_a_conv_with_an_activation_is_no_pair(tmp_path):
+    torch.save(_torch_net()[:2].state_dict(), tmp_path / "m.pt")
+    inp = tf_keras.Input((9, 9, 3))
+    x = layers.Conv2D(8, 3, strides=2, activation="relu", name="stem")(layers.ZeroPadding2D(1)(inp))
+    model = tf_keras.Model(inp, layers.BatchNormalization(name="stem_bn")(x))
+    report = convbn.load_into(model, tmp_path / "m.pt", strict=False)
+    assert report.matched == {} and report.unexpected == ["0"]
+    assert any("stem + stem_bn left as they are" in n and "'relu'" in n for n in report.notes)
+
+
+def test_a_failing_write_restores_every_pair(tmp_path, monkeypatch):
+    """All or nothing: the second pair's write fails after the first's was made; both are back."""
+    from convbn.loading import _keras
+
+    torch.save(_torch_net().state_dict(), tmp_path / "m.pt")
+    model = _tf_keras_twin()
+    before = _weights(model)
+    written = []
+    assign = _keras._assign_tf_keras
+
+    def fail_second(conv: Any, bn: Any, params: Any) -> None:
+        if written:
+            raise RuntimeError("disk on fire")
+        assign(conv, bn, params)
+        written.append(conv.name)
+
+    monkeypatch.setattr(_keras, "_assign_tf_keras", fail_second)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        convbn.load_into(model, tmp_path / "m.pt")
+    assert written == ["stem"]
+    assert all(np.array_equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+    assert model.get_layer("stem_bn").epsilon == 1e-5
+
+
+def test_model_kind_names_tf_keras_models_keras():
+    from convbn.loading import model_kind
+
+    assert model_kind(_tf_keras_twin()) == "keras"
+    with pytest.raises(TypeError, match=r"a Keras 3 model or layer \(or a tf_keras one\)"):
+        model_kind(object())
