@@ -8,7 +8,7 @@ import numpy as np
 import convbn
 from convbn.conformance.cases import EXTREME, GEOMETRY, Case
 
-__all__ = ["CASES", "CASE_IDS", "EXTREME", "Case", "reference_params", "rel_err", "to_layout"]
+__all__ = ["CASES", "CASE_IDS", "EXTREME", "Case", "reference_params", "to_layout"]
 
 CASES = list(GEOMETRY)
 CASE_IDS = [c.name for c in CASES]
@@ -22,16 +22,6 @@ def reference_params(params: convbn.ConvBNParams, case: Case) -> dict:
         "padding": case.padding, "dilation": case.dilation, "groups": case.groups,
         "eps": params.eps, "momentum": params.momentum, "var_update": params.var_update,
     }
-
-
-def rel_err(actual, expected) -> float:
-    """Max abs difference relative to the reference's max magnitude (>= 1e-3)."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    if expected.size == 0:
-        return 0.0
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-3))
 
 
 def to_layout(a: np.ndarray, data_format: str) -> np.ndarray:

@@ -13,7 +13,8 @@ import pytest
 import convbn
 from convbn import dispatch, testing
 from tests import reference
-from tests.cases import CASES, reference_params, rel_err
+from tests._support.assertions import rel_err
+from tests.cases import CASES, reference_params
 from tests.conftest import need
 
 CASE = next(c for c in CASES if c.name == "same_s2_even")

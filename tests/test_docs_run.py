@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.cases import rel_err
+from tests._support.assertions import rel_err
 from tests.conftest import need, require_backend
 
 ROOT = Path(__file__).resolve().parents[1]

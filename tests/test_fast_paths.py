@@ -15,7 +15,8 @@ import pytest
 import convbn
 from convbn import dispatch, geometry, testing
 from tests import reference
-from tests.cases import Case, reference_params, rel_err, to_layout
+from tests._support.assertions import rel_err
+from tests.cases import Case, reference_params, to_layout
 from tests.conftest import need
 
 # float32 against the float64 reference: as in test_conv_bn (measured worst case below 2e-6

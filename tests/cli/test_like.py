@@ -17,6 +17,7 @@ import pytest
 
 import convbn
 from convbn.cli import main
+from tests._support.assertions import rel_err
 from tests.conftest import need
 from tests.layers import block_models as bm
 
@@ -73,7 +74,7 @@ def test_torch_like_file_gives_a_state_dict_the_model_loads_strictly(tmp_path, f
     model = bm.torch_build()
     model.load_state_dict(state, strict=True)
     x = bm.x_input()
-    assert bm.rel_err(bm.torch_run(model, x), _reference(values, x)) <= TOL
+    assert rel_err(bm.torch_run(model, x), _reference(values, x)) <= TOL
 
 
 @pytest.mark.needs("torch", "keras", "h5py")
@@ -97,7 +98,7 @@ def test_keras_like_file_loads_with_load_weights_and_keeps_the_head(tmp_path, ca
 
     trunk = keras.Model(model.input, model.get_layer("block_out").output)
     x = bm.x_input()
-    assert bm.rel_err(bm.keras_run(trunk, x), _reference(values, x)) <= TOL
+    assert rel_err(bm.keras_run(trunk, x), _reference(values, x)) <= TOL
 
 
 @pytest.mark.needs("torch", "flax")
@@ -115,7 +116,7 @@ def test_flax_like_file_restores_with_from_bytes(tmp_path, capsys):
     assert code == 0, err
     restored = serialization.from_bytes(variables, dst.read_bytes())
     x = bm.x_input()
-    assert bm.rel_err(bm.flax_run(module, restored, x), _reference(values, x)) <= TOL
+    assert rel_err(bm.flax_run(module, restored, x), _reference(values, x)) <= TOL
 
 
 @pytest.mark.needs("msgpack")

@@ -24,15 +24,12 @@ from convbn.convert import (
     prepare_for_format,
     verify_checkpoint,
 )
+from tests._support.assertions import rel_err
 from tests.formats.builders import assert_same_arrays, random_checkpoint, reference_eval
 
 
 def _x(params, seed=1):
     return np.random.default_rng(seed).standard_normal((2, 7, 6, params.in_channels))
-
-
-def _rel(a, b):
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 # -- round trip and provenance -----------------------------------------------------------------------
@@ -93,7 +90,7 @@ def test_folding_is_exact_at_inference_and_never_mutates_the_source(tmp_path, in
         q = back.layers[name]
         assert q.bias is None and written.layers[name].bias is None
         x = _x(p)
-        assert _rel(reference_eval(x, q), reference_eval(x, p)) < 1e-13
+        assert rel_err(reference_eval(x, q), reference_eval(x, p)) < 1e-13
         # only the named statistic moved
         changed = "beta" if into == "beta" else "moving_mean"
         for field in ("kernel", "gamma", "beta", "moving_mean", "moving_var"):
@@ -115,8 +112,8 @@ def test_moving_mean_fold_is_eps_independent_and_beta_fold_is_not():
         by_mean = prepare_for_format(ckpt, "torch", fold_bias="moving_mean").layers["layer1"]
         by_beta = prepare_for_format(ckpt, "torch", fold_bias="beta").layers["layer1"]
         expected = reference_eval(x, p, eps=eps)
-        assert _rel(reference_eval(x, by_mean, eps=eps), expected) < 1e-13
-        beta_err = _rel(reference_eval(x, by_beta, eps=eps), expected)
+        assert rel_err(reference_eval(x, by_mean, eps=eps), expected) < 1e-13
+        beta_err = rel_err(reference_eval(x, by_beta, eps=eps), expected)
         assert (beta_err < 1e-13) == (eps == p.eps)
 
 
@@ -147,7 +144,7 @@ def test_fuse_checkpoint_matches_the_reference_and_round_trips(tmp_path):
         plain_conv = reference_eval(x, p, gamma=None, beta=None, moving_mean=np.zeros(p.out_channels),
                                     moving_var=np.ones(p.out_channels), eps=0.0, kernel=np.asarray(q.kernel),
                                     bias=np.asarray(q.bias))
-        assert _rel(plain_conv, reference_eval(x, p)) < 1e-13
+        assert rel_err(plain_conv, reference_eval(x, p)) < 1e-13
     convbn.save_checkpoint(fused, tmp_path / "f.safetensors", "safetensors")
     back = convbn.load_checkpoint(tmp_path / "f.safetensors")
     assert back.fused

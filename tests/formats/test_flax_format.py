@@ -9,6 +9,7 @@ import pytest
 
 import convbn
 from convbn import ConvBNError
+from tests._support.assertions import rel_err
 from tests.conftest import need
 from tests.formats.builders import assert_same_arrays, random_checkpoint
 
@@ -20,11 +21,6 @@ from flax import serialization  # noqa: E402
 # float32 conv+BN in JAX vs float64 NumPy, relative to max|y|: measured <= 1e-6 here
 # (SEMANTICS.md section 4: JAX conv+eval BN within 7.4e-6 absolute of float64 at |y| ~ 5).
 TOL = 1e-5
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 class Block(nn.Module):
@@ -96,7 +92,7 @@ def test_reads_linen_default_names_and_writes_them_back(tmp_path):
     features = _chain(x, ckpt)
     head = features.mean(axis=(1, 2)) @ np.asarray(ckpt.tensors["params/Dense_0/kernel"], np.float64)
     head += np.asarray(ckpt.tensors["params/Dense_0/bias"], np.float64)
-    assert _rel(model.apply(variables, x), head) < TOL
+    assert rel_err(model.apply(variables, x), head) < TOL
     # Written back, it restores into the same model bit for bit.
     convbn.save_checkpoint(ckpt, tmp_path / "w.msgpack", "flax")
     restored = serialization.from_bytes(variables, (tmp_path / "w.msgpack").read_bytes())
@@ -116,7 +112,7 @@ def test_written_default_names_load_into_a_real_module(tmp_path):
     template["params"]["layer3"]["conv"].pop("bias")
     restored = serialization.from_bytes(template, data)
     restored["params"]["layer3"]["conv"]["bias"] = np.zeros(16, np.float32)  # a bias-free conv is a zero bias
-    assert _rel(model.apply(restored, x), _chain(x, ckpt)) < TOL
+    assert rel_err(model.apply(restored, x), _chain(x, ckpt)) < TOL
 
 
 def test_training_state_drops_optimizer_and_step(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 
 import convbn
 from convbn import ConvBNError
+from tests._support.assertions import rel_err
 from tests.conftest import need
 from tests.formats.builders import assert_same_arrays, random_checkpoint
 
@@ -22,11 +23,6 @@ layers = keras.layers
 # float32 conv+BN in Keras vs float64 NumPy, relative to max|y|: measured <= 1.5e-6 here
 # (SEMANTICS.md section 4: Keras conv+BN is within 7.6e-6 absolute of float64 at |y| ~ 5).
 TOL = 1e-5
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def _randomize_bn(model, seed=0):
@@ -81,7 +77,7 @@ def test_reads_a_real_model_from_weights_h5_and_keras(tmp_path):
     k1, k2 = probe.predict(x, verbose=0)
     y1 = convbn.conv_bn(x.astype(np.float64), ckpt.layers["stem"], backend="numpy")
     y2 = convbn.conv_bn(np.maximum(y1, 0), ckpt.layers["body"], backend="numpy")
-    assert _rel(k1, y1) < TOL and _rel(k2, y2) < TOL
+    assert rel_err(k1, y1) < TOL and rel_err(k2, y2) < TOL
 
 
 def test_the_graph_keeps_a_batchnorm_that_follows_no_conv_unpaired(tmp_path):
@@ -137,7 +133,7 @@ def test_written_weights_load_into_a_real_model(tmp_path):
     model = _sequential(ckpt)
     model.load_weights(tmp_path / "c.weights.h5")
     x = np.random.default_rng(1).standard_normal((2, 7, 7, 3)).astype(np.float32)
-    assert _rel(model.predict(x, verbose=0), _chain(x, ckpt)) < TOL
+    assert rel_err(model.predict(x, verbose=0), _chain(x, ckpt)) < TOL
     bn2 = model.layers[4].get_weights()
     assert np.array_equal(bn2[0], np.ones(16, np.float32))  # absent gamma written as 1
 
@@ -151,7 +147,7 @@ def test_written_keras_archive_rebuilds_with_load_model(tmp_path):
     rng = np.random.default_rng(2)
     xs = [rng.standard_normal((2, 9, 9, p.in_channels)).astype(np.float32) for p in ckpt.layers.values()]
     for y, x, p in zip(model.predict(xs, verbose=0), xs, ckpt.layers.values(), strict=True):
-        assert _rel(y, convbn.conv_bn(x.astype(np.float64), p, backend="numpy")) < TOL
+        assert rel_err(y, convbn.conv_bn(x.astype(np.float64), p, backend="numpy")) < TOL
     # ... and the same file loads into a plain model with these layers in order.
     plain = _sequential(ckpt)
     plain.layers[0].strides, plain.layers[0].padding = (2, 2), "valid"

@@ -11,6 +11,7 @@ import numpy as np
 
 import convbn
 from convbn.convert import verify_checkpoint
+from tests._support.assertions import rel_err
 from tests.conftest import need
 from tests.formats.builders import assert_same_arrays
 
@@ -25,11 +26,6 @@ from flax import linen, serialization  # noqa: E402
 TOL = 1e-5
 WIDTHS = (3, 8, 16, 8)
 EPS, MOMENTUM = 1e-3, 0.99  # Keras defaults
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def _keras_model(seed=0):
@@ -103,7 +99,7 @@ def test_keras_to_torch_to_flax_to_keras_reproduces_the_model(tmp_path):
     net.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True), strict=True)
     with torch.no_grad():
         y_torch = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
-    assert _rel(y_torch, expected) < TOL
+    assert rel_err(y_torch, expected) < TOL
 
     # torch -> flax: a real linen module restores it with from_bytes and computes the same.
     from_torch = convbn.load_checkpoint(tmp_path / "b.pt", eps=EPS, momentum=MOMENTUM)
@@ -111,7 +107,7 @@ def test_keras_to_torch_to_flax_to_keras_reproduces_the_model(tmp_path):
     model = FlaxNet(names)
     template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
     variables = serialization.from_bytes(template, (tmp_path / "c.msgpack").read_bytes())
-    assert _rel(model.apply(variables, x), expected) < TOL
+    assert rel_err(model.apply(variables, x), expected) < TOL
 
     # flax -> Keras: a fresh Keras model loads it and predicts the original's output exactly.
     from_flax = convbn.load_checkpoint(tmp_path / "c.msgpack", eps=EPS, momentum=MOMENTUM)
@@ -141,4 +137,4 @@ def test_folding_on_the_way_is_verified_on_the_real_model(tmp_path):
         net.load_state_dict(torch.load(tmp_path / f"{into}.pt", weights_only=True), strict=True)
         with torch.no_grad():
             y = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
-        assert _rel(y, expected) < TOL, into
+        assert rel_err(y, expected) < TOL, into

@@ -25,7 +25,7 @@ import pytest
 import convbn
 from convbn.convert import Checkpoint, fold_bias
 from convbn.formats import slim
-from tests.cases import rel_err
+from tests._support.assertions import rel_err
 from tests.conftest import need, need_module
 from tests.formats.slim_graphs import need_slim, shared_build
 

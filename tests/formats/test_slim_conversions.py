@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import convbn
-from tests.cases import rel_err
+from tests._support.assertions import rel_err
 from tests.reference import tf_same_pads
 
 # Max |module - TF| / max|TF| per layer. The torch and flax modules run in float64 on the

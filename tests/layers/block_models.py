@@ -64,12 +64,6 @@ def x_input(seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(X_SHAPE).astype(np.float32)
 
 
-def rel_err(got: Any, want: Any) -> float:
-    """max |got - want| / max |want|."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-
-
 # -- torch -------------------------------------------------------------------------------------------
 
 

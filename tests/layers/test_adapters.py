@@ -10,7 +10,7 @@ import pytest
 import convbn
 from convbn import adapters
 from tests import reference
-from tests.cases import rel_err
+from tests._support.assertions import rel_err
 from tests.conftest import need_module
 
 # Float64 comparisons differ only in summation order (<= 1e-15 measured); float32 runs compare a

@@ -7,7 +7,8 @@ import pytest
 
 import convbn
 from tests import reference
-from tests.cases import CASES, reference_params, rel_err
+from tests._support.assertions import rel_err
+from tests.cases import CASES, reference_params
 from tests.conftest import need
 
 # Float64 (conftest enables x64): only summation order differs (<= 1e-15 measured). Float32 against

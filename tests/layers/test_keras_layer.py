@@ -17,7 +17,8 @@ import pytest
 
 import convbn
 from tests import reference
-from tests.cases import CASES, reference_params, rel_err, to_layout
+from tests._support.assertions import rel_err
+from tests.cases import CASES, reference_params, to_layout
 from tests.conftest import need, need_module
 
 # Float64: only summation order differs (<= 1e-15 measured). Float32: Keras's unfolded BatchNorm vs

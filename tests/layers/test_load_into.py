@@ -27,6 +27,7 @@ import pytest
 import convbn
 from convbn.convert import Checkpoint
 from convbn.loading import LoadError, Target, match_layers
+from tests._support.assertions import rel_err
 from tests.conftest import need
 from tests.layers import block_models as bm
 
@@ -113,7 +114,7 @@ def test_converted_checkpoint_loads_into_ordinary_layers_and_outputs_match(sourc
     converted = tmp_path / f"converted{SUFFIX[target]}"
     convbn.save_checkpoint(convbn.load_checkpoint(src.path), converted, FORMAT[target])
     model, run = _fresh(target)
-    assert bm.rel_err(run(model, src.x), src.y) > 0.1  # a fresh model computes something else
+    assert rel_err(run(model, src.x), src.y) > 0.1  # a fresh model computes something else
 
     report = convbn.load_into(model, converted)
 
@@ -123,7 +124,7 @@ def test_converted_checkpoint_loads_into_ordinary_layers_and_outputs_match(sourc
     assert report.folded == {} and report.unused == [] and report.untouched == []
     assert report.pairing == {"torch": "torch.fx", "keras": "layer graph", "flax": "tree order"}[target]
     loaded = report.variables if target == "flax" else model
-    assert bm.rel_err(run(loaded, src.x), src.y) <= TOL
+    assert rel_err(run(loaded, src.x), src.y) <= TOL
 
 
 @pytest.mark.parametrize(("source", "target"), [("keras", "torch"), ("torch", "flax")])
@@ -134,7 +135,7 @@ def test_the_source_file_itself_loads_the_same(source, target, sources):
     model, run = _fresh(target)
     report = convbn.load_into(model, src.path)
     assert report.ok
-    assert bm.rel_err(run(report.variables if target == "flax" else model, src.x), src.y) <= TOL
+    assert rel_err(run(report.variables if target == "flax" else model, src.x), src.y) <= TOL
 
 
 def test_flax_tree_is_not_modified_and_a_jitted_tree_pairs_by_names(sources):
@@ -149,7 +150,7 @@ def test_flax_tree_is_not_modified_and_a_jitted_tree_pairs_by_names(sources):
     report = convbn.load_into(shuffled, src.path)
     assert report.ok and report.pairing == "tree names"
     assert report.matched == {"Conv_0": "conv1", "Conv_1": "conv2", "Conv_2": "downsample.0"}
-    assert bm.rel_err(bm.flax_run(module, report.variables, src.x), src.y) <= TOL
+    assert rel_err(bm.flax_run(module, report.variables, src.x), src.y) <= TOL
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(variables), strict=True):
         assert np.array_equal(a, np.asarray(b))
 
@@ -175,7 +176,7 @@ def test_keras_model_with_a_head_loads_pairs_and_leaves_the_head(sources):
     import keras
 
     trunk = keras.Model(model.input, model.get_layer("block_out").output)
-    assert bm.rel_err(bm.keras_run(trunk, src.x), src.y) <= TOL
+    assert rel_err(bm.keras_run(trunk, src.x), src.y) <= TOL
 
 
 def test_subclassed_keras_model_pairs_by_layer_order(sources):
@@ -208,7 +209,7 @@ def test_subclassed_keras_model_pairs_by_layer_order(sources):
     report = convbn.load_into(model, src.path)
     assert report.ok and report.pairing == "layer order"
     assert list(report.matched.values()) == bm.TORCH_PAIRS
-    assert bm.rel_err(bm.keras_run(model, src.x), src.y) <= TOL
+    assert rel_err(bm.keras_run(model, src.x), src.y) <= TOL
 
 
 # -- bias folding ------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def test_conv_bias_is_folded_into_a_model_without_bias(into, tmp_path):
     assert report.ok
     assert report.folded == dict.fromkeys(bm.TORCH_PAIRS, into)
     assert any(f"folded the checkpoint's conv bias into {into}" in n for n in report.notes)
-    assert bm.rel_err(bm.torch_run(model, src.x), src.y) <= TOL
+    assert rel_err(bm.torch_run(model, src.x), src.y) <= TOL
 
 
 def test_refusing_to_fold_raises_and_changes_nothing(tmp_path):
@@ -245,7 +246,7 @@ def test_missing_bias_becomes_zero(tmp_path):
     report = convbn.load_into(model, src.path)
     assert report.ok and any("set to zero" in n for n in report.notes)
     assert all(float(m.bias.detach().abs().max()) == 0 for m in (model.conv1, model.conv2, model.downsample[0]))
-    assert bm.rel_err(bm.torch_run(model, src.x), src.y) <= TOL
+    assert rel_err(bm.torch_run(model, src.x), src.y) <= TOL
 
 
 def test_a_bias_is_folded_with_the_eps_the_model_runs_with(tmp_path):
@@ -257,7 +258,7 @@ def test_a_bias_is_folded_with_the_eps_the_model_runs_with(tmp_path):
     report = convbn.load_into(model, src.path)
     assert report.folded == dict.fromkeys(bm.TORCH_PAIRS, "beta") and any("eps differs" in n for n in report.notes)
     same_eps = bm.torch_assign(bm.torch_build(bias=True, eps=1e-3), bm.random_values(seed=7, bias=True))
-    assert bm.rel_err(bm.torch_run(model, src.x), bm.torch_run(same_eps, src.x)) <= TOL
+    assert rel_err(bm.torch_run(model, src.x), bm.torch_run(same_eps, src.x)) <= TOL
 
 
 def test_a_gamma_or_beta_the_model_lacks_is_a_mismatch(tmp_path):
@@ -326,7 +327,7 @@ def test_dcgan_slim_checkpoint_with_conv_biases_loads_into_a_torch_model_without
         model.h0.bias.copy_(torch.from_numpy(ckpt.tensors["d_h0_conv/biases"]))
         y1, y2 = model(torch.from_numpy(dcgan["x"]).permute(0, 3, 1, 2))
     for got, want in zip((y1, y2), dcgan["outputs"], strict=True):
-        assert bm.rel_err(got.permute(0, 2, 3, 1).numpy(), want) <= TOL
+        assert rel_err(got.permute(0, 2, 3, 1).numpy(), want) <= TOL
 
 
 # -- strict, missing, mismatched, all-or-nothing ----------------------------------------------------
@@ -447,7 +448,7 @@ def test_untraceable_forward_falls_back_to_module_order(sources):
     assert report.ok and report.pairing == "module order"
     assert "torch.fx could not trace the model" in report.notes[0]
     assert list(report.matched) == ["block.conv1", "block.conv2", "block.downsample.0"]
-    assert bm.rel_err(bm.torch_run(block, src.x), src.y) <= TOL
+    assert rel_err(bm.torch_run(block, src.x), src.y) <= TOL
 
 
 def test_conv_feeding_more_than_its_batchnorm_is_not_a_pair():
@@ -493,7 +494,7 @@ def test_convbn_torch_layers_are_pairs_too(sources):
     model = Block().eval()
     report = convbn.load_into(model, src.path)
     assert report.ok and list(report.matched) == ["a.conv", "b.conv", "s.conv"]
-    assert bm.rel_err(bm.torch_run(model, src.x), src.y) <= TOL
+    assert rel_err(bm.torch_run(model, src.x), src.y) <= TOL
 
 
 # -- eps ---------------------------------------------------------------------------------------------
@@ -507,10 +508,10 @@ def test_eps_is_the_models_unless_asked(sources):
     assert model.bn1.eps == 1e-3
     note = next(n for n in report.notes if n.startswith("BatchNorm eps differs for 3 layer(s)"))
     assert "conv1 (model 0.001, checkpoint 1e-05, assumed: the file stores none)" in note
-    assert bm.rel_err(bm.torch_run(model, src.x), src.y) > 1e-4  # eps changes the outputs
+    assert rel_err(bm.torch_run(model, src.x), src.y) > 1e-4  # eps changes the outputs
     convbn.load_into(model, src.path, eps="checkpoint")
     assert model.bn1.eps == 1e-5 and model.bn1.momentum == 0.1
-    assert bm.rel_err(bm.torch_run(model, src.x), src.y) <= TOL
+    assert rel_err(bm.torch_run(model, src.x), src.y) <= TOL
 
 
 def test_keras_eps_checkpoint_sets_epsilon_and_outputs_follow(sources):
@@ -520,7 +521,7 @@ def test_keras_eps_checkpoint_sets_epsilon_and_outputs_follow(sources):
     model.predict(src.x, verbose=0)  # a compiled predict function that read eps=1e-3
     convbn.load_into(model, src.path, eps="checkpoint")
     assert model.get_layer("bn1").epsilon == 1e-5
-    assert bm.rel_err(model.predict(src.x, verbose=0), src.y) <= TOL
+    assert rel_err(model.predict(src.x, verbose=0), src.y) <= TOL
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -620,14 +621,14 @@ def _measure(seeds: int = 5) -> tuple[float, float]:
             model, run = _fresh(target)
             report = convbn.load_into(model, converted)
             y = run(report.variables if target == "flax" else model, sources[source].x)
-            cross = max(cross, bm.rel_err(y, sources[source].y))
+            cross = max(cross, rel_err(y, sources[source].y))
         src = _source("torch", directory, seed=200 + seed, bias=True)
         for into in ("beta", "moving_mean"):
             for target in FORMAT:
                 model, run = _fresh(target)
                 report = convbn.load_into(model, src.path, fold_bias=into)
                 y = run(report.variables if target == "flax" else model, src.x)
-                fold = max(fold, bm.rel_err(y, src.y))
+                fold = max(fold, rel_err(y, src.y))
     return cross, fold
 
 

@@ -11,7 +11,8 @@ import pytest
 
 import convbn
 from tests import reference
-from tests.cases import CASES, reference_params, rel_err, to_layout
+from tests._support.assertions import rel_err
+from tests.cases import CASES, reference_params, to_layout
 
 # Float64 runs differ from the reference and from torch's own modules only in summation order
 # (measured <= 4e-16 relative); 1e-12 still catches every convention error (the biased/unbiased

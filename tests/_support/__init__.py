@@ -1,0 +1,1 @@
+"""What many test modules share: value assertions (:mod:`tests._support.assertions`)."""
