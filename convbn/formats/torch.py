@@ -593,29 +593,27 @@ def write(
             conv, bn = f"{base}.conv", f"{base}.bn"
             affine = True
         prefix = f"{conv}." if conv else ""
-        state[f"{prefix}weight"] = _tensor(np.asarray(params.kernel).transpose(3, 2, 0, 1))
+        state[f"{prefix}weight"] = np.asarray(params.kernel).transpose(3, 2, 0, 1)
         if params.bias is not None:
-            state[f"{prefix}bias"] = _tensor(params.bias)
+            state[f"{prefix}bias"] = params.bias
         if not ckpt.fused:
             prefix = f"{bn}." if bn else ""
             dtype = np.asarray(params.moving_mean).dtype
             n = params.out_channels
             if affine or params.gamma is not None or params.beta is not None:
-                state[f"{prefix}weight"] = _tensor(params.gamma if params.gamma is not None else np.ones(n, dtype))
-                state[f"{prefix}bias"] = _tensor(params.beta if params.beta is not None else np.zeros(n, dtype))
-            state[f"{prefix}running_mean"] = _tensor(params.moving_mean)
-            state[f"{prefix}running_var"] = _tensor(params.moving_var)
+                state[f"{prefix}weight"] = params.gamma if params.gamma is not None else np.ones(n, dtype)
+                state[f"{prefix}bias"] = params.beta if params.beta is not None else np.zeros(n, dtype)
+            state[f"{prefix}running_mean"] = params.moving_mean
+            state[f"{prefix}running_var"] = params.moving_var
             tracked = ckpt.extras.get(layer, {}).get("num_batches_tracked")
-            state[f"{prefix}num_batches_tracked"] = (
-                _tensor(np.asarray(tracked)) if tracked is not None else torch.tensor(0, dtype=torch.int64)
-            )
+            state[f"{prefix}num_batches_tracked"] = tracked if tracked is not None else np.asarray(0, np.int64)
         tick(progress, layer)
     if ckpt.tensors:
         if same_format:
             for key, value in ckpt.tensors.items():
                 if key in state:
                     raise ConvBNError(f"{path}: tensor name {key!r} is used twice (a layer and another tensor)")
-                state[key] = _tensor(value)
+                state[key] = value
         else:
             ckpt.notes.append(not_written_note(ckpt))
     if not ckpt.fused:
@@ -623,15 +621,14 @@ def write(
     with atomic_output(path) as tmp:
         groups = [list(state)]
         if max_shard_size is not None:
-            sizes = [(key, t.numel() * t.element_size()) for key, t in state.items()]
-            groups = split(sizes, parse_size(max_shard_size))
+            groups = split([(key, np.asarray(a).nbytes) for key, a in state.items()], parse_size(max_shard_size))
         if len(groups) == 1 and not path.name.endswith(INDEX_SUFFIX):
-            torch.save(state, tmp)
+            torch.save({key: _tensor(a) for key, a in state.items()}, tmp)
             return
+        # Tensors are made per shard: a kernel's OIHW copy exists only while its shard is written.
         files, index_name = shard_names(path, len(groups))
         for file, group in zip(files, groups, strict=True):
-            torch.save({key: state[key] for key in group}, tmp.parent / file)
+            torch.save({key: _tensor(state[key]) for key in group}, tmp.parent / file)
         weight_map = {key: file for file, group in zip(files, groups, strict=True) for key in group}
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        write_index(tmp.parent, index_name, weight_map, total)
+        write_index(tmp.parent, index_name, weight_map, sum(np.asarray(a).nbytes for a in state.values()))
 
