@@ -569,7 +569,7 @@ def _destination_exists(path: Path, format: str) -> bool:
         return True
     if format == "slim":
         return Path(f"{path}.index").exists()
-    return False
+    return Path(f"{path}.index.json").exists()  # the index of a sharded write at ``path``
 
 
 # -- fusion -----------------------------------------------------------------------------------------

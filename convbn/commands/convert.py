@@ -21,6 +21,7 @@ from convbn.convert import (
     verify_checkpoint,
 )
 from convbn.errors import ConvBNError
+from convbn.formats._sharded import INDEX_SUFFIX, index_files
 from convbn.formats.flax import writes_directory
 from convbn.loading import LoadReport, conform_checkpoint
 
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     common.require_packages(source_format, to)
     momentum = common.momentum(args, source_format)
     common.check_destination(src, source_format, dst, to, args.force)
+    if not args.force and Path(f"{dst}{INDEX_SUFFIX}").exists():
+        raise ConvBNError(f"{dst}{INDEX_SUFFIX} exists (a sharded checkpoint written at {dst}); pass --force to overwrite it")
     if args.max_shard_size is not None:
         _check_shard_size(args.max_shard_size, to)
     if like_format is not None:
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if like_format is not None:
         ckpt, to_write, match = _conform(args, ckpt, like_format)
     checks: list[LayerCheck] = []
-    protect = common.source_files(src, source_format)
+    # A sharded source is its index and every shard: none may be written over.
+    protect = [*common.source_files(src, source_format), *index_files(src)]
     try:
         written = _write(args, ckpt, dst, to, read_notes, checks, protect, to_write=to_write, match=match)
     except _VerificationFailed:

@@ -399,3 +399,32 @@ def test_a_directory_with_two_indexes_is_refused_naming_them(tmp_path):
     convbn.save_checkpoint(ckpt, tmp_path / "model.safetensors", "safetensors", max_shard_size="10KB")
     convbn.save_checkpoint(ckpt, tmp_path / "pytorch_model.bin", "torch", max_shard_size="10KB")
     refused_everywhere(tmp_path, "holds 2 shard indexes (model.safetensors.index.json, pytorch_model.bin.index.json)")
+
+
+def test_an_existing_sharded_destination_needs_force(tmp_path, capsys):
+    convbn.save_checkpoint(random_checkpoint(widths=WIDTHS), tmp_path / "m.safetensors", "safetensors")
+    dst = tmp_path / "out" / "model.safetensors"
+    args = ["convert", str(tmp_path / "m.safetensors"), str(dst), "--max-shard-size", "10KB"]
+    assert main(args) == 0
+    written = {f: (tmp_path / "out" / f).stat().st_mtime_ns for f in os.listdir(tmp_path / "out")}
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"convbn convert: error: {dst}.index.json exists (a sharded checkpoint written at {dst}); "
+                   "pass --force to overwrite it"]
+    with pytest.raises(ConvBNError, match="refusing to overwrite"):
+        convbn.save_checkpoint(random_checkpoint(widths=WIDTHS), dst, "safetensors", max_shard_size="10KB",
+                               overwrite=False)
+    assert {f: (tmp_path / "out" / f).stat().st_mtime_ns for f in os.listdir(tmp_path / "out")} == written
+    assert main([*args, "--force"]) == 0
+
+
+def test_a_sharded_source_is_never_written_over(tmp_path, capsys):
+    convbn.save_checkpoint(random_checkpoint(widths=WIDTHS), tmp_path / "model.safetensors", "safetensors",
+                           max_shard_size="10KB")
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    # DST's shards get the source's shard names: writing them would replace the source.
+    dst = tmp_path / "model.safetensors"
+    assert main(["convert", str(tmp_path), str(dst), "--max-shard-size", "10KB", "--force", "--no-conv-bias"]) == 2
+    assert "DST must differ from SRC" in capsys.readouterr().err
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
