@@ -166,3 +166,136 @@ def test_model_kind_names_tf_keras_models_keras():
     assert model_kind(_tf_keras_twin()) == "keras"
     with pytest.raises(TypeError, match=r"a Keras 3 model or layer \(or a tf_keras one\)"):
         model_kind(object())
+
+
+# -- an HF-style ResNet (transformers' TFResNetModel pattern; transformers is not installed) ------------
+
+
+class _HFConv(layers.Layer):
+    """transformers' TFResNetConvLayer: pad, conv without bias, BatchNorm(eps 1e-5, momentum 0.9)."""
+
+    def __init__(self, out: int, k: int = 3, stride: int = 1, act: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pad = layers.ZeroPadding2D(k // 2)
+        self.convolution = layers.Conv2D(out, k, strides=stride, use_bias=False, name="convolution")
+        self.normalization = layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name="normalization")
+        self.act = act
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        y = self.normalization(self.convolution(self.pad(x)), training=training)
+        return tf_keras.activations.relu(y) if self.act else y
+
+
+class _HFBasic(layers.Layer):
+    """TFResNetBasicLayer: a 1x1 shortcut conv + BatchNorm where the shape changes, two convs."""
+
+    def __init__(self, cin: int, out: int, stride: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shortcut = _HFConv(out, 1, stride, act=False, name="shortcut") if cin != out or stride != 1 else None
+        self.layer = [_HFConv(out, stride=stride, name="layer.0"), _HFConv(out, act=False, name="layer.1")]
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        residual = x if self.shortcut is None else self.shortcut(x, training=training)
+        for layer in self.layer:
+            x = layer(x, training=training)
+        return tf_keras.activations.relu(x + residual)
+
+
+class _HFResNet(tf_keras.Model):
+    """A subclassed model with one main layer holding every weight, as TFResNetModel's ``resnet``:
+    no layer graph, and its .h5 lists one layer whose weight names carry the nested scopes."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.resnet = _HFMain(name="resnet")
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        return self.resnet(x, training=training)
+
+
+class _HFMain(layers.Layer):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.embedder = _HFConv(8, 3, 2, name="embedder")
+        self.stages = [_HFBasic(8, 16, 2, name="stages.0.layers.0"), _HFBasic(16, 16, 1, name="stages.0.layers.1")]
+
+    def call(self, x: Any, training: bool = False) -> Any:
+        x = self.embedder(x, training=training)
+        for stage in self.stages:
+            x = stage(x, training=training)
+        return x
+
+
+def _hf_torch() -> Any:
+    """The same network in torch (transformers' ResNetModel pattern), trained-looking statistics."""
+    nn = torch.nn
+
+    class Conv(nn.Module):
+        def __init__(self, cin: int, out: int, k: int = 3, stride: int = 1, act: bool = True) -> None:
+            super().__init__()
+            self.convolution = nn.Conv2d(cin, out, k, stride=stride, padding=k // 2, bias=False)
+            self.normalization = nn.BatchNorm2d(out)
+            self.act = act
+
+        def forward(self, x: Any) -> Any:
+            y = self.normalization(self.convolution(x))
+            return torch.relu(y) if self.act else y
+
+    class Basic(nn.Module):
+        def __init__(self, cin: int, out: int, stride: int) -> None:
+            super().__init__()
+            self.shortcut = Conv(cin, out, 1, stride, act=False) if cin != out or stride != 1 else nn.Identity()
+            self.layer = nn.Sequential(Conv(cin, out, stride=stride), Conv(out, out, act=False))
+
+        def forward(self, x: Any) -> Any:
+            return torch.relu(self.layer(x) + self.shortcut(x))
+
+    torch.manual_seed(1)
+    net = nn.Sequential(Conv(3, 8, 3, 2), Basic(8, 16, 2), Basic(16, 16, 1))
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
+            module.bias.data.normal_()
+    return net.eval()
+
+
+def test_an_hf_style_torch_resnet_loads_into_its_tf_keras_port(tmp_path):
+    """PyTorch -> a subclassed tf_keras model (no layer graph: pairs by layer order) reproduces the
+    last hidden state."""
+    net = _hf_torch()
+    torch.save(net.state_dict(), tmp_path / "resnet.pt")
+    model = _HFResNet()
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype("f4")
+    model(x.transpose(0, 2, 3, 1))
+    report = convbn.load_into(model, tmp_path / "resnet.pt")
+    assert report.ok and report.pairing == "layer order" and len(report.matched) == 6
+    assert report.pairs["resnet/stages.0.layers.0/shortcut/convolution"] == "resnet/stages.0.layers.0/shortcut/normalization"
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+    assert _rel(model(x.transpose(0, 2, 3, 1), training=False).numpy(), expected) < TOL
+
+
+def test_an_hf_style_tf_keras_h5_reads_by_scope_and_writes_back(tmp_path):
+    """Its save_weights .h5 lists one layer, ``resnet``, whose weight names carry each conv's and
+    BatchNorm's scope (moving statistics last): read as one pair per scope, written back as the
+    same file, which the model loads to the same outputs."""
+    model = _HFResNet()
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype("f4")
+    model(x)
+    rng = np.random.default_rng(2)
+    model.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("f4") for w in model.get_weights()])
+    model.save_weights(tmp_path / "tf_model.h5")
+    ckpt = convbn.load_checkpoint(tmp_path / "tf_model.h5")
+    assert [s.conv_name.rsplit("/", 2)[-2] for s in ckpt.sources.values()] == [
+        "embedder", "shortcut", "layer.0", "layer.1", "layer.0", "layer.1"]
+    assert all(s.bn_name == s.conv_name.replace("convolution", "normalization") for s in ckpt.sources.values())
+    key, first = next(iter(ckpt.layers.items()))
+    assert key.endswith("/resnet/embedder/convolution"), key
+    np.testing.assert_array_equal(first.moving_var, model.resnet.embedder.normalization.moving_variance.numpy())
+    assert main(["convert", str(tmp_path / "tf_model.h5"), str(tmp_path / "back.h5")]) == 0
+    fresh = _HFResNet()
+    fresh(x)
+    fresh.load_weights(tmp_path / "back.h5")
+    assert np.array_equal(fresh(x, training=False).numpy(), model(x, training=False).numpy())
