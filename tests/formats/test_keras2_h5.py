@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -281,7 +282,9 @@ def test_long_name_lists_split_as_tf_keras_splits_them(tmp_path):
 def test_h5_targets_get_the_keras2_layout_and_other_names_are_refused(tmp_path):
     """``*.h5`` used to be refused ("must be named *.weights.h5"); it is Keras 2's file name."""
     ckpt = random_checkpoint()
-    convbn.save_checkpoint(ckpt, tmp_path / "c.h5", "keras")
+    ticks: list[str] = []
+    convbn.save_checkpoint(ckpt, tmp_path / "c.h5", "keras", progress=ticks.append)
+    assert ticks == list(ckpt.layers)
     with h5py.File(tmp_path / "c.h5") as f:
         assert [n.decode() for n in f.attrs["layer_names"]] == [
             "layer1", "layer1_bn", "layer2", "layer2_bn", "layer3", "layer3_bn"]
@@ -296,6 +299,16 @@ def test_h5_targets_get_the_keras2_layout_and_other_names_are_refused(tmp_path):
         convbn.save_checkpoint(ckpt, tmp_path / "c.hd5", "keras")
     assert keras_format.target_var_update(tmp_path / "c.h5") == "unbiased"
     assert keras_format.target_var_update(tmp_path / "c.weights.h5") == "biased"
+
+
+def test_a_keras_archive_holding_the_keras2_layout_is_refused(tmp_path):
+    """A .keras archive is Keras 3's: its weights in Keras 2's layout are a corrupt archive."""
+    src = tmp_path / "m.keras"
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("metadata.json", json.dumps({"keras_version": "3"}))
+        zf.writestr("config.json", json.dumps(_config()))
+        zf.write(_legacy(tmp_path / "w.h5"), "model.weights.h5")
+    refused_everywhere(src, "has Keras 2's layout")
 
 
 def test_a_lambda_layers_code_is_never_run(tmp_path):
