@@ -251,6 +251,14 @@ def check(backend: str, device: str, task: DistTask, pieces: Sequence[Piece]) ->
     results.append(_result(backend, device, task, "moving stats equal on every replica", spread, 0.0,
                            "largest difference between replicas"))
 
+    if task.case.name in _EXTREME and task.dtype != "float64":
+        # dkernel = sum(x dz) over values near 100 whose dz sum to zero: the cancellation leaves
+        # float32 with no correct digits in any framework, single-process ones included (torch,
+        # TF and JAX measured 0.008 to 5 relative), which is why the single-process matrix checks
+        # no gradients on extreme cases. float64 checks them here.
+        results.append(skipped(backend, device, task, "gradients of |mean| >> std inputs have no correct "
+                               "float32 digits in any framework (checked in float64)"))
+        return results
     expected_names = set(exp.grads)
     for p in pieces:
         if set(p.grads) != expected_names:
