@@ -18,7 +18,8 @@ inside it; every tree key in ``_METADATA`` must be a plain name (no ``/``: witho
 is a directory named after its keys); and the arrays the metadata declares may not add up to more
 than :data:`MAX_EXPANSION` times the bytes on disk (plus 64 MiB), since compressed chunks of a
 small file could otherwise decompress into any amount of memory. The OCDBT manifest is binary and
-is left to tensorstore's own checks.
+is left to tensorstore's own checks. Orbax stores no checksum of array data: a damaged byte inside a
+chunk reads as another value, here as with orbax itself (damage to its structure is refused).
 """
 
 from __future__ import annotations

@@ -428,3 +428,64 @@ def test_a_sharded_source_is_never_written_over(tmp_path, capsys):
     assert main(["convert", str(tmp_path), str(dst), "--max-shard-size", "10KB", "--force", "--no-conv-bias"]) == 2
     assert "DST must differ from SRC" in capsys.readouterr().err
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+
+
+# -- mutation fuzzing ----------------------------------------------------------------------------------
+
+
+def _lie_in_weight_map(rng: random.Random, document: dict[str, Any], shard_names: list[str]) -> None:
+    """One lie in a parsed index's weight_map: a tensor moved, renamed, dropped, added, or sent to a
+    shard that is elsewhere, absent or of the wrong type."""
+    weight_map = document["weight_map"]
+    tensor = rng.choice(list(weight_map))
+    roll = rng.randrange(6)
+    if roll == 0:
+        weight_map[tensor] = rng.choice(shard_names)
+    elif roll == 1:
+        weight_map[tensor] = rng.choice(("../x.safetensors", "/etc/passwd", "", "nope.bin", "d/../../x", 3, None, []))
+    elif roll == 2:
+        del weight_map[tensor]
+    elif roll == 3:
+        weight_map[f"{tensor}.extra"] = weight_map[tensor]
+    elif roll == 4:
+        weight_map[tensor.upper()] = weight_map.pop(tensor)
+    else:
+        document["metadata"] = rng.choice((None, [], {"total_size": -1}, "x"))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_mutated_indexes_load_or_are_refused_in_one_line(tmp_path, fmt):
+    from tests.fuzz.mutate import mutate
+
+    if fmt == "torch":
+        need("torch")
+    name = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
+    reference = random_checkpoint(widths=WIDTHS)
+    convbn.save_checkpoint(reference, tmp_path / name, fmt, max_shard_size="10KB")
+    index = tmp_path / f"{name}.index.json"
+    original = index.read_bytes()
+    shard_names = sorted(set(json.loads(original)["weight_map"].values()))
+    outcomes = {"read": 0, "refused": 0}
+    for seed in range(80):
+        rng = random.Random(seed)
+        if rng.random() < 0.5:
+            document = json.loads(original)
+            _lie_in_weight_map(rng, document, shard_names)
+            data, how = json.dumps(document).encode(), "weight_map lie"
+        else:
+            data, how, _ = mutate(rng, index.name, original)
+        index.write_bytes(data)
+        try:
+            ckpt = convbn.load_checkpoint(index)
+        except ConvBNError as exc:
+            assert "\n" not in str(exc) and str(tmp_path) in str(exc), (seed, how, str(exc))
+            outcomes["refused"] += 1
+            if seed % 10 == 0:
+                cli_refuses(index)
+            continue
+        except Exception as exc:  # pragma: no cover - the failure being looked for
+            pytest.fail(f"seed {seed} ({how}): {type(exc).__name__}: {exc}")
+        # Read: then it is the same checkpoint (a lie that left every tensor where it is).
+        _same_layers(reference, ckpt)
+        outcomes["read"] += 1
+    assert outcomes["refused"] > 40, outcomes  # most lies are caught, not read past
