@@ -886,7 +886,7 @@ def target_var_update(path: Path) -> str:
 def _write_legacy(ckpt: Checkpoint, path: Path, h5py: Any, progress: Progress | None) -> None:
     """Write the Keras 2 layout (see the module docstring) that tf_keras's and Keras 3's
     ``load_weights("x.h5")`` read, by layer order or ``by_name=True``."""
-    recorded = ckpt.metadata.get(_LEGACY_ORDER) if origin_format(ckpt) == NAME else None
+    recorded = _recorded_layers(ckpt)
     values: dict[str, np.ndarray] = {}  # tensor name -> array, for a Keras 2 source written back
     done: dict[str, str] = {}  # the last tensor of each layer -> the layer, for progress
     layers: list[tuple[str, list[tuple[str, np.ndarray]]]] = []
@@ -907,10 +907,10 @@ def _write_legacy(ckpt: Checkpoint, path: Path, h5py: Any, progress: Progress | 
                     array = array.reshape(kh, kw, params.groups, out // params.groups)
                 values[name] = array
             done[source.bn["moving_var"]] = key
-        else:
+        else:  # every layer kept its source's names: the file's own layers, in its order
             values.update({name: as_numpy(v) for name, v in ckpt.tensors.items()})
-            for layer, weights in json.loads(recorded):
-                layers.append((layer, [(w, values.pop(f"{layer}/{w}")) for w in weights if f"{layer}/{w}" in values]))
+            for layer, names in recorded:
+                layers.append((layer, [(w, values.pop(f"{layer}/{w}")) for w in names if f"{layer}/{w}" in values]))
     if not layers:
         values, done = {}, {}
         taken: set[str] = set()
@@ -939,17 +939,45 @@ def _write_legacy(ckpt: Checkpoint, path: Path, h5py: Any, progress: Progress | 
         _legacy_names(f, _LAYER_NAMES, [layer for layer, _ in layers])
         f.attrs["backend"] = b"tensorflow"
         f.attrs["keras_version"] = b"2"  # not "1", whose kernels Keras would convert
-        for layer, weights in layers:
-            group = f.create_group(layer)
-            _legacy_names(group, "weight_names", [w for w, _ in weights])
-            for weight, array in weights:
-                group.create_dataset(weight, data=contiguous(array))
-                if f"{layer}/{weight}" in done:
-                    tick(progress, done[f"{layer}/{weight}"])
-        for name, array in values.items():  # tensors of no recorded layer: kept, as datasets only
-            if name in f:
-                raise ConvBNError(f"{path}: tensor name {name!r} is used twice (a layer and another tensor)")
-            f.create_dataset(name, data=contiguous(array))
+        where = "/"
+        try:
+            for layer, weights in layers:
+                where = layer
+                group = f.create_group(layer)
+                _legacy_names(group, "weight_names", [w for w, _ in weights])
+                for weight, array in weights:
+                    where = f"{layer}/{weight}"
+                    group.create_dataset(weight, data=contiguous(array))
+                    if where in done:
+                        tick(progress, done[where])
+            for where, array in values.items():  # tensors of no recorded layer: kept, as datasets only
+                if where in f:
+                    raise ConvBNError(f"{path}: tensor name {where!r} is used twice (a layer and another tensor)")
+                f.create_dataset(where, data=contiguous(array))
+        except ConvBNError:
+            raise
+        except (ValueError, TypeError, KeyError) as exc:  # a name HDF5 cannot hold, or one used twice
+            raise ConvBNError(f"{path}: cannot write {where!r} in the Keras 2 layout: {_first_line(exc)}") from None
+
+
+def _recorded_layers(ckpt: Checkpoint) -> list[tuple[str, list[str]]] | None:
+    """The source's own Keras 2 layers and weight names (see ``_LEGACY_ORDER``), or None where
+    there are none; metadata that lost its shape (it travels through safetensors files) is noted."""
+    text = ckpt.metadata.get(_LEGACY_ORDER) if origin_format(ckpt) == NAME else None
+    if text is None:
+        return None
+    try:
+        entries = json.loads(text)
+    except (ValueError, RecursionError):
+        entries = None
+    if isinstance(entries, list) and all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], list)
+        and all(isinstance(w, str) for w in e[1]) for e in entries
+    ):
+        return [(layer, weights) for layer, weights in entries]
+    ckpt.notes.append(f"the checkpoint's {_LEGACY_ORDER} metadata is not a list of layers and weight names: "
+                      "wrote the layers under new names")
+    return None
 
 
 def _legacy_names(obj: Any, key: str, names: list[str]) -> None:

@@ -576,3 +576,22 @@ def test_every_mutant_of_a_keras2_file_is_read_or_refused_cleanly(tmp_path):
                         out=tmp_path / "fuzz")
     assert report.mutants["keras"] == 150 and not report.unclean_seeds, report.summary()
     assert report.count == 0, "not clean:\n" + report.summary()
+
+
+def test_the_source_layer_list_is_checked_before_it_names_anything(tmp_path):
+    """The Keras 2 layer list travels in the checkpoint's metadata (through safetensors files too):
+    one that lost its shape gives new names, said in a note; one naming what HDF5 cannot hold is
+    refused in one line, with nothing written."""
+    ckpt = convbn.load_checkpoint(_legacy(tmp_path / "m.h5"))
+    garbled = ckpt.copy()
+    garbled.metadata["keras2_layers"] = '[["conv", "not a list"]]'
+    written = convbn.save_checkpoint(garbled, tmp_path / "garbled.h5", "keras")
+    assert any("keras2_layers metadata is not a list" in n for n in written.notes)
+    with h5py.File(tmp_path / "garbled.h5") as f:
+        assert list(f.attrs["layer_names"]) == [b"conv", b"conv_bn"] and "conv/conv/kernel:0" in f
+    assert_same_arrays(convbn.load_checkpoint(tmp_path / "garbled.h5").layers["conv"], ckpt.layers["conv"])
+    twice = ckpt.copy()
+    twice.metadata["keras2_layers"] = json.dumps([["conv", ["conv/kernel:0"]], ["conv", ["conv/kernel:0"]]])
+    with pytest.raises(ConvBNError, match=r"twice.h5: cannot write 'conv' in the Keras 2 layout") as info:
+        convbn.save_checkpoint(twice, tmp_path / "twice.h5", "keras")
+    assert "\n" not in str(info.value) and sorted(p.name for p in tmp_path.iterdir()) == ["garbled.h5", "m.h5"]
