@@ -118,6 +118,29 @@ def test_a_convbn_write_round_trips_bit_exactly_and_orbax_restores_it(tmp_path):
     _same(back, convbn.load_checkpoint(tmp_path / "again"))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_every_float_dtype_round_trips_bit_exactly(tmp_path, dtype):
+    import ml_dtypes
+
+    ckpt = random_checkpoint(widths=(3, 4, 8), dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    convbn.save_checkpoint(ckpt, tmp_path / "out", "flax")
+    back = convbn.load_checkpoint(tmp_path / "out")
+    for name, params in ckpt.layers.items():
+        assert_same_arrays(params, back.layers[name])
+
+
+def test_pytree_and_zarr_checkpoints_read_like_standard_ones(tmp_path, written):
+    # PyTreeCheckpointer, and without OCDBT: every array a zarr directory named after its keys.
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+    checkpointer.save((tmp_path / "zarr").absolute(), args=ocp.args.PyTreeSave(written["variables"]))
+    checkpointer.close()
+    assert (tmp_path / "zarr" / "params.Conv_1.kernel").is_dir()
+    ocp.PyTreeCheckpointer().save((tmp_path / "pytree").absolute(), written["variables"])
+    expected = convbn.load_checkpoint(written["msgpack"])
+    for name in ("zarr", "pytree"):
+        _same(convbn.load_checkpoint(tmp_path / name), expected)
+
+
 def _torch_model() -> Any:
     need("torch")
     import torch
