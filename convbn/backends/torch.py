@@ -364,10 +364,9 @@ def _psum(group: Any) -> Any:
 def train_sync(x: torch.Tensor, params: ConvBNParams, plan: Plan, group: Any) -> tuple[torch.Tensor, ConvBNParams]:
     """Training with the batch statistics of every rank of ``group``, as ``nn.SyncBatchNorm``.
 
-    Forward: each rank's per-channel count, mean and M2 (torch's batch-norm statistics kernel and a
-    float64-accumulated sum), combined in float64 by :func:`combine_moments` with two all-reduces
-    of ``C + 1`` and ``C`` numbers; the output is torch's inference batch-norm kernel on the global
-    statistics. Backward
+    Forward: each rank's per-channel count, mean and M2 (two passes over a shifted copy), combined
+    in float64 by :func:`combine_moments` with two all-reduces of ``C + 1`` and ``C`` numbers; the
+    output is torch's inference batch-norm kernel on the global statistics. Backward
     (:class:`_SyncNorm`): one all-reduce of the per-channel ``sum(dy)`` and ``sum(dy * xhat)``,
     which makes every rank's input gradient that of the loss summed over ranks. An empty local
     batch still joins all three collectives; ranks whose shapes differ are fine, since the
@@ -381,19 +380,23 @@ def train_sync(x: torch.Tensor, params: ConvBNParams, plan: Plan, group: Any) ->
     count = plan.values_per_channel
     assert count is not None  # torch shapes are static
     c = plan.out_channels
-    # The moments are combined in float64 (float32 where the device has no float64: MPS): a
-    # float32 local mean is off by up to half an ulp of |mean|, which n_i (mean_i - mean)^2 turns
-    # into a variance error of ~1e-7 |mean| / (std sqrt(n_i)), 1.6e-6 at |mean| = 1e3, std = 1 on
-    # 256 values. One float64-accumulated sum per channel gives the exact local mean; M2 is
-    # torch's, centred on that mean, and the C-sized arithmetic after it costs nothing.
+    # Local moments by the corrected two-pass algorithm on data shifted by a rough mean:
+    # ``d = z - rough`` is near 0, so ``mean = rough + sum(d) / n`` and ``M2 = sum(d^2) - sum(d)^2 / n``
+    # lose nothing to |mean| >> std (torch's channels_last statistics kernel does: 7e-3 relative
+    # variance error at std / |mean| = 1e-5). The moments are combined in float64 (float32 where
+    # the device has none: MPS), because a float32 local mean is off by half an ulp of |mean| and
+    # the parallel formula's n_i (mean_i - mean)^2 turns that into a variance error of
+    # ~1e-7 |mean| / (std sqrt(n_i)): 1.6e-6 at |mean| = 1e3, std = 1 on 256 values.
     wide = torch.float32 if z.device.type == "mps" else torch.float64
     with torch.no_grad():
         if count:
-            _, local_var = torch.batch_norm_update_stats(
-                z if z.dtype == bn_dtype else z.to(bn_dtype), None, None, 0.0
-            )
-            local_mean = z.sum((0, 2, 3), dtype=wide) / count
-            m2 = local_var.to(wide) * count
+            dims = (0, 2, 3)
+            rough = z.sum(dims, dtype=bn_dtype) / count
+            d = z - rough.view(1, -1, 1, 1)
+            residual = d.sum(dims).to(wide)
+            squares = d.mul_(d).sum(dims).to(wide)
+            local_mean = rough.to(wide) + residual / count
+            m2 = squares - residual * residual / count
         else:
             local_mean = m2 = torch.zeros(c, dtype=wide, device=z.device)
         n = torch.full((1,), float(count), dtype=wide, device=z.device)
