@@ -27,7 +27,7 @@ from tests.formats.builders import random_checkpoint
 from tests.formats.hostile import refused_everywhere
 
 
-def _values() -> dict[str, np.ndarray]:
+def _values() -> dict[str, Any]:
     """One tensor per dtype a checkpoint holds that NumPy has without ml_dtypes, scalars and empties."""
     rng = np.random.default_rng(0)
     return {
@@ -93,7 +93,7 @@ def test_bfloat16_and_float8_round_trip_bit_exactly(tmp_path: Path) -> None:
 
 
 def test_max_shard_size_splits_the_data_in_order(tmp_path: Path) -> None:
-    values = {f"t{i}": np.full(10, i, np.float32) for i in range(5)}  # 40 bytes each
+    values: dict[str, np.ndarray] = {f"t{i}": np.full(10, i, np.float32) for i in range(5)}  # 40 bytes each
     values["big"] = np.arange(100, dtype=np.float64)  # 800 bytes: a shard of its own
     files = _tfbundle.write(tmp_path / "m.ckpt", values.items(), max_shard_size=100)
     names = [f.name for f in files]
@@ -342,7 +342,7 @@ def test_tf_train_checkpoint_reads_bit_exactly(tmp_path: Path) -> None:
     module = tf.Module()
     module.kernel = tf.Variable(np.random.default_rng(1).standard_normal((3, 3, 2, 4)).astype(np.float32))
     module.step = tf.Variable(np.int64(3))
-    module.half = tf.Variable(np.float16([1, 2]))
+    module.half = tf.Variable(np.array([1, 2], np.float16))
     prefix = tf.train.Checkpoint(model=module).write(str(tmp_path / "ckpt"))
     _assert_reads_as_tf_does(Path(prefix))
     assert "_CHECKPOINTABLE_OBJECT_GRAPH" in _tfbundle.Bundle(Path(prefix)).shapes
