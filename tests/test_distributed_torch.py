@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import convbn
-from convbn.conformance import reference
+from convbn.conformance import distributed, reference
 from convbn.errors import ConvBNError
 from convbn.params import with_arrays
 
@@ -275,22 +275,23 @@ def _ddp(rank: int, world: int) -> dict[str, Any]:
     return _train(model, mine, 1.0)
 
 
-def _launched(rank: int, world: int) -> int:
+def _launched(rank: int, world: int) -> list[str]:
     """The conformance driver inside an existing group (as under torchrun): rank 0 gets every
-    rank's results, the others none. Returns the number of results that did not pass."""
+    rank's results, the others none. Returns what did not pass (rank 0), or a marker."""
     from convbn.conformance import _distributed_torch
 
     results = _distributed_torch.run(world, quick=True)
     if rank != 0:
-        return -len(results)  # 0 expected
-    return sum(r.status != "pass" and not _inherent(r) for r in results) if results else -1
+        return [f"rank {rank} got {len(results)} results"] if results else []
+    return _not_passed(results) if results else ["rank 0 got no results"]
 
 
-def _inherent(result: Any) -> bool:
-    """A gradient check of the large-mean case: at std/|mean| = 1e-4 the kernel gradient is a
-    sum of terms ~1e4 times its size, so float32 (and float64 at 1e-12) cannot meet the ``grad``
-    tolerance on one process either (torch alone: dkernel 1.3 in float32, 7e-9 in float64)."""
-    return result.case.startswith("dist_large_mean") and result.quantity.startswith("d")
+def _not_passed(results: list[Any]) -> list[str]:
+    """Messages of the results that neither passed nor were skipped for the one reason the
+    distributed group skips on torch: float32 gradients of the large-mean case, which no framework
+    computes to any digit (the checks say so)."""
+    return [r.message() for r in results
+            if r.status != "pass" and not (r.status == "skip" and r.case.startswith("dist_large_mean"))]
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +387,7 @@ def test_convert_sync_under_ddp_trains_as_one_process(two_ranks) -> None:
 
 
 def test_driver_inside_an_existing_group_gathers_to_rank_zero(two_ranks) -> None:
-    assert [r["launched"] for r in two_ranks] == [0, 0]
+    assert [r["launched"] for r in two_ranks] == [[], []]
 
 
 @pytest.mark.slow
@@ -394,7 +395,9 @@ def test_driver_spawns_three_ranks_uneven_and_empty() -> None:
     from convbn.conformance import _distributed_torch
 
     results = _distributed_torch.run(3, quick=True)
-    splits = {r.case.rsplit(",", 1)[1] for r in results}
-    assert {"6+0+1]", "3+2+1]"} <= splits, splits  # an empty rank and uneven ones ran
-    bad = [r.message() for r in results if r.status != "pass" and not _inherent(r)]
+    ran = {task.splits for task in distributed.tasks(3, quick=True)}
+    assert any(0 in s for s in ran) and any(len(set(s)) > 1 for s in ran), ran  # an empty rank, uneven ones
+    assert {r.case for r in results} == {task.label for task in distributed.tasks(3, quick=True)}
+    assert all(r.device == "cpu x3" for r in results)
+    bad = _not_passed(results)
     assert not bad, bad
