@@ -673,11 +673,12 @@ def read(
     # Top-level layers match their config entry by name; nested models' layers have none.
     top = {g.name: g for g in groups if g.top}
     rank = {name: i for i, name in enumerate(order)}
-    if rank:
+    if rank and not legacy:  # a Keras 2 file's layers already come in the model's order, nested ones too
         groups.sort(key=lambda g: (rank.get(g.name, len(rank)), natural_key(g.path)))
     names = [g.name for g in groups]
     duplicated = {n for n in names if names.count(n) > 1}
     units = []
+    nested: set[int] = set()  # units of layers the config's graph does not describe
     for group in groups:
         if group.name in duplicated:
             group.name = group.path
@@ -685,6 +686,8 @@ def read(
         unit = _unit(group, entry, ckpt.notes)
         if unit is not None:
             units.append(unit)
+            if entry is None:
+                nested.add(id(unit))
     with_graph = graph is not None
     found, unpaired = pair_units(
         units,
@@ -695,6 +698,13 @@ def read(
         order=None if with_graph else "adjacent" if legacy else "by_kind",
         source=str(path),
     )
+    if with_graph and legacy and any(id(u) in nested for u in unpaired):
+        # A nested model's layers (its weights listed in its own layer order) pair as in a file
+        # without a config; the top-level graph still decides for the model's own layers.
+        more, rest = pair_units([u for u in unpaired if id(u) in nested], source=str(path))
+        position = {id(u): i for i, u in enumerate(units)}
+        found = sorted(found + more, key=lambda p: position[id(p.conv)])
+        unpaired = [u for u in unpaired if id(u) not in nested or u in rest]
     if found and not with_graph and legacy and any(p.reason == "order" for p in found):
         ckpt.notes.append(
             "Keras 2 weights files do not record which BatchNorm follows which conv: paired each conv "

@@ -345,10 +345,44 @@ def test_a_lambda_layers_code_is_never_run(tmp_path):
 # -- tf_keras as the oracle ----------------------------------------------------------------------------
 
 
+def test_a_sequential_nested_in_a_functional_model_reads_whole(tmp_path):
+    """tf_keras Sequential inside a functional model, saved whole and as weights: the outer graph
+    pairs the top-level layers, the nested model's layers pair in their own order (its config
+    entry is not the outer graph's), the Sequential's eps, stride and scale=False come through."""
+    need("tf_keras")
+    import tf_keras
+
+    layers = tf_keras.layers
+    inner = tf_keras.Sequential([
+        tf_keras.Input((8, 8, 3)),
+        layers.Conv2D(4, 3, strides=2, padding="same", name="c"), layers.BatchNormalization(epsilon=1e-4, name="b"),
+        layers.ReLU(), layers.Conv2D(4, 1, use_bias=False, name="d"), layers.BatchNormalization(scale=False, name="e"),
+    ], name="inner")
+    inp = tf_keras.Input((8, 8, 3))
+    out = layers.BatchNormalization(name="head_bn")(layers.Conv2D(2, 1, name="head")(inner(inp)))
+    model = _randomize(tf_keras.Model(inp, out))
+    model.save(tmp_path / "m.h5")
+    model.save_weights(tmp_path / "w.h5")
+    for name in ("m.h5", "w.h5"):
+        ckpt = convbn.load_checkpoint(tmp_path / name)
+        assert {k: s.bn_name for k, s in ckpt.sources.items()} == {"c": "b", "d": "e", "head": "head_bn"}, name
+        assert ckpt.tensors == {} and ckpt.unpaired == {}, name
+        assert ckpt.layers["d"].gamma is None and ckpt.layers["d"].bias is None
+        kernel, bias = inner.get_layer("c").get_weights()
+        np.testing.assert_array_equal(ckpt.layers["c"].kernel, kernel)
+        np.testing.assert_array_equal(ckpt.layers["c"].bias, bias)
+        np.testing.assert_array_equal(ckpt.layers["d"].moving_var, inner.get_layer("e").get_weights()[-1])
+    whole = convbn.load_checkpoint(tmp_path / "m.h5")
+    assert whole.sources["head"].reason == "graph" and whole.layers["head"].eps == 1e-3
+
+
 def _randomize(model: Any, seed: int = 0) -> Any:
     """Every weight random, BatchNorm variances positive: no tensor keeps an initial value."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
+        if hasattr(layer, "layers"):  # a nested model
+            _randomize(layer, seed + 1)
+            continue
         values = [rng.standard_normal(w.shape).astype("f4") * 0.3 for w in layer.get_weights()]
         if type(layer).__name__ == "BatchNormalization":
             values[-1] = rng.uniform(0.5, 1.5, values[-1].shape).astype("f4")
