@@ -21,6 +21,7 @@ from convbn.convert import (
     verify_checkpoint,
 )
 from convbn.errors import ConvBNError
+from convbn.formats import _orbax
 from convbn.formats._sharded import INDEX_SUFFIX, index_files
 from convbn.formats.flax import writes_directory
 from convbn.loading import LoadReport, conform_checkpoint
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     like_format = _like_format(args, dst)
     to = common.target_format(args, dst, default=like_format)
     common.require_packages(source_format, to)
+    if (source_format == "flax" and src.is_dir()) or (to == "flax" and writes_directory(dst)):
+        _orbax.require()
     momentum = common.momentum(args, source_format)
     common.check_destination(src, source_format, dst, to, args.force)
     if not args.force and Path(f"{dst}{INDEX_SUFFIX}").exists():

@@ -24,6 +24,7 @@ chunk reads as another value, here as with orbax itself (damage to its structure
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -35,7 +36,7 @@ import numpy as np
 
 from convbn.errors import ConvBNError
 
-__all__ = ["MAX_EXPANSION", "is_checkpoint", "load", "save"]
+__all__ = ["MAX_EXPANSION", "is_checkpoint", "load", "require", "save"]
 
 #: Orbax's own file names: any of them marks a directory as an Orbax checkpoint.
 _MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
@@ -45,14 +46,26 @@ _SLACK = 64 * 1024 * 1024
 _MAX_JSON = 64 * 1024 * 1024
 
 
+_MISSING = "Orbax checkpoints need orbax-checkpoint, which is not installed: pip install 'convbn[orbax]'"
+
+
 def _ocp() -> Any:
     try:
         import orbax.checkpoint as ocp
     except ImportError:
-        raise ImportError(
-            "Orbax checkpoints need orbax-checkpoint, which is not installed: pip install 'convbn[orbax]'"
-        ) from None
+        raise ImportError(_MISSING) from None
     return ocp
+
+
+def require() -> None:
+    """Raise :func:`load`'s and :func:`save`'s ImportError now, without importing orbax (and JAX),
+    when orbax-checkpoint is not installed: the CLI checks before reading anything."""
+    try:
+        found = importlib.util.find_spec("orbax.checkpoint") is not None
+    except (ImportError, ValueError):  # no orbax package, or one set to None in sys.modules
+        found = False
+    if not found:
+        raise ImportError(_MISSING)
 
 
 def is_checkpoint(path: Path) -> bool:

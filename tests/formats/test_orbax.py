@@ -244,6 +244,11 @@ def test_without_orbax_checkpoint_the_error_names_the_extra(tmp_path, written, m
     monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # import fails as if not installed
     with pytest.raises(ImportError, match=r"pip install 'convbn\[orbax\]'"):
         convbn.load_checkpoint(written["orbax"])
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the source was read before the missing package was reported")
+
+    monkeypatch.setattr("convbn.commands.convert.load_checkpoint", never)
     assert main(["convert", str(written["msgpack"]), str(tmp_path / "ckpt"), "--to", "flax"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "convbn[orbax]" in err[0] and not (tmp_path / "ckpt").exists()
