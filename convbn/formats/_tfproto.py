@@ -48,6 +48,7 @@ __all__ = [
     "encode_bundle_entry",
     "encode_bundle_header",
     "encode_object_graph",
+    "encode_varint",
     "parse_bundle_entry",
     "parse_bundle_header",
     "parse_meta_graph",
@@ -163,13 +164,19 @@ class _Field:
 
 
 class Message:
-    """A decoded message: set fields are instance attributes, unset ones read as their defaults."""
+    """A decoded message: set fields are instance attributes, unset ones read as their defaults.
 
+    Each message class has a slot per field and no ``__dict__``: a flood of tiny messages costs
+    64 bytes each, not 144.
+    """
+
+    __slots__ = ()
     FIELDS: ClassVar[dict[int, _Field]] = {}
     BY_NAME: ClassVar[dict[str, _Field]] = {}
 
     def __init__(self, **values: Any) -> None:
-        self.__dict__.update(values)
+        for name, value in values.items():
+            setattr(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for attributes not set: the field's default, as TF's classes return it.
@@ -183,11 +190,22 @@ class Message:
         message fields and oneof members)."""
         if name not in type(self).BY_NAME:
             raise ValueError(f"{type(self).__name__} has no field {name!r}")
-        return name in self.__dict__
+        return name in _set_fields(self)
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        fields = ", ".join(f"{k}={v!r}" for k, v in _set_fields(self).items())
         return f"{type(self).__name__}({fields})"
+
+
+def _set_fields(message: Message) -> dict[str, Any]:
+    """The fields ``message`` has a value for (an unset slot raises, and skips __getattr__ this way)."""
+    values = {}
+    for name in type(message).BY_NAME:
+        try:
+            values[name] = object.__getattribute__(message, name)
+        except AttributeError:
+            pass
+    return values
 
 
 class _Map(dict):  # type: ignore[type-arg]
@@ -202,14 +220,16 @@ class _Map(dict):  # type: ignore[type-arg]
 
 
 def _build_classes() -> dict[str, type[Message]]:
-    classes: dict[str, type[Message]] = {name: type(name, (Message,), {}) for name in _SCHEMAS}
+    classes: dict[str, type[Message]] = {
+        name: type(name, (Message,), {"__slots__": tuple(spec[1] for spec in schema)}) for name, schema in _SCHEMAS.items()
+    }
 
     def link(field: _Field) -> _Field:
         if field.kind in classes:
             field.message, field.action = classes[field.kind], _MESSAGE
         elif field.kind.startswith("map:"):
             _, key_kind, value_kind = field.kind.split(":")
-            entry: type[Message] = type(f"{field.name}Entry", (Message,), {})
+            entry: type[Message] = type(f"{field.name}Entry", (Message,), {"__slots__": ("key", "value")})
             key, field.value = link(_Field(1, "key", key_kind, False)), link(_Field(2, "value", value_kind, False))
             entry.FIELDS, entry.BY_NAME = {1: key, 2: field.value}, {"key": key, "value": field.value}
             field.message, field.action = entry, _MAP
@@ -288,28 +308,28 @@ def _skip(data: bytes, at: int, end: int, wire: int, number: int, where: str) ->
 
 def _merge(old: Message, new: Message) -> None:
     """Merge ``new`` into ``old`` as protobuf does for a message field that occurs twice."""
-    for name, value in new.__dict__.items():
+    present = _set_fields(old)
+    for name, value in _set_fields(new).items():
         field = type(old).BY_NAME[name]
-        if name not in old.__dict__:
-            old.__dict__[name] = value
+        if name not in present:
+            setattr(old, name, value)
         elif field.action == _MAP:
-            old.__dict__[name].update(value)
+            present[name].update(value)
         elif field.repeated:
-            old.__dict__[name].extend(value)
+            present[name].extend(value)
         elif field.message is not None:
-            _merge(old.__dict__[name], value)
+            _merge(present[name], value)
         else:
-            old.__dict__[name] = value
+            setattr(old, name, value)
 
 
 def _decode(cls: type[Message], data: bytes, at: int, end: int, depth: int) -> Message:
     # The hot loop of reading a .meta graph (megabytes of node inputs): one-byte tags and lengths
-    # are read inline, and fields go straight into the message's __dict__.
+    # are read inline, and fields are gathered in a dict, then set on the message's slots.
     if depth > MAX_DEPTH:
         raise ProtoError(f"messages nest deeper than {MAX_DEPTH} levels (at byte {at})")
     fields = cls.FIELDS
-    message = object.__new__(cls)
-    values = message.__dict__
+    values: dict[str, Any] = {}
     while at < end:
         start = at
         key = data[at]
@@ -391,6 +411,9 @@ def _decode(cls: type[Message], data: bytes, at: int, end: int, depth: int) -> M
             _merge(values[field.name], value)
         else:
             values[field.name] = value
+    message = object.__new__(cls)
+    for name, value in values.items():
+        setattr(message, name, value)
     return message
 
 
@@ -501,7 +524,8 @@ def tensor_value(tensor: Any, *, max_elements: int = 1024) -> np.ndarray:
 # -- encoding --------------------------------------------------------------------------------------
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """``value`` as a protobuf varint (the inverse of :func:`varint`)."""
     value &= _MASK64  # negative ints take ten bytes, two's complement, as protobuf writes them
     out = bytearray()
     while value >= 0x80:
@@ -513,7 +537,7 @@ def _encode_varint(value: int) -> bytes:
 
 def _encode_scalar(field: _Field, value: Any) -> bytes:
     if field.wire == 0:
-        return _encode_varint(int(value))
+        return encode_varint(int(value))
     if field.wire in (1, 5):
         return struct.pack({"fixed32": "<I", "float": "<f", "double": "<d"}[field.kind], value)
     return value.encode("utf-8") if field.kind == "string" else bytes(value)
@@ -534,20 +558,20 @@ def _encode(cls: type[Message], values: Mapping[str, Any]) -> bytes:
         if field.message is not None:
             for item in value if field.repeated else (value,):
                 body = _encode(field.message, item)
-                out += _encode_varint(field.number << 3 | 2) + _encode_varint(len(body)) + body
+                out += encode_varint(field.number << 3 | 2) + encode_varint(len(body)) + body
         elif field.repeated and field.wire != 2:
             if value:
                 body = b"".join(_encode_scalar(field, v) for v in value)
-                out += _encode_varint(field.number << 3 | 2) + _encode_varint(len(body)) + body
+                out += encode_varint(field.number << 3 | 2) + encode_varint(len(body)) + body
         elif field.repeated:
             for item in value:
                 body = _encode_scalar(field, item)
-                out += _encode_varint(field.number << 3 | 2) + _encode_varint(len(body)) + body
+                out += encode_varint(field.number << 3 | 2) + encode_varint(len(body)) + body
         elif value != field.default or field.name == "length":  # Extent.length is a oneof: 0 is written
             body = _encode_scalar(field, value)
             if field.wire == 2:
-                body = _encode_varint(len(body)) + body
-            out += _encode_varint(field.number << 3 | field.wire) + body
+                body = encode_varint(len(body)) + body
+            out += encode_varint(field.number << 3 | field.wire) + body
     return bytes(out)
 
 

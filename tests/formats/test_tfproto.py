@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -388,7 +389,7 @@ def test_checkpoint_keys_are_the_ones_tensorflow_derives_from_object_paths(tmp_p
 
 # -- the encoders --------------------------------------------------------------------------------------
 
-_ENTRIES = [
+_ENTRIES: list[dict[str, Any]] = [
     {"dtype": 1, "shape": (3, 3, 16, 32), "size": 18432, "crc32c": 0xFFFFFFFF, "offset": 2**40, "shard_id": 3},
     {"dtype": 19, "shape": (), "size": 2, "crc32c": 0},  # a scalar: its empty shape is still written
     {"dtype": 7, "shape": (0, 5), "size": 0, "crc32c": 12345},
@@ -668,3 +669,41 @@ def test_nesting_up_to_the_limit_decodes_and_one_more_level_is_refused() -> None
     assert seen == levels
     with pytest.raises(ProtoError, match=f"nest deeper than {MAX_DEPTH} levels"):
         tfproto.parse_meta_graph(_nested(levels, _ld(10, b"")))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=st.integers(0, len(_ENTRIES) + 2), cut=st.integers(0, 2000),
+       edits=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=4))
+def test_damaged_real_messages_decode_or_raise_proto_error(case: int, cut: int, edits: list[tuple[int, int]]) -> None:
+    name, raw = _real_messages()[case]
+    damaged = bytearray(raw[: len(raw) - cut % (len(raw) + 1)])
+    for at, byte in edits:
+        if damaged:
+            damaged[at % len(damaged)] = byte
+    try:
+        PARSERS[name](bytes(damaged))
+    except ProtoError as exc:
+        assert "\n" not in str(exc)
+
+
+def test_every_truncation_of_a_real_message_decodes_or_raises_proto_error() -> None:
+    refused = 0
+    for name, raw in _real_messages():
+        for end in range(len(raw)):
+            try:
+                PARSERS[name](raw[:end])
+            except ProtoError:
+                refused += 1
+    assert refused > 100
+
+
+def test_a_flood_of_tiny_messages_takes_memory_in_proportion_to_its_bytes() -> None:
+    raw = b"\x0a\x02\x0a\x00" * 50_000  # 50,000 objects, each with one child: 4 bytes apiece
+    tracemalloc.start()
+    try:
+        graph = tfproto.parse_object_graph(raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(graph.nodes) == 50_000 and graph.nodes[-1].children[0].node_id == 0
+    assert peak < 48 * len(raw), peak / len(raw)  # slots, no per-message __dict__ (that took 86 per byte)
