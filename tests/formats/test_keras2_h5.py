@@ -21,6 +21,7 @@ import pytest
 import convbn
 from convbn import ConvBNError
 from convbn.cli import main
+from convbn.convert import fuse_checkpoint
 from convbn.formats import keras as keras_format
 from tests.conftest import need
 from tests.formats.builders import assert_same_arrays, random_checkpoint
@@ -629,3 +630,22 @@ def test_the_source_layer_list_is_checked_before_it_names_anything(tmp_path):
     with pytest.raises(ConvBNError, match=r"twice.h5: cannot write 'conv' in the Keras 2 layout") as info:
         convbn.save_checkpoint(twice, tmp_path / "twice.h5", "keras")
     assert "\n" not in str(info.value) and sorted(p.name for p in tmp_path.iterdir()) == ["garbled.h5", "m.h5"]
+
+
+def test_a_fused_checkpoint_loads_into_tf_keras_convs(tmp_path):
+    """``convbn fuse`` to .h5: each layer is one Conv2D with its folded kernel and bias, which a
+    tf_keras model of biased convs loads by order and computes the unfused conv+BN with."""
+    need("tf_keras")
+    import tf_keras
+
+    ckpt = random_checkpoint(widths=(3, 8, 4), padding="VALID")
+    convbn.save_checkpoint(fuse_checkpoint(ckpt), tmp_path / "fused.h5", "keras")
+    with h5py.File(tmp_path / "fused.h5") as f:
+        assert list(f.attrs["layer_names"]) == [b"layer1", b"layer2"]
+    model = tf_keras.Sequential([tf_keras.Input((9, 9, 3)), tf_keras.layers.Conv2D(8, 3), tf_keras.layers.Conv2D(4, 3)])
+    model.load_weights(tmp_path / "fused.h5")
+    x = np.random.default_rng(0).standard_normal((2, 9, 9, 3)).astype("f4")
+    expected = x.astype(np.float64)
+    for params in ckpt.layers.values():
+        expected = convbn.conv_bn(expected, params, backend="numpy")
+    assert _rel(model(x).numpy(), expected) < TOL
