@@ -27,7 +27,8 @@ A whole-model file (``model.save("m.h5")``) keeps the same under ``model_weights
 ``fused``; no layer's code (a Lambda's marshalled bytecode) is ever run, and the optimizer's
 weights are dropped and listed. The weight names give each layer's kind and fields, so a layer
 without gamma (``scale=False``) needs no config; a layer holding several scopes' weights (a nested
-model, transformers' TF models) gives one layer per scope. Without a config, convs pair with the
+model, transformers' TF models) gives one layer per scope. Without a config (and for a nested
+model's layers, which the top-level graph does not describe), convs pair by naming, then with a
 BatchNorm right after them in layer order. A Keras 2 BatchNorm trains on its default fused path,
 which updates the moving variance with the unbiased batch variance (``conventions.KERAS2_FUSED``;
 ``fused=False`` in the config: biased). SeparableConv2D, Conv2DTranspose and Dense weights stay
