@@ -18,7 +18,8 @@ test that needs keras is skipped when ``KERAS_BACKEND`` names another). A missin
 test, naming it, except in a run that is supposed to have it, where it fails the test instead:
 
 - one that comes with a backend's install (``PACKAGES[name]`` names the backends) is expected
-  whenever one of those backends is requested: flax and msgpack with jax (``convbn[jax]``), keras
+  whenever one of those backends is requested: flax, msgpack and orbax with jax (``convbn[jax]``
+  brings orbax with flax; tox's jax env also names ``convbn[orbax]``), keras
   and h5py with tensorflow (``convbn[tensorflow]``; TensorFlow brings Keras 3), ml_dtypes with
   tensorflow or jax;
 - the cross-framework oracles (tf_slim, tf_keras, safetensors) are installed only by tox's cross
@@ -46,6 +47,7 @@ from convbn.dispatch import BACKENDS
 PACKAGES: dict[str, tuple[str, ...]] = {
     "flax": ("jax",),
     "msgpack": ("jax",),
+    "orbax": ("jax",),
     "keras": ("tensorflow",),
     "h5py": ("tensorflow",),
     "ml_dtypes": ("tensorflow", "jax"),
@@ -55,7 +57,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {
 }
 
 #: The backend whose framework a package imports when it is imported.
-_IMPORTS = {"flax": "jax", "keras": "tensorflow", "tf_slim": "tensorflow", "tf_keras": "tensorflow"}
+_IMPORTS = {"flax": "jax", "orbax": "jax", "keras": "tensorflow", "tf_slim": "tensorflow", "tf_keras": "tensorflow"}
 
 
 def _requested() -> list[str] | None:

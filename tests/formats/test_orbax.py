@@ -18,13 +18,12 @@ import pytest
 import convbn
 from convbn import ConvBNError
 from convbn.cli import main
-from tests.conftest import need
+from tests.conftest import need, need_module
 from tests.formats.builders import assert_same_arrays, random_checkpoint
 from tests.formats.hostile import cli_refuses, refused, refused_everywhere
 
-need("jax", "flax")
-# orbax is not among conftest's known packages: skipped where the env lacks the convbn[orbax] extra.
-ocp = pytest.importorskip("orbax.checkpoint")
+need("jax", "flax", "orbax")
+ocp = need_module("orbax.checkpoint")
 import jax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from flax import serialization  # noqa: E402
