@@ -448,11 +448,10 @@ class _SyncNorm(torch.autograd.Function):
         z, gamma, mean, var = ctx.saved_tensors
         weight = torch.ones_like(mean) if gamma is None else gamma
         if z.numel():
-            dy = dy.contiguous(memory_format=_memory_format(z))
             _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
                 dy, z, weight, mean, var, None, None, False, ctx.eps, [False, True, True]
             )
-        else:  # the kernel divides by the size; an empty rank contributes nothing to the sums
+        else:  # torch's kernel dies of SIGFPE on an empty input; an empty rank adds nothing
             sum_dy_xhat = sum_dy = torch.zeros_like(mean)
         both = torch.cat([sum_dy, sum_dy_xhat])
         dist.all_reduce(both, group=ctx.group)
@@ -466,12 +465,6 @@ class _SyncNorm(torch.autograd.Function):
         dgamma = sum_dy_xhat if gamma is not None and ctx.needs_input_grad[1] else None
         dbeta = sum_dy if ctx.has_beta and ctx.needs_input_grad[2] else None
         return dz, dgamma, dbeta, None, None, None, None, None
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def empty_output(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
