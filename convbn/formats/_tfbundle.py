@@ -299,7 +299,7 @@ class Bundle:
         try:
             header = _tfproto.parse_bundle_header(entries[0][1])
         except ValueError as exc:
-            raise self._refuse(f"its header does not parse ({_first_line(exc)})") from None
+            raise self._refuse(f"its header does not parse ({exc})") from None
         if not 1 <= header.num_shards <= 99999 or header.endianness != 0:
             raise self._refuse(f"its header declares {header.num_shards} shards, endianness {header.endianness}")
         self.num_shards = int(header.num_shards)
@@ -330,7 +330,7 @@ class Bundle:
         try:
             proto = _tfproto.parse_bundle_entry(value)
         except ValueError as exc:
-            raise self._refuse(f"an entry does not parse ({_first_line(exc)})", key) from None
+            raise self._refuse(f"an entry does not parse ({exc})", key) from None
         if proto.dtype not in _DTYPES:
             raise self._refuse(f"dtype {proto.dtype} is not a tensor dtype convbn reads", key)
         dims = [int(d.size) for d in proto.shape.dim]
@@ -532,11 +532,6 @@ def _numpy_dtype(dtype: int, name: str, index: Path) -> np.dtype[Any] | None:
             ) from None
         return np.dtype(getattr(ml_dtypes, spec))
     return np.dtype(spec)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 # -- writing -----------------------------------------------------------------------------------

@@ -116,9 +116,6 @@ _STYLE_PRESET = {
 # -- locating the checkpoint (no TensorFlow) ------------------------------------------------------
 
 
-_index_of = _tfbundle.index_path
-
-
 def _has_index_magic(index: Path) -> bool:
     magic = _tfbundle.INDEX_MAGIC
     with open(index, "rb") as f:
@@ -147,7 +144,7 @@ def _prefix_from_state(directory: Path) -> Path:
     prefix = Path(raw)
     if not prefix.is_absolute():
         return directory / prefix
-    if not _index_of(prefix).is_file() and _index_of(directory / prefix.name).is_file():
+    if not _tfbundle.index_path(prefix).is_file() and _tfbundle.index_path(directory / prefix.name).is_file():
         return directory / prefix.name  # the directory was moved after saving
     return prefix
 
@@ -165,9 +162,9 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     if path.is_dir():
         if (path / "checkpoint").is_file():
             prefix = _prefix_from_state(path)
-            if not _index_of(prefix).is_file():
+            if not _tfbundle.index_path(prefix).is_file():
                 raise ConvBNError(
-                    f"the checkpoint named by {path / 'checkpoint'} must exist: {_index_of(prefix)} is "
+                    f"the checkpoint named by {path / 'checkpoint'} must exist: {_tfbundle.index_path(prefix)} is "
                     f"missing. Received: path={str(path)!r}"
                 )
             return prefix
@@ -183,14 +180,14 @@ def resolve(path: str | os.PathLike[str]) -> Path:
         prefix = path.with_name(name[: -len(".index")])
     elif _DATA_SUFFIX.search(name):
         prefix = path.with_name(_DATA_SUFFIX.sub("", name))
-    elif name.endswith(".meta") and not _index_of(path).is_file():
+    elif name.endswith(".meta") and not _tfbundle.index_path(path).is_file():
         prefix = path.with_name(name[: -len(".meta")])
     else:
         prefix = path
-    if not _index_of(prefix).is_file():
+    if not _tfbundle.index_path(prefix).is_file():
         raise ConvBNError(
             "a TF checkpoint must exist at the prefix given: expected "
-            f"{_index_of(prefix)} and {prefix}.data-*. Received: path={str(path)!r}"
+            f"{_tfbundle.index_path(prefix)} and {prefix}.data-*. Received: path={str(path)!r}"
         )
     return prefix
 
@@ -201,7 +198,7 @@ def sniff(path: Path) -> bool:
     Judged from the index's footer magic; never imports TensorFlow and never raises.
     """
     try:
-        return _has_index_magic(_index_of(resolve(path)))
+        return _has_index_magic(_tfbundle.index_path(resolve(path)))
     except Exception:
         return False
 
@@ -230,7 +227,7 @@ class _Source:
 
     def __init__(self, prefix: Path) -> None:
         self.prefix = prefix
-        self.index = _index_of(prefix)
+        self.index = _tfbundle.index_path(prefix)
         self.bundle = _tfbundle.Bundle(prefix)
         self.shapes = self.bundle.shapes
 
