@@ -115,6 +115,19 @@ def test_the_slim_writer_shards_and_reads_back(tmp_path: Path) -> None:
             _assert_same(np.asarray(getattr(back.layers[name], field)), getattr(params, field), f"{name}.{field}")
 
 
+def test_save_checkpoint_shards_a_slim_checkpoint_by_a_size_with_a_unit(tmp_path: Path) -> None:
+    """save_checkpoint passes max_shard_size as given ("1KB" here, 1000 bytes); it was a TypeError."""
+    source = random_checkpoint(widths=(3, 8, 16), bias=False)
+    convbn.save_checkpoint(source, tmp_path / "m.ckpt", "slim", max_shard_size="1KB")
+    shards = sorted(tmp_path.glob("m.ckpt.data-*"))
+    sizes = {p.name: p.stat().st_size for p in shards}
+    bundle = _tfbundle.Bundle(tmp_path / "m.ckpt")
+    alone = {bundle.shard(e.shard).name for e in bundle.entries.values() if e.size > 1000}
+    assert len(shards) > 2 and all(size <= 1000 for name, size in sizes.items() if name not in alone), sizes
+    assert sum(sizes.values()) == sum(e.size for e in bundle.entries.values())
+    _assert_same(bundle.read("layer2/weights"), source.layers["layer2"].kernel, "layer2/weights")
+
+
 def test_a_table_of_many_blocks_reads_back(tmp_path: Path) -> None:
     """Past 256 KiB of index entries TF's table starts a new block; names sharing long prefixes
     exercise the restart points."""
