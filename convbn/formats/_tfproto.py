@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 __all__ = [
+    "MAX_DEPTH",
     "Message",
     "ProtoError",
     "checkpoint_key",
