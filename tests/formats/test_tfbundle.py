@@ -195,6 +195,15 @@ def test_an_index_whose_block_does_not_match_its_checksum_is_refused(tmp_path: P
     refused_everywhere(prefix, "m.ckpt.index", "does not match its checksum")
 
 
+def test_an_index_whose_keys_are_out_of_order_is_refused(tmp_path: Path) -> None:
+    """TF finds a tensor by binary search over sorted keys: out of order, some could not be found."""
+    prefix = _bundle(tmp_path, a=np.zeros(2, np.float32), b=np.ones(2, np.float32))
+    index = Path(f"{prefix}.index")
+    header, a, b = _tfbundle.table_entries(index.read_bytes())
+    index.write_bytes(_tfbundle._build_table([header, b, a]))
+    refused_everywhere(prefix, "m.ckpt.index", "its keys are not in order (b'a' after b'b')")
+
+
 def test_a_string_tensor_with_a_damaged_length_is_refused(tmp_path: Path) -> None:
     prefix = _bundle(tmp_path, s=np.array([b"abc", b"de"], object))
     _flip(Path(f"{prefix}.data-00000-of-00001"), 0)  # the first length, 3 -> 2
