@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="one small shape, few samples")
     parser.add_argument("--samples", type=int, default=15)
     parser.add_argument("--min-time", type=float, default=0.2)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time this process's CPU seconds (less sensitive to a busy machine)")
+    parser.add_argument("--shapes", nargs="+", choices=[s.name for s in SHAPES], help="default: all")
     args = parser.parse_args(argv)
     if "jax" in sys.modules:
         raise SystemExit("run as a program: the host device count must be set before JAX is imported")
@@ -121,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     print(f"jax {jax.__version__}, {args.devices} devices: {jax.devices()[: args.devices]}")
-    shapes = SHAPES[:1] if args.quick else SHAPES
+    shapes = SHAPES[:1] if args.quick else [s for s in SHAPES if not args.shapes or s.name in args.shapes]
     samples, min_time = (3, 0.05) if args.quick else (args.samples, args.min_time)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for shape in shapes:
         # Each device needs at least one image, and shard_map splits the batch evenly.
         shape = dataclasses.replace(shape, n=max(shape.n, args.devices) // args.devices * args.devices)
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("flax BatchNorm(axis_name)", "flax BatchNorm(axis_name, use_fast_variance=False)",
                      "convbn unsynced"):
             run, results = steps[name]
-            t = interleaved(ours_run, run, jax.block_until_ready, samples=samples, min_time=min_time)
+            t = interleaved(ours_run, run, jax.block_until_ready, samples=samples, min_time=min_time, clock=clock)
             agree = ""
             if name.startswith("flax"):
                 yn, varn = results()
