@@ -45,9 +45,7 @@ def _uneven_multi_value_tasks(world: int) -> list[dist.DistTask]:
 def test_synchronized_replicas_pass(world: int) -> None:
     for task in dist.tasks(world):
         results = dist.check("numpy", f"cpu x{world}", task, _synced_pieces(task))
-        # float32 gradients of the large-mean case are ill-conditioned everywhere: skipped.
-        grad = "skip" if task.case.name == "dist_large_mean" and task.dtype == "float32" else "pass"
-        assert [r.status for r in results] == ["pass"] * 3 + [grad], [r.message() for r in results]
+        assert [r.status for r in results] == ["pass"] * 4, [r.message() for r in results]
 
 
 @pytest.mark.parametrize("world", [2, 3])

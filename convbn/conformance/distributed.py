@@ -181,6 +181,7 @@ class _Expected:
     forward: reference.Forward
     grads: dict[str, np.ndarray]
     bias_scale: float
+    kernel_scale: float | None  # extreme cases only (see reference.kernel_grad_scale)
 
 
 @functools.lru_cache(maxsize=64)
@@ -190,6 +191,7 @@ def _expected(case: Case, dtype: str, var_update: str) -> _Expected:
         reference.forward(x, params, True),
         reference.gradients(x, params, dy, True),
         reference.bias_grad_scale(x, params, dy),
+        reference.kernel_grad_scale(x, params, dy) if case.name in _EXTREME else None,
     )
 
 
@@ -251,14 +253,6 @@ def check(backend: str, device: str, task: DistTask, pieces: Sequence[Piece]) ->
     results.append(_result(backend, device, task, "moving stats equal on every replica", spread, 0.0,
                            "largest difference between replicas"))
 
-    if task.case.name in _EXTREME and task.dtype != "float64":
-        # dkernel = sum(x dz) over values near 100 whose dz sum to zero: the cancellation leaves
-        # float32 with no correct digits in any framework, single-process ones included (torch,
-        # TF and JAX measured 0.008 to 5 relative), which is why the single-process matrix checks
-        # no gradients on extreme cases. float64 checks them here.
-        results.append(skipped(backend, device, task, "gradients of |mean| >> std inputs have no correct "
-                               "float32 digits in any framework (checked in float64)"))
-        return results
     expected_names = set(exp.grads)
     for p in pieces:
         if set(p.grads) != expected_names:
@@ -269,13 +263,17 @@ def check(backend: str, device: str, task: DistTask, pieces: Sequence[Piece]) ->
     got = {"x": np.concatenate([np.asarray(p.grads["x"], np.float64) for p in pieces])}
     for name in expected_names - {"x"}:
         got[name] = np.sum([np.asarray(p.grads[name], np.float64) for p in pieces], axis=0)
+    # An extreme case's inputs are known to a few digits of their spread only (z near 100, std
+    # 0.01): its gradients have the extreme group's tolerance, and the kernel gradient, a sum that
+    # cancels, is measured against sum |x| |dz| as the dot-product error bound says.
+    g_group = "extreme" if task.case.name in _EXTREME else "grad"
     g_worst = ("", -1.0)
     for name in sorted(expected_names):
-        scale = exp.bias_scale if name == "bias" else None
+        scale = {"bias": exp.bias_scale, "kernel": exp.kernel_scale}.get(name)
         e = reference.grad_error(got[name], exp.grads[name], exp.grads[name], scale)
         if e > g_worst[1]:
             g_worst = (name, e)
-    results.append(_result(backend, device, task, f"d{g_worst[0]}", g_worst[1], tolerance("grad", task.dtype),
+    results.append(_result(backend, device, task, f"d{g_worst[0]}", g_worst[1], tolerance(g_group, task.dtype),
                            "x per slice, parameters summed over replicas"))
     return results
 

@@ -19,7 +19,10 @@ Errors are relative, with a scale chosen so that one number means the same thing
 - gradients: ``max |actual - expected| / max |reference|`` over the whole tensor. The conv bias
   in training is the exception: batch statistics cancel any constant added before BatchNorm, so its
   exact gradient is zero and its computed value is rounding of a sum of terms each bounded by
-  ``|gamma| |dy| / sqrt(var + eps)``; that sum, per channel, is its scale.
+  ``|gamma| |dy| / sqrt(var + eps)``; that sum, per channel, is its scale. Where ``|mean| >> std``
+  (the extreme cases) the kernel gradient ``sum(x dz)`` cancels in the same way, the ``dz`` of a
+  channel summing to zero, and its scale is ``sum |x| |dz|`` (:func:`kernel_grad_scale`), the
+  standard error bound of the dot products it is made of.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "forward",
     "gradients",
     "grad_error",
+    "kernel_grad_scale",
     "mean_error",
     "output_error",
     "eval_floor",
@@ -102,6 +106,32 @@ def bias_grad_scale(x: np.ndarray, params: ConvBNParams, dy: np.ndarray) -> floa
     gamma = np.abs(p64.gamma) if p64.gamma is not None else np.ones(out)
     dsum = np.abs(np.asarray(dy, np.float64)).reshape(-1, out).sum(axis=0)
     return float(np.max(dsum * gamma / np.sqrt(var + p64.eps)))
+
+
+def kernel_grad_scale(x: np.ndarray, params: ConvBNParams, dy: np.ndarray) -> float:
+    """The training-mode kernel gradient's scale: ``max sum |x| |dz|`` over kernel entries.
+
+    ``dK = sum over positions of x (x) dz`` with ``dz = gamma r (dy - mean(dy) - zhat mean(dy zhat))``;
+    ``dz`` sums to zero per channel, so for inputs far from zero (``|mean| >> std``) the sum
+    cancels and its rounding is relative to ``sum |x| |dz|``, not to the small result.
+    """
+    x64 = np.asarray(x, np.float64)
+    p64 = to_float64(params)
+    out = p64.out_channels
+    bare = dataclasses.replace(
+        p64, bias=None, gamma=None, beta=None, moving_mean=np.zeros(out), moving_var=np.ones(out), eps=0.0
+    )
+    z = np_backend.conv_bn(x64, bare, plan_for(x64.shape, bare, "NHWC", False))
+    axes = (0, 1, 2)
+    mean, var = z.mean(axis=axes), z.var(axis=axes)
+    r = 1.0 / np.sqrt(var + p64.eps)
+    zhat = (z - mean) * r
+    dy64 = np.asarray(dy, np.float64)
+    gamma = np.ones(out) if p64.gamma is None else p64.gamma
+    dz = gamma * r * (dy64 - dy64.mean(axis=axes) - zhat * (dy64 * zhat).mean(axis=axes))
+    plain = dataclasses.replace(bare, kernel=np.abs(p64.kernel))
+    dkernel = np_backend.conv_bn_vjp(np.abs(x64), plain, np.abs(dz), plan_for(x64.shape, plain, "NHWC", False))
+    return float(np.max(dkernel["kernel"]))
 
 
 def _finite_or_inf(value: float) -> float:
