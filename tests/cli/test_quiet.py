@@ -58,7 +58,6 @@ def test_native_log_lines_are_dropped_and_everything_else_passes():
 
 @pytest.fixture
 def slim_checkpoint(tmp_path):
-    require_backend("tensorflow")
     source = tmp_path / "src.safetensors"
     convbn.save_checkpoint(random_checkpoint(), source, "safetensors")
     result = _convbn("convert", source, tmp_path / "model.ckpt")
@@ -67,10 +66,28 @@ def slim_checkpoint(tmp_path):
     return tmp_path / "model.ckpt"
 
 
-def test_slim_inspect_is_quiet_and_verbose_shows_the_logs(slim_checkpoint):
-    quiet = _convbn("inspect", slim_checkpoint)
-    assert quiet.returncode == 0 and quiet.stderr == ""
-    verbose = _convbn("--verbose", "inspect", slim_checkpoint)
+def test_slim_inspect_imports_no_framework_and_prints_nothing_on_stderr(slim_checkpoint):
+    """TF checkpoints are read without TensorFlow: inspecting one loads no framework at all."""
+    script = textwrap.dedent(f"""
+        import sys
+        from convbn.cli import main
+        status = main(["inspect", {str(slim_checkpoint)!r}])
+        print("loaded:", sorted(m for m in ("tensorflow", "keras", "jax", "torch") if m in sys.modules))
+        sys.exit(status)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.splitlines()[-1] == "loaded: []"
+    assert "layer1/BatchNorm" in result.stdout
+
+
+def test_info_is_quiet_and_verbose_shows_the_logs():
+    """``convbn info`` runs every backend, so it loads TensorFlow and JAX, the noisy ones."""
+    require_backend("tensorflow")
+    quiet = _convbn("info")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert re.search(r"^tensorflow +\d", quiet.stdout, re.M), quiet.stdout  # it did run on TensorFlow
+    verbose = _convbn("--verbose", "info")
     assert verbose.returncode == 0 and verbose.stdout == quiet.stdout
     # Where this machine's TensorFlow logs at all (a CPU-only one prints its CUDA probe), --verbose shows it.
     bare = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True,
