@@ -117,15 +117,7 @@ def shard_path(prefix: Path, shard: int, num_shards: int) -> Path:
 
 
 _varint = _tfproto.varint
-
-
-def _put_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+_encode_varint = _tfproto.encode_varint
 
 
 def _table_block(data: bytes, offset: int, size: int) -> list[tuple[bytes, bytes]]:
@@ -197,7 +189,7 @@ def _build_block(entries: Sequence[tuple[bytes, bytes]], restart_interval: int) 
             limit = min(len(previous), len(key))
             while shared < limit and previous[shared] == key[shared]:
                 shared += 1
-        out += _put_varint(shared) + _put_varint(len(key) - shared) + _put_varint(len(value))
+        out += _encode_varint(shared) + _encode_varint(len(key) - shared) + _encode_varint(len(value))
         out += key[shared:] + value
         previous = key
     for restart in restarts or [0]:
@@ -219,12 +211,12 @@ def _build_table(entries: Sequence[tuple[bytes, bytes]]) -> bytes:
         block = _build_block(entries[start:stop], _RESTART_INTERVAL)
         # The block's last key separates it from the next block's keys (TF shortens it; any key
         # >= this block's and < the next block's is valid).
-        index.append((entries[stop - 1][0], _put_varint(len(out)) + _put_varint(len(block) - _BLOCK_TRAILER)))
+        index.append((entries[stop - 1][0], _encode_varint(len(out)) + _encode_varint(len(block) - _BLOCK_TRAILER)))
         out += block
         start = stop
     handles = b""
     for block in (_build_block([], 1), _build_block(index, 1)):  # the metaindex, then the index
-        handles += _put_varint(len(out)) + _put_varint(len(block) - _BLOCK_TRAILER)
+        handles += _encode_varint(len(out)) + _encode_varint(len(block) - _BLOCK_TRAILER)
         out += block
     return bytes(out) + handles.ljust(FOOTER_BYTES - len(INDEX_MAGIC), b"\0") + INDEX_MAGIC
 
@@ -553,7 +545,7 @@ def _encode(name: str, value: np.ndarray) -> tuple[int, Iterable[tuple[bytes, by
             )
         counted = _length_bytes([len(item) for item in items])
         check = struct.pack("<I", masked_crc(counted))
-        parts = [(b"".join(_put_varint(len(item)) for item in items), counted), (check, check)]
+        parts = [(b"".join(_encode_varint(len(item)) for item in items), counted), (check, check)]
         parts += [(item, item) for item in items]
         return _STRING, parts, sum(len(written) for written, _ in parts)
     dtype = _WRITE_DTYPES.get(value.dtype.name)
