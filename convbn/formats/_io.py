@@ -3,14 +3,19 @@
 Every writer writes through :func:`atomic_output`, and the CLI stages through :func:`staging` to
 read its output back before placing it, so both share these guarantees:
 
-- nothing appears at the destination unless the whole write succeeded (files are renamed or
-  hard-linked into place on the same filesystem; a TF checkpoint's ``.index`` goes last, so a
-  reader never sees an index without its data);
+- nothing appears at the destination unless the whole write succeeded (files and directories are
+  renamed or hard-linked into place on the same filesystem; an index, a TF checkpoint's
+  ``.index`` or a sharded file's ``*.index.json``, goes last, so a reader never sees an index
+  naming data that is not there yet, and what was placed is removed again if a later entry fails);
 - missing destination directories are created, and removed again when the write fails (only the
   ones created here);
-- without overwriting, placement is exclusive: each file is hard-linked to its final name, which
-  fails when the name exists, so of two writers racing for one destination exactly one wins and
-  the other gets a :class:`~convbn.errors.ConvBNError`;
+- without overwriting, placement is exclusive, so of two writers racing for one destination
+  exactly one wins and the other gets a :class:`~convbn.errors.ConvBNError` and leaves nothing: a
+  file is hard-linked to its final name, which fails when the name exists; a directory (an Orbax
+  checkpoint) cannot be hard-linked, so its final name is claimed by ``os.mkdir``, which fails
+  when the name exists, and the staged directory is renamed onto the empty claim (POSIX renames a
+  directory onto an empty one atomically), so a reader sees nothing, an empty directory for an
+  instant, or the whole checkpoint;
 - files listed as protected (the source's) are never replaced, whatever path reaches them;
 - a scratch directory left by a killed process (named ``.<name>.convbn<pid>.<random>.tmp`` or
   ``.stage``) is removed by the next write into the same directory once its pid is gone.
@@ -30,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from convbn.errors import ConvBNError
+from convbn.formats._sharded import INDEX_SUFFIX
 
 __all__ = ["Stage", "atomic_output", "parent_directories", "placement", "staging"]
 
@@ -42,6 +48,9 @@ class _Policy:
     overwrite: bool = True
     protected: frozenset[tuple[int, int]] = frozenset()
 
+
+#: What is placed last: a reader that finds an index finds everything it names.
+_INDEXES = (".index", INDEX_SUFFIX)
 
 _POLICY: contextvars.ContextVar[_Policy | None] = contextvars.ContextVar("convbn_placement", default=None)
 
@@ -74,33 +83,60 @@ class Stage:
         return self.scratch / self.target.name
 
     def place(self, *, overwrite: bool | None = None) -> None:
-        """Move every file written in the scratch directory next to :attr:`target`.
+        """Move every file and directory written in the scratch directory next to :attr:`target`.
 
-        ``overwrite`` None follows the enclosing :func:`placement`. On any failure the files
-        already placed by this call are removed again and nothing else is touched.
+        ``overwrite`` None follows the enclosing :func:`placement`. Indexes go last. On any failure
+        the entries already placed by this call are removed again and nothing else is touched.
         """
         policy = _POLICY.get() or _Policy()
         replace = policy.overwrite if overwrite is None else overwrite
         parent = self.target.parent
         placed: list[Path] = []
         try:
-            for file in sorted(self.scratch.iterdir(), key=lambda f: (f.name.endswith(".index"), f.name)):
-                final = parent / file.name
+            for entry in sorted(self.scratch.iterdir(), key=lambda e: (e.name.endswith(_INDEXES), e.name)):
+                final = parent / entry.name
                 if final.exists() and _identity(final) in policy.protected:
                     raise ConvBNError(
                         f"DST must differ from SRC: convbn never modifies its source, and {final} is a "
                         f"file of the source. Received: DST={str(self.target)!r}"
                     )
-                if replace:
-                    os.replace(file, final)
-                else:
-                    _link_exclusive(file, final, self.target)
+                try:
+                    if replace:
+                        os.replace(entry, final)
+                    elif entry.is_dir():
+                        _rename_exclusive(entry, final, self.target)
+                    else:
+                        _link_exclusive(entry, final, self.target)
+                except OSError as exc:
+                    raise ConvBNError(f"{entry.name} could not be placed at {final}: {exc.strerror or exc}") from None
                 placed.append(final)
         except BaseException:
             for final in placed:
                 with contextlib.suppress(OSError):
-                    final.unlink()
+                    if final.is_dir() and not final.is_symlink():
+                        shutil.rmtree(final)
+                    else:
+                        final.unlink()
             raise
+
+
+def _exists(target: Path) -> ConvBNError:
+    return ConvBNError(f"{target} exists; pass --force (overwrite=True) to overwrite it")
+
+
+def _rename_exclusive(directory: Path, final: Path, target: Path) -> None:
+    """Give ``directory`` the name ``final`` unless that name exists: claim it by ``os.mkdir``
+    (exclusive), then rename onto the empty claim, which is removed again if the rename fails."""
+    try:
+        os.mkdir(final)
+    except FileExistsError:
+        raise _exists(target) from None
+    try:
+        os.rename(directory, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            final.rmdir()  # only while still our empty claim
+        raise
 
 
 def _link_exclusive(file: Path, final: Path, target: Path) -> None:
@@ -108,7 +144,7 @@ def _link_exclusive(file: Path, final: Path, target: Path) -> None:
     try:
         os.link(file, final)
     except FileExistsError:
-        raise ConvBNError(f"{target} exists; pass --force (overwrite=True) to overwrite it") from None
+        raise _exists(target) from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
@@ -116,8 +152,13 @@ def _link_exclusive(file: Path, final: Path, target: Path) -> None:
         try:
             os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
-            raise ConvBNError(f"{target} exists; pass --force (overwrite=True) to overwrite it") from None
-        os.replace(file, final)
+            raise _exists(target) from None
+        try:
+            os.replace(file, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                final.unlink()
+            raise
         return
     file.unlink()
 

@@ -341,11 +341,17 @@ def test_mutated_checkpoints_load_or_are_refused_in_one_line(tmp_path, written):
     assert refusals > 0
 
 
-@pytest.mark.xfail(strict=True, reason="formats/_io.py places a staged directory only by os.replace: fuse's exclusive "
-                   "placement (no --force) hard-links, which a directory cannot be; convert works around it")
 def test_fuse_writes_an_orbax_directory(tmp_path):
     ckpt = random_checkpoint(widths=(3, 8))
     convbn.save_checkpoint(ckpt, tmp_path / "m.safetensors", "safetensors")
     assert main(["fuse", str(tmp_path / "m.safetensors"), str(tmp_path / "deploy"), "--to", "flax"]) == 0
-    fused = convbn.load_checkpoint(tmp_path / "deploy")
-    assert list(fused.layers) == ["layer1"] and np.shape(fused.layers["layer1"].kernel) == (3, 3, 3, 8)
+    assert sorted(os.listdir(tmp_path)) == ["deploy", "m.safetensors"]  # no stage, no claim left over
+    # Flax stores no BatchNorm-free marker: a fused layer reads back as the conv's own tensors.
+    tensors = convbn.load_checkpoint(tmp_path / "deploy").tensors
+    expected = convbn.convert.fuse_checkpoint(ckpt).layers["layer1"]
+    assert np.array_equal(tensors["params/layer1/conv/kernel"], expected.kernel)
+    assert np.array_equal(tensors["params/layer1/conv/bias"], expected.bias)
+    x = np.random.default_rng(0).standard_normal((1, 5, 5, 3))
+    y = convbn.conv_bn(x, ckpt.layers["layer1"], backend="numpy")
+    assert np.max(np.abs(convbn.conv_bn(x, expected, backend="numpy") - y)) / np.max(np.abs(y)) < 2e-6
+    assert main(["fuse", str(tmp_path / "m.safetensors"), str(tmp_path / "deploy"), "--to", "flax"]) == 2
