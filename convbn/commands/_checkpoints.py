@@ -19,6 +19,7 @@ from convbn.convert import Checkpoint, LayerCheck, format_for_path, read_format
 from convbn.errors import ConvBNError
 from convbn.formats import FORMATS, import_frameworks, load_format
 from convbn.formats._io import placement, staging
+from convbn.formats._sharded import index_files
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +60,9 @@ def target_format(args: argparse.Namespace, dst: Path, default: str | None = Non
     name = args.target_format or format_for_path(dst) or default
     if name is None:
         raise ConvBNError(
-            f"the target format must be given with --to or follow from DST's suffix "
-            f"(.pt, .weights.h5, .keras, .msgpack, .safetensors, .ckpt). Received: DST={str(dst)!r}"
+            "the target format must be given with --to or follow from DST's suffix (.pt, .bin, .safetensors, "
+            ".weights.h5, .h5, .keras, .msgpack, .ckpt); an Orbax directory, of any other name, takes "
+            f"--to flax. Received: DST={str(dst)!r}"
         )
     return name
 
@@ -109,9 +111,10 @@ def prepare_source(args: argparse.Namespace, src: Path, *targets: str | None) ->
 
 
 def source_files(src: Path, source_format: str) -> list[Path]:
-    """Every file SRC consists of: the file, or a TF checkpoint's index, data shards and graph."""
+    """Every file SRC consists of: the file (or Orbax directory), a sharded checkpoint's index and
+    every shard it names, or a TF checkpoint's index, data shards and graph."""
     if source_format != "slim":
-        return [src]
+        return index_files(src)
     prefix = load_format("slim").resolve(src)
     files = [Path(f"{prefix}.index"), *prefix.parent.glob(f"{glob.escape(prefix.name)}.data-*"),
              Path(f"{prefix}.meta")]

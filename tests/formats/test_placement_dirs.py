@@ -1,5 +1,5 @@
 """Placing what a write staged: directories (Orbax checkpoints) exclusively, indexes last, nothing
-left behind on failure."""
+left behind on failure; and which files of a sharded source a conversion may never write over."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import pytest
 import convbn
 from convbn import ConvBNError
 from convbn.cli import main
+from convbn.commands._checkpoints import source_files
 from convbn.formats import _io
 from tests.conftest import need
-from tests.formats.builders import random_checkpoint
+from tests.formats.builders import assert_same_arrays, random_checkpoint
 
 WIDTHS = (3, 8, 16, 16, 32)  # four layers: four shards at 10KB
 
@@ -186,3 +187,67 @@ def test_a_sharded_write_that_loses_to_an_index_leaves_none_of_its_shards(tmp_pa
                                overwrite=False)
     assert _listing(tmp_path) == ["model.safetensors.index.json"]
     assert Path(f"{dst}.index.json").read_text() == "the other writer"
+
+
+# -- a sharded source is every file its index names -------------------------------------------------
+
+
+@pytest.fixture
+def sharded(tmp_path: Path) -> Path:
+    """A four-shard safetensors checkpoint alone in ``tmp_path/ck``; the directory."""
+    convbn.save_checkpoint(random_checkpoint(widths=WIDTHS), tmp_path / "ck" / "model.safetensors",
+                           "safetensors", max_shard_size="10KB")
+    return tmp_path / "ck"
+
+
+def test_source_files_of_a_sharded_source_are_its_index_and_every_shard(sharded):
+    index = sharded / "model.safetensors.index.json"
+    expected = [index, *(sharded / f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5))]
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in expected)
+    for named in (sharded, index, sharded / "model.safetensors"):  # every way to name it
+        assert source_files(named, "safetensors") == expected, named
+    single = sharded.parent / "one.safetensors"
+    convbn.save_checkpoint(random_checkpoint(), single, "safetensors")
+    assert source_files(single, "safetensors") == [single]
+
+
+@pytest.mark.parametrize("command", ["convert", "fuse"])
+def test_a_shard_of_the_source_is_refused_as_dst_before_reading(sharded, command, capsys, monkeypatch):
+    from convbn.commands import convert, fuse
+
+    module = convert if command == "convert" else fuse
+
+    def no_reading(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("SRC was read before DST was judged")
+
+    monkeypatch.setattr(module, "load_checkpoint", no_reading)
+    before = {p.name: p.read_bytes() for p in sharded.iterdir()}
+    shard = sharded / "model-00002-of-00004.safetensors"
+    assert main([command, str(sharded), str(shard), "--force"]) == 2
+    assert capsys.readouterr().err == (
+        f"convbn {command}: error: DST must differ from SRC: convbn never modifies its source, and {shard} is a "
+        f"file of {sharded}. Received: DST={str(shard)!r}\n"
+    )
+    assert {p.name: p.read_bytes() for p in sharded.iterdir()} == before
+
+
+def test_fuse_of_a_sharded_source_beside_it_reads_every_shard(sharded, capsys):
+    original = convbn.load_checkpoint(sharded)
+    assert main(["fuse", str(sharded), str(sharded.parent / "fused.safetensors")]) == 0
+    fused = convbn.load_checkpoint(sharded.parent / "fused.safetensors")
+    expected = convbn.convert.fuse_checkpoint(original)
+    assert list(fused.layers) == list(original.layers) == ["layer1", "layer2", "layer3", "layer4"]
+    for name, params in expected.layers.items():
+        assert_same_arrays(fused.layers[name], params)
+
+
+def test_the_target_format_message_names_orbax_directories(sharded, capsys):
+    dst = sharded.parent / "out"
+    assert main(["convert", str(sharded), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "convbn convert: error: the target format must be given with --to or follow from DST's suffix (.pt, .bin, "
+        ".safetensors, .weights.h5, .h5, .keras, .msgpack, .ckpt); an Orbax directory, of any other name, takes "
+        f"--to flax. Received: DST={str(dst)!r}\n"
+    )
+    assert not dst.exists()
