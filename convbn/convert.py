@@ -170,6 +170,7 @@ _SUFFIXES = {
     ".bin": "torch",
     ".keras": "keras",
     ".h5": "keras",
+    ".hdf5": "keras",
     ".msgpack": "flax",
     ".safetensors": "safetensors",
     ".ckpt": "slim",
@@ -432,9 +433,9 @@ def save_checkpoint(
     independent of eps. Choose ``"beta"`` (the default) to keep the moving statistics as trained.
     ``conv_bias=True`` gives layers without a bias a zero one.
 
-    The moving-variance update: torch and TF checkpoints are loaded into BatchNorms that update
-    the moving variance with the unbiased batch variance, Keras 3 and Flax ones with the biased
-    one (safetensors stores each layer's). A layer whose ``var_update`` differs is written anyway
+    The moving-variance update: torch, TF and Keras 2 (``*.h5``) checkpoints are loaded into
+    BatchNorms that update the moving variance with the unbiased batch variance, Keras 3 and Flax
+    ones with the biased one (safetensors stores each layer's). A layer whose ``var_update`` differs is written anyway
     with a line in ``notes`` naming it: a checkpoint holds weights, not a training rule, and the
     weights and eval outputs are unchanged; only fine-tuning then updates ``moving_var`` with the
     target's rule. ``keep_var_update=True`` refuses such a conversion instead, as
@@ -459,10 +460,11 @@ def save_checkpoint(
         progress: called with each layer's name as it is written (where the format reports it).
         max_shard_size: split the tensors into shards of at most this many bytes (an int, or a
             string such as ``"5GB"``, ``"500MiB"``, read as transformers' ``save_pretrained``
-            reads it), for the formats that write shards (``safetensors``, ``torch``): shards named
-            ``model-00001-of-00003.safetensors`` and an index ``model.safetensors.index.json``
-            beside ``path``, all placed together or not at all. A checkpoint that fits stays one
-            file at ``path`` (unless ``path`` names the index).
+            reads it), for the formats that write shards: ``safetensors`` and ``torch`` write shards
+            named ``model-00001-of-00003.safetensors`` and an index ``model.safetensors.index.json``
+            beside ``path``, all placed together or not at all (a checkpoint that fits stays one
+            file at ``path``, unless ``path`` names the index); ``slim`` writes data files
+            ``path.data-0000K-of-0000N``.
 
     Returns:
         The checkpoint as written (folded copy, with notes on what was folded and assumed).
@@ -483,15 +485,16 @@ def save_checkpoint(
     p = Path(path)
     options: dict[str, Any] = {}
     accepted = inspect.signature(module.write).parameters
-    if max_shard_size is not None:
-        check_shard_size(name, max_shard_size)
-        options["max_shard_size"] = max_shard_size
+    if max_shard_size is not None:  # parsed here, once: every writer gets a number of bytes
+        options["max_shard_size"] = check_shard_size(name, max_shard_size)
     if progress is not None and "progress" in accepted:
         options["progress"] = progress
     if not overwrite and _destination_exists(p, name):
         raise ConvBNError(f"{p} exists; refusing to overwrite it (pass overwrite=True / --force)")
     prepared = prepare_for_format(ckpt, name, fold_bias=fold_bias, conv_bias=conv_bias)
-    _var_update_change(prepared, name, refuse=keep_var_update)
+    # A Keras target's update depends on the layout its name asks for (Keras 2's *.h5 is fused).
+    expected = module.target_var_update(p) if name == "keras" else _TARGET_VAR_UPDATE.get(name)
+    _var_update_change(prepared, name, expected, refuse=keep_var_update)
     if name == "slim" and not prepared.fused:
         # A TF checkpoint stores no BatchNorm settings; the slim writer leaves this note to us.
         from convbn.conventions import SLIM
@@ -536,13 +539,13 @@ def _write_parameters(name: str) -> Mapping[str, inspect.Parameter]:
 
 
 #: The moving-variance update of the BatchNorms a format's files are loaded into (safetensors
-#: stores each layer's own).
-_TARGET_VAR_UPDATE = {"torch": "unbiased", "slim": "unbiased", "keras": "biased", "flax": "biased"}
+#: stores each layer's own; keras's depends on the file's name: ``formats.keras.target_var_update``).
+_TARGET_VAR_UPDATE = {"torch": "unbiased", "slim": "unbiased", "flax": "biased"}
 
 
-def _var_update_change(ckpt: Checkpoint, format: str, *, refuse: bool) -> None:
-    """Note (or refuse) layers that the target's BatchNorms would train with another update."""
-    expected = _TARGET_VAR_UPDATE.get(format)
+def _var_update_change(ckpt: Checkpoint, format: str, expected: str | None, *, refuse: bool) -> None:
+    """Note (or refuse) layers that the target's BatchNorms, updating with ``expected``, would
+    train with another update."""
     if expected is None or ckpt.fused:
         return
     changed = [layer for layer, p in ckpt.layers.items() if p.var_update != expected]
