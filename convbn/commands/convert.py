@@ -52,10 +52,11 @@ def register(sub: Any) -> None:
                         help="with --like: write what matches even when a layer is missing, unexpected or "
                              "of another shape (the report lists them) instead of refusing")
     parser.add_argument("--max-shard-size", metavar="SIZE", default=None,
-                        help="write safetensors/torch targets in shards of at most SIZE (bytes, or e.g. 5GB, "
-                             "500MB, 2GiB, as transformers' save_pretrained reads it): DST's name gives "
-                             "model-00001-of-0000N.safetensors and model.safetensors.index.json beside it; "
-                             "a checkpoint that fits stays one file")
+                        help="write safetensors/torch/slim targets in shards of at most SIZE (bytes, or e.g. "
+                             "5GB, 500MB, 2GiB, as transformers' save_pretrained reads it): DST's name gives "
+                             "model-00001-of-0000N.safetensors and model.safetensors.index.json beside it "
+                             "(a checkpoint that fits stays one file); a TF checkpoint's data files are "
+                             "model.ckpt.data-0000K-of-0000N")
     common.add_target_options(parser)
     parser.set_defaults(func=run)
 
@@ -129,10 +130,10 @@ def _check_like(args: argparse.Namespace, dst: Path, to: str, like_format: str) 
             f"with --like, DST must be in the like file's format, whose names it takes. Received: DST "
             f"format {to!r}, --like {args.like!r} ({like_format})"
         )
-    if to == "keras" and not dst.name.endswith(".weights.h5"):
+    if to == "keras" and dst.suffix.lower() == ".keras":
         raise ConvBNError(
-            "with --like, write Keras weights as *.weights.h5 (what model.load_weights reads; a .keras "
-            f"archive carries its own model config). Received: DST={str(dst)!r}"
+            "with --like, write Keras weights as *.weights.h5 or Keras 2's *.h5 (what model.load_weights "
+            f"reads; a .keras archive carries its own model config). Received: DST={str(dst)!r}"
         )
     if args.no_conv_bias:
         raise ConvBNError("--no-conv-bias does not apply with --like: the like file's convs decide which keep a bias")
