@@ -1,6 +1,7 @@
-"""Mutation fuzzing of the five checkpoint readers.
+"""Mutation fuzzing of the checkpoint readers.
 
-Builds small real checkpoints per format (``tests/fuzz/seeds.py``), damages them with seeded
+Builds small real checkpoints per format (``tests/fuzz/seeds.py``: single and sharded files, TF
+checkpoints, Orbax directories as ``orbax``), damages them with seeded
 mutations (``tests/fuzz/mutate.py``) and runs each mutant through ``convbn.load_checkpoint``,
 ``convbn inspect`` and ``convbn convert`` in worker processes under a memory limit and a timeout.
 Every outcome that is not a clean load or a one-line ``ConvBNError`` (exit 2, nothing written) is
@@ -32,12 +33,12 @@ from pathlib import Path
 
 from tests.fuzz import runner, seeds
 
-FORMATS = ("torch", "safetensors", "flax", "keras", "slim")
+FORMATS = ("torch", "safetensors", "flax", "orbax", "keras", "slim")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--formats", default=",".join(FORMATS), help="comma list (default: all five)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma list (default: all)")
     parser.add_argument("--mutants", type=int, default=300, help="mutants per format (default 300)")
     parser.add_argument("--seed", type=int, default=0, help="selects the mutants (default 0)")
     parser.add_argument("--out", type=Path, default=None, help="where reproducers go (default: a temp dir)")

@@ -4,7 +4,8 @@ Every mutator is ``(rng, data) -> bytes`` and deterministic given ``rng``. The g
 truncation, insertion, deletion, "interesting" integers) find what a reader assumes about sizes and
 offsets; the format-aware ones keep the container valid and lie in one field (a safetensors header's
 length, shape, dtype or offsets; a zip entry's sizes or compression; a msgpack number; an HDF5
-attribute or dataset), which byte damage rarely reaches past the first check.
+attribute or dataset; a shard index's weight_map; a JSON field of Orbax's metadata), which byte
+damage rarely reaches past the first check.
 """
 
 from __future__ import annotations
@@ -575,6 +576,37 @@ def tf_index(rng: random.Random, data: bytes) -> bytes:
     return encode_table(entries, data[-8:])
 
 
+#: Shard names a weight_map may lie with: outside the directory, absent, not a string.
+_BAD_SHARDS: tuple[object, ...] = ("../x.safetensors", "/etc/passwd", "", "nope.bin", "d/../../x", "./", 3, None, [])
+
+
+def shard_index(rng: random.Random, data: bytes) -> bytes:
+    """Lie in a ``*.index.json``: one tensor moved to another shard, dropped, duplicated, renamed or
+    sent to a bad shard name (:data:`_BAD_SHARDS`), or one JSON field elsewhere."""
+    document = json.loads(data)
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or rng.random() < 0.3:
+        return dumps_json(_mutate_tree(rng, document))
+    tensor = rng.choice(list(weight_map))
+    roll = rng.randrange(5)
+    if roll == 0:
+        weight_map[tensor] = rng.choice(sorted({str(v) for v in weight_map.values()}))
+    elif roll == 1:
+        weight_map[tensor] = rng.choice(_BAD_SHARDS)
+    elif roll == 2:
+        del weight_map[tensor]
+    elif roll == 3:
+        weight_map[f"{tensor}.extra"] = weight_map[tensor]
+    else:
+        weight_map[tensor.upper()] = weight_map.pop(tensor)
+    return dumps_json(document)
+
+
+def json_tree(rng: random.Random, data: bytes) -> bytes:
+    """One lie in a JSON document (Orbax's ``_METADATA`` and ``_CHECKPOINT_METADATA``)."""
+    return dumps_json(_mutate_tree(rng, json.loads(data)))
+
+
 #: Format-aware mutators by the first bytes they recognise.
 def aware_for(name: str, data: bytes) -> tuple[Mutator, ...]:
     """The format-aware mutators that fit a file, judged from its name and magic bytes."""
@@ -588,6 +620,10 @@ def aware_for(name: str, data: bytes) -> tuple[Mutator, ...]:
         return (msgpack_tree,)
     if name.endswith(".index"):
         return (tf_index,)
+    if name.endswith(".index.json"):
+        return (shard_index,)
+    if name.endswith("_METADATA"):
+        return (json_tree,)
     return ()
 
 
@@ -655,6 +691,16 @@ def keras_outside(rng: random.Random, data: bytes) -> bytes:
     return buf.getvalue()
 
 
+def shard_outside(rng: random.Random, data: bytes) -> bytes:
+    """An index sending one shard's tensors to a file outside its directory: refused, never read."""
+    document = json.loads(data)
+    weight_map = document["weight_map"]
+    shard = rng.choice(sorted(set(weight_map.values())))
+    outside = rng.choice((f"../{shard}", OUTSIDE, f"sub/../../{shard}"))
+    document["weight_map"] = {t: outside if s == shard else s for t, s in weight_map.items()}
+    return dumps_json(document)
+
+
 def expecting(name: str, data: bytes) -> list[tuple[Mutator, str]]:
     """The mutations with a known answer ("refused" or "same") that fit a file."""
     if name.endswith(".pt"):
@@ -665,6 +711,8 @@ def expecting(name: str, data: bytes) -> list[tuple[Mutator, str]]:
         return [(hdf5_outside, "refused")]
     if name.endswith(".safetensors"):
         return [(safetensors_reordered, "same")]
+    if name.endswith(".index.json"):
+        return [(shard_outside, "refused")]
     return []
 
 

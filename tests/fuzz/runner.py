@@ -36,8 +36,9 @@ from tests.fuzz.seeds import Bundle
 #: The suffix each format's files get as a convert destination.
 SUFFIX = {"torch": ".pt", "safetensors": ".safetensors", "flax": ".msgpack", "keras": ".weights.h5"}
 
-#: The files of a multi-file seed more worth damaging (a TF index and graph hold the structure).
-_WEIGHT = {".index": 5, ".meta": 3, ".data-00000-of-00001": 3, "checkpoint": 1}
+#: The files of a multi-file seed more worth damaging (a TF index and graph, a shard index and
+#: Orbax's metadata hold the structure).
+_WEIGHT = {".index": 5, ".index.json": 5, "_METADATA": 3, ".meta": 3, ".data-00000-of-00001": 3, "checkpoint": 1}
 
 
 @dataclasses.dataclass
@@ -247,7 +248,7 @@ def worker_main(conn: multiprocessing.connection.Connection, frameworks: list[st
     os.dup2(devnull, 2)
     import importlib
 
-    for name in ("torch", "tensorflow", "h5py", "msgpack"):
+    for name in ("torch", "tensorflow", "h5py", "msgpack", "orbax.checkpoint"):
         if name in frameworks:
             importlib.import_module(name)
     import convbn
@@ -331,7 +332,7 @@ def _slug(sig: tuple[str, ...]) -> str:
 
 
 def _needed_frameworks(formats: Iterable[str], targets: dict[str, str]) -> list[str]:
-    needed = {"torch": "torch", "slim": "tensorflow", "keras": "h5py", "flax": "msgpack"}
+    needed = {"torch": "torch", "slim": "tensorflow", "keras": "h5py", "flax": "msgpack", "orbax": "orbax.checkpoint"}
     return sorted({needed[f] for f in [*formats, *targets.values()] if f in needed})
 
 

@@ -1,7 +1,8 @@
 """Seed checkpoints for the fuzzer: small real models saved by each framework's own writer.
 
 A seed is a :class:`Bundle`: the bytes of every file a checkpoint consists of (a TF checkpoint is
-an index, a data shard, a ``checkpoint`` file and maybe a ``.meta``), and the path the readers are
+an index, a data shard, a ``checkpoint`` file and maybe a ``.meta``; a sharded file is its
+``*.index.json`` and shards; an Orbax checkpoint is a directory tree), and the path the readers are
 given. Mutants are bundles too, so one runner handles single files and multi-file checkpoints.
 """
 
@@ -22,12 +23,13 @@ import numpy as np
 #: What each format's seeds and reader need, as ``tests.conftest.need`` names it (a backend or a
 #: package, which is also its module's name). torch: ``torch.save`` and the reader's unpickler. slim:
 #: TF writes the seeds and reads them. keras: Keras 3 on TensorFlow writes the seeds, the reader needs
-#: only h5py. flax: flax writes the seeds, the reader needs only msgpack. safetensors: seeds written
-#: here, read with NumPy alone.
+#: only h5py. flax: flax writes the seeds, the reader needs only msgpack. orbax: orbax-checkpoint
+#: writes the seeds and reads them. safetensors: seeds written here, read with NumPy alone.
 REQUIRES: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
     "safetensors": (),
     "flax": ("flax", "msgpack"),
+    "orbax": ("flax", "orbax"),
     "keras": ("keras", "h5py"),
     "slim": ("tensorflow",),
 }
@@ -38,12 +40,13 @@ class Bundle:
     """The files of one checkpoint, by name relative to its directory, and the name to read."""
 
     name: str
-    files: dict[str, bytes]
+    files: dict[str, bytes]  # by POSIX path relative to the directory
     entry: str
 
     def write(self, directory: Path) -> Path:
         """Write every file into ``directory``; returns the path to give the readers."""
         for rel, data in self.files.items():
+            (directory / rel).parent.mkdir(parents=True, exist_ok=True)
             (directory / rel).write_bytes(data)
         return directory / self.entry
 
@@ -59,8 +62,16 @@ def _stats(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_dir(directory: Path, name: str, entry: str) -> Bundle:
-    files = {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+    files = {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
     return Bundle(name, files, entry)
+
+
+def _sharded(name: str, entry: str, shards: list[tuple[str, bytes, list[str]]], total: int) -> Bundle:
+    """A Hugging Face-style sharded checkpoint: ``(file, bytes, tensor names)`` per shard and the
+    ``*.index.json`` transformers' ``save_pretrained`` writes beside them, named ``entry``."""
+    weight_map = {tensor: file for file, _, tensors in shards for tensor in tensors}
+    index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode()
+    return Bundle(name, {**{file: data for file, data, _ in shards}, entry: index}, entry)
 
 
 def torch_seeds() -> list[Bundle]:
@@ -80,6 +91,14 @@ def torch_seeds() -> list[Bundle]:
         buf = io.BytesIO()
         torch.save(state, buf, _use_new_zipfile_serialization=zipped)
         out.append(Bundle(f"torch-{name}", {"model.pt": buf.getvalue()}, "model.pt"))
+    keys = list(state)
+    shards = []
+    for i, part in enumerate((keys[:7], keys[7:]), 1):  # the first pair in one shard, the second in the other
+        buf = io.BytesIO()
+        torch.save({k: state[k] for k in part}, buf)
+        shards.append((f"pytorch_model-{i:05d}-of-00002.bin", buf.getvalue(), part))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    out.append(_sharded("torch-sharded", "pytorch_model.bin.index.json", shards, total))
     return out
 
 
@@ -114,6 +133,13 @@ def safetensors_seeds() -> list[Bundle]:
         tensors[f"{bn}.num_batches_tracked"] = np.array(7, np.int64)
     plain = Bundle("safetensors-torch-names", {"model.safetensors": _safetensors_bytes(tensors, {"format": "pt"})},
                    "model.safetensors")
+    keys = list(tensors)
+    parts = [keys[:7], keys[7:]]  # the second conv's weight starts the second shard
+    shards = [(f"model-{i:05d}-of-00002.safetensors", _safetensors_bytes({k: tensors[k] for k in part},
+                                                                          {"format": "pt"}), part)
+              for i, part in enumerate(parts, 1)]
+    sharded = _sharded("safetensors-sharded", "model.safetensors.index.json", shards,
+                       sum(a.nbytes for a in tensors.values()))
 
     import convbn
     from tests.formats.builders import random_checkpoint
@@ -122,13 +148,12 @@ def safetensors_seeds() -> list[Bundle]:
         path = Path(tmp) / "model.safetensors"
         convbn.save_checkpoint(random_checkpoint(0, (3, 4, 4)), path, "safetensors")
         neutral = Bundle("safetensors-convbn", {"model.safetensors": path.read_bytes()}, "model.safetensors")
-    return [plain, neutral]
+    return [plain, neutral, sharded]
 
 
-def flax_seeds() -> list[Bundle]:
-    """A linen Conv+BatchNorm pair's variables (params and batch_stats) as ``flax.serialization.to_bytes``."""
+def _linen_variables() -> dict[str, object]:
+    """A linen Conv+BatchNorm pair's variables (params, and batch_stats after one training step)."""
     import flax.linen as nn
-    import flax.serialization
     import jax
     import jax.numpy as jnp
 
@@ -141,8 +166,28 @@ def flax_seeds() -> list[Bundle]:
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
     variables = Net().init(jax.random.PRNGKey(0), x)
     _, updates = Net().apply(variables, x, mutable=["batch_stats"])
-    variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
-    return [Bundle("flax-linen", {"model.msgpack": flax.serialization.to_bytes(variables)}, "model.msgpack")]
+    return {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+
+
+def flax_seeds() -> list[Bundle]:
+    """The linen variables as ``flax.serialization.to_bytes``."""
+    import flax.serialization
+
+    return [Bundle("flax-linen", {"model.msgpack": flax.serialization.to_bytes(_linen_variables())}, "model.msgpack")]
+
+
+def orbax_seeds() -> list[Bundle]:
+    """The linen variables as ``orbax.checkpoint.StandardCheckpointer`` saves them: a directory."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    variables = jax.tree_util.tree_map(np.asarray, _linen_variables())
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(Path(tmp) / "ckpt", variables)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        return [_read_dir(Path(tmp), "orbax-linen", "ckpt")]
 
 
 def keras_seeds() -> list[Bundle]:
@@ -202,6 +247,7 @@ BUILDERS: dict[str, Callable[[], list[Bundle]]] = {
     "torch": torch_seeds,
     "safetensors": safetensors_seeds,
     "flax": flax_seeds,
+    "orbax": orbax_seeds,
     "keras": keras_seeds,
     "slim": slim_seeds,
 }

@@ -3,9 +3,10 @@
 Clean: the mutant loads (and converts, exit 0, DST written), or is refused with a one-line
 ``ConvBNError`` (exit 2, nothing written), within the worker's memory limit and timeout and without
 a signal. Mutants with a known answer are held to it: a hostile one (data stored outside the file)
-must be refused, an equivalent rewrite must read as its seed does. Counts are sized for about three
-minutes for all five formats on two cores; ``python -m tests.fuzz --mutants 2000`` is the longer
-run (tests/fuzz/__main__.py).
+must be refused, an equivalent rewrite must read as its seed does. The torch and safetensors seeds
+include a sharded checkpoint (``*.index.json`` and two shards), and ``orbax`` fuzzes Orbax
+directories. Counts are sized for about three minutes for all the formats on two cores;
+``python -m tests.fuzz --mutants 2000`` is the longer run (tests/fuzz/__main__.py).
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from tests.conftest import available, need
 from tests.fuzz import runner, seeds
 from tests.fuzz.mutate import Deep, dumps_json
 
-#: Mutants per format: fewer where a mutant costs more (an HDF5 rewrite, a TF checkpoint).
-MUTANTS = {"torch": 500, "safetensors": 500, "flax": 500, "keras": 300, "slim": 300}
+#: Mutants per format: fewer where a mutant costs more (an HDF5 rewrite, a TF checkpoint), or where
+#: the seeds are fewer (one Orbax directory).
+MUTANTS = {"torch": 500, "safetensors": 500, "flax": 500, "orbax": 100, "keras": 300, "slim": 300}
 SEED = 0
+#: Formats with a known defect the fuzzer finds: strict, so the marker goes once it is fixed.
+KNOWN = {
+    "orbax": "a damaged Orbax directory (a data file or manifest.ocdbt) makes orbax log an absl WARNING and its "
+             "background threads print 'Event loop is closed' tracebacks on stderr besides convbn's one line "
+             "(convbn/formats/_orbax.py)",
+}
 
 
 def _target_enabled(name: str, module: str) -> bool:
@@ -29,7 +37,9 @@ def _target_enabled(name: str, module: str) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", list(MUTANTS))
+@pytest.mark.parametrize(
+    "fmt", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN[f])) if f in KNOWN else f for f in MUTANTS]
+)
 def test_every_mutant_is_read_or_refused_cleanly(fmt: str, tmp_path: Path) -> None:
     need(*seeds.REQUIRES[fmt])
     built = seeds.build([fmt])
