@@ -27,6 +27,7 @@ This module imports no framework at import time: each function imports its frame
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ import numpy as np
 
 from convbn.conventions import kept_to_torch_momentum, torch_momentum_to_kept
 from convbn.errors import ConvBNError
-from convbn.params import ConvBNParams, normalize_padding
+from convbn.params import ConvBNParams, VarUpdate, normalize_padding
 
 if TYPE_CHECKING:
     from flax import linen
@@ -384,17 +385,33 @@ def _keras_channel_axis(data_format: str) -> int:
     return 3 if data_format == "channels_last" else 1
 
 
-def _check_keras_pair(conv: Any, bn: Any) -> None:
+def _keras_of(layer: Any, tf_keras: bool) -> Any:
+    """The Keras module that defines ``layer``: Keras 3, or with ``tf_keras`` also tf_keras where it
+    is imported (a tf_keras layer cannot exist otherwise); None for anything else."""
     import keras
 
-    if not isinstance(conv, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+    spaces = [keras, *([sys.modules["tf_keras"]] if tf_keras and "tf_keras" in sys.modules else [])]
+    return next((ns for ns in spaces if isinstance(layer, ns.layers.Layer)), None)
+
+
+def check_keras_pair(conv: Any, bn: Any, *, tf_keras: bool = False) -> Any:
+    """Raise unless ``conv`` + ``bn`` are built Keras layers that compute a conv + BatchNorm pair: a
+    linear conv, a plain BatchNorm over its channel axis. Returns the Keras module that defines them.
+
+    ``tf_keras`` accepts tf_keras (Keras 2) layers too, which only assignment writes into.
+    """
+    ns = _keras_of(conv, tf_keras)
+    which = "Keras 3 keras.layers" + (" (or tf_keras)" if tf_keras else "")
+    if ns is None or not isinstance(conv, (ns.layers.Conv2D, ns.layers.DepthwiseConv2D)) or isinstance(
+        conv, ns.layers.Conv2DTranspose  # tf_keras's subclasses its Conv2D
+    ):
         raise TypeError(
-            "conv must be a Keras 3 keras.layers.Conv2D or DepthwiseConv2D. "
+            f"conv must be a {which}.Conv2D or DepthwiseConv2D. "
             f"Received: conv of type {type(conv).__module__}.{type(conv).__name__}"
         )
-    if not isinstance(bn, keras.layers.BatchNormalization):
+    if not isinstance(bn, ns.layers.BatchNormalization):
         raise TypeError(
-            "bn must be a Keras 3 keras.layers.BatchNormalization. "
+            f"bn must be a {which}.BatchNormalization of the same Keras as conv. "
             f"Received: bn of type {type(bn).__module__}.{type(bn).__name__}"
         )
     for name, layer in (("conv", conv), ("bn", bn)):
@@ -403,13 +420,15 @@ def _check_keras_pair(conv: Any, bn: Any) -> None:
                 f"{name} must be built (called once, or .build(input_shape)) so that it has weights. "
                 f"Received: {name}={layer.name!r} unbuilt"
             )
-    if keras.activations.serialize(conv.activation) != "linear":
+    activation = ns.activations.serialize(conv.activation)
+    if activation != "linear":
         raise ConvBNError(
             "conv must have no activation: an activation between the conv and BatchNorm is not a "
-            f"Conv2D + BatchNorm pair. Received: conv.activation={keras.activations.serialize(conv.activation)!r}"
+            f"Conv2D + BatchNorm pair. Received: conv.activation={activation!r}"
         )
-    if getattr(bn, "renorm", False):
-        raise ConvBNError("bn must not use batch renormalization. Received: bn.renorm=True")
+    for option in ("renorm", "virtual_batch_size", "adjustment"):  # Keras 3 has only renorm
+        if getattr(bn, option, None):
+            raise ConvBNError(f"bn must be a plain BatchNormalization. Received: bn.{option}={getattr(bn, option)!r}")
     axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
     channel = _keras_channel_axis(conv.data_format)
     if axis is None or axis % 4 != channel:
@@ -417,14 +436,33 @@ def _check_keras_pair(conv: Any, bn: Any) -> None:
             f"bn.axis must be the conv's channel axis ({channel} for data_format={conv.data_format!r}). "
             f"Received: bn.axis={bn.axis!r}"
         )
+    return ns
+
+
+def keras_var_update(bn: Any) -> VarUpdate:
+    """The moving-variance update a built Keras BatchNorm trains with: Keras 3's is biased;
+    tf_keras's is unbiased on its fused path (the default for 4-D inputs), biased with ``fused=False``."""
+    import keras
+
+    return "biased" if isinstance(bn, keras.layers.Layer) or not bn.fused else "unbiased"
+
+
+def _keras_kernel(conv: Any) -> Any:
+    """The conv's kernel variable: tf_keras names a depthwise one ``depthwise_kernel``."""
+    import keras
+
+    return conv.kernel if isinstance(conv, keras.layers.Layer) or not _keras_depthwise(conv) else conv.depthwise_kernel
+
+
+def _keras_depthwise(conv: Any) -> bool:
+    ns = _keras_of(conv, tf_keras=True)
+    return ns is not None and isinstance(conv, ns.layers.DepthwiseConv2D)
 
 
 def _keras_conv_geometry(conv: Any, kernel: Any) -> ConvBNParams:
     """The conv's geometry as params with an HWIO kernel (a depthwise kernel is reshaped)."""
-    import keras
-
-    shape = tuple(conv.kernel.shape)
-    if isinstance(conv, keras.layers.DepthwiseConv2D):
+    shape = tuple(_keras_kernel(conv).shape)
+    if _keras_depthwise(conv):
         groups = shape[2]
         out = shape[2] * shape[3]
     else:
@@ -440,10 +478,8 @@ def _keras_conv_geometry(conv: Any, kernel: Any) -> ConvBNParams:
 def _keras_hwio(conv: Any) -> np.ndarray:
     kernel = _numpy(conv.kernel.value)
     kh, kw, c, m = kernel.shape
-    import keras
-
     # A depthwise (kh, kw, C, m) kernel is the grouped HWIO (kh, kw, 1, C*m): output channel c*m+j.
-    return kernel.reshape(kh, kw, 1, c * m) if isinstance(conv, keras.layers.DepthwiseConv2D) else kernel
+    return kernel.reshape(kh, kw, 1, c * m) if _keras_depthwise(conv) else kernel
 
 
 def from_keras(conv: keras_layers.Conv2D, bn: keras_layers.BatchNormalization) -> ConvBNParams:
@@ -475,7 +511,7 @@ def from_keras(conv: keras_layers.Conv2D, bn: keras_layers.BatchNormalization) -
         >>> p.kernel.shape, p.momentum, p.eps, p.var_update
         ((3, 3, 3, 8), 0.99, 0.001, 'biased')
     """
-    _check_keras_pair(conv, bn)
+    check_keras_pair(conv, bn)
     kernel = _keras_hwio(conv)
     geometry = _keras_conv_geometry(conv, kernel)
     if bn.moving_mean.shape[0] != geometry.out_channels:
@@ -595,7 +631,9 @@ def assign_keras(
 ) -> None:
     """Load ``params`` into built Keras ``Conv2D``/``DepthwiseConv2D`` + ``BatchNormalization`` layers.
 
-    The conv must compute the same conv as the params (stride-1 SAME equals the matching explicit
+    Keras 3 layers, or tf_keras (Keras 2) ones: transformers' TF models and keras.applications
+    under tf_keras are built from those, and :func:`convbn.load_into` writes them through here. The
+    conv must compute the same conv as the params (stride-1 SAME equals the matching explicit
     padding). ``bn.epsilon`` and ``bn.momentum`` are set from the params.
 
     Args:
@@ -604,8 +642,10 @@ def assign_keras(
         params: the params; their arrays may be of any framework.
 
     Raises:
+        TypeError: for layers that are not Keras 3 or tf_keras convs and BatchNorms.
         ConvBNError: for a geometry mismatch, a conv bias/gamma/beta the target lacks (unless it is
-            exactly 0/1/0), or ``var_update="unbiased"``.
+            exactly 0/1/0), or a ``var_update`` other than the one ``bn`` trains with (see
+            :func:`keras_var_update`: ``"biased"`` for Keras 3).
 
     Example:
         >>> import keras, numpy as np, convbn
@@ -619,34 +659,36 @@ def assign_keras(
     """
     import keras
 
-    _check_keras_pair(conv, bn)
+    ns = check_keras_pair(conv, bn, tf_keras=True)
     _check_params(params)
-    require_var_update(params, "biased", "Keras 3 BatchNormalization", "convbn.keras.ConvBN.from_params(params)")
+    target = "Keras 3 BatchNormalization" if ns is keras else f"tf_keras BatchNormalization(fused={bn.fused})"
+    require_var_update(params, keras_var_update(bn), target, "convbn.keras.ConvBN.from_params(params)")
     kernel = _numpy(params.kernel)
     _check_geometry(params, _keras_conv_geometry(conv, np.broadcast_to(np.float32(0), _keras_hwio_shape(conv))), "conv")
     bias = _optional_into(params.bias, conv.use_bias, 0.0, "bias", "conv")
     gamma = _optional_into(params.gamma, bn.scale, 1.0, "gamma", "bn")
     beta = _optional_into(params.beta, bn.center, 0.0, "beta", "bn")
+    conv_kernel = _keras_kernel(conv)
     values = [
-        (conv.kernel, kernel.reshape(tuple(conv.kernel.shape))),
+        (conv_kernel, kernel.reshape(tuple(conv_kernel.shape))),
         (conv.bias if conv.use_bias else None, _fill(bias, 0.0, kernel)),
         (bn.gamma if bn.scale else None, _fill(gamma, 1.0, kernel)),
         (bn.beta if bn.center else None, _fill(beta, 0.0, kernel)),
         (bn.moving_mean, _numpy(params.moving_mean)),
         (bn.moving_variance, _numpy(params.moving_var)),
     ]
-    for target, value in values:
-        if target is not None:
-            target.assign(keras.ops.cast(value, target.dtype))
+    for variable, value in values:
+        if variable is not None:
+            # A tf_keras weight is a tf.Variable, whose dtype is a tf.DType.
+            variable.assign(keras.ops.cast(value, variable.dtype) if ns is keras
+                            else value.astype(variable.dtype.as_numpy_dtype))
     bn.epsilon = params.eps
     bn.momentum = params.momentum
 
 
 def _keras_hwio_shape(conv: Any) -> tuple[int, int, int, int]:
-    import keras
-
-    kh, kw, c, m = (int(d) for d in conv.kernel.shape)
-    return (kh, kw, 1, c * m) if isinstance(conv, keras.layers.DepthwiseConv2D) else (kh, kw, c, m)
+    kh, kw, c, m = (int(d) for d in _keras_kernel(conv).shape)
+    return (kh, kw, 1, c * m) if _keras_depthwise(conv) else (kh, kw, c, m)
 
 
 # -- Flax -------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@ graph, else layer order.
 
 Loaded only once the model is known to be a Keras layer, so importing Keras here is free. A
 tf_keras model (transformers' TF models are ones) is walked the same way, with tf_keras's own
-classes; its layers are written with ``set_weights``, since :func:`convbn.adapters.assign_keras`
-takes Keras 3 layers only, and its BatchNorms keep their own moving-variance update (unbiased on
-tf_keras's default fused path).
+classes. Every pair is written by :func:`convbn.adapters.assign_keras`, which takes both Kerases;
+each BatchNorm keeps its own moving-variance update (:func:`convbn.adapters.keras_var_update`:
+biased in Keras 3, unbiased on tf_keras's default fused path).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from convbn.adapters import _check_keras_pair, assign_keras
+from convbn.adapters import assign_keras, check_keras_pair, keras_var_update
 from convbn.errors import ConvBNError
 from convbn.loading import ModelPairs, Staged, Target
 
@@ -94,40 +94,6 @@ def _hwio_shape(conv: Any) -> tuple[int, int, int, int]:
     return (kh, kw, 1, c * m) if _depthwise(conv) else (kh, kw, c, m)
 
 
-def _check_tf_keras_pair(conv: Any, bn: Any) -> None:
-    """What :func:`convbn.adapters.assign_keras` checks of Keras 3 layers, for tf_keras ones: a
-    linear conv, and a BatchNorm over its channel axis that computes the plain batch norm."""
-    import tf_keras
-
-    activation = tf_keras.activations.serialize(conv.activation)
-    if activation != "linear":
-        raise ConvBNError("conv must have no activation: an activation between the conv and BatchNorm is not a "
-                          f"Conv2D + BatchNorm pair. Received: conv.activation={activation!r}")
-    for option in ("renorm", "virtual_batch_size", "adjustment"):
-        if getattr(bn, option, None):
-            raise ConvBNError(f"bn must be a plain BatchNormalization. Received: bn.{option}={getattr(bn, option)!r}")
-    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
-    channel = 3 if conv.data_format == "channels_last" else 1
-    if axis is None or axis % 4 != channel:
-        raise ConvBNError(f"bn.axis must be the conv's channel axis ({channel} for data_format="
-                          f"{conv.data_format!r}). Received: bn.axis={bn.axis!r}")
-
-
-def _assign_tf_keras(conv: Any, bn: Any, params: Any) -> None:
-    """Write matched params (geometry, bias and gamma/beta already settled by the matcher) into
-    tf_keras layers with ``set_weights``, in their weights' order; an absent gamma/beta is 1/0."""
-    n = params.out_channels
-
-    def value(array: Any, fill: float) -> np.ndarray:
-        return np.full(n, fill, np.float32) if array is None else np.asarray(array)
-
-    conv.set_weights([np.asarray(params.kernel).reshape(tuple(_kernel(conv).shape))]
-                     + ([value(params.bias, 0.0)] if conv.use_bias else []))
-    bn.set_weights(([value(params.gamma, 1.0)] if bn.scale else []) + ([value(params.beta, 0.0)] if bn.center else [])
-                   + [np.asarray(params.moving_mean), np.asarray(params.moving_var)])
-    bn.epsilon, bn.momentum = params.eps, params.momentum
-
-
 def _geometry(conv: Any) -> dict[str, Any]:
     c = int(_kernel(conv).shape[2])
     depthwise = _depthwise(conv)
@@ -173,7 +139,7 @@ def find_pairs(model: Any) -> ModelPairs:
     used: set[int] = set()
     for conv_name, bn_name, conv, bn in pairs:
         try:
-            _check_tf_keras_pair(conv, bn) if _is_tf_keras(conv) else _check_keras_pair(conv, bn)
+            check_keras_pair(conv, bn, tf_keras=True)
         except (ConvBNError, TypeError) as exc:
             notes.append(f"{conv_name} + {bn_name} left as they are: {exc}")
             continue
@@ -196,8 +162,7 @@ def find_pairs(model: Any) -> ModelPairs:
 
 
 def apply(model: Any, staged: list[Staged]) -> None:
-    """Write every staged pair (``assign_keras``, or ``set_weights`` for tf_keras); restore all of
-    them if any write fails."""
+    """Write every staged pair with ``assign_keras``; restore all of them if any write fails."""
     saved = []
     for s in staged:
         conv, bn = s.target.handle
@@ -208,10 +173,7 @@ def apply(model: Any, staged: list[Staged]) -> None:
     try:
         for s in staged:
             conv, bn = s.target.handle
-            if _is_tf_keras(conv):
-                _assign_tf_keras(conv, bn, s.params)
-            else:
-                assign_keras(conv, bn, dataclasses.replace(s.params, **_geometry(conv), var_update="biased"))
+            assign_keras(conv, bn, dataclasses.replace(s.params, **_geometry(conv), var_update=keras_var_update(bn)))
     except BaseException:
         for bn, variables, eps, momentum in saved:
             for variable, value in variables:

@@ -1,11 +1,13 @@
 """Where the pieces of TF bundles without TensorFlow, Keras 2 ``.h5`` and sharded files meet
-``save_checkpoint`` and the ``convbn convert`` command.
+``save_checkpoint``, the ``convbn convert`` command and ``assign_keras``.
 
-No framework is needed: every format here is written and read by convbn alone.
+No framework is needed except by the tf_keras test: every format here is written and read by
+convbn alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,8 @@ import pytest
 import convbn
 from convbn.cli import main
 from convbn.formats import _tfbundle, slim
-from tests.formats.builders import assert_same_arrays, random_checkpoint
+from tests.conftest import need
+from tests.formats.builders import assert_same_arrays, random_checkpoint, random_layer, reference_eval
 
 
 def test_a_keras2_h5_target_keeps_the_unbiased_update_and_a_keras3_one_notes_the_change(tmp_path: Path) -> None:
@@ -100,3 +103,36 @@ def test_like_writes_a_keras2_h5_under_the_like_files_names(tmp_path: Path) -> N
     for name, params in zip(names, source.layers.values(), strict=True):
         assert np.array_equal(back.layers[name].kernel, params.kernel), name
         assert np.array_equal(back.layers[name].moving_var, params.moving_var), name
+
+
+def test_assign_keras_writes_tf_keras_layers_which_then_compute_the_params(tmp_path: Path) -> None:
+    """One assignment path for both Kerases: a tf_keras conv (dense and depthwise) + fused BatchNorm
+    given params computes what convbn's reference computes; its update rule is checked as Keras 3's."""
+    need("tensorflow", "tf_keras")
+    import tf_keras
+
+    from convbn import adapters
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 9, 9, 4)).astype(np.float32)
+    cases = [
+        (tf_keras.layers.Conv2D(6, 3, strides=2, padding="same", use_bias=True),
+         random_layer(rng, 4, 6, stride=2, padding="SAME", eps=1e-4, momentum=0.9)),
+        (tf_keras.layers.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False),
+         random_layer(rng, 1, 8, bias=False, padding="VALID", groups=4, eps=1e-4, momentum=0.9)),
+    ]
+    for conv, params in cases:
+        bn = tf_keras.layers.BatchNormalization()
+        bn(conv(x))
+        adapters.assign_keras(conv, bn, params)
+        assert (bn.epsilon, bn.momentum, adapters.keras_var_update(bn)) == (1e-4, 0.9, "unbiased")
+        y = bn(conv(x), training=False).numpy()
+        want = reference_eval(x, params)
+        assert np.max(np.abs(y - want)) / np.max(np.abs(want)) < 1e-5, type(conv).__name__
+        with pytest.raises(convbn.ConvBNError, match=r"tf_keras BatchNormalization\(fused=True\) updates .* unbiased"):
+            adapters.assign_keras(conv, bn, dataclasses.replace(params, var_update="biased"))
+    unfused = tf_keras.layers.BatchNormalization(fused=False)
+    unfused(conv(x))
+    assert adapters.keras_var_update(unfused) == "biased"
+    with pytest.raises(TypeError, match="conv must be a Keras 3 keras.layers.Conv2D"):
+        convbn.from_keras(conv, bn)  # reading tf_keras layers into params is not offered
