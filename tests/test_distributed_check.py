@@ -84,25 +84,27 @@ def test_splits_cover_the_batch() -> None:
 
 
 def test_combined_variance_keeps_float32_accuracy_at_a_large_mean() -> None:
-    """|mean| = 1e3, std = 1, three uneven replicas in float32: the moving variance updated from
-    the combined (count, mean, M2) is within the float32 stats tolerance of the float64 oracle,
-    where E[x^2] - E[x]^2 is not. Local moments by :func:`local_moments`, as the backends take them."""
-    from convbn.backends._common import combine_moments, local_moments
+    """|mean| = 1e3, std = 1, three uneven replicas and an empty one in float32: the moving variance
+    updated from the combined (count, mean, M2) is within the float32 stats tolerance of the
+    float64 oracle when each replica's moments are taken about the replicas' common mean (as the
+    JAX and TF backends take them), and far outside it with E[x^2] - E[x]^2."""
+    from convbn.backends._common import combine_moments
     from convbn.conformance.tolerances import tolerance
 
     rng = np.random.default_rng(0)
     values = (rng.standard_normal((700, 5)) + 1e3).astype(np.float32)
     shards = np.split(values, [400, 650, 700])  # 400, 250, 50 and no values per channel
-    counts = np.array([len(s) for s in shards], np.float32)
-    moments = [local_moments(s, len(s), lambda a: a.sum(axis=0, dtype=np.float32), lambda m: m)
-               for s in shards]
-    means = np.array([m for m, _ in moments])
-    m2s = np.array([m2 for _, m2 in moments])
+    counts = np.array([[len(s)] for s in shards], np.float32)
 
     def psum(parts: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         return tuple(np.sum(p, axis=0, dtype=np.float32) for p in parts)
 
-    n, mean, m2 = combine_moments(counts[:, None], means, m2s, psum)
+    raw = np.array([s.sum(axis=0, dtype=np.float32) / max(len(s), 1) for s in shards])
+    total, weighted = psum((counts, raw * counts))
+    shift = weighted / total
+    means = np.array([(s - shift).sum(axis=0, dtype=np.float32) / max(len(s), 1) for s in shards])
+    m2s = np.array([((s - shift - m) ** 2).sum(axis=0, dtype=np.float32) for s, m in zip(shards, means, strict=True)])
+    n, mean, m2 = combine_moments(counts, means, m2s, psum)
     assert mean.dtype == np.float32 and m2.dtype == np.float32
     old = np.ones(5)
     exact = values.astype(np.float64)
