@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SUFFIX = {"torch": "pt", "safetensors": "safetensors", "flax": "msgpack", "keras": "weights.h5", "slim": "ckpt"}
-IMPORTS = {"torch": "torch", "keras": "h5py", "flax": "msgpack", "safetensors": "numpy", "slim": "tensorflow"}
+#: What each format's reader and writer import; TF checkpoints are read and written without
+#: TensorFlow, so slim, like safetensors, needs nothing beyond numpy.
+IMPORTS = {"torch": "torch", "keras": "h5py", "flax": "msgpack", "safetensors": "numpy", "slim": "numpy"}
 
 
 def resnet50_shapes() -> list[tuple[int, int, int]]:
