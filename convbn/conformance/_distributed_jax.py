@@ -24,13 +24,8 @@ Example (a subprocess with 2 CPU devices; float32 only, one mode per case):
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +37,10 @@ from convbn.conformance.distributed import (
     check,
     from_layout,
     inputs,
+    print_results,
+    run_in_subprocess,
     skipped,
+    subprocess_arguments,
     tasks,
     to_layout,
 )
@@ -152,32 +150,19 @@ def _pieces(mesh: Any, task: DistTask) -> list[Piece]:
 
 
 def _run_subprocess(world: int, quick: bool) -> list[Result]:
-    """:func:`run_here` in a fresh interpreter with ``world`` host CPU devices; Results as JSON."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={world}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    command = [sys.executable, "-m", __name__, "--world", str(world), *(["--quick"] if quick else [])]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    try:
-        return [Result(**r) for r in json.loads(proc.stdout)]
-    except (ValueError, TypeError):
-        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}, no output"]
-        why = f"the JAX subprocess with {world} CPU devices did not report: {lines[-1]}"
-        return [Result(BACKEND, f"cpu x{world}", "distributed", "float32", "subprocess", "fail", detail=why,
-                       exception=why)]
+    """:func:`run_here` in a fresh interpreter with ``world`` host CPU devices."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={world}".strip()
+    return run_in_subprocess(__name__, BACKEND, world, quick, {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
+                             f"{world} CPU devices")
 
 
 def main(argv: list[str] | None = None) -> None:
     """The subprocess: float64 on, run on this process's devices, Results as JSON on stdout."""
-    parser = argparse.ArgumentParser(prog=f"python -m {__name__}")
-    parser.add_argument("--world", type=int, required=True)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+    args = subprocess_arguments(__name__, argv)
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    json.dump([dataclasses.asdict(r) for r in run_here(args.world, args.quick)], sys.stdout)
+    print_results(run_here(args.world, args.quick))
 
 
 if __name__ == "__main__":

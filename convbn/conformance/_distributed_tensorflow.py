@@ -19,11 +19,6 @@ under any single-worker strategy of your own, call :func:`run_here` with it:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import os
-import subprocess
 import sys
 from typing import Any
 
@@ -36,7 +31,10 @@ from convbn.conformance.distributed import (
     check,
     from_layout,
     inputs,
+    print_results,
+    run_in_subprocess,
     shard,
+    subprocess_arguments,
     tasks,
     to_layout,
 )
@@ -130,31 +128,18 @@ def _pieces(strategy: Any, task: DistTask) -> list[Piece]:
 
 
 def _run_subprocess(world: int, quick: bool) -> list[Result]:
-    """:func:`run` in a fresh interpreter that makes ``world`` logical CPUs; Results as JSON."""
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    command = [sys.executable, "-m", __name__, "--world", str(world), *(["--quick"] if quick else [])]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    try:
-        return [Result(**r) for r in json.loads(proc.stdout)]
-    except (ValueError, TypeError):
-        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}, no output"]
-        why = f"the TensorFlow subprocess with {world} logical CPUs did not report: {lines[-1]}"
-        return [Result(BACKEND, f"cpu x{world}", GROUP, "float32", "subprocess", "fail", detail=why,
-                       exception=why)]
+    """:func:`run` in a fresh interpreter that makes ``world`` logical CPUs."""
+    return run_in_subprocess(__name__, BACKEND, world, quick, {}, f"{world} logical CPUs")
 
 
 def main(argv: list[str] | None = None) -> None:
     """The subprocess: ``world`` logical CPUs (before TF uses its devices), Results as JSON."""
-    parser = argparse.ArgumentParser(prog=f"python -m {__name__}")
-    parser.add_argument("--world", type=int, required=True)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+    args = subprocess_arguments(__name__, argv)
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.world)
-    json.dump([dataclasses.asdict(r) for r in run(args.world, args.quick)], sys.stdout)
+    print_results(run(args.world, args.quick))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,14 @@ calls :func:`check`; :func:`run` runs the drivers and builds the report.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import importlib
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,8 +37,8 @@ from convbn.conformance.tolerances import tolerance
 from convbn.params import ConvBNParams, with_arrays
 
 __all__ = [
-    "CASES", "GROUP", "DistTask", "Piece", "check", "from_layout", "inputs", "run", "shard", "skipped",
-    "splits", "tasks", "to_layout",
+    "CASES", "GROUP", "DistTask", "Piece", "check", "from_layout", "inputs", "print_results", "run",
+    "run_in_subprocess", "shard", "skipped", "splits", "subprocess_arguments", "tasks", "to_layout",
 ]
 
 GROUP = "distributed"
@@ -276,6 +281,37 @@ def check(backend: str, device: str, task: DistTask, pieces: Sequence[Piece]) ->
     results.append(_result(backend, device, task, f"d{g_worst[0]}", g_worst[1], tolerance(g_group, task.dtype),
                            "x per slice, parameters summed over replicas"))
     return results
+
+
+def run_in_subprocess(module: str, backend: str, world: int, quick: bool, env: dict[str, str], what: str) -> list[Result]:
+    """``python -m module --world N [--quick]`` in a fresh interpreter, its Results back as JSON.
+
+    For replicas a process makes only when it starts (JAX's host devices, TF's logical CPUs).
+    ``env`` is added to this process's environment; ``what`` names the replicas in the failure
+    reported when the subprocess gives no results (its last stderr line says why).
+    """
+    full = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), **env}
+    command = [sys.executable, "-m", module, "--world", str(world), *(["--quick"] if quick else [])]
+    proc = subprocess.run(command, env=full, capture_output=True, text=True, check=False)
+    try:
+        return [Result(**r) for r in json.loads(proc.stdout)]
+    except (ValueError, TypeError):
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}, no output"]
+        why = f"the {backend} subprocess with {what} did not report: {lines[-1]}"
+        return [Result(backend, f"cpu x{world}", GROUP, "float32", "subprocess", "fail", detail=why, exception=why)]
+
+
+def subprocess_arguments(module: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The ``--world`` and ``--quick`` of a driver's subprocess (see :func:`run_in_subprocess`)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--quick", action="store_true")
+    return parser.parse_args(argv)
+
+
+def print_results(results: Sequence[Result]) -> None:
+    """A driver subprocess's Results as JSON on stdout, for :func:`run_in_subprocess`."""
+    json.dump([dataclasses.asdict(r) for r in results], sys.stdout)
 
 
 #: Backends with a distributed driver, in report order.
