@@ -1,7 +1,8 @@
 """Mutation fuzzing of the checkpoint readers.
 
 Builds small real checkpoints per format (``tests/fuzz/seeds.py``: single and sharded files, TF
-checkpoints, Orbax directories as ``orbax``), damages them with seeded
+checkpoints in one or several data files, Orbax directories as ``orbax``, Keras 2 ``.h5`` weights
+as ``keras2``), damages them with seeded
 mutations (``tests/fuzz/mutate.py``) and runs each mutant through ``convbn.load_checkpoint``,
 ``convbn inspect`` and ``convbn convert`` in worker processes under a memory limit and a timeout.
 Every outcome that is not a clean load or a one-line ``ConvBNError`` (exit 2, nothing written) is
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from tests.fuzz import runner, seeds
 
-FORMATS = ("torch", "safetensors", "flax", "orbax", "keras", "slim")
+FORMATS = ("torch", "safetensors", "flax", "orbax", "keras", "keras2", "slim")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -332,7 +332,8 @@ def _slug(sig: tuple[str, ...]) -> str:
 
 
 def _needed_frameworks(formats: Iterable[str], targets: dict[str, str]) -> list[str]:
-    needed = {"torch": "torch", "slim": "tensorflow", "keras": "h5py", "flax": "msgpack", "orbax": "orbax.checkpoint"}
+    needed = {"torch": "torch", "slim": "tensorflow", "keras": "h5py", "keras2": "h5py", "flax": "msgpack",
+              "orbax": "orbax.checkpoint"}
     return sorted({needed[f] for f in [*formats, *targets.values()] if f in needed})
 
 

@@ -23,14 +23,16 @@ import numpy as np
 #: What each format's seeds and reader need, as ``tests.conftest.need`` names it (a backend or a
 #: package, which is also its module's name). torch: ``torch.save`` and the reader's unpickler. slim:
 #: TF writes the seeds and reads them. keras: Keras 3 on TensorFlow writes the seeds, the reader needs
-#: only h5py. flax: flax writes the seeds, the reader needs only msgpack. orbax: orbax-checkpoint
-#: writes the seeds and reads them. safetensors: seeds written here, read with NumPy alone.
+#: only h5py; keras2: tf_keras (Keras 2) writes the seeds, h5py reads them. flax: flax writes the
+#: seeds, the reader needs only msgpack. orbax: orbax-checkpoint writes the seeds and reads them.
+#: safetensors: seeds written here, read with NumPy alone.
 REQUIRES: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
     "safetensors": (),
     "flax": ("flax", "msgpack"),
     "orbax": ("flax", "orbax"),
     "keras": ("keras", "h5py"),
+    "keras2": ("tf_keras", "h5py"),
     "slim": ("tensorflow",),
 }
 
@@ -216,6 +218,28 @@ def keras_seeds() -> list[Bundle]:
         ]
 
 
+def keras2_seeds() -> list[Bundle]:
+    """The same model in tf_keras (Keras 2) as ``save_weights("model.h5")`` writes it: the
+    ``layer_names``/``weight_names`` layout of keras.applications' weight files."""
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(0)
+    model = tf_keras.Sequential([
+        tf_keras.Input((8, 8, 3)),
+        tf_keras.layers.Conv2D(4, 3, padding="same"), tf_keras.layers.BatchNormalization(),
+        tf_keras.layers.Conv2D(4, 3, strides=2, use_bias=False), tf_keras.layers.BatchNormalization(),
+    ])
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, tf_keras.layers.BatchNormalization):
+            mean, var = _stats(rng, 4)
+            layer.moving_mean.assign(mean)
+            layer.moving_variance.assign(var)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_weights(str(Path(tmp) / "model.h5"))
+        return [Bundle("keras2-h5", {"model.h5": (Path(tmp) / "model.h5").read_bytes()}, "model.h5")]
+
+
 def slim_seeds() -> list[Bundle]:
     """tf-slim-named variables (conv without bias, BatchNorm without gamma) saved by a TF1 ``Saver``, with and without ``.meta``."""
     import tensorflow as tf
@@ -240,6 +264,12 @@ def slim_seeds() -> list[Bundle]:
                 sess.run(tf1.global_variables_initializer())
                 saver.save(sess, str(Path(tmp) / "model.ckpt"), write_meta_graph=meta)
                 out.append(_read_dir(Path(tmp), f"slim-{'meta' if meta else 'plain'}", "model.ckpt"))
+    import convbn
+    from tests.formats.builders import random_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:  # several data files, as convbn's pure writer splits them
+        convbn.save_checkpoint(random_checkpoint(0, (3, 4, 4)), Path(tmp) / "model.ckpt", "slim", max_shard_size=400)
+        out.append(_read_dir(Path(tmp), "slim-shards", "model.ckpt"))
     return out
 
 
@@ -249,6 +279,7 @@ BUILDERS: dict[str, Callable[[], list[Bundle]]] = {
     "flax": flax_seeds,
     "orbax": orbax_seeds,
     "keras": keras_seeds,
+    "keras2": keras2_seeds,
     "slim": slim_seeds,
 }
 
