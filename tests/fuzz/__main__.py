@@ -11,9 +11,10 @@ grouped by signature, printed with one example, and saved as a reproducer under 
 The exit status is 1 when anything was not clean.
 
 The test suite runs a few hundred mutants per format (``tests/fuzz/test_fuzz_readers.py``). The
-longer run, for a reader change or before a release (about 6 minutes on 2 cores)::
+longer run, for a reader change or before a release (about 6 minutes on 2 cores without orbax and
+keras2, not timed with them)::
 
-    python -m tests.fuzz --formats torch,safetensors,flax,keras,slim --mutants 2000 --seed 0 --out fuzz-out
+    python -m tests.fuzz --formats torch,safetensors,flax,orbax,keras,keras2,slim --mutants 2000 --seed 0 --out fuzz-out
 
 A different ``--seed`` gives a fresh set of mutants; the same seed gives the same bytes everywhere.
 ``--replay DIR`` runs one saved reproducer in this process (a crash then kills it, with the
