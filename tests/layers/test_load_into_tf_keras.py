@@ -144,7 +144,7 @@ def test_a_failing_write_restores_every_pair(tmp_path, monkeypatch):
     model = _tf_keras_twin()
     before = _weights(model)
     written = []
-    assign = _keras._assign_tf_keras
+    assign = _keras.assign_keras
 
     def fail_second(conv: Any, bn: Any, params: Any) -> None:
         if written:
@@ -152,7 +152,7 @@ def test_a_failing_write_restores_every_pair(tmp_path, monkeypatch):
         assign(conv, bn, params)
         written.append(conv.name)
 
-    monkeypatch.setattr(_keras, "_assign_tf_keras", fail_second)
+    monkeypatch.setattr(_keras, "assign_keras", fail_second)
     with pytest.raises(RuntimeError, match="disk on fire"):
         convbn.load_into(model, tmp_path / "m.pt")
     assert written == ["stem"]
