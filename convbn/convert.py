@@ -501,11 +501,9 @@ def save_checkpoint(
         from convbn.formats._common import unstored_settings_note
 
         unstored_settings_note(prepared, "TF checkpoints", SLIM)
-    # A directory (an Orbax checkpoint) is placed by one rename, which never merges into or replaces a
-    # non-empty directory, and its writer refuses an existing path; hard-linking it into place, as
-    # files are for exclusive placement, is impossible.
-    directory = getattr(module, "writes_directory", lambda _: False)(p)
-    with parent_directories(p), placement(overwrite=overwrite or directory):
+    # A directory (an Orbax checkpoint) is placed exclusively too: its final name is claimed with
+    # mkdir, then the written directory renamed onto the empty claim (formats/_io.py).
+    with parent_directories(p), placement(overwrite=overwrite):
         module.write(prepared, p, **options)
     return prepared
 

@@ -61,15 +61,15 @@ def target_format(args: argparse.Namespace, dst: Path, default: str | None = Non
     if name is None:
         raise ConvBNError(
             "the target format must be given with --to or follow from DST's suffix (.pt, .bin, .safetensors, "
-            ".weights.h5, .h5, .keras, .msgpack, .ckpt); an Orbax directory, of any other name, takes "
+            ".weights.h5, .h5, .hdf5, .keras, .msgpack, .ckpt); an Orbax directory, of any other name, takes "
             f"--to flax. Received: DST={str(dst)!r}"
         )
     return name
 
 
 #: The package each format's reader and writer import, and the extra that installs it.
-_NEEDS = {"torch": ("torch", "torch"), "slim": ("tensorflow", "tensorflow"), "keras": ("h5py", "keras"),
-          "flax": ("msgpack", "jax")}
+# slim needs no package: TF checkpoints are read and written without TensorFlow.
+_NEEDS = {"torch": ("torch", "torch"), "keras": ("h5py", "keras"), "flax": ("msgpack", "jax")}
 
 
 def require_packages(*formats: str) -> None:

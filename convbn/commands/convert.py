@@ -172,12 +172,11 @@ def _write(
     """
     target = ckpt if to_write is None else to_write
     common.check_target(target, dst, to)
-    # An Orbax directory is placed by a rename, which cannot be exclusive by hard link as files are;
-    # an existing DST was refused above (a directory always, a file here).
+    # An existing DST was refused above for a directory always, for a file here.
     directory = to == "flax" and writes_directory(dst)
     if directory and dst.exists():
         raise ConvBNError(f"{dst} exists; an Orbax checkpoint is written as a new directory, even with --force")
-    with common.staged(dst, force=args.force or directory, protect=protect) as staging:
+    with common.staged(dst, force=args.force, protect=protect) as staging:
         bar = common.ProgressBar(len(target.layers), "writing")
         try:
             if to_write is None:

@@ -247,7 +247,7 @@ def test_the_target_format_message_names_orbax_directories(sharded, capsys):
     err = capsys.readouterr().err
     assert err == (
         "convbn convert: error: the target format must be given with --to or follow from DST's suffix (.pt, .bin, "
-        ".safetensors, .weights.h5, .h5, .keras, .msgpack, .ckpt); an Orbax directory, of any other name, takes "
+        ".safetensors, .weights.h5, .h5, .hdf5, .keras, .msgpack, .ckpt); an Orbax directory, of any other name, takes "
         f"--to flax. Received: DST={str(dst)!r}\n"
     )
     assert not dst.exists()

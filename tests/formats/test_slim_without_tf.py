@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 
 import convbn
-from convbn.commands import _checkpoints
 from convbn.formats import _tfbundle, _tfproto, slim
 from tests.conftest import available, need
 from tests.formats import slim_graphs
@@ -57,14 +56,6 @@ for kind, *args in json.loads(sys.argv[1]):
 assert sys.modules["tensorflow"] is None, "something imported TensorFlow past the block"
 print(json.dumps(results))
 """
-
-#: The CLI refuses a slim SRC or DST without TensorFlow installed while convbn.commands._checkpoints
-#: still lists TensorFlow as the slim format's package; the conversions themselves need none.
-_CLI_NEEDS_TF = pytest.mark.xfail(
-    "slim" in _checkpoints._NEEDS, strict=True,
-    reason="convbn/commands/_checkpoints.py _NEEDS still requires tensorflow for the slim format",
-)
-
 
 def _without_tf(steps: list[list[Any]]) -> list[tuple[int, str]]:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -247,7 +238,6 @@ def _compare(source: Path, tmp_path: Path, *, cli: bool) -> None:
         assert inspected == here[-1][1] and str(source) in inspected and "layer" in inspected, inspected
 
 
-@_CLI_NEEDS_TF
 def test_the_cli_converts_and_inspects_without_tensorflow(source: Path, tmp_path: Path) -> None:
     _compare(source, tmp_path, cli=True)
 
