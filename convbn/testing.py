@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from convbn import dispatch
+from convbn._dtypes import ml_dtype
 from convbn.api import conv_bn, to_backend
+from convbn.errors import ConvBNError
 from convbn.geometry import plan_for
 from convbn.params import ConvBNParams, with_arrays
 
@@ -50,10 +52,10 @@ def cast(backend: str, a: Any, dtype: str | None) -> Any:
     if name == "numpy":
         if dtype == "bfloat16":
             try:
-                import ml_dtypes
-            except ImportError:
-                raise NotSupported("bfloat16 on the numpy backend needs ml_dtypes") from None
-            return np.asarray(a).astype(ml_dtypes.bfloat16)
+                np_dtype = ml_dtype(dtype, "the numpy backend's input")
+            except ConvBNError as exc:  # the bridge's refusal, as this module's "skip this case"
+                raise NotSupported(str(exc)) from None
+            return np.asarray(a).astype(np_dtype)
         return np.asarray(a).astype(dtype)
     if name == "torch":
         import torch

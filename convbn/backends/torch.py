@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from convbn._dtypes import numpy_to_torch, torch_to_numpy
 from convbn.backends._common import combine_moments, fold, moving_update, with_moving_stats
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan
@@ -32,6 +33,7 @@ __all__ = [
     "NAME",
     "asarray",
     "conv_bn",
+    "conversion_key",
     "empty_output",
     "fuse",
     "resolve_device",
@@ -75,39 +77,36 @@ def resolve_device(spec: Any = None) -> torch.device:
 
 
 def to_numpy(a: torch.Tensor) -> np.ndarray:
-    t = a.detach()
-    if t.dtype == torch.bfloat16:
-        try:
-            import ml_dtypes
-        except ImportError:
-            return t.float().cpu().numpy()
-        return t.cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.cpu().numpy()
+    return torch_to_numpy(a.detach().cpu(), f"a torch tensor of shape {list(a.shape)}")
 
 
-def asarray(
-    a: Any, device: Any = None, dtype: torch.dtype | None = None, copy: bool = False
-) -> torch.Tensor:
-    """``a`` as a torch tensor on ``device``; NumPy data is shared unless ``copy``."""
+def asarray(a: Any, device: Any = None) -> torch.Tensor:
+    """``a`` as a torch tensor on ``device``; NumPy data is shared, not copied."""
+    return _tensor(a, device, copy=False)
+
+
+def _tensor(a: Any, device: Any, copy: bool) -> torch.Tensor:
+    """:func:`asarray` with a choice of copying NumPy data, which only :func:`to_backend` needs: the
+    protocol's ``asarray`` is the same ``(a, device)`` on every backend."""
     if not isinstance(a, torch.Tensor):
         from convbn.backends.numpy import to_numpy as any_to_numpy
 
-        arr = np.array(any_to_numpy(a), copy=True) if copy else np.asarray(any_to_numpy(a))
-        if arr.dtype.name == "bfloat16":
-            a = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
-        else:
-            a = torch.from_numpy(np.ascontiguousarray(arr))
-    if (device is not None and a.device != torch.device(device)) or (
-        dtype is not None and a.dtype != dtype
-    ):
-        a = a.to(device=device, dtype=dtype)
+        arr = any_to_numpy(a)
+        a = numpy_to_torch(np.ascontiguousarray(np.array(arr, copy=True) if copy else arr))
+    if device is not None and a.device != torch.device(device):
+        a = a.to(device=device)
     return a
+
+
+def conversion_key() -> None:
+    """Nothing besides the device decides :func:`to_backend`'s result."""
+    return None
 
 
 def to_backend(params: ConvBNParams, device: Any = None) -> ConvBNParams:
     # Copies NumPy data: the tensors may be trained in place, and the caller's arrays must not change.
     dev = resolve_device(device) if device is not None else None
-    return with_arrays(params, **{n: asarray(v, dev, copy=True) for n, v in params.arrays().items()})
+    return with_arrays(params, **{n: _tensor(v, dev, copy=True) for n, v in params.arrays().items()})
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

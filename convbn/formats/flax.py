@@ -30,6 +30,7 @@ directory, as ``ocp.StandardCheckpointer().save(path, variables)`` writes it (wh
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from convbn._dtypes import ml_dtype
 from convbn.conventions import FLAX
 from convbn.errors import ConvBNError
 from convbn.formats import _orbax
@@ -114,14 +116,13 @@ _DTYPES = frozenset(
 MAX_DEPTH = 100
 
 
-def _dtype(name: bytes | str) -> np.dtype:
+def _dtype(name: bytes | str, path: Path) -> np.dtype:
     text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
     if text not in _DTYPES:
         raise ValueError(f"an array has dtype {text[:40]!r}, which convbn does not read (known: {sorted(_DTYPES)})")
     if text == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
+        # msgpack decodes an array before the key it sits under, so the file is all there is to name.
+        return ml_dtype(text, f"{path}: an array")
     return np.dtype(text)
 
 
@@ -139,11 +140,11 @@ def _array(shape: Any, dtype: np.dtype, buffer: Any) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
+def _ext_hook(code: int, data: bytes, path: Path) -> Any:
     msgpack = _msgpack()
     if code in (_EXT_NDARRAY, _EXT_SCALAR):
         shape, dtype, buffer = msgpack.unpackb(data, raw=True)
-        array = _array(shape, _dtype(dtype), buffer)
+        array = _array(shape, _dtype(dtype, path), buffer)
         return array if code == _EXT_NDARRAY else array[()]
     if code == _EXT_COMPLEX:
         real, imag = msgpack.unpackb(data)
@@ -196,7 +197,8 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             unpacker = msgpack.Unpacker(
-                f, ext_hook=_ext_hook, raw=False, strict_map_key=False, max_buffer_size=max(size, 1 << 20)
+                f, ext_hook=functools.partial(_ext_hook, path=path), raw=False, strict_map_key=False,
+                max_buffer_size=max(size, 1 << 20),
             )
             tree = unpacker.unpack()
             try:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from convbn import conventions
+from convbn._dtypes import ml_dtype
 from convbn.errors import ConvBNError
 from convbn.formats._common import Progress, as_numpy, build_layer, contiguous, head, origin_format, tick
 from convbn.formats._io import atomic_output
@@ -106,11 +107,7 @@ def _numpy_dtype(code: str, name: str, path: Path) -> np.dtype:
     if code not in _DTYPES:
         raise ConvBNError(f"{path}: tensor {name!r} has dtype {code!r}, which convbn does not read (known: {sorted(_DTYPES)})")
     if code == "BF16":
-        try:
-            import ml_dtypes
-        except ImportError:
-            raise ImportError(f"{path}: tensor {name!r} is bfloat16; reading it needs ml_dtypes (pip install ml_dtypes)") from None
-        return np.dtype(ml_dtypes.bfloat16)
+        return ml_dtype("bfloat16", f"{path}: tensor {name!r}")
     return np.dtype(_DTYPES[code])
 
 

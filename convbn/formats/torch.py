@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from convbn._dtypes import numpy_to_torch, torch_to_numpy
 from convbn.conventions import TORCH
 from convbn.errors import ConvBNError
 from convbn.formats._common import (
@@ -363,7 +364,7 @@ def _state_dict(obj: Any, path: Path) -> tuple[dict[str, Any], list[str], list[s
     return state, dropped, notes
 
 
-def _arrays(state: Mapping[str, Any], path: Path, notes: list[str]) -> dict[str, np.ndarray]:
+def _arrays(state: Mapping[str, Any], path: Path) -> dict[str, np.ndarray]:
     """The state_dict's tensors as NumPy views, each bounded by the storage bytes the file holds.
 
     torch.save keeps views as they are, so a 1-element storage expanded with stride 0 reads back as
@@ -395,7 +396,7 @@ def _arrays(state: Mapping[str, Any], path: Path, notes: list[str]) -> dict[str,
                     f"{need} bytes, more than the {storage.nbytes()}-byte storage it reads holds "
                     f"{'for it' if need > held else 'beside the other tensors sharing it'}"
                 )
-        arrays[name] = _to_numpy(name, t.resolve_conj().resolve_neg(), notes, path)
+        arrays[name] = _to_numpy(name, t.resolve_conj().resolve_neg(), path)
     return arrays
 
 
@@ -416,19 +417,9 @@ def _unsupported_kind(t: Any) -> str:
     return ""
 
 
-def _to_numpy(name: str, t: Any, notes: list[str], path: Path) -> np.ndarray:
-    import torch
-
-    if t.dtype == torch.bfloat16:
-        try:
-            import ml_dtypes
-
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)  # type: ignore[no-any-return]
-        except ImportError:
-            notes.append(f"{name}: bfloat16 read as float32 (install ml_dtypes to keep bfloat16)")
-            return t.float().numpy()  # type: ignore[no-any-return]
+def _to_numpy(name: str, t: Any, path: Path) -> np.ndarray:
     try:
-        return t.numpy()  # type: ignore[no-any-return]
+        return torch_to_numpy(t, f"{path}: tensor {name!r}")
     except (TypeError, RuntimeError):
         raise ConvBNError(f"{path}: tensor {name!r} has dtype {t.dtype}, an unsupported tensor kind") from None
 
@@ -447,7 +438,7 @@ def read(
     index = find_index(path, _sniff_file, _INDEX_OF)
     if index is None:
         state, dropped, notes = _state_dict(_load(path), path)
-        arrays = _arrays(state, path, notes)
+        arrays = _arrays(state, path)
     else:
         arrays, dropped, notes = _load_shards(index)
     ckpt = layers_from_state_dict(arrays, source=index or path, pairs=pairs, eps=eps, momentum=momentum)
@@ -468,7 +459,7 @@ def _load_shards(index: Path) -> tuple[dict[str, np.ndarray], list[str], list[st
         with shards.reading():
             state, shard_dropped, shard_notes = _state_dict(_load(shard), shard)
             shards.check(shard, list(state), seen)
-            arrays.update(_arrays(state, shard, notes))
+            arrays.update(_arrays(state, shard))
         dropped += shard_dropped
         notes += [note for note in shard_notes if note not in notes]
     return arrays, dropped, notes
@@ -558,15 +549,10 @@ def _unit(module: str, leaves: dict[str, str], arrays: Mapping[str, np.ndarray])
 
 
 def _tensor(array: Any) -> Any:
-    import torch
-
-    a = contiguous(array)
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     with warnings.catch_warnings():
         # Arrays read from msgpack/h5 may be read-only; torch.save only reads them.
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
+        return numpy_to_torch(contiguous(array))
 
 
 def write(
