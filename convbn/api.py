@@ -8,6 +8,7 @@ from typing import Any, cast
 import numpy as np
 
 from convbn import dispatch
+from convbn.backends import BackendModule
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan, plan_for
 from convbn.params import ConvBNParams, with_arrays
@@ -111,7 +112,7 @@ def conv_bn(
     return module.conv_bn(x, params, plan)
 
 
-def empty_batch(module: Any, x: Any, params: ConvBNParams, plan: Plan) -> Any:
+def empty_batch(module: BackendModule, x: Any, params: ConvBNParams, plan: Plan) -> Any:
     """A zero-size batch, the same on every backend: ``y`` is empty with the shape the geometry
     gives (no framework kernel sees it), and training keeps the moving statistics, since there are
     no batch statistics to learn from."""
@@ -134,8 +135,7 @@ def _conv_bn_numpy(
         y = np.zeros(cast("tuple[int, ...]", plan.out_shape), x.dtype)  # NumPy shapes are concrete
         return (y, params) if plan.training else y
     resolved = module.resolve_device(device)
-    conversion_key = getattr(module, "conversion_key", None)
-    key = ("to_backend", name, str(resolved), conversion_key() if conversion_key is not None else None)
+    key = ("to_backend", name, str(resolved), module.conversion_key())
     native = params._cache.get(key)
     if native is None:
         native = module.to_backend(params, resolved)
@@ -199,7 +199,7 @@ def fuse(params: ConvBNParams) -> tuple[Any, Any]:
         raise TypeError(
             f"params must be a convbn.ConvBNParams. Received: params of type {type(params).__name__}"
         )
-    return dispatch.load_backend(dispatch.backend_name_of(params.kernel)).fuse(params)  # type: ignore[no-any-return]
+    return dispatch.load_backend(dispatch.backend_name_of(params.kernel)).fuse(params)
 
 
 def to_backend(params: ConvBNParams, backend: str, device: Any = None) -> ConvBNParams:
@@ -221,7 +221,7 @@ def to_backend(params: ConvBNParams, backend: str, device: Any = None) -> ConvBN
         'ndarray'
     """
     name = dispatch.normalize_name(backend)
-    return dispatch.load_backend(name).to_backend(params, device)  # type: ignore[no-any-return]
+    return dispatch.load_backend(name).to_backend(params, device)
 
 
 def to_numpy(params: ConvBNParams) -> ConvBNParams:

@@ -13,11 +13,14 @@ import os
 import sys
 import threading
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from convbn.errors import ConvBNError
+
+if TYPE_CHECKING:
+    from convbn.backends import BackendModule
 
 __all__ = [
     "AUTO_ORDER",
@@ -113,15 +116,15 @@ def auto_backend(requested: str | None = None) -> str:
     return "numpy"  # pragma: no cover - numpy is a dependency
 
 
-def load_backend(name: str) -> ModuleType:
-    """The backend module for ``name``, imported on first use.
+def load_backend(name: str) -> BackendModule:
+    """The backend module for ``name``, imported on first use; it satisfies the protocol.
 
     Raises:
         ImportError: naming the extra to install when the framework is missing.
     """
     module = _modules.get(name)
     if module is not None:
-        return module
+        return cast("BackendModule", module)
     name = normalize_name(name)
     with _load_lock:
         module = _modules.get(name)
@@ -133,4 +136,4 @@ def load_backend(name: str) -> ModuleType:
                 )
             module = importlib.import_module(f"convbn.backends.{name}")
             _modules[name] = module
-    return module
+    return cast("BackendModule", module)

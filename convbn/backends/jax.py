@@ -39,6 +39,7 @@ __all__ = [
     "NAME",
     "asarray",
     "conv_bn",
+    "conversion_key",
     "empty_output",
     "fuse",
     "resolve_device",

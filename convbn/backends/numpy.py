@@ -23,6 +23,7 @@ __all__ = [
     "NAME",
     "asarray",
     "conv_bn",
+    "conversion_key",
     "empty_output",
     "conv_bn_vjp",
     "fuse",
@@ -55,11 +56,16 @@ def to_numpy(a: Any) -> np.ndarray:
         name = backend_name_of(a)
     except TypeError:
         return np.asarray(a)
-    return load_backend(name).to_numpy(a)  # type: ignore[no-any-return]
+    return load_backend(name).to_numpy(a)
 
 
 def asarray(a: Any, device: Any = None) -> np.ndarray:
     return to_numpy(a)
+
+
+def conversion_key() -> None:
+    """Nothing besides the device decides :func:`to_backend`'s result."""
+    return None
 
 
 def to_backend(params: ConvBNParams, device: Any = None) -> ConvBNParams:

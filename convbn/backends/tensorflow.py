@@ -34,6 +34,7 @@ __all__ = [
     "NAME",
     "asarray",
     "conv_bn",
+    "conversion_key",
     "empty_output",
     "fuse",
     "resolve_device",
@@ -97,6 +98,11 @@ def asarray(a: Any, device: Any = None) -> Any:
         return tf.convert_to_tensor(a)
     with tf.device(device):
         return tf.identity(tf.convert_to_tensor(a))
+
+
+def conversion_key() -> None:
+    """Nothing besides the device decides :func:`to_backend`'s result."""
+    return None
 
 
 def to_backend(params: ConvBNParams, device: Any = None) -> ConvBNParams:
