@@ -39,7 +39,8 @@ def ml_dtype(name: str, where: str) -> np.dtype:
         import ml_dtypes
     except ImportError:
         raise ConvBNError(
-            f"{where} is {name}, which NumPy has only through the ml_dtypes package: pip install ml_dtypes"
+            f"{where} is {name}, which NumPy has only through the ml_dtypes package (it comes with "
+            "TensorFlow and JAX): pip install ml_dtypes"
         ) from None
     return np.dtype(getattr(ml_dtypes, name))
 

@@ -47,7 +47,7 @@ def resolve_device(spec: Any = None) -> str:
 
 
 def to_numpy(a: Any) -> np.ndarray:
-    """Any framework's array as NumPy (bfloat16 stays bfloat16 when ml_dtypes is installed)."""
+    """Any framework's array as NumPy, in its own dtype (bfloat16 needs ml_dtypes: :mod:`convbn._dtypes`)."""
     if isinstance(a, np.ndarray):
         return a
     from convbn.dispatch import backend_name_of, load_backend
