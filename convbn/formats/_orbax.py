@@ -20,15 +20,25 @@ than :data:`MAX_EXPANSION` times the bytes on disk (plus 64 MiB), since compress
 small file could otherwise decompress into any amount of memory. The OCDBT manifest is binary and
 is left to tensorstore's own checks. Orbax stores no checksum of array data: a damaged byte inside a
 chunk reads as another value, here as with orbax itself (damage to its structure is refused).
+
+Orbax reports a damaged checkpoint twice besides its exception: an absl WARNING, and tracebacks
+("Event loop is closed") that tensorstore's threads print through ``sys.unraisablehook`` when
+their futures complete after Orbax closed the event loop awaiting them. Neither is convbn's to
+show (the one error line is), so :func:`_quiet` keeps them off stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import stat
+import sys
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +65,42 @@ def _ocp() -> Any:
     except ImportError:
         raise ImportError(_MISSING) from None
     return ocp
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """absl's logger off while the block runs, as it was after; and :func:`_closed_loop_filter`
+    in place of ``sys.unraisablehook`` from then on (once), since the tracebacks come after."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL + 1)
+    if not getattr(sys.unraisablehook, "drops_closed_loop_errors", False):
+        sys.unraisablehook = _closed_loop_filter(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _closed_loop_filter(previous: Callable[[Any], object]) -> Callable[[Any], object]:
+    """An unraisable hook dropping what tensorstore's threads raise when a future completes after
+    Orbax closed the event loop awaiting it (``RuntimeError: Event loop is closed`` from
+    ``call_soon_threadsafe``), and passing everything else to ``previous``.
+
+    They arrive on tensorstore's threads after a failed restore has returned, with nothing to wait
+    on, so no block can scope them; they are about a loop that no longer exists, so dropping them
+    loses nothing.
+    """
+
+    def hook(unraisable: Any) -> object:
+        exc, tb = unraisable.exc_value, unraisable.exc_traceback
+        frames = [f.name for f in traceback.extract_tb(tb)] if tb is not None else []
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and "call_soon_threadsafe" in frames:
+            return None
+        return previous(unraisable)
+
+    hook.drops_closed_loop_errors = True  # type: ignore[attr-defined]
+    return hook
 
 
 def require() -> None:
@@ -191,16 +237,18 @@ def load(path: Path) -> dict[str, Any]:
     _check_metadata(item)
     ocp = _ocp()
     try:
-        checkpointer = ocp.StandardCheckpointer()
-        tree = checkpointer.metadata(item).item_metadata.tree
-        declared = _declared_bytes(tree)
-        if declared > MAX_EXPANSION * on_disk + _SLACK:
-            raise ConvBNError(
-                f"{path}: the Orbax metadata declares arrays of {declared} bytes, but the checkpoint holds "
-                f"{on_disk}; more than {MAX_EXPANSION}x is refused as corrupt (a decompression bomb)"
-            )
-        restored = checkpointer.restore(item)
-        checkpointer.close()
+        with _quiet(), contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
+            metadata = checkpointer.metadata(item).item_metadata
+            if metadata is None:  # orbax logs a warning and returns none when it cannot read it
+                raise ConvBNError(f"{path}: not a readable Orbax checkpoint (truncated or corrupted): "
+                                  "Orbax finds no item metadata in it")
+            declared = _declared_bytes(metadata.tree)
+            if declared > MAX_EXPANSION * on_disk + _SLACK:
+                raise ConvBNError(
+                    f"{path}: the Orbax metadata declares arrays of {declared} bytes, but the checkpoint holds "
+                    f"{on_disk}; more than {MAX_EXPANSION}x is refused as corrupt (a decompression bomb)"
+                )
+            restored = checkpointer.restore(item)
     except ConvBNError:
         raise
     except Exception as exc:  # orbax and tensorstore raise many types for a corrupt checkpoint
@@ -228,9 +276,6 @@ def save(tree: dict[str, Any], path: Path) -> None:
     """Write ``tree`` (nested dicts of arrays) as ``ocp.StandardCheckpointer().save(path, tree)``
     does; ``path`` must not exist (the writer gives a fresh scratch path)."""
     ocp = _ocp()
-    checkpointer = ocp.StandardCheckpointer()
-    try:
+    with _quiet(), contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
         checkpointer.save(path.absolute(), tree)
         checkpointer.wait_until_finished()
-    finally:
-        checkpointer.close()
