@@ -39,7 +39,11 @@ file and the HDF5 object otherwise): external links, external raw storage and vi
 refused, as are soft links and a second hard link to one object (loops, cycles); a dataset must
 store the bytes it declares (a compressed one at most 1032x, deflate's own limit, and all of them
 together at most the file's size) and hold numbers; config.json is read at most 64 MiB far and
-the settings it gives are type-checked.
+the settings it gives are type-checked. Text attributes (``layer_names``, ``weight_names``,
+``name``) keep their strings in the file's global heap collections, which libhdf5 parses without
+bounds: an object of zero bytes that is not the last spins it forever, and one past the collection's
+end reads past it. So before the first one is read, every collection in the file (found by its
+``GCOL`` signature) must be tiled by its objects (:func:`_heap_problem`).
 
 Writing produces groups that a Keras 3 model whose Conv2D/BatchNormalization layers come in
 checkpoint order loads with ``model.load_weights``: the k-th Conv2D reads ``conv2d_k``, the k-th
@@ -69,12 +73,14 @@ import json
 import lzma
 import os
 import re
+import struct
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -105,6 +111,8 @@ WRITES_FUSED = True
 __all__ = ["NAME", "read", "sniff", "target_var_update", "write"]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+#: Opens the HDF5 file's bytes again (the file, or the archive's member), to check them raw.
+_Opener = Callable[[], AbstractContextManager[IO[bytes]]]
 _KERAS_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
 _CONV_GROUP = re.compile(r"conv2d(_\d+)?")
 _BN_GROUP = re.compile(r"batch_normalization(_\d+)?")
@@ -194,11 +202,14 @@ class _Reader:
     ``_MAX_EXPANSION`` times its storage; and all datasets' storage together must fit in the file.
     """
 
-    def __init__(self, source: Path, h5py: Any, size: int) -> None:
+    def __init__(self, source: Path, h5py: Any, size: int, raw: _Opener) -> None:
         self.source = source
         self.h5py = h5py
+        self.size = size
         self.left = size  # bytes of the file not yet claimed by a dataset's storage
         self.seen: set[int] = set()
+        self.raw = raw  # the HDF5 file's bytes, for the global heaps' check
+        self.heaps_checked = False
 
     def fail(self, where: str, problem: str) -> ConvBNError:
         return ConvBNError(f"{self.source}: {problem}. Received: HDF5 object {where!r}")
@@ -268,7 +279,7 @@ class _Reader:
         """The layer's name (the ``vars`` group's ``name`` attribute), else its group's."""
         if "name" not in item.attrs:
             return where.rsplit("/", 1)[-1]
-        value = item.attrs["name"]
+        value = _attribute(self, item, "name", f"{where}/vars")
         if isinstance(value, bytes):
             try:
                 value = value.decode()
@@ -279,8 +290,8 @@ class _Reader:
         return value
 
 
-def _read_h5(f: Any, path: Path, h5py: Any, size: int) -> _Contents:
-    reader = _Reader(path, h5py, size)
+def _read_h5(f: Any, path: Path, h5py: Any, size: int, raw: _Opener) -> _Contents:
+    reader = _Reader(path, h5py, size, raw)
     where = "/"
     try:
         if "layers" not in f:
@@ -371,11 +382,72 @@ def _read_legacy(f: Any, reader: _Reader) -> _Contents:
 
 
 def _attribute(reader: _Reader, obj: Any, key: str, where: str) -> Any:
-    """An HDF5 attribute's value; it lies in the object's header, so it is at most what the file holds."""
+    """An HDF5 attribute's value, once it is known to hold at most what the file does: its own
+    storage (in the object's header) within the file, and for text, the global heaps sound."""
     try:
+        attr = obj.attrs.get_id(key)
+        try:
+            stored = attr.get_storage_size()
+        except RuntimeError:  # h5py takes libhdf5's size 0 (an empty attribute) for a failure
+            stored = 0
+        if stored > reader.size:
+            raise reader.fail(where, f"attribute {key!r} declares {stored} bytes of storage, more than the "
+                                     f"{reader.size} bytes of the file")
+        kind, h5t = attr.get_type(), reader.h5py.h5t
+        in_heap = kind.get_class() == h5t.VLEN or (kind.get_class() == h5t.STRING and kind.is_variable_str())
+        if in_heap and not reader.heaps_checked:
+            with reader.raw() as stream:
+                problem = _heap_problem(stream, reader.size)
+            if problem:
+                raise reader.fail(where, f"attribute {key!r} keeps its text in the file's global heap, and {problem}")
+            reader.heaps_checked = True
         return obj.attrs[key]
-    except (OSError, TypeError, ValueError) as exc:
+    except ConvBNError:
+        raise
+    except (OSError, TypeError, ValueError, KeyError) as exc:
         raise reader.fail(where, f"attribute {key!r} is unreadable: {_first_line(exc)}") from None
+
+
+#: A global heap collection's signature and version (HDF5 writes version 1 only).
+_GCOL = b"GCOL\x01"
+
+
+def _heap_problem(stream: IO[bytes], size: int) -> str | None:
+    """What is wrong with the first unsound global heap collection in the file, or None.
+
+    A collection is ``GCOL``, version, 3 reserved bytes, its size (8 bytes, as in every file
+    h5py writes), then objects of ``index (2), refs (2), reserved (4), size (8)`` and their bytes
+    padded to 8; index 0 is the free space, whose size includes its header. libhdf5 walks them
+    to the collection's end, so each must advance and stay inside it, which is checked here the
+    same way. Collections are found by their signature, read 1 MiB at a time.
+    """
+    starts: list[int] = []
+    tail, offset = b"", 0
+    while chunk := stream.read(1 << 20):
+        data = tail + chunk
+        base = offset - len(tail)
+        at = data.find(_GCOL)
+        while at >= 0:
+            starts.append(base + at)
+            at = data.find(_GCOL, at + 1)
+        tail, offset = data[-(len(_GCOL) - 1):], offset + len(chunk)
+    for start in starts:
+        stream.seek(start)
+        header = stream.read(16)
+        length = struct.unpack_from("<Q", header, 8)[0] if len(header) == 16 else 0
+        if not 16 <= length <= size - start:
+            return f"the global heap collection at byte {start} declares {length} bytes, outside the file's {size}"
+        heap = header + stream.read(length - 16)
+        at = 16
+        while at + 16 <= length:
+            index, _, nbytes = struct.unpack_from("<HH4xQ", heap, at)
+            step = 16 + -(-nbytes // 8) * 8 if index else nbytes
+            if step == 0 or step > length - at:
+                return (f"the global heap collection at byte {start} is corrupt: its object {index} at byte "
+                        f"{start + at} declares {nbytes} bytes, which "
+                        + ("never advance past it" if step == 0 else f"run past the collection's {length}"))
+            at += step
+    return None
 
 
 def _names(reader: _Reader, obj: Any, key: str, where: str) -> list[str] | None:
@@ -449,7 +521,7 @@ def _open(path: Path) -> _Contents:
     try:
         if head(path, 8) == _HDF5_MAGIC:
             with h5py.File(path, "r") as f:
-                return _read_h5(f, path, h5py, path.stat().st_size)
+                return _read_h5(f, path, h5py, path.stat().st_size, lambda: open(path, "rb"))
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
             if "model.weights.h5" not in names:
@@ -463,7 +535,7 @@ def _open(path: Path) -> _Contents:
                     f"more than deflate's {_MAX_EXPANSION}x: a zip bomb or a corrupt archive"
                 )
             with zf.open(info) as member, h5py.File(member, "r") as f:
-                contents = _read_h5(f, path, h5py, info.file_size)
+                contents = _read_h5(f, path, h5py, info.file_size, lambda: zf.open(info))
                 if contents.legacy is not None:
                     raise ConvBNError(f"{path}: a .keras archive holds Keras 3 weights; its model.weights.h5 "
                                       "has Keras 2's layout")
