@@ -25,13 +25,7 @@ from tests.fuzz.mutate import Deep, dumps_json
 MUTANTS = {"torch": 500, "safetensors": 500, "flax": 500, "orbax": 100, "keras": 300, "keras2": 100, "slim": 300}
 SEED = 0
 #: Formats with a known defect the fuzzer finds: strict, so the marker goes once it is fixed.
-KNOWN = {
-    "orbax": "a damaged Orbax directory (a data file or manifest.ocdbt) makes orbax log an absl WARNING and its "
-             "background threads print 'Event loop is closed' tracebacks on stderr besides convbn's one line "
-             "(convbn/formats/_orbax.py)",
-    "keras2": "mutant 4 (a 21 KB model.h5) hangs: reading a variable-length string attribute ('backend', "
-              "'layer_names') of a damaged file spins inside libhdf5, under convbn/formats/keras.py:_attribute",
-}
+KNOWN: dict[str, str] = {}
 
 
 def _target_enabled(name: str, module: str) -> bool:
