@@ -21,6 +21,7 @@ from tests.conftest import need
 from tests.formats.builders import assert_same_arrays, random_checkpoint, random_layer, reference_eval
 
 
+@pytest.mark.needs("h5py")
 def test_a_keras2_h5_target_keeps_the_unbiased_update_and_a_keras3_one_notes_the_change(tmp_path: Path) -> None:
     """A Keras 2 ``.h5`` loads into fused BatchNorms (unbiased update), like torch's: converting an
     unbiased checkpoint to it changes nothing, so no note, and ``keep_var_update`` lets it through."""
@@ -41,6 +42,7 @@ def test_a_keras2_h5_target_keeps_the_unbiased_update_and_a_keras3_one_notes_the
     assert not (tmp_path / "k.weights.h5").exists()
 
 
+@pytest.mark.needs("h5py")
 def test_the_cli_converts_to_keras2_h5_without_a_var_update_note_and_with_keep_var_update(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -79,6 +81,7 @@ def test_writers_get_the_shard_size_in_bytes_parsed_once(tmp_path: Path, monkeyp
         assert np.array_equal(back.layers[layer].kernel, params.kernel), layer
 
 
+@pytest.mark.needs("h5py")
 def test_hdf5_names_a_keras2_target_by_its_suffix(tmp_path: Path) -> None:
     """``convbn convert SRC model.hdf5`` needs no --to: the Keras reader and writer take ``*.hdf5``."""
     src = tmp_path / "src.safetensors"
@@ -91,6 +94,7 @@ def test_hdf5_names_a_keras2_target_by_its_suffix(tmp_path: Path) -> None:
         assert_same_arrays(back.layers[layer], params)
 
 
+@pytest.mark.needs("h5py")
 def test_like_writes_a_keras2_h5_under_the_like_files_names(tmp_path: Path) -> None:
     """``--like mine.weights.h5`` with DST ``*.h5``: the Keras 2 file takes the like file's layer names."""
     src, like = tmp_path / "src.safetensors", tmp_path / "mine.weights.h5"

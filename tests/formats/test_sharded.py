@@ -87,6 +87,7 @@ def test_the_index_name_is_not_read_as_a_tf_index():
 # -- safetensors ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.needs("safetensors")
 def test_safetensors_shards_are_what_transformers_writes_and_read_back_bit_exactly(tmp_path):
     from safetensors.numpy import load_file
 
@@ -172,6 +173,7 @@ def _hf_shards(state: dict[str, Any], directory: Path, suffix: str, save: Any, s
 
 
 @pytest.mark.parametrize("suffix", ["safetensors", "bin"])
+@pytest.mark.needs("torch", "safetensors")
 def test_shards_written_like_transformers_convert_like_the_single_file(tmp_path, suffix):
     import torch
     from safetensors.torch import save_file
@@ -231,6 +233,7 @@ def test_cli_converts_shards_to_shards_and_verifies(tmp_path, capsys):
     _same_layers(convbn.load_checkpoint(tmp_path / "src"), convbn.load_checkpoint(dst))
 
 
+@pytest.mark.needs("msgpack")
 def test_cli_refuses_a_max_shard_size_for_a_format_written_whole(tmp_path, capsys):
     convbn.save_checkpoint(random_checkpoint(widths=WIDTHS), tmp_path / "m.safetensors", "safetensors")
     before = sorted(os.listdir(tmp_path))
@@ -340,6 +343,7 @@ def test_a_shard_that_is_no_regular_file_is_refused(shards):
     refused_everywhere(shards, f"shard {last!r} must be a regular file")
 
 
+@pytest.mark.needs("safetensors")
 def test_safetensors_shards_with_differing_metadata_are_refused(tmp_path):
     from safetensors.numpy import save_file
 
