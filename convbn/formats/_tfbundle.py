@@ -54,6 +54,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
+from convbn._dtypes import ml_dtype
 from convbn.errors import ConvBNError
 from convbn.formats import _tfproto
 from convbn.formats._io import atomic_output
@@ -515,14 +516,7 @@ def _numpy_dtype(dtype: int, name: str, index: Path) -> np.dtype[Any] | None:
     if spec is None:
         return None
     if spec in _ML_DTYPES:
-        try:
-            import ml_dtypes
-        except ImportError:
-            raise ConvBNError(
-                f"a {spec} tensor needs the ml_dtypes package to be read (pip install ml_dtypes; it comes "
-                f"with TensorFlow and JAX). Received: file={index}, tensor={name!r}"
-            ) from None
-        return np.dtype(getattr(ml_dtypes, spec))
+        return ml_dtype(spec, f"{index}: tensor {name!r}")
     return np.dtype(spec)
 
 
