@@ -329,3 +329,26 @@ def test_flax_axis_name_outside_shard_map_is_refused_in_training_only():
     model.apply(variables, x, use_running_average=True)
     with pytest.raises(convbn.ConvBNError, match="axis 'data'"):
         model.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+
+
+def test_one_value_across_devices_is_refused():
+    """shard_map splits evenly, so one value per channel in total is one device holding one; the
+    count is known at trace time, so it is refused then (it was a NaN moving variance)."""
+    out = _child(
+        """
+        import jax, jax.numpy as jnp, numpy as np, convbn
+        from jax.sharding import Mesh, PartitionSpec as P
+        from convbn.errors import ConvBNError
+        mesh = Mesh(jax.devices()[:1], ("d",))
+        p = convbn.ConvBNParams(kernel=np.ones((1, 1, 2, 2), np.float32), moving_mean=np.zeros(2, np.float32),
+                                moving_var=np.ones(2, np.float32))
+        f = jax.shard_map(lambda x: convbn.conv_bn(x, p, training=True, sync="d")[0], mesh=mesh,
+                          in_specs=P("d"), out_specs=P("d"))
+        try:
+            f(jnp.ones((1, 1, 1, 2)))
+        except ConvBNError as e:
+            print("refused:", e)
+        """,
+        1,
+    )
+    assert "refused: training needs more than one value per channel across the replicas" in out, out

@@ -212,3 +212,30 @@ def test_large_mean_combined_variance_is_within_float32_tolerance():
     # Measured 7.4e-8 (tolerance 1e-6); local float32 means combined without a common shift: 3.5e-6.
     proc = _run(["-c", _script(_LARGE_MEAN, 3)])
     assert proc.returncode == 0 and proc.stdout.strip().startswith("ok"), proc.stderr[-3000:]
+
+
+_ONE_VALUE = """
+    import convbn
+    from convbn.errors import ConvBNError
+    p = convbn.ConvBNParams(kernel=np.ones((1, 1, 2, 2), np.float32), moving_mean=np.zeros(2, np.float32),
+                            moving_var=np.ones(2, np.float32))
+    shards = [np.ones((1, 1, 1, 2), np.float32), np.ones((0, 1, 1, 2), np.float32)]  # 1 + 0 values
+    xs = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(shards[ctx.replica_id_in_sync_group]))
+    step = lambda xr: convbn.conv_bn(xr, p, training=True, sync=True)[1].moving_var
+    try:
+        strategy.run(step, args=(xs,))
+    except ConvBNError as e:
+        print("eager refused:", e)
+    try:
+        strategy.run(tf.function(step), args=(xs,))
+    except tf.errors.InvalidArgumentError as e:
+        print("graph refused:", "more than one value per channel across the replicas" in e.message)
+"""
+
+
+def test_one_value_across_replicas_is_refused_not_a_nan_moving_variance():
+    proc = _run(["-c", _script(_ONE_VALUE, 2)])
+    out = proc.stdout
+    assert "eager refused: training needs more than one value per channel across the replicas" in out, proc.stderr[-3000:]
+    assert "graph refused: True" in out, proc.stderr[-3000:]

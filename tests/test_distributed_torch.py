@@ -336,8 +336,9 @@ def test_two_ranks_match_one_process_on_the_whole_batch(two_ranks, splits, layou
 def test_one_value_across_ranks_is_refused_on_every_rank(two_ranks) -> None:
     for rank, message in enumerate(r["one_value"] for r in two_ranks):
         assert message == (
-            "training needs more than one value per channel across the ranks to compute batch statistics; "
-            f"the ranks of the sync group hold 1 together. Received: x.shape=({1 - rank}, 3, 3, 3)"
+            "training needs more than one value per channel across the replicas of the sync group to "
+            "compute batch statistics; together they hold 1 (N * H_out * W_out summed over replicas). "
+            f"Received: x.shape=({1 - rank}, 3, 3, 3)"
         )
 
 

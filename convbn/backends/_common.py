@@ -8,7 +8,7 @@ from typing import Any
 from convbn.geometry import share_plans
 from convbn.params import ConvBNParams, with_arrays
 
-__all__ = ["combine_moments", "fold", "moving_update", "with_moving_stats"]
+__all__ = ["ONE_VALUE_ACROSS_REPLICAS", "combine_moments", "fold", "moving_update", "with_moving_stats"]
 
 
 def fold(
@@ -50,6 +50,14 @@ def moving_update(
     new_mean = old_mean * m + batch_mean * (1.0 - m)
     new_var = old_var * m + var * (1.0 - m)
     return new_mean, new_var
+
+
+#: The refusal every backend gives when the replicas of a sync group hold one value per channel
+#: together: there is no batch variance to normalize with, and the unbiased one divides by zero.
+ONE_VALUE_ACROSS_REPLICAS = (
+    "training needs more than one value per channel across the replicas of the sync group to compute "
+    "batch statistics; together they hold 1 (N * H_out * W_out summed over replicas)."
+)
 
 
 def combine_moments(

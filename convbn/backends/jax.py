@@ -21,6 +21,7 @@ so every device holds the same number of images.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -28,7 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from convbn.backends._common import combine_moments, fold, moving_update, with_moving_stats
+from convbn.backends._common import (
+    ONE_VALUE_ACROSS_REPLICAS,
+    combine_moments,
+    fold,
+    moving_update,
+    with_moving_stats,
+)
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan
 from convbn.params import ConvBNParams, with_arrays
@@ -413,6 +420,14 @@ def train_sync(x: Any, params: ConvBNParams, plan: Plan, group: AxisNames) -> tu
     is no jit of its own here. ``lax.psum`` is differentiable, and its transpose sums the cotangents
     over the devices: each device's gradient of its own loss w.r.t. its ``x`` is the gradient of
     the sum of every device's loss, as torch's SyncBatchNorm gives.
+
+    Raises:
+        ConvBNError: when the devices together hold one value per channel (known at trace time:
+            every device holds the same number).
     """
+    names = group if isinstance(group, tuple) else (group,)
+    total = (plan.values_per_channel or 0) * math.prod(lax.axis_size(n) for n in names)
+    if total == 1:
+        raise ConvBNError(ONE_VALUE_ACROSS_REPLICAS + f" Received: x.shape={tuple(x.shape)}, sync={group!r}")
     y, mean, var = _train_sync(x, params, plan, group)
     return y, with_moving_stats(params, mean, var)

@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from convbn.backends._common import combine_moments, fold, moving_update, with_moving_stats
+from convbn.backends._common import (
+    ONE_VALUE_ACROSS_REPLICAS,
+    combine_moments,
+    fold,
+    moving_update,
+    with_moving_stats,
+)
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan, plan_for
 from convbn.params import ARRAY_FIELDS, ConvBNParams, with_arrays
@@ -434,6 +440,14 @@ def train_sync(x: Any, params: ConvBNParams, plan: Plan, group: Any) -> Any:
     mean = tf.math.divide_no_nan(tf.reduce_sum(d, axis=axes), count)
     m2 = tf.reduce_sum(tf.square(d - mean), axis=axes)
     total, mean, m2 = combine_moments(count, mean, m2, psum)
+    # The global count is a run-time value: eagerly a ConvBNError, in a graph TF's assertion.
+    if tf.executing_eagerly():
+        if float(total) == 1.0:
+            raise ConvBNError(ONE_VALUE_ACROSS_REPLICAS + f" Received: x.shape={tuple(x.shape)}")
+    else:
+        with tf.control_dependencies([tf.debugging.assert_none_equal(total, tf.ones_like(total),
+                                                                     message=ONE_VALUE_ACROSS_REPLICAS)]):
+            total = tf.identity(total)
     gamma = None if t["gamma"] is None else tf.cast(t["gamma"], cd)
     beta = None if t["beta"] is None else tf.cast(t["beta"], cd)
     y = tf.cast(tf.nn.batch_normalization(d, mean, m2 / total, beta, gamma, params.eps), dtype)

@@ -22,7 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from convbn._dtypes import numpy_to_torch, torch_to_numpy
-from convbn.backends._common import combine_moments, fold, moving_update, with_moving_stats
+from convbn.backends._common import (
+    ONE_VALUE_ACROSS_REPLICAS,
+    combine_moments,
+    fold,
+    moving_update,
+    with_moving_stats,
+)
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan
 from convbn.params import ARRAY_FIELDS, ConvBNParams, with_arrays
@@ -395,7 +401,8 @@ def train_sync(x: torch.Tensor, params: ConvBNParams, plan: Plan, group: Any) ->
             residual = d.sum(dims).to(wide)
             squares = d.mul_(d).sum(dims).to(wide)
             local_mean = rough.to(wide) + residual / count
-            m2 = squares - residual * residual / count
+            # Rounding can leave a constant channel's M2 a hair below zero; with eps = 0 that is a NaN.
+            m2 = (squares - residual * residual / count).clamp_(min=0)
         else:
             local_mean = m2 = torch.zeros(c, dtype=wide, device=z.device)
         n = torch.full((1,), float(count), dtype=wide, device=z.device)
@@ -405,10 +412,7 @@ def train_sync(x: torch.Tensor, params: ConvBNParams, plan: Plan, group: Any) ->
     if total == 0:  # every rank's batch is empty: as one process with an empty batch
         return empty_output(x, plan.out_shape), params  # type: ignore[arg-type]
     if total == 1:
-        raise ConvBNError(
-            "training needs more than one value per channel across the ranks to compute batch "
-            f"statistics; the ranks of the sync group hold 1 together. Received: x.shape={tuple(x.shape)}"
-        )
+        raise ConvBNError(ONE_VALUE_ACROSS_REPLICAS + f" Received: x.shape={tuple(x.shape)}")
     y = _SyncNorm.apply(z, gamma, beta, mean.to(bn_dtype), (m2 / total).to(bn_dtype), params.eps, total, group)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
