@@ -300,15 +300,32 @@ class Bundle:
         #: Every tensor by name; a partitioned variable's slices are in :attr:`_slices` by key.
         self.entries: dict[str, Entry] = {}
         self._slices: dict[bytes, Entry] = {}
+        #: Tensors of a dtype convbn cannot read (variants, resources, int4...) by name, with why:
+        #: refused only when read, so that one of them does not make the rest unreadable.
+        self.unreadable: dict[str, str] = {}
         for key, value in entries[1:]:
             entry = self._entry(key, value)
             if key.startswith(b"\x00"):
-                self._slices[key] = entry
+                self._slices[key] = entry  # of an unknown dtype, it cannot match its variable's
+            elif entry.dtype not in _DTYPES:
+                self.unreadable[key.decode("utf-8", "surrogateescape")] = str(
+                    self._refuse(f"dtype {entry.dtype} is not a tensor dtype convbn reads", key)
+                )
             else:
                 self.entries[key.decode("utf-8", "surrogateescape")] = entry
+        self._check_ranges()
         for name, entry in self.entries.items():
             if entry.slices:
                 self._check_slices(name, entry)
+
+    def _check_ranges(self) -> None:
+        """No two tensors share bytes of a shard (TF writes each once): many entries over the same
+        bytes would read, and hold, far more than the files."""
+        named = [*self.entries.items(), *((key.decode("utf-8", "replace"), e) for key, e in self._slices.items())]
+        spans = sorted((e.shard, e.offset, e.offset + e.size, name) for name, e in named if e.size)
+        for (shard, _, end, first), (other, start, _, second) in itertools.pairwise(spans):
+            if shard == other and start < end:
+                raise self._refuse(f"its bytes in shard {shard} overlap those of tensor {first!r}", second)
 
     def _refuse(self, problem: str, key: bytes | str | None = None) -> ConvBNError:
         if isinstance(key, bytes):
@@ -317,7 +334,8 @@ class Bundle:
         return ConvBNError(f"a TF checkpoint index must be readable: {problem}. Received: file={self.index}{where}")
 
     def _entry(self, key: bytes, value: bytes) -> Entry:
-        """The checked entry under ``key``: known dtype, sane shape, data within its shard."""
+        """The checked entry under ``key``: sane shape, data within its shard; for a dtype convbn
+        does not read, only that dtype (nothing of it is ever read)."""
         if not key:
             raise self._refuse("a second header entry", key)
         try:
@@ -325,13 +343,20 @@ class Bundle:
         except ValueError as exc:
             raise self._refuse(f"an entry does not parse ({exc})", key) from None
         if proto.dtype not in _DTYPES:
-            raise self._refuse(f"dtype {proto.dtype} is not a tensor dtype convbn reads", key)
+            return Entry(int(proto.dtype), (), 0, 0, 0, 0)
         dims = [int(d.size) for d in proto.shape.dim]
         if proto.shape.unknown_rank or len(dims) > MAX_RANK or any(d < 0 for d in dims):
             rank = "unknown" if proto.shape.unknown_rank else len(dims)
             raise self._refuse(
                 f"a tensor needs a rank of at most {MAX_RANK} and dimensions >= 0, not rank {rank} {dims[:8]}", key
             )
+        # An empty tensor's other dimensions are never multiplied out by the checks below, but NumPy
+        # refuses an array whose non-zero dimensions take more than 2**63 bytes.
+        extent = 1
+        for d in dims:
+            extent *= d or 1
+        if extent > 2**63 // (_ITEMSIZE[proto.dtype] or np.dtype(object).itemsize):
+            raise self._refuse(f"shape {dims[:8]} is larger than any array can be", key)
         if proto.slices:
             slices = []
             for piece in proto.slices:
@@ -421,14 +446,26 @@ class Bundle:
         return [self.shard(k) for k in range(self.num_shards)]
 
     def read(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as a NumPy array (strings: an object array of bytes), checksum checked."""
+        """Tensor ``name`` as a NumPy array (strings: an object array of bytes), checksum checked.
+
+        Raises:
+            ConvBNError: for a tensor in :attr:`unreadable`, or data that do not match the index.
+        """
+        if name in self.unreadable:
+            raise ConvBNError(self.unreadable[name])
         entry = self.entries[name]
         if not entry.slices:
             return self._read(name, entry)
         value = np.zeros(entry.shape, _numpy_dtype(entry.dtype, name, self.index) or object)
+        # The slices hold as many values as the variable (checked when opened): none may overlap,
+        # or some values would be left at zero.
+        covered = np.zeros(entry.shape, np.bool_)
         for extents in entry.slices:
             piece = self._slices[slice_key(name.encode("utf-8", "surrogateescape"), extents)]
             where = tuple(slice(s, None if n == -1 else s + n) for s, n in extents)
+            if covered[where].any():
+                raise self._refuse(f"its slice {list(extents)[:8]} overlaps another of its slices", name)
+            covered[where] = True
             value[where] = self._read(name, piece)
         return value
 
@@ -531,7 +568,13 @@ def _encode(name: str, value: np.ndarray) -> tuple[int, Iterable[tuple[bytes, by
     """(DataType, its (bytes written, bytes checksummed) in chunks, the size) of one tensor as TF
     stores it: the two differ only for a string tensor's lengths (see :meth:`Bundle._strings`)."""
     if value.dtype.kind in "OSU":
-        items = [item.encode("utf-8") if isinstance(item, str) else item for item in value.reshape(-1).tolist()]
+        try:
+            items = [item.encode("utf-8") if isinstance(item, str) else item for item in value.reshape(-1).tolist()]
+        except UnicodeEncodeError as exc:
+            raise ConvBNError(
+                f"writing the TF checkpoint failed: a string tensor's str must encode as UTF-8 ({exc.reason} at "
+                f"{exc.start}). Received: tensor={name!r}"
+            ) from None
         if not all(isinstance(item, bytes) for item in items):
             raise ConvBNError(
                 f"writing the TF checkpoint failed: a string tensor must hold bytes or str. Received: tensor={name!r} with "
@@ -549,11 +592,16 @@ def _encode(name: str, value: np.ndarray) -> tuple[int, Iterable[tuple[bytes, by
             f"Received: tensor={name!r} "
             f"of dtype {value.dtype}"
         )
-    if value.dtype.byteorder == ">":
-        value = value.astype(value.dtype.newbyteorder("<"))
-    flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-    chunks = (flat[at : at + _CHUNK].tobytes() for at in range(0, flat.size, _CHUNK))
-    return dtype, ((chunk, chunk) for chunk in chunks), int(flat.size)
+    return dtype, _chunks(value), int(value.nbytes)
+
+
+def _chunks(value: np.ndarray) -> Iterable[tuple[bytes, bytes]]:
+    """``value``'s bytes, little-endian in C order, in chunks; copied only when the chunks are
+    consumed, so that a writer holds one tensor's copy at a time, not every tensor's."""
+    flat = np.ascontiguousarray(value.astype(value.dtype.newbyteorder("<"), copy=False)).reshape(-1).view(np.uint8)
+    for at in range(0, flat.size, _CHUNK):
+        chunk = flat[at : at + _CHUNK].tobytes()
+        yield chunk, chunk
 
 
 def write(
@@ -580,13 +628,20 @@ def write(
     for name, value in tensors:
         if not isinstance(name, str) or not name or "\x00" in name:
             raise ConvBNError(f"tensor names must be non-empty strings without NUL. Received: name={name!r}")
+        try:
+            key = name.encode("utf-8", "surrogateescape")  # the bytes a name read from a bundle had
+        except UnicodeEncodeError:
+            raise ConvBNError(f"tensor names must encode as UTF-8. Received: name={name!r}") from None
         array = np.asarray(value)
         dtype, chunks, size = _encode(name, array)
-        encoded.append((name.encode("utf-8", "surrogateescape"), dtype, array.shape, chunks, size))
+        encoded.append((key, dtype, array.shape, chunks, size))
     keys = [key for key, *_ in encoded]
     if len(set(keys)) != len(keys):
         repeated = next(k for k in keys if keys.count(k) > 1)
-        raise ConvBNError(f"every tensor name in a TF checkpoint must be unique. Received: {repeated.decode()!r} twice")
+        raise ConvBNError(
+            f"every tensor name in a TF checkpoint must be unique. "
+            f"Received: {repeated.decode('utf-8', 'surrogateescape')!r} twice"
+        )
     shard_of: list[int] = []
     used = 0
     for *_, size in encoded:

@@ -494,7 +494,8 @@ def tensor_value(tensor: Any, *, max_elements: int = 1024) -> np.ndarray:
     Raises:
         ProtoError: for an unknown rank, a negative dimension, more than ``max_elements`` elements
             (a declared shape never allocates past that), a dtype other than bool, ints, float16/32/64,
-            or a ``tensor_content`` whose length the shape and dtype do not give.
+            a ``tensor_content`` whose length the shape and dtype do not give, or typed values
+            outside the dtype's range.
     """
     if tensor.dtype not in _TENSOR_DTYPES:
         raise ProtoError(f"a constant of dtype {tensor.dtype} is not a numeric tensor convbn reads")
@@ -515,10 +516,13 @@ def tensor_value(tensor: Any, *, max_elements: int = 1024) -> np.ndarray:
             )
         return np.frombuffer(tensor.tensor_content, dtype).astype(dtype.newbyteorder("="), copy=True).reshape(dims)
     values = getattr(tensor, values_field)[:count]
-    if dtype == np.float16:  # half_val holds the float16 bit patterns in int32s
-        flat = np.asarray(values, np.uint16).view(np.float16)
-    else:
-        flat = np.asarray(values, dtype.newbyteorder("="))
+    try:
+        if dtype == np.float16:  # half_val holds the float16 bit patterns in int32s
+            flat = np.asarray(values, np.uint16).view(np.float16)
+        else:
+            flat = np.asarray(values, dtype.newbyteorder("="))
+    except OverflowError:  # an int_val of 300 for a uint8, a negative half_val
+        raise ProtoError(f"a constant of dtype {dtype} holds values outside its range") from None
     if len(flat) < count:
         flat = np.concatenate([flat, np.full(count - len(flat), flat[-1] if len(flat) else 0, flat.dtype)])
     return flat.reshape(dims)

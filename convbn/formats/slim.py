@@ -287,6 +287,8 @@ def _object_graph_names(source: _Source) -> tuple[dict[str, str], list[str]]:
     for node_id, node in enumerate(nodes):
         for attr in node.attributes:
             if attr.name == "VARIABLE_VALUE" and node_id in best and node_id not in slots and best[node_id]:
+                if attr.checkpoint_key in source.bundle.unreadable:
+                    continue  # dropped by _variables, with a note
                 if attr.checkpoint_key not in source.shapes:
                     raise ConvBNError(
                         f"a TF2 checkpoint's object graph must name keys its index holds; variable "
@@ -781,6 +783,10 @@ def _variables(source: _Source, object_based: bool, use_ema: bool, ckpt: Checkpo
         dropped = [k for k in source.shapes if _is_bookkeeping(k, source.shapes)]
         logical = {k: k for k in source.shapes if k not in set(dropped)}
     ckpt.dropped.extend(sorted(dropped, key=natural_key))
+    unreadable = sorted(source.bundle.unreadable, key=natural_key)
+    if unreadable:  # not in source.shapes: a variant or resource tensor is state, never a weight
+        ckpt.dropped.extend(unreadable)
+        ckpt.notes.append(f"dropped {len(unreadable)} tensors of dtypes convbn does not read: {unreadable[:8]}")
     if dropped:
         notes.append(
             f"dropped {len(dropped)} optimizer/bookkeeping entries (optimizer slots, step counters"
