@@ -138,7 +138,8 @@ def test_tensors_other_than_dense_cpu_ones_are_an_unsupported_kind(tmp_path, cap
         cli_refuses(path, capsys)
 
 
-@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.bool, torch.float16, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.bool, torch.float16,
+                                   pytest.param(torch.bfloat16, marks=pytest.mark.needs("ml_dtypes")), torch.int64])
 def test_every_numpy_dtype_passes_the_storage_scan(tmp_path, dtype):
     # Newer dtypes are saved with torch.storage.UntypedStorage and _rebuild_tensor_v3.
     values = torch.arange(6).reshape(2, 3).to(dtype)
