@@ -16,6 +16,7 @@ import pytest
 
 from convbn import ConvBNError
 from convbn.formats import _tfbundle, _tfproto, slim
+from tests.conftest import need
 
 
 def _crafted(directory: Path, data: bytes, records: Sequence[tuple[bytes, bytes]]) -> Path:
@@ -96,6 +97,21 @@ def test_slim_read_drops_a_tensor_of_an_unreadable_dtype_with_a_note(tmp_path: P
     np.testing.assert_array_equal(ckpt.tensors["w"], np.asarray([1, 2], np.float32))
     assert "iterator" in ckpt.dropped and "iterator" not in ckpt.tensors
     assert any("iterator" in note and "dtypes convbn does not read" in note for note in ckpt.notes)
+
+
+def test_a_tf_checkpoint_with_an_iterator_reads_without_it(tmp_path: Path) -> None:
+    """TF stores a tf.data iterator's state as a DT_VARIANT tensor, beside the model's variables."""
+    need("tensorflow")
+    import tensorflow as tf
+
+    iterator = iter(tf.data.Dataset.range(4))
+    next(iterator)
+    prefix = tf.train.Checkpoint(w=tf.Variable([1.5, -2.0]), it=iterator).write(str(tmp_path / "ckpt"))
+    ckpt = slim.read(prefix)
+    np.testing.assert_array_equal(ckpt.tensors["w"], np.asarray([1.5, -2.0], np.float32))
+    assert "it/.ATTRIBUTES/ITERATOR_STATE" in ckpt.dropped
+    with pytest.raises(ConvBNError, match="dtype 21 is not a tensor dtype convbn reads"):
+        _tfbundle.Bundle(Path(prefix)).read("it/.ATTRIBUTES/ITERATOR_STATE")
 
 
 @pytest.mark.parametrize("dtype", [1, 7])  # float32, string
