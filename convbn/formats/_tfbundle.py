@@ -30,11 +30,14 @@ What is used, and why:
 Reading (:class:`Bundle`) parses and checks the whole index first and refuses, with one line
 naming the file and the tensor, what would read outside the data or take more memory than the
 files hold: a broken table or block checksum, a missing or extra header, negative dimensions, a
-rank above :data:`MAX_RANK`, an unknown dtype, a size the shape and dtype do not give, a shard out
-of range, missing, not a regular file or (through a symlink) outside the checkpoint's directory,
-bytes past the end of their shard, and slices that do not tile their variable. Tensors are then
-read one at a time, streamed from their shard in chunks with the checksum checked: never a whole
-shard when one tensor is wanted. Writing (:func:`write`) produces what TF's ``BundleWriter``
+rank above :data:`MAX_RANK`, a shape larger than any array, a size the shape and dtype do not
+give, a shard out of range, missing, not a regular file or (through a symlink) outside the
+checkpoint's directory, bytes past the end of their shard or shared with another tensor, and
+slices that do not hold their variable's values (overlapping slices are refused when the variable
+is read). A tensor of a dtype convbn does not read (a variant, a resource, int4) does not make the
+rest unreadable: it is listed in :attr:`Bundle.unreadable` and refused by name when read. Tensors
+are then read one at a time, streamed from their shard in chunks with the checksum checked: never
+a whole shard when one tensor is wanted. Writing (:func:`write`) produces what TF's ``BundleWriter``
 does (a table TF reads, data shards in the order given), through
 :func:`convbn.formats._io.atomic_output`, split into several shards by ``max_shard_size``.
 """
@@ -618,8 +621,8 @@ def write(
     written through :func:`convbn.formats._io.atomic_output`: all the files appear, or none.
 
     Raises:
-        ConvBNError: for an empty or repeated name, a name with a NUL, a dtype TF does not
-            store, or a ``max_shard_size`` below 1.
+        ConvBNError: for an empty or repeated name, a name with a NUL, a name or string that
+            does not encode as UTF-8, a dtype TF does not store, or a ``max_shard_size`` below 1.
     """
     if max_shard_size is not None and max_shard_size < 1:
         raise ConvBNError(f"max_shard_size must be at least 1 byte. Received: max_shard_size={max_shard_size}")
