@@ -157,6 +157,7 @@ def _torch_model() -> Any:
     return torch.nn.Sequential(*layers).eval()
 
 
+@pytest.mark.needs("torch")
 def test_torch_to_orbax_restores_into_a_linen_model_with_the_same_outputs(tmp_path, capsys, monkeypatch):
     import torch
 
@@ -179,6 +180,7 @@ def test_torch_to_orbax_restores_into_a_linen_model_with_the_same_outputs(tmp_pa
     np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=TOL * float(np.abs(expected).max()))
 
 
+@pytest.mark.needs("torch")
 def test_orbax_to_torch_gives_the_linen_model_s_outputs(tmp_path, written):
     import torch
 
