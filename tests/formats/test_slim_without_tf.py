@@ -14,8 +14,6 @@ TensorFlow is not installed at all.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -34,28 +32,38 @@ from tests.formats.builders import assert_same_arrays, random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: Runs a list of steps in a process where TensorFlow cannot be imported: each step a CLI argv
-#: (``["cli", [...]]``) or an API conversion (``["api", src, dst, format]``); prints each step's
-#: exit status and stdout as JSON.
-_WITHOUT_TF = """
-import contextlib, io, json, sys
-sys.modules["tensorflow"] = None
+#: Runs a list of steps, each a CLI argv (``["cli", [...]]``) or an API conversion
+#: (``["api", src, dst, format]``), and returns each step's exit status and stdout: the same code in
+#: the subprocess without TensorFlow and in this process.
+_RUN_STEPS = """
+import contextlib, io
 import convbn
 from convbn.cli import main
 
-results = []
-for kind, *args in json.loads(sys.argv[1]):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        if kind == "cli":
-            status = main(args[0])
-        else:
-            convbn.save_checkpoint(convbn.load_checkpoint(args[0]), args[1], args[2])
-            status = 0
-    results.append([status, out.getvalue()])
+def run_steps(steps):
+    results = []
+    for kind, *args in steps:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            if kind == "cli":
+                status = main(args[0])
+            else:
+                convbn.save_checkpoint(convbn.load_checkpoint(args[0]), args[1], args[2])
+                status = 0
+        results.append([status, out.getvalue()])
+    return results
+"""
+
+#: The subprocess: TensorFlow blocked before convbn loads, the steps from argv, results as JSON.
+_WITHOUT_TF = """
+import json, sys
+sys.modules["tensorflow"] = None
+""" + _RUN_STEPS + """
+results = run_steps(json.loads(sys.argv[1]))
 assert sys.modules["tensorflow"] is None, "something imported TensorFlow past the block"
 print(json.dumps(results))
 """
+
 
 def _without_tf(steps: list[list[Any]]) -> list[tuple[int, str]]:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -66,19 +74,9 @@ def _without_tf(steps: list[list[Any]]) -> list[tuple[int, str]]:
 
 
 def _here(steps: list[list[Any]]) -> list[tuple[int, str]]:
-    from convbn.cli import main
-
-    results = []
-    for kind, *args in steps:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            if kind == "cli":
-                status = main(args[0])
-            else:
-                convbn.save_checkpoint(convbn.load_checkpoint(args[0]), args[1], args[2])
-                status = 0
-        results.append((status, out.getvalue()))
-    return results
+    namespace: dict[str, Any] = {}
+    exec(_RUN_STEPS, namespace)
+    return [(status, out) for status, out in namespace["run_steps"](steps)]
 
 
 # -- sources -----------------------------------------------------------------------------------
