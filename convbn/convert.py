@@ -29,6 +29,7 @@ __all__ = [
     "Checkpoint",
     "LayerCheck",
     "LayerSource",
+    "check_layout",
     "check_shard_size",
     "check_source",
     "detect_format",
@@ -491,6 +492,7 @@ def save_checkpoint(
         options["progress"] = progress
     if not overwrite and _destination_exists(p, name):
         raise ConvBNError(f"{p} exists; refusing to overwrite it (pass overwrite=True / --force)")
+    check_layout(p, name, max_shard_size)
     prepared = prepare_for_format(ckpt, name, fold_bias=fold_bias, conv_bias=conv_bias)
     # A Keras target's update depends on the layout its name asks for (Keras 2's *.h5 is fused).
     expected = module.target_var_update(p) if name == "keras" else _TARGET_VAR_UPDATE.get(name)
@@ -563,6 +565,26 @@ def _var_update_change(ckpt: Checkpoint, format: str, expected: str | None, *, r
         f"{format} BatchNorms train with the {expected} batch variance; weights and eval outputs are "
         "unchanged, fine-tuning differs slightly (keep_var_update=True / --keep-var-update refuses)"
     )
+
+
+def check_layout(path: Path, format: str, max_shard_size: int | str | None) -> None:
+    """Refuse, even when overwriting, a write that would leave the other layout of a safetensors or
+    torch checkpoint at ``path`` beside it: shards and an index next to an old single file, or a
+    single file next to an old index. Placement replaces files by name only, so the old one would
+    stay, and ``path`` and its directory would then read as two different checkpoints."""
+    if format not in ("safetensors", "torch") or path.name.endswith(".index.json"):
+        return
+    index = Path(f"{path}.index.json")
+    if max_shard_size is not None and path.is_file():
+        raise ConvBNError(
+            f"{path} is a single-file checkpoint, which a sharded write would leave beside its shards; "
+            f"remove it first. Received: max_shard_size={max_shard_size!r}"
+        )
+    if max_shard_size is None and index.exists():
+        raise ConvBNError(
+            f"{index} indexes a sharded checkpoint at {path}, which a single-file write would leave "
+            "beside it; remove the index and its shards first, or write with max_shard_size"
+        )
 
 
 def _destination_exists(path: Path, format: str) -> bool:

@@ -14,6 +14,7 @@ from convbn.commands import _checkpoints as common
 from convbn.convert import (
     Checkpoint,
     LayerCheck,
+    check_layout,
     check_shard_size,
     detect_format,
     load_checkpoint,
@@ -22,7 +23,7 @@ from convbn.convert import (
 )
 from convbn.errors import ConvBNError
 from convbn.formats import _orbax
-from convbn.formats._sharded import INDEX_SUFFIX, index_files
+from convbn.formats._sharded import INDEX_SUFFIX
 from convbn.formats.flax import writes_directory
 from convbn.loading import LoadReport, conform_checkpoint
 
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConvBNError(f"{dst}{INDEX_SUFFIX} exists (a sharded checkpoint written at {dst}); pass --force to overwrite it")
     if args.max_shard_size is not None:
         _check_shard_size(args.max_shard_size, to)
+    check_layout(dst, to, args.max_shard_size)
     if like_format is not None:
         _check_like(args, dst, to, like_format)
     common.prepare_conversion(source_format, to)
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         ckpt, to_write, match = _conform(args, ckpt, like_format)
     checks: list[LayerCheck] = []
     # A sharded source is its index and every shard: none may be written over.
-    protect = [*common.source_files(src, source_format), *index_files(src)]
+    protect = common.source_files(src, source_format)
     try:
         written = _write(args, ckpt, dst, to, read_notes, checks, protect, to_write=to_write, match=match)
     except _VerificationFailed:

@@ -493,3 +493,35 @@ def test_mutated_indexes_load_or_are_refused_in_one_line(tmp_path, fmt):
         _same_layers(reference, ckpt)
         outcomes["read"] += 1
     assert outcomes["refused"] > 40, outcomes  # most lies are caught, not read past
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_a_write_never_leaves_the_other_layout_beside_it(tmp_path, capsys, fmt):
+    """With --force too: a sharded write over a single file (or the reverse) would leave the old
+    layout in place, and the path and its directory would then read as two checkpoints."""
+    need(fmt)
+    suffix = {"safetensors": "safetensors", "torch": "bin"}[fmt]
+    old, new = random_checkpoint(widths=WIDTHS, seed=1), random_checkpoint(widths=WIDTHS, seed=2)
+    single = tmp_path / "a" / f"model.{suffix}"
+    single.parent.mkdir()
+    convbn.save_checkpoint(old, single, fmt)
+    with pytest.raises(ConvBNError, match="single-file checkpoint, which a sharded write would leave"):
+        convbn.save_checkpoint(new, single, fmt, overwrite=True, max_shard_size="10KB")
+    src = tmp_path / "new.safetensors"
+    convbn.save_checkpoint(new, src, "safetensors")
+    assert main(["convert", str(src), str(single), "--to", fmt, "--force", "--max-shard-size", "10KB"]) == 2
+    assert "a sharded write would leave" in capsys.readouterr().err
+    assert sorted(os.listdir(single.parent)) == [single.name]
+    _same_layers(convbn.load_checkpoint(single), old)
+
+    sharded = tmp_path / "b" / f"model.{suffix}"
+    sharded.parent.mkdir()
+    convbn.save_checkpoint(old, sharded, fmt, max_shard_size="10KB")
+    before = sorted(os.listdir(sharded.parent))
+    with pytest.raises(ConvBNError, match="which a single-file write would leave beside it"):
+        convbn.save_checkpoint(new, sharded, fmt, overwrite=True)
+    assert main(["convert", str(src), str(sharded), "--to", fmt, "--force"]) == 2
+    assert "a single-file write would leave" in capsys.readouterr().err
+    assert sorted(os.listdir(sharded.parent)) == before
+    convbn.save_checkpoint(new, sharded, fmt, overwrite=True, max_shard_size="10KB")  # same layout: fine
+    _same_layers(convbn.load_checkpoint(sharded.parent), new)
