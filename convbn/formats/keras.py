@@ -778,6 +778,8 @@ def read(
         position = {id(u): i for i, u in enumerate(units)}
         found = sorted(found + more, key=lambda p: position[id(p.conv)])
         unpaired = [u for u in unpaired if id(u) not in nested or u in rest]
+    if legacy and not with_graph:
+        _refuse_ambiguous_order(found, unpaired, units, path)
     if found and not with_graph and legacy and any(p.reason == "order" for p in found):
         ckpt.notes.append(
             "Keras 2 weights files do not record which BatchNorm follows which conv: paired each conv "
@@ -835,6 +837,30 @@ def read(
                 ckpt.tensors[name] = array
     ckpt.tensors.update(contents.loose)
     return ckpt
+
+
+def _refuse_ambiguous_order(found: list[Any], unpaired: list[Any], units: list[Any], path: Path) -> None:
+    """Refuse a Keras 2 order pairing that another conv could claim as well.
+
+    tf_keras lists a functional model's layers by depth, so parallel branches come as ``conv2d,
+    conv2d_1, batch_normalization, batch_normalization_1``: the BatchNorm right after ``conv2d_1``
+    is ``conv2d``'s. When an unpaired conv of the same width stands before a BatchNorm paired by
+    order, the file cannot tell which owns it, and guessing would load a wrong model.
+    """
+    position = {id(u): i for i, u in enumerate(units)}
+    loose = [u for u in unpaired if u.kind == "conv"]
+    for pair in found:
+        if pair.reason != "order":
+            continue
+        rivals = [c.name for c in loose if c.channels == pair.conv.channels and position[id(c)] < position[id(pair.bn)]]
+        if rivals:
+            raise ConvBNError(
+                f"a Keras 2 weights file does not say which conv BatchNormalization {pair.bn.name!r} follows: "
+                f"{pair.conv.name!r} before it in layer order, or the unpaired {rivals[-1]!r} of the same width "
+                "(tf_keras lists parallel branches' layers by depth); pass pairs / --pair, e.g. "
+                f"--pair {rivals[-1]}={pair.bn.name}, or read the whole-model .h5, whose config says. "
+                f"Received: file={path}"
+            )
 
 
 def _var_update(path: Path, layer: str, cfg: Mapping[str, Any]) -> str:

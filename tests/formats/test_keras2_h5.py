@@ -596,6 +596,34 @@ def test_a_keras_applications_resnet_converts_to_torch_and_back(tmp_path):
     assert np.array_equal(fresh(x, training=False).numpy(), model(x, training=False).numpy())
 
 
+def test_parallel_branches_with_default_names_are_refused_not_mispaired(tmp_path, capsys):
+    """tf_keras lists a functional model's layers by depth: two branches come as conv2d, conv2d_1,
+    batch_normalization, batch_normalization_1, and the BatchNorm after conv2d_1 is conv2d's. The
+    weights file cannot tell, so it is refused with the --pair that settles it; with those pairs,
+    or from the whole-model file's graph, the branches compute what tf_keras computes."""
+    need("tf_keras")
+    import tf_keras
+
+    inputs = tf_keras.Input((8, 8, 3))
+    a = tf_keras.layers.BatchNormalization()(tf_keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs))
+    b = tf_keras.layers.BatchNormalization()(tf_keras.layers.Conv2D(8, 1, padding="same", use_bias=False)(inputs))
+    model = _randomize(tf_keras.Model(inputs, tf_keras.layers.Add()([a, b])))
+    assert [layer.name for layer in model.layers[1:5]] == ["conv2d", "conv2d_1", "batch_normalization",
+                                                          "batch_normalization_1"]
+    model.save_weights(tmp_path / "w.h5")
+    model.save(tmp_path / "m.h5")
+    refused_everywhere(tmp_path / "w.h5", "--pair conv2d=batch_normalization")
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype("f4")
+    expected = model(x, training=False).numpy()
+    explicit = convbn.load_checkpoint(tmp_path / "w.h5", pairs={"conv2d": "batch_normalization",
+                                                                 "conv2d_1": "batch_normalization_1"})
+    for ckpt in (explicit, convbn.load_checkpoint(tmp_path / "m.h5")):
+        assert {k: s.bn_name for k, s in ckpt.sources.items()} == {
+            "conv2d": "batch_normalization", "conv2d_1": "batch_normalization_1"}
+        got = sum(convbn.conv_bn(x, params, backend="numpy") for params in ckpt.layers.values())
+        assert _rel(got, expected) < 1e-5
+
+
 @pytest.mark.slow
 def test_every_mutant_of_a_keras2_file_is_read_or_refused_cleanly(tmp_path):
     """The suite's mutation fuzzer (tests/fuzz) on both Keras 2 layouts: each mutant loads and
