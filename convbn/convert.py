@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from convbn.checkpoint import Checkpoint, LayerSource
 from convbn.errors import ConvBNError
 from convbn.formats import FORMATS, load_format
 from convbn.formats._io import parent_directories, placement
@@ -47,89 +48,6 @@ __all__ = [
 
 FoldTarget = Literal["beta", "moving_mean"]
 PairSpec = Mapping[str, str] | str | os.PathLike[str] | Iterable[str] | None
-
-
-@dataclasses.dataclass
-class LayerSource:
-    """Where one layer came from: the source tensor names and why the conv and BatchNorm paired.
-
-    ``reason`` is one of ``"explicit"`` (``pairs=``/``--pair``), ``"graph"`` (the file states the
-    pairs: a ``.meta`` graph, a ``.keras`` config, convbn's safetensors metadata), ``"naming"`` (a
-    naming convention) or ``"order"`` (a conv followed by a BatchNorm with matching channels).
-
-    Attributes:
-        conv: ConvBNParams field (``kernel``, ``bias``) → tensor name in the source.
-        bn: field (``gamma``, ``beta``, ``moving_mean``, ``moving_var``, extras such as
-            ``num_batches_tracked``) → tensor name in the source.
-        reason: why the two paired.
-        conv_name: the conv's own name (module path, variable scope or layer name).
-        bn_name: the BatchNorm's own name.
-        geometry: whether stride/padding/dilation/groups came from the file (else defaults).
-        settings: whether eps came from the file, with momentum where the format stores it (a TF
-            ``.meta`` graph states eps only); else the convention's defaults.
-
-    Names are those of the original format (:attr:`Checkpoint.metadata` ``["source_format"]``),
-    which differs from the file read only for convbn safetensors files.
-    """
-
-    conv: dict[str, str]
-    bn: dict[str, str]
-    reason: str
-    conv_name: str = ""
-    bn_name: str = ""
-    geometry: bool = False
-    settings: bool = False
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    """Conv+BatchNorm layers and the rest of a checkpoint.
-
-    Attributes:
-        layers: conv+BatchNorm pairs in source order, keyed by the conv's own name in the source
-            (``L`` for convbn's own ``L.conv``/``L.bn`` templates).
-        tensors: every other tensor, by its source name, in the source's layout (dense layers,
-            lone convs, unpaired BatchNorms, embeddings).
-        dropped: names deliberately left out (optimizer slots, ``global_step``), never silently.
-        format: the source format name.
-        convention: name of the :mod:`convbn.conventions` preset the source follows, if known.
-        sources: per layer, the source tensor names and the pairing reason.
-        notes: human-readable report lines (defaults assumed, overrides applied, folds done).
-        metadata: free-form provenance carried to formats that can store it (safetensors);
-            ``"source_format"`` names the format the names in ``sources``/``tensors`` belong to.
-        extras: per layer, source tensors that belong to the pair but have no ConvBNParams field
-            (torch's ``num_batches_tracked``).
-        unpaired: convs and BatchNorms left unpaired (name → ``"conv"`` or ``"bn"``); their tensors
-            are in ``tensors``.
-        fused: True when each layer's BatchNorm was folded into its conv (:func:`fuse_checkpoint`);
-            writers then write conv weight and bias only.
-    """
-
-    layers: dict[str, ConvBNParams] = dataclasses.field(default_factory=dict)
-    tensors: dict[str, Any] = dataclasses.field(default_factory=dict)
-    dropped: list[str] = dataclasses.field(default_factory=list)
-    format: str = ""
-    convention: str | None = None
-    sources: dict[str, LayerSource] = dataclasses.field(default_factory=dict)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
-    extras: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    unpaired: dict[str, str] = dataclasses.field(default_factory=dict)
-    fused: bool = False
-
-    def copy(self) -> Checkpoint:
-        """A copy with new containers; arrays and params (immutable) are shared, not copied."""
-        return dataclasses.replace(
-            self,
-            layers=dict(self.layers),
-            tensors=dict(self.tensors),
-            dropped=list(self.dropped),
-            sources=dict(self.sources),
-            notes=list(self.notes),
-            metadata=dict(self.metadata),
-            extras={k: dict(v) for k, v in self.extras.items()},
-            unpaired=dict(self.unpaired),
-        )
 
 
 def fold_bias(params: ConvBNParams, into: FoldTarget = "beta") -> ConvBNParams:

@@ -16,7 +16,7 @@ from convbn.errors import ConvBNError
 from convbn.params import ConvBNParams
 
 if TYPE_CHECKING:
-    from convbn.convert import Checkpoint
+    from convbn.checkpoint import Checkpoint
 
 __all__ = [
     "Progress",

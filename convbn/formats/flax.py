@@ -58,7 +58,7 @@ from convbn.formats._io import atomic_output
 from convbn.formats._pairing import Unit, pair_units
 
 if TYPE_CHECKING:
-    from convbn.convert import Checkpoint
+    from convbn.checkpoint import Checkpoint
 
 NAME = "flax"
 #: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
@@ -247,7 +247,7 @@ def _from_tree(
     tree: Mapping[str, Any], path: Path, *, pairs: Mapping[str, str] | None, eps: float | None, momentum: float | None
 ) -> Checkpoint:
     """The layers of a Flax variables tree (from either container), paired; everything else kept."""
-    from convbn.convert import Checkpoint, LayerSource
+    from convbn.checkpoint import Checkpoint, LayerSource
 
     ckpt = Checkpoint(format=NAME, convention=FLAX.name)
     ckpt.metadata["source_format"] = NAME

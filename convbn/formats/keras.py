@@ -102,7 +102,7 @@ from convbn.formats._io import atomic_output
 from convbn.formats._pairing import Unit, natural_key, pair_units
 
 if TYPE_CHECKING:
-    from convbn.convert import Checkpoint
+    from convbn.checkpoint import Checkpoint
 
 NAME = "keras"
 #: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
@@ -731,7 +731,7 @@ def read(
     use_ema: bool = False,
 ) -> Checkpoint:
     """Read Keras 3 ``.weights.h5`` or ``.keras``, or a Keras 2 ``.h5``; see the module docstring."""
-    from convbn.convert import Checkpoint, LayerSource
+    from convbn.checkpoint import Checkpoint, LayerSource
 
     if use_ema:
         raise ConvBNError(f"{path}: use_ema applies to slim checkpoints with moving-average shadows, not Keras files")

@@ -57,7 +57,7 @@ from convbn.formats._sharded import (
 from convbn.params import ARRAY_FIELDS
 
 if TYPE_CHECKING:
-    from convbn.convert import Checkpoint
+    from convbn.checkpoint import Checkpoint
 
 NAME = "safetensors"
 #: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
@@ -304,7 +304,7 @@ def _layer_field(path: Path, layer: str, entry: Mapping[str, Any], key: str, kin
 def _read_neutral(
     path: Path, tensors: dict[str, np.ndarray], metadata: Mapping[str, str], *, eps: float | None, momentum: float | None
 ) -> Checkpoint:
-    from convbn.convert import Checkpoint, LayerSource
+    from convbn.checkpoint import Checkpoint, LayerSource
 
     if metadata["convbn"] != LAYOUT_VERSION:
         raise ConvBNError(f"{path}: convbn layout version {metadata['convbn']!r} is not supported (this convbn reads {LAYOUT_VERSION!r})")

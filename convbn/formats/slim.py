@@ -53,10 +53,11 @@ from typing import Any
 import numpy as np
 
 from convbn import conventions
-from convbn.convert import Checkpoint, LayerSource, natural_key
+from convbn.checkpoint import Checkpoint, LayerSource
 from convbn.errors import ConvBNError
 from convbn.formats import _tfbundle, _tfproto
 from convbn.formats._common import not_written_note, origin_format
+from convbn.formats._pairing import natural_key
 from convbn.formats._sharded import parse_size
 from convbn.params import ConvBNParams
 

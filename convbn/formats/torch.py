@@ -62,7 +62,7 @@ from convbn.formats._sharded import (
 )
 
 if TYPE_CHECKING:
-    from convbn.convert import Checkpoint
+    from convbn.checkpoint import Checkpoint
 
 NAME = "torch"
 #: The framework read() and write() import (see convbn.formats.import_frameworks).
@@ -478,7 +478,7 @@ def layers_from_state_dict(
 
     Also used for safetensors files written from a torch state_dict without convbn's metadata.
     """
-    from convbn.convert import Checkpoint, LayerSource
+    from convbn.checkpoint import Checkpoint, LayerSource
 
     modules: dict[str, dict[str, str]] = {}  # module -> {leaf: full key}, in first-seen order
     for key in arrays:

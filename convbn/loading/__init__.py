@@ -31,7 +31,7 @@ from convbn.errors import ConvBNError
 from convbn.params import ConvBNParams
 
 if TYPE_CHECKING:
-    from convbn.convert import Checkpoint
+    from convbn.checkpoint import Checkpoint
 
 __all__ = [
     "LoadError",
@@ -668,7 +668,7 @@ def conform_checkpoint(
         >>> out, report = conform_checkpoint(load_checkpoint("w.weights.h5"), load_checkpoint("mine.pt"))  # doctest: +SKIP
         >>> save_checkpoint(out, "converted.pt", "torch")  # doctest: +SKIP
     """
-    from convbn.convert import Checkpoint
+    from convbn.checkpoint import Checkpoint
     from convbn.formats._common import origin_format
 
     into = _fold_target(fold_bias)

@@ -1,0 +1,298 @@
+"""The data types of convbn's checkpoint half: what every format reads into and writes from.
+
+A :class:`Checkpoint` is a model's layers in source order, in the neutral layout of
+:mod:`convbn.layouts` (HWIO conv kernels, ``(in, out)`` dense kernels, NHWC feature order):
+
+- conv+BatchNorm pairs as :class:`~convbn.params.ConvBNParams` (:attr:`Checkpoint.layers`), the
+  layers convbn runs and folds;
+- every other layer as a :class:`Layer` of one :data:`LayerKind` (:attr:`Checkpoint.others`): a conv
+  without BatchNorm, a transposed conv or a dense layer (each optionally followed by a BatchNorm,
+  :attr:`Layer.norm`), or a standalone BatchNorm, LayerNorm or GroupNorm;
+- tensors of no known role, by source name in the source's layout (:attr:`Checkpoint.tensors`),
+  kept so that nothing is lost silently.
+
+This module sits at the bottom: formats, conversion, loading and the CLI import it, and it imports
+nothing of convbn but the params and error types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from convbn.errors import ConvBNError
+from convbn.layouts import FlatOrder
+from convbn.params import ConvBNParams
+
+__all__ = [
+    "LAYER_KINDS",
+    "NORM_KINDS",
+    "Checkpoint",
+    "FeatureMap",
+    "Layer",
+    "LayerKind",
+    "LayerSource",
+    "Norm",
+    "NormKind",
+]
+
+#: What a :class:`Layer` is.
+LayerKind = Literal["conv", "conv_transpose", "dense", "batch_norm", "layer_norm", "group_norm"]
+LAYER_KINDS: tuple[str, ...] = ("conv", "conv_transpose", "dense", "batch_norm", "layer_norm", "group_norm")
+NormKind = Literal["batch_norm", "layer_norm", "group_norm"]
+NORM_KINDS: tuple[str, ...] = ("batch_norm", "layer_norm", "group_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """A normalization layer's tensors and settings.
+
+    Attributes:
+        kind: ``"batch_norm"`` (of any rank: after a conv, after a dense, or standalone),
+            ``"layer_norm"`` or ``"group_norm"``.
+        gamma: the scale, or None where the layer has none (``scale=False``, ``affine=False``).
+        beta: the offset, or None.
+        moving_mean: BatchNorm's moving mean; None for the other kinds.
+        moving_var: BatchNorm's moving variance; None for the other kinds.
+        eps: the epsilon, where the source states it.
+        momentum: BatchNorm's momentum as the kept fraction (TF's convention), where stated.
+        var_update: ``"biased"`` or ``"unbiased"``, how the moving variance was estimated, if known.
+        groups: GroupNorm's number of groups.
+    """
+
+    kind: NormKind
+    gamma: Any = None
+    beta: Any = None
+    moving_mean: Any = None
+    moving_var: Any = None
+    eps: float | None = None
+    momentum: float | None = None
+    var_update: str | None = None
+    groups: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORM_KINDS:
+            raise ConvBNError(f"a norm's kind is one of {', '.join(NORM_KINDS)}. Received: kind={self.kind!r}")
+        stats = self.moving_mean is not None, self.moving_var is not None
+        if self.kind == "batch_norm" and stats != (True, True):
+            raise ConvBNError("a BatchNorm needs both moving_mean and moving_var")
+        if self.kind != "batch_norm" and any(stats):
+            raise ConvBNError(f"a {self.kind} has no moving statistics")
+        if self.kind == "group_norm" and (self.groups is None or self.groups <= 0):
+            raise ConvBNError(f"a group_norm needs a positive number of groups. Received: groups={self.groups!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureMap:
+    """The feature map a dense layer's input (or output) is a flattening of.
+
+    Attributes:
+        height: the map's height.
+        width: the map's width.
+        channels: its channels.
+        order: the order the dense kernel's features are in as stored: ``"hwc"`` (NHWC flatten, the
+            neutral order) or ``"chw"`` (NCHW).
+    """
+
+    height: int
+    width: int
+    channels: int
+    order: FlatOrder = "hwc"
+
+    @property
+    def size(self) -> int:
+        return self.height * self.width * self.channels
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One layer that is not a conv+BatchNorm pair, in the neutral layout.
+
+    Attributes:
+        kind: what the layer is (:data:`LayerKind`).
+        kernel: conv ``(kh, kw, in/groups, out)``; transposed conv ``(kh, kw, out/groups, in)``; dense
+            ``(in, out)``; None for norms.
+        bias: ``(out,)`` or None.
+        norm: for a norm kind, the layer itself; for a conv, transposed conv or dense layer, the
+            BatchNorm that directly follows it, or None.
+        stride, padding, dilation, groups, output_padding: conv geometry as the source states it
+            (``padding`` as in :class:`~convbn.params.ConvBNParams`: ``"SAME"``, ``"VALID"`` or
+            per-side pads). ``geometry`` says whether it came from the file.
+        geometry: whether the geometry fields came from the source (else defaults).
+        flat_in: for a dense layer reading a flattened feature map, that map and the order of the
+            kernel's input rows; None when its input is a vector (after pooling) or unknown.
+        flat_out: for a dense layer whose output is reshaped into a map, that map and the order of
+            the kernel's output columns.
+        tensors: field (``kernel``, ``bias``, ``gamma``, ``beta``, ``moving_mean``, ``moving_var``)
+            -> tensor name in the source.
+        extras: source tensors that belong to the layer but have no field (torch's
+            ``num_batches_tracked``), kept for writers of the same format.
+    """
+
+    kind: LayerKind
+    kernel: Any = None
+    bias: Any = None
+    norm: Norm | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: Any = "VALID"
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    output_padding: tuple[int, int] = (0, 0)
+    geometry: bool = False
+    flat_in: FeatureMap | None = None
+    flat_out: FeatureMap | None = None
+    tensors: dict[str, str] = dataclasses.field(default_factory=dict)
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in LAYER_KINDS:
+            raise ConvBNError(f"a layer's kind is one of {', '.join(LAYER_KINDS)}. Received: kind={self.kind!r}")
+        if self.kind in NORM_KINDS:
+            if self.norm is None or self.norm.kind != self.kind or self.kernel is not None:
+                raise ConvBNError(f"a {self.kind} layer carries its Norm of the same kind and no kernel")
+            return
+        if self.kernel is None:
+            raise ConvBNError(f"a {self.kind} layer needs a kernel")
+        rank = 2 if self.kind == "dense" else 4
+        shape: tuple[int, ...] = tuple(getattr(self.kernel, "shape", ()))
+        if len(shape) != rank:
+            raise ConvBNError(f"a {self.kind} kernel must have {rank} dimensions. Received: shape {tuple(shape)}")
+        if self.norm is not None and self.norm.kind != "batch_norm":
+            raise ConvBNError(f"only a BatchNorm is carried after a {self.kind}. Received: {self.norm.kind}")
+        if (self.flat_in or self.flat_out) and self.kind != "dense":
+            raise ConvBNError(f"only a dense layer reads or writes a flattened map. Received: a {self.kind}")
+        if self.flat_in is not None and self.flat_in.size != shape[0]:
+            raise ConvBNError(
+                f"a dense layer with {shape[0]} inputs cannot read a flattened "
+                f"{self.flat_in.height}x{self.flat_in.width}x{self.flat_in.channels} map"
+            )
+        if self.flat_out is not None and self.flat_out.size != shape[1]:
+            raise ConvBNError(
+                f"a dense layer with {shape[1]} outputs cannot be reshaped into a "
+                f"{self.flat_out.height}x{self.flat_out.width}x{self.flat_out.channels} map"
+            )
+
+    @property
+    def out_features(self) -> int:
+        """The number of output channels or features."""
+        if self.kernel is None:
+            assert self.norm is not None
+            ref = self.norm.gamma if self.norm.gamma is not None else self.norm.beta
+            return 0 if ref is None else int(ref.shape[-1])
+        shape = self.kernel.shape
+        if self.kind == "conv_transpose":
+            return int(shape[2]) * self.groups
+        return int(shape[-1])
+
+
+@dataclasses.dataclass
+class LayerSource:
+    """Where one layer came from: the source tensor names and why the conv and BatchNorm paired.
+
+    ``reason`` is one of ``"explicit"`` (``pairs=``/``--pair``), ``"graph"`` (the file states the
+    pairs: a ``.meta`` graph, a ``.keras`` config, convbn's safetensors metadata), ``"naming"`` (a
+    naming convention) or ``"order"`` (a conv followed by a BatchNorm with matching channels).
+
+    Attributes:
+        conv: ConvBNParams field (``kernel``, ``bias``) → tensor name in the source.
+        bn: field (``gamma``, ``beta``, ``moving_mean``, ``moving_var``, extras such as
+            ``num_batches_tracked``) → tensor name in the source.
+        reason: why the two paired.
+        conv_name: the conv's own name (module path, variable scope or layer name).
+        bn_name: the BatchNorm's own name.
+        geometry: whether stride/padding/dilation/groups came from the file (else defaults).
+        settings: whether eps came from the file, with momentum where the format stores it (a TF
+            ``.meta`` graph states eps only); else the convention's defaults.
+
+    Names are those of the original format (:attr:`Checkpoint.metadata` ``["source_format"]``),
+    which differs from the file read only for convbn safetensors files.
+    """
+
+    conv: dict[str, str]
+    bn: dict[str, str]
+    reason: str
+    conv_name: str = ""
+    bn_name: str = ""
+    geometry: bool = False
+    settings: bool = False
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Conv+BatchNorm layers and the rest of a checkpoint.
+
+    Attributes:
+        layers: conv+BatchNorm pairs in source order, keyed by the conv's own name in the source
+            (``L`` for convbn's own ``L.conv``/``L.bn`` templates).
+        tensors: every other tensor, by its source name, in the source's layout (dense layers,
+            lone convs, unpaired BatchNorms, embeddings).
+        dropped: names deliberately left out (optimizer slots, ``global_step``), never silently.
+        format: the source format name.
+        convention: name of the :mod:`convbn.conventions` preset the source follows, if known.
+        sources: per layer, the source tensor names and the pairing reason.
+        notes: human-readable report lines (defaults assumed, overrides applied, folds done).
+        metadata: free-form provenance carried to formats that can store it (safetensors);
+            ``"source_format"`` names the format the names in ``sources``/``tensors`` belong to.
+        extras: per layer, source tensors that belong to the pair but have no ConvBNParams field
+            (torch's ``num_batches_tracked``).
+        unpaired: convs and BatchNorms left unpaired (name → ``"conv"`` or ``"bn"``); their tensors
+            are in ``tensors``.
+        fused: True when each layer's BatchNorm was folded into its conv
+            (:func:`convbn.convert.fuse_checkpoint`); writers then write conv weight and bias only.
+        others: every layer that is not a conv+BatchNorm pair, as a :class:`Layer` in the neutral
+            layout, keyed by its own name in the source (dense, lone or transposed convs, standalone
+            norms). Their tensors are no longer in ``tensors``.
+        order: the names of ``layers`` and ``others`` in source order; empty means ``layers`` then
+            ``others``. :meth:`in_order` walks it.
+    """
+
+    layers: dict[str, ConvBNParams] = dataclasses.field(default_factory=dict)
+    tensors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dropped: list[str] = dataclasses.field(default_factory=list)
+    format: str = ""
+    convention: str | None = None
+    sources: dict[str, LayerSource] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    extras: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    unpaired: dict[str, str] = dataclasses.field(default_factory=dict)
+    fused: bool = False
+    others: dict[str, Layer] = dataclasses.field(default_factory=dict)
+    order: list[str] = dataclasses.field(default_factory=list)
+
+    def in_order(self) -> list[tuple[str, ConvBNParams | Layer]]:
+        """Every layer, pairs and others, in source order.
+
+        Names in :attr:`order` that are in neither mapping are skipped; layers it does not list
+        follow, pairs first.
+        """
+        seen: set[str] = set()
+        out: list[tuple[str, ConvBNParams | Layer]] = []
+        for name in [*self.order, *self.layers, *self.others]:
+            if name in seen:
+                continue
+            item: ConvBNParams | Layer | None = self.layers.get(name)
+            if item is None:
+                item = self.others.get(name)
+            if item is not None:
+                seen.add(name)
+                out.append((name, item))
+        return out
+
+    def copy(self) -> Checkpoint:
+        """A copy with new containers; arrays and params (immutable) are shared, not copied."""
+        return dataclasses.replace(
+            self,
+            layers=dict(self.layers),
+            tensors=dict(self.tensors),
+            dropped=list(self.dropped),
+            sources=dict(self.sources),
+            notes=list(self.notes),
+            metadata=dict(self.metadata),
+            extras={k: dict(v) for k, v in self.extras.items()},
+            unpaired=dict(self.unpaired),
+            others=dict(self.others),
+            order=list(self.order),
+        )
+
+
