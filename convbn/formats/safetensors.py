@@ -49,7 +49,6 @@ from convbn.formats._sharded import (
     INDEX_SUFFIX,
     Shards,
     find_index,
-    parse_size,
     shard_names,
     split,
     write_index,
@@ -369,12 +368,12 @@ def _read_neutral(
 
 
 def write(
-    ckpt: Checkpoint, path: Path, *, progress: Progress | None = None, max_shard_size: int | str | None = None
+    ckpt: Checkpoint, path: Path, *, progress: Progress | None = None, max_shard_size: int | None = None
 ) -> None:
     """Write ``ckpt`` as a convbn safetensors file; see the module docstring.
 
-    With ``max_shard_size`` (see :func:`convbn.formats._sharded.parse_size`), a checkpoint larger
-    than that is written as ``<stem>-00001-of-0000N.safetensors`` shards, each with the same
+    With ``max_shard_size`` (bytes, as :func:`convbn.convert.save_checkpoint` parses it), a
+    checkpoint larger than that is written as ``<stem>-00001-of-0000N.safetensors`` shards, each with the same
     ``__metadata__``, and ``<name>.index.json``, as transformers' ``save_pretrained`` does; one that
     fits stays one file at ``path``, unless ``path`` names the index itself.
     """
@@ -438,7 +437,7 @@ def write(
     with atomic_output(path) as tmp:
         groups = [[name for name, _ in entries]]
         if max_shard_size is not None:
-            groups = split([(name, array.nbytes) for name, array in entries], parse_size(max_shard_size))
+            groups = split([(name, array.nbytes) for name, array in entries], max_shard_size)
         if len(groups) == 1 and not path.name.endswith(INDEX_SUFFIX):
             _write_file(tmp, entries, metadata, on_tensor)
             return

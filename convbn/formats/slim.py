@@ -58,7 +58,6 @@ from convbn.errors import ConvBNError
 from convbn.formats import _tfbundle, _tfproto
 from convbn.formats._common import not_written_note, origin_format
 from convbn.formats._pairing import natural_key
-from convbn.formats._sharded import parse_size
 from convbn.params import ConvBNParams
 
 __all__ = ["NAME", "WRITES_FUSED", "check_destination", "read", "resolve", "sniff", "write", "write_prefix"]
@@ -1151,7 +1150,7 @@ def check_destination(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
         )
 
 
-def write(ckpt: Checkpoint, path: str | os.PathLike[str], *, max_shard_size: int | str | None = None) -> None:
+def write(ckpt: Checkpoint, path: str | os.PathLike[str], *, max_shard_size: int | None = None) -> None:
     """Write ``ckpt`` as a tf-slim checkpoint at prefix ``path`` (``path.index`` + ``path.data-*``).
 
     Each layer ``L`` becomes ``L/weights`` (``L/depthwise_weights`` when depthwise),
@@ -1174,8 +1173,8 @@ def write(ckpt: Checkpoint, path: str | os.PathLike[str], *, max_shard_size: int
         path: the checkpoint prefix to write (its directory must exist); a path ending in
             ``.index`` names the prefix without it.
         max_shard_size: the most bytes per data file, ``path.data-0000K-of-0000N`` (a larger
-            tensor gets a file of its own): an int or a size such as ``"500MB"``, as
-            :func:`convbn.formats._sharded.parse_size` reads it; None writes one data file.
+            tensor gets a file of its own), as :func:`convbn.convert.save_checkpoint` parses
+            ``"500MB"`` and the like; None writes one data file.
 
     Raises:
         ConvBNError: for a layer with a conv bias, a name written twice, an existing directory at
@@ -1205,4 +1204,4 @@ def write(ckpt: Checkpoint, path: str | os.PathLike[str], *, max_shard_size: int
             f"kept {_meta_path(target)}: it declares every variable written, so later reads take layer "
             "order, pairing, stride, padding and eps from it"
         )
-    _tfbundle.write(target, entries, max_shard_size=None if max_shard_size is None else parse_size(max_shard_size))
+    _tfbundle.write(target, entries, max_shard_size=max_shard_size)

@@ -55,7 +55,6 @@ from convbn.formats._sharded import (
     INDEX_SUFFIX,
     Shards,
     find_index,
-    parse_size,
     shard_names,
     split,
     write_index,
@@ -556,12 +555,12 @@ def _tensor(array: Any) -> Any:
 
 
 def write(
-    ckpt: Checkpoint, path: Path, *, progress: Progress | None = None, max_shard_size: int | str | None = None
+    ckpt: Checkpoint, path: Path, *, progress: Progress | None = None, max_shard_size: int | None = None
 ) -> None:
     """Write ``ckpt`` as a torch state_dict with ``torch.save``; see the module docstring.
 
-    With ``max_shard_size`` (see :func:`convbn.formats._sharded.parse_size`), a state_dict larger
-    than that is written as ``<stem>-00001-of-0000N.bin`` shards (each a ``torch.save`` of part of
+    With ``max_shard_size`` (bytes, as :func:`convbn.convert.save_checkpoint` parses it), a
+    state_dict larger than that is written as ``<stem>-00001-of-0000N.bin`` shards (each a ``torch.save`` of part of
     it) and ``<name>.index.json``, as transformers' ``save_pretrained`` does; one that fits stays
     one file at ``path``, unless ``path`` names the index itself.
     """
@@ -607,7 +606,7 @@ def write(
     with atomic_output(path) as tmp:
         groups = [list(state)]
         if max_shard_size is not None:
-            groups = split([(key, np.asarray(a).nbytes) for key, a in state.items()], parse_size(max_shard_size))
+            groups = split([(key, np.asarray(a).nbytes) for key, a in state.items()], max_shard_size)
         if len(groups) == 1 and not path.name.endswith(INDEX_SUFFIX):
             torch.save({key: _tensor(a) for key, a in state.items()}, tmp)
             return

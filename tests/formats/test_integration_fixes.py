@@ -8,6 +8,9 @@ convbn alone.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
+import json
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,27 @@ def test_writers_get_the_shard_size_in_bytes_parsed_once(tmp_path: Path, monkeyp
     back = convbn.load_checkpoint(tmp_path / "m.ckpt")
     for layer, params in ckpt.layers.items():
         assert np.array_equal(back.layers[layer].kernel, params.kernel), layer
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("torch", "pytorch_model.bin"), ("safetensors", "model.safetensors")])
+def test_the_hugging_face_writers_shard_by_the_bytes_they_are_given(tmp_path: Path, fmt: str, name: str) -> None:
+    """One parser of sizes (``_sharded.parse_size``, called by ``save_checkpoint``): the torch and
+    safetensors writers, like slim's, take bytes and shard by them, and parse nothing themselves."""
+    if fmt == "torch":
+        need("torch")
+    module = importlib.import_module(f"convbn.formats.{fmt}")
+    assert "parse_size" not in inspect.getsource(module), fmt
+    ckpt = random_checkpoint(bias=False)
+    (tmp_path / "direct").mkdir()
+    module.write(ckpt, tmp_path / "direct" / name, max_shard_size=2000)
+    convbn.save_checkpoint(ckpt, tmp_path / name, fmt, max_shard_size="2KB")
+    for where in (tmp_path, tmp_path / "direct"):
+        index = json.loads((where / f"{name}.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1, index
+        back = convbn.load_checkpoint(where)
+        for layer, params in ckpt.layers.items():
+            assert_same_arrays(back.layers[layer], params)
+    assert (tmp_path / f"{name}.index.json").read_bytes() == (tmp_path / "direct" / f"{name}.index.json").read_bytes()
 
 
 @pytest.mark.needs("h5py")
