@@ -20,11 +20,14 @@ import numpy as np
 
 from convbn.errors import ConvBNError
 
-__all__ = ["ml_dtype", "numpy_to_torch", "torch_to_numpy"]
+__all__ = ["keras_float_name", "ml_dtype", "numpy_to_torch", "torch_to_numpy"]
 
 #: torch dtypes NumPy has only through ml_dtypes, with the integer type of the same width whose
 #: bits they cross as. The float8s are left out: convbn's torch paths refuse them.
 _TORCH_BITS = {"bfloat16": "int16"}
+
+#: The floating dtypes a Keras layer takes by name as its dtype policy.
+_KERAS_FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
 def ml_dtype(name: str, where: str) -> np.dtype:
@@ -43,6 +46,12 @@ def ml_dtype(name: str, where: str) -> np.dtype:
             "TensorFlow and JAX): pip install ml_dtypes"
         ) from None
     return np.dtype(getattr(ml_dtypes, name))
+
+
+def keras_float_name(dtype: np.dtype) -> str:
+    """The dtype policy Keras layers holding ``dtype`` weights are built with: the float's own name,
+    ``"float32"`` for any other (a float8 or integer kernel would not compute in Keras)."""
+    return dtype.name if dtype.name in _KERAS_FLOATS else "float32"
 
 
 def torch_to_numpy(t: Any, where: str) -> np.ndarray:

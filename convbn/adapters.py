@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from convbn._dtypes import keras_float_name
 from convbn.conventions import kept_to_torch_momentum, torch_momentum_to_kept
 from convbn.errors import ConvBNError
 from convbn.params import ConvBNParams, VarUpdate, normalize_padding
@@ -611,8 +612,7 @@ def keras_dtype(params: ConvBNParams) -> str:
     """The name of the kernel's floating dtype, as Keras spells it (``"float32"`` for others)."""
     from convbn.backends.numpy import to_numpy
 
-    name = str(to_numpy(params.kernel).dtype)
-    return name if name in ("float16", "bfloat16", "float32", "float64") else "float32"
+    return keras_float_name(to_numpy(params.kernel).dtype)
 
 
 def _keras_data_format(data_format: str | None) -> str:

@@ -188,3 +188,25 @@ def test_flax_msgpack_without_ml_dtypes_refuses_bfloat16(tmp_path: Path) -> None
     tree = msgpack.unpackb(path.read_bytes(), ext_hook=relabel, raw=False, strict_map_key=False)
     path.write_bytes(msgpack.packb(tree))
     _assert_refused(_hidden("flax", path), str(path))
+
+
+@pytest.mark.needs("ml_dtypes")
+def test_the_keras_dtype_name_is_the_same_for_the_layers_and_the_keras_writer() -> None:
+    """``convbn.keras.ConvBN`` (through ``adapters.keras_dtype``) and the ``.keras`` writer's dtype
+    policy name a kernel's dtype through one helper: the floats Keras computes in keep their name,
+    anything else becomes float32."""
+    import ml_dtypes
+
+    from convbn import adapters
+    from convbn._dtypes import keras_float_name
+    from convbn.formats import keras as keras_format
+
+    kept = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64"}
+    widened = {"float8_e4m3fn": "float32", "int8": "float32", "int32": "float32"}
+    for name, want in {**kept, **widened}.items():
+        dtype = np.dtype(getattr(ml_dtypes, name, None) or name)
+        params = convbn.ConvBNParams(kernel=np.ones((1, 1, 2, 3), dtype), moving_mean=np.zeros(3, np.float32),
+                                     moving_var=np.ones(3, np.float32))
+        assert keras_float_name(dtype) == want, name
+        assert adapters.keras_dtype(params) == want, name
+        assert keras_format._dtype_policy(params) == want, name

@@ -84,6 +84,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from convbn._dtypes import keras_float_name
 from convbn.conventions import KERAS2_FUSED, KERAS3
 from convbn.errors import ConvBNError
 from convbn.formats._common import (
@@ -1102,8 +1103,7 @@ def _legacy_names(obj: Any, key: str, names: list[str]) -> None:
 
 
 def _dtype_policy(params: Any) -> str:
-    name = np.asarray(params.kernel).dtype.name
-    return name if name in ("float16", "bfloat16", "float32", "float64") else "float32"
+    return keras_float_name(np.asarray(params.kernel).dtype)
 
 
 def _model_config(branches: list[tuple[str, str | None, Any]]) -> dict[str, Any]:
