@@ -126,6 +126,7 @@ class Shards:
         by_name: dict[str, list[str]] = {}
         for tensor, name in weight_map.items():
             by_name.setdefault(name, []).append(tensor)
+        _check_numbering(index, list(by_name))
         tensors: dict[Path, list[str]] = {}
         for name in sorted(by_name, key=_shard_order):
             shard = index.parent / _checked_name(index, name)
@@ -184,6 +185,28 @@ def _checked_name(index: Path, name: str) -> PurePosixPath:
             "name relative to it"
         )
     return shard
+
+
+#: ``<stem>-00002-of-00005<ext>``: the numbering transformers and :func:`shard_names` give shards.
+_NUMBERED = re.compile(r"(.*)-(\d{5})-of-(\d{5})(\.[^./]*)?")
+
+
+def _check_numbering(index: Path, names: list[str]) -> None:
+    """Shards numbered ``-K-of-N`` alike must all be named: a weight_map that leaves one out would
+    read as a checkpoint without that shard's tensors, and nothing would say so."""
+    numbered = [_NUMBERED.fullmatch(name) for name in names]
+    if not all(numbered) or len({(m[1], m[3], m[4]) for m in numbered if m}) != 1:
+        return
+    first = numbered[0]
+    assert first is not None
+    count = int(first[3])
+    absent = sorted(set(range(1, count + 1)) - {int(m[2]) for m in numbered if m})
+    if absent:
+        missing = f"{first[1]}-{absent[0]:05d}-of-{count:05d}{first[4] or ''}"
+        raise ConvBNError(
+            f"{index}: the weight_map puts no tensor in shard {missing!r} of the {count} its shard names "
+            f"number ({len(absent)} such shard(s)); a tensor left out of it would be read past"
+        )
 
 
 def _shard_order(name: str) -> tuple[Any, ...]:

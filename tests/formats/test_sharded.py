@@ -437,29 +437,9 @@ def test_a_sharded_source_is_never_written_over(tmp_path, capsys):
 # -- mutation fuzzing ----------------------------------------------------------------------------------
 
 
-def _lie_in_weight_map(rng: random.Random, document: dict[str, Any], shard_names: list[str]) -> None:
-    """One lie in a parsed index's weight_map: a tensor moved, renamed, dropped, added, or sent to a
-    shard that is elsewhere, absent or of the wrong type."""
-    weight_map = document["weight_map"]
-    tensor = rng.choice(list(weight_map))
-    roll = rng.randrange(6)
-    if roll == 0:
-        weight_map[tensor] = rng.choice(shard_names)
-    elif roll == 1:
-        weight_map[tensor] = rng.choice(("../x.safetensors", "/etc/passwd", "", "nope.bin", "d/../../x", 3, None, []))
-    elif roll == 2:
-        del weight_map[tensor]
-    elif roll == 3:
-        weight_map[f"{tensor}.extra"] = weight_map[tensor]
-    elif roll == 4:
-        weight_map[tensor.upper()] = weight_map.pop(tensor)
-    else:
-        document["metadata"] = rng.choice((None, [], {"total_size": -1}, "x"))
-
-
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_mutated_indexes_load_or_are_refused_in_one_line(tmp_path, fmt):
-    from tests.fuzz.mutate import mutate
+    from tests.fuzz.mutate import mutate, shard_index
 
     if fmt == "torch":
         need("torch")
@@ -468,14 +448,11 @@ def test_mutated_indexes_load_or_are_refused_in_one_line(tmp_path, fmt):
     convbn.save_checkpoint(reference, tmp_path / name, fmt, max_shard_size="10KB")
     index = tmp_path / f"{name}.index.json"
     original = index.read_bytes()
-    shard_names = sorted(set(json.loads(original)["weight_map"].values()))
     outcomes = {"read": 0, "refused": 0}
     for seed in range(80):
         rng = random.Random(seed)
         if rng.random() < 0.5:
-            document = json.loads(original)
-            _lie_in_weight_map(rng, document, shard_names)
-            data, how = json.dumps(document).encode(), "weight_map lie"
+            data, how = shard_index(rng, original), "index lie"
         else:
             data, how, _ = mutate(rng, index.name, original)
         index.write_bytes(data)
@@ -525,3 +502,21 @@ def test_a_write_never_leaves_the_other_layout_beside_it(tmp_path, capsys, fmt):
     assert sorted(os.listdir(sharded.parent)) == before
     convbn.save_checkpoint(new, sharded, fmt, overwrite=True, max_shard_size="10KB")  # same layout: fine
     _same_layers(convbn.load_checkpoint(sharded.parent), new)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_an_index_that_leaves_out_a_whole_shard_is_refused(tmp_path, fmt):
+    """Deleting the weight_map entries of one whole shard (here the only tensor of shard 3 of 4)
+    must not read as a smaller checkpoint: the numbering says a shard is missing."""
+    need(fmt)
+    name = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"
+    convbn.save_checkpoint(random_checkpoint(widths=WIDTHS), tmp_path / name, fmt, max_shard_size="10KB")
+    index = tmp_path / f"{name}.index.json"
+    document = json.loads(index.read_bytes())
+    shards = sorted(set(document["weight_map"].values()))
+    alone = [t for t, s in document["weight_map"].items() if list(document["weight_map"].values()).count(s) == 1]
+    assert alone, document  # the layout this test relies on: one shard holds a single tensor
+    gone = document["weight_map"].pop(alone[0])
+    index.write_text(json.dumps(document))
+    assert len(shards) == 4 and gone in shards
+    refused_everywhere(index, repr(gone), "puts no tensor in shard")
