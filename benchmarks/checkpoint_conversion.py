@@ -1,11 +1,12 @@
 """Time and peak memory of checkpoint conversion on a ResNet-50-sized checkpoint.
 
 53 conv+BatchNorm pairs with ResNet-50's shapes (23.5M conv parameters, float32, about 94 MB).
-Each route runs in a fresh process: the frameworks the two formats need are imported first (timed
-as ``import``), then the peak-RSS counter is reset (Linux ``/proc/self/clear_refs``) and
-``load_checkpoint`` + ``save_checkpoint`` are timed (``convert``). Reported: both times, the peak
-RSS during the conversion, and that peak minus the RSS before it (the memory the conversion itself
-needed), each also as a multiple of the checkpoint's size.
+Each route runs in a fresh process, measured as ``benchmarks/checkpoint_memory.py`` measures its
+routes (:func:`benchmarks.checkpoint_memory.measure`): the frameworks the two formats need are
+imported first (timed as ``import``), then the peak-RSS counter is reset (Linux
+``/proc/self/clear_refs``) and ``load_checkpoint`` + ``save_checkpoint`` are timed (``convert``).
+Reported: both times, the peak RSS during the conversion, and that peak minus the RSS before it
+(the memory the conversion itself needed), each also as a multiple of the checkpoint's size.
 
     python benchmarks/checkpoint_conversion.py [--routes torch:safetensors torch:flax ...]
 """
@@ -13,17 +14,18 @@ needed), each also as a multiple of the checkpoint's size.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.checkpoint_memory import measure  # noqa: E402
 
 SUFFIX = {"torch": "pt", "safetensors": "safetensors", "flax": "msgpack", "keras": "weights.h5", "slim": "ckpt"}
 #: What each format's reader and writer import; TF checkpoints are read and written without
@@ -60,46 +62,18 @@ def make_source(fmt: str, path: Path) -> None:
     convbn.save_checkpoint(ckpt, path, fmt)
 
 
-CHILD = """
-import json, os, sys, time
-sys.path.insert(0, {root!r})
-t = time.perf_counter()
-for name in {imports!r}:
-    __import__(name)
-import convbn
-import_s = time.perf_counter() - t
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-rss_before = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-t = time.perf_counter()
-ckpt = convbn.load_checkpoint({src!r})
-convbn.save_checkpoint(ckpt, {dst!r}, {fmt!r})
-seconds = time.perf_counter() - t
-print(json.dumps({{"seconds": seconds, "import_s": import_s, "peak": status("VmHWM"), "before": rss_before,
-                  "layers": len(ckpt.layers)}}))
-"""
-
-
 def _files(path: Path) -> list[Path]:
     """The file, or for a TF checkpoint prefix its .index and .data-* files."""
     return [path] if path.is_file() else sorted(path.parent.glob(path.name + ".*"))
 
 
-def run(route: str, workdir: Path) -> dict[str, object]:
+def run(route: str, workdir: Path) -> dict[str, Any]:
     src_fmt, dst_fmt = route.split(":")
     src = workdir / f"src.{SUFFIX[src_fmt]}"
     if not _files(src):
         make_source(src_fmt, src)
     dst = workdir / f"dst_{src_fmt}.{SUFFIX[dst_fmt]}"
-    imports = sorted({IMPORTS[src_fmt], IMPORTS[dst_fmt]}, key=lambda m: m != "torch")  # torch first
-    code = CHILD.format(root=str(ROOT), imports=imports, src=str(src), dst=str(dst), fmt=dst_fmt)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = measure(src, dst, dst_fmt, "", [IMPORTS[src_fmt], IMPORTS[dst_fmt]], route)
     size = sum(f.stat().st_size for f in _files(src))
     result.update(route=route, size=size, peak_x=result["peak"] / size,
                   extra_x=(result["peak"] - result["before"]) / size)

@@ -55,13 +55,18 @@ ROUTES: dict[str, tuple[str, tuple[str, str, bool] | None]] = {
 #: What a format's reader or writer imports, imported before measuring.
 IMPORTS = {"torch": ["torch"], "flax": ["orbax.checkpoint"]}
 
+#: One measured route, in a fresh process: ``root src dst format shard_size module...``. The modules
+#: (the formats' frameworks) are imported first and timed; then the peak-RSS counter is reset and
+#: ``load_checkpoint`` (+ ``save_checkpoint`` when a format is given) is timed. Prints one JSON line.
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 src, dst, to, shard = sys.argv[2:6]
+t = time.perf_counter()
 for name in sys.argv[6:]:
     __import__(name)
 import convbn
+import_s = time.perf_counter() - t
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -75,9 +80,21 @@ ckpt = convbn.load_checkpoint(src)
 if to:
     convbn.save_checkpoint(ckpt, dst, to, max_shard_size=shard or None)
 seconds = time.perf_counter() - t
-print(json.dumps({"before": before, "peak": status("VmHWM"), "seconds": seconds, "layers": len(ckpt.layers),
-                  "tensorflow": "tensorflow" in sys.modules}))
+print(json.dumps({"before": before, "peak": status("VmHWM"), "seconds": seconds, "import_s": import_s,
+                  "layers": len(ckpt.layers), "tensorflow": "tensorflow" in sys.modules}))
 """
+
+
+def measure(src: Path, dst: Path | None, to: str, shard_size: str, imports: list[str], what: str) -> dict[str, Any]:
+    """Run :data:`CHILD` on one route (``to=""``: only read ``src``): its JSON result. torch is
+    imported first where it is among ``imports``; ``what`` names the route if it fails."""
+    modules = sorted(set(imports), key=lambda m: m != "torch")
+    argv = [sys.executable, "-c", CHILD, str(ROOT), str(src), str(dst or ""), to, shard_size, *modules]
+    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if out.returncode:
+        raise SystemExit(f"{what} failed:\n{out.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -107,13 +124,8 @@ def run(route: str, work: Path, shard_size: str) -> dict[str, Any]:
     kind, target = ROUTES[route]
     src, src_fmt = SOURCES[kind]
     dst, to, sharded = target if target is not None else ("", "", False)
-    imports = sorted({m for f in (src_fmt, to) for m in IMPORTS.get(f, [])}, key=lambda m: m != "torch")
-    argv = [sys.executable, "-c", CHILD, str(ROOT), str(work / src), str(work / dst) if dst else "", to,
-            shard_size if sharded else "", *imports]
-    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    if out.returncode:
-        raise SystemExit(f"{route} failed:\n{out.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    imports = [m for f in (src_fmt, to) for m in IMPORTS.get(f, [])]
+    result = measure(work / src, work / dst if dst else None, to, shard_size if sharded else "", imports, route)
     result["size"] = sum(f.stat().st_size for f in checkpoint_files(work / src))
     return result
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import available
@@ -68,3 +69,27 @@ def test_quick_suite_on_tiny_shape(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert sum(line.startswith("| ") and " | tiny | " in line for line in table.splitlines()) == len(report["layers"])
 
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux /proc")
+def test_the_checkpoint_benchmarks_measure_a_conversion_in_one_child(tmp_path, monkeypatch):
+    """``checkpoint_conversion`` measures through ``checkpoint_memory.measure`` (one child script):
+    on a two-layer stand-in for ResNet-50, safetensors -> TF checkpoint (numpy only) converts every
+    layer, and a route measured directly writes the same values it read."""
+    import convbn
+    from benchmarks import checkpoint_conversion, checkpoint_memory
+
+    monkeypatch.setattr(checkpoint_conversion, "resnet50_shapes", lambda: [(3, 3, 4), (1, 4, 8)])
+    result = checkpoint_conversion.run("safetensors:slim", tmp_path)
+    src = tmp_path / "src.safetensors"
+    assert result["layers"] == 2 and result["size"] == src.stat().st_size, result
+    assert result["peak"] >= result["before"] > 0 and result["seconds"] > 0 and result["import_s"] > 0, result
+    assert not list(tmp_path.glob("dst_*")), "the route's output is removed after it"
+
+    direct = checkpoint_memory.measure(src, tmp_path / "m.ckpt", "slim", "", [], "direct")
+    assert direct["layers"] == 2 and not direct["tensorflow"], direct
+    back, want = convbn.load_checkpoint(tmp_path / "m.ckpt"), convbn.load_checkpoint(src)
+    assert list(back.layers) == list(want.layers)
+    for name, params in want.layers.items():
+        for field in ("kernel", "gamma", "beta", "moving_mean", "moving_var"):
+            np.testing.assert_array_equal(getattr(back.layers[name], field), getattr(params, field))
