@@ -22,7 +22,7 @@ test, naming it, except in a run that is supposed to have it, where it fails the
   brings orbax with flax; tox's jax env also names ``convbn[orbax]``), keras
   and h5py with tensorflow (``convbn[tensorflow]``; TensorFlow brings Keras 3), ml_dtypes with
   tensorflow or jax;
-- the cross-framework oracles (tf_slim, tf_keras, safetensors) are installed only by tox's cross
+- the cross-framework oracles (tf_slim, tf_keras, safetensors, transformers) are installed only by tox's cross
   env, and expected when ``CONVBN_TEST_BACKENDS`` names all four backends, as that env does.
 
 With ``CONVBN_TEST_BACKENDS`` unset nothing is expected: whatever is missing is skipped.
@@ -54,6 +54,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     "tf_slim": (),
     "tf_keras": (),
     "safetensors": (),
+    "transformers": (),
 }
 
 #: The backend whose framework a package imports when it is imported.
