@@ -44,7 +44,7 @@ from convbn.conformance.distributed import (
     tasks,
     to_layout,
 )
-from convbn.conformance.runner import Result
+from convbn.conformance.results import Result
 
 __all__ = ["AXIS", "run", "run_here"]
 

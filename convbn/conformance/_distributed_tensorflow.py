@@ -38,7 +38,7 @@ from convbn.conformance.distributed import (
     tasks,
     to_layout,
 )
-from convbn.conformance.runner import Result
+from convbn.conformance.results import Result
 
 __all__ = ["run", "run_here"]
 

@@ -40,7 +40,7 @@ from convbn.conformance.distributed import (
     tasks,
     to_layout,
 )
-from convbn.conformance.runner import Result
+from convbn.conformance.results import Result
 from convbn.errors import ConvBNError
 
 __all__ = ["run", "run_here", "spawn"]

@@ -32,7 +32,7 @@ import numpy as np
 
 from convbn.conformance import reference
 from convbn.conformance.cases import Case, param_dtype, round_to
-from convbn.conformance.runner import Result
+from convbn.conformance.results import Result
 from convbn.conformance.tolerances import tolerance
 from convbn.params import ConvBNParams, with_arrays
 

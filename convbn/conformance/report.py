@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from convbn.conformance.cases import DTYPES
-from convbn.conformance.runner import ORDER, Result
+from convbn.conformance.results import ORDER, Result
 
 __all__ = ["GROUP_ORDER", "Report", "Summary", "environment"]
 
