@@ -13,6 +13,7 @@ from convbn.dispatch import AUTO_ORDER, available_backends
 from convbn.errors import ConvBNError
 from convbn.loading import LoadError, LoadReport, load_into
 from convbn.params import ConvBNParams
+from convbn.spec import ConvBNSpec
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "Checkpoint",
     "ConvBNError",
     "ConvBNParams",
+    "ConvBNSpec",
     "LoadError",
     "LoadReport",
     "__version__",

@@ -36,7 +36,8 @@ import numpy as np
 from convbn._dtypes import keras_float_name
 from convbn.conventions import kept_to_torch_momentum, torch_momentum_to_kept
 from convbn.errors import ConvBNError
-from convbn.params import ConvBNParams, VarUpdate, normalize_padding
+from convbn.params import ConvBNParams
+from convbn.spec import ConvBNSpec, VarUpdate, normalize_padding, symmetric
 
 if TYPE_CHECKING:
     from flax import linen
@@ -95,34 +96,29 @@ def _numpy(a: Any) -> np.ndarray:
     return np.array(to_numpy(a), copy=True)
 
 
-def _same_stride1_pads(params: ConvBNParams) -> tuple[tuple[int, int], tuple[int, int]]:
-    """TF SAME's pads at stride 1: ``k_eff - 1`` in total whatever the input size, extra after."""
-    (kh, kw), (dh, dw) = params.kernel_size, params.dilation
-    th, tw = (kh - 1) * dh, (kw - 1) * dw
-    return ((th // 2, th - th // 2), (tw // 2, tw - tw // 2))
+def _spec_of(geometry: ConvBNParams | ConvBNSpec) -> ConvBNSpec:
+    return geometry.spec if isinstance(geometry, ConvBNParams) else geometry
 
 
-def _equivalent_pads(params: ConvBNParams) -> Any:
-    """The padding as explicit pads when they do not depend on the input size, else ``"SAME"``.
+def _is_stride1_same(spec: ConvBNSpec, pads: Any) -> bool:
+    """Whether ``pads`` are what TF's SAME gives ``spec`` at stride 1, where they do not depend on
+    the input size (the frameworks' own ``"same"`` then expresses them)."""
+    return spec.stride == (1, 1) and pads == dataclasses.replace(spec, padding="SAME").pads()
 
-    SAME at stride 1 equals explicit padding; at stride > 1 its pads depend on the input size.
+
+def _check_geometry(params: ConvBNParams, layer: ConvBNSpec, where: str) -> None:
+    """Raise unless ``layer`` (the target's geometry) computes the same conv as ``params``.
+
+    Paddings agree when their pads do at every input size (SAME at stride 1 equals explicit pads).
     """
-    if params.padding == "SAME":
-        return _same_stride1_pads(params) if params.stride == (1, 1) else "SAME"
-    if params.padding == "VALID":
-        return ((0, 0), (0, 0))
-    return params.padding
-
-
-def _check_geometry(params: ConvBNParams, layer: ConvBNParams, where: str) -> None:
-    """Raise unless ``layer`` (the target's geometry as params) computes the same conv as ``params``."""
+    spec = params.spec
     mismatches = [
-        f"{name}: params {getattr(params, name)!r}, {where} {getattr(layer, name)!r}"
+        f"{name}: params {getattr(spec, name)!r}, {where} {getattr(layer, name)!r}"
         for name in ("kernel_size", "in_channels", "out_channels", "stride", "dilation", "groups")
-        if getattr(params, name) != getattr(layer, name)
+        if getattr(spec, name) != getattr(layer, name)
     ]
-    if _equivalent_pads(params) != _equivalent_pads(layer):
-        mismatches.append(f"padding: params {params.padding!r}, {where} {layer.padding!r}")
+    if spec.pads() != layer.pads():
+        mismatches.append(f"padding: params {spec.padding!r}, {where} {layer.padding!r}")
     if mismatches:
         raise ConvBNError(
             f"{where} must have the geometry of the params it is loaded with. Received: "
@@ -166,13 +162,23 @@ def _torch_padding_to_convbn(padding: Any) -> Any:
     return tuple(int(p) for p in padding)
 
 
-def _torch_conv_geometry(conv: nn.Conv2d, kernel: Any) -> ConvBNParams:
-    """The conv's geometry as params (for comparison), with a placeholder BatchNorm."""
-    zeros = np.zeros(conv.out_channels, np.float32)
-    return ConvBNParams(
-        kernel=kernel, moving_mean=zeros, moving_var=zeros, stride=tuple(conv.stride),
-        padding=_torch_padding_to_convbn(conv.padding), dilation=tuple(conv.dilation), groups=conv.groups,
+def _torch_conv_spec(conv: nn.Conv2d, **settings: Any) -> ConvBNSpec:
+    """The conv's geometry (its weight's shape, stride, padding, ...) as a spec, with the
+    BatchNorm ``settings``; errors name the module's attributes."""
+    out, in_per_group, kh, kw = (int(d) for d in conv.weight.shape)
+    return ConvBNSpec.named(
+        _ATTRIBUTE_NAMES, kernel_size=(kh, kw), in_channels=in_per_group * conv.groups, out_channels=out,
+        stride=tuple(conv.stride), padding=_torch_padding_to_convbn(conv.padding),
+        dilation=tuple(conv.dilation), groups=conv.groups, **settings,
     )
+
+
+# A spec read from a framework's conv and BatchNorm names each setting as their attribute.
+_ATTRIBUTE_NAMES = {
+    **{name: f"conv.{name}" for name in ("kernel_size", "in_channels", "out_channels", "stride", "padding",
+                                         "dilation", "groups")},
+    "eps": "bn.eps", "momentum": "bn.momentum",
+}
 
 
 def _check_torch_pair(conv: Any, bn: Any) -> None:
@@ -235,27 +241,27 @@ def from_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> ConvBNParams:
     """
     _check_torch_pair(conv, bn)
     momentum = kept_from_torch(bn.momentum, "bn")
-    kernel = _numpy(conv.weight.detach().permute(2, 3, 1, 0))
-    geometry = _torch_conv_geometry(conv, kernel)
-    return dataclasses.replace(
-        geometry,
+    spec = _torch_conv_spec(conv, eps=float(bn.eps), momentum=momentum, var_update="unbiased")
+    return ConvBNParams.from_spec(
+        spec,
+        kernel=_numpy(conv.weight.detach().permute(2, 3, 1, 0)),
         bias=None if conv.bias is None else _numpy(conv.bias),
         gamma=None if bn.weight is None else _numpy(bn.weight),
         beta=None if bn.bias is None else _numpy(bn.bias),
         moving_mean=_numpy(bn.running_mean),
         moving_var=_numpy(bn.running_var),
-        eps=float(bn.eps),
-        momentum=momentum,
-        var_update="unbiased",
     )
 
 
-def torch_padding(params: ConvBNParams) -> Any:
-    """``params.padding`` as ``nn.Conv2d``'s ``padding``, or None when torch cannot express it."""
-    pads = _equivalent_pads(params)
-    if pads != "SAME" and all(before == after for before, after in pads):
+def torch_padding(geometry: ConvBNParams | ConvBNSpec) -> Any:
+    """The padding as ``nn.Conv2d``'s ``padding``, or None when torch cannot express it."""
+    spec = _spec_of(geometry)
+    pads = spec.pads()
+    if pads is None:
+        return None
+    if symmetric(pads):
         return (pads[0][0], pads[1][0])
-    if params.stride == (1, 1) and pads == _same_stride1_pads(params):
+    if _is_stride1_same(spec, pads):
         return "same"  # torch's 'same' puts the extra row/column at the bottom/right, as TF's
     return None
 
@@ -353,8 +359,7 @@ def assign_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d, params: ConvBNParams) -> N
     _check_params(params)
     require_var_update(params, "unbiased", "torch.nn.BatchNorm2d", "convbn.torch.ConvBN2d.from_params(params)")
     kernel = _numpy(params.kernel)
-    o, i, kh, kw = conv.weight.shape
-    _check_geometry(params, _torch_conv_geometry(conv, np.broadcast_to(np.float32(0), (kh, kw, i, o))), "conv")
+    _check_geometry(params, _torch_conv_spec(conv), "conv")
     bias = _optional_into(params.bias, conv.bias is not None, 0.0, "bias", "conv")
     gamma = _optional_into(params.gamma, bn.weight is not None, 1.0, "gamma", "bn")
     beta = _optional_into(params.beta, bn.bias is not None, 0.0, "beta", "bn")
@@ -460,20 +465,24 @@ def _keras_depthwise(conv: Any) -> bool:
     return ns is not None and isinstance(conv, ns.layers.DepthwiseConv2D)
 
 
-def _keras_conv_geometry(conv: Any, kernel: Any) -> ConvBNParams:
-    """The conv's geometry as params with an HWIO kernel (a depthwise kernel is reshaped)."""
-    shape = tuple(_keras_kernel(conv).shape)
+def _keras_conv_spec(conv: Any, **settings: Any) -> ConvBNSpec:
+    """The conv's geometry as a spec, with the BatchNorm ``settings``: a depthwise ``(kh, kw, C, m)``
+    kernel is the grouped HWIO ``(kh, kw, 1, C*m)`` with ``groups=C``."""
+    kh, kw, c, m = (int(d) for d in _keras_kernel(conv).shape)
     if _keras_depthwise(conv):
-        groups = shape[2]
-        out = shape[2] * shape[3]
+        groups, in_channels, out_channels = c, c, c * m
     else:
-        groups = conv.groups
-        out = shape[3]
-    zeros = np.zeros(out, np.float32)
-    return ConvBNParams(
-        kernel=kernel, moving_mean=zeros, moving_var=zeros, stride=tuple(conv.strides),
-        padding=conv.padding.upper(), dilation=tuple(conv.dilation_rate), groups=groups,
+        groups, in_channels, out_channels = conv.groups, c * conv.groups, m
+    return ConvBNSpec.named(
+        _KERAS_NAMES, kernel_size=(kh, kw), in_channels=in_channels, out_channels=out_channels,
+        stride=tuple(conv.strides), padding=conv.padding.upper(), dilation=tuple(conv.dilation_rate),
+        groups=groups, **settings,
     )
+
+
+_KERAS_NAMES = {
+    **_ATTRIBUTE_NAMES, "stride": "conv.strides", "dilation": "conv.dilation_rate", "eps": "bn.epsilon",
+}
 
 
 def _keras_hwio(conv: Any) -> np.ndarray:
@@ -513,30 +522,28 @@ def from_keras(conv: keras_layers.Conv2D, bn: keras_layers.BatchNormalization) -
         ((3, 3, 3, 8), 0.99, 0.001, 'biased')
     """
     check_keras_pair(conv, bn)
-    kernel = _keras_hwio(conv)
-    geometry = _keras_conv_geometry(conv, kernel)
-    if bn.moving_mean.shape[0] != geometry.out_channels:
+    spec = _keras_conv_spec(conv, eps=float(bn.epsilon), momentum=float(bn.momentum), var_update="biased")
+    if bn.moving_mean.shape[0] != spec.out_channels:
         raise ConvBNError(
-            f"bn must normalize the conv's {geometry.out_channels} output channels. "
+            f"bn must normalize the conv's {spec.out_channels} output channels. "
             f"Received: bn.moving_mean.shape={tuple(bn.moving_mean.shape)}"
         )
-    return dataclasses.replace(
-        geometry,
+    return ConvBNParams.from_spec(
+        spec,
+        kernel=_keras_hwio(conv),
         bias=_numpy(conv.bias.value) if conv.use_bias else None,
         gamma=_numpy(bn.gamma.value) if bn.scale else None,
         beta=_numpy(bn.beta.value) if bn.center else None,
         moving_mean=_numpy(bn.moving_mean.value),
         moving_var=_numpy(bn.moving_variance.value),
-        eps=float(bn.epsilon),
-        momentum=float(bn.momentum),
-        var_update="biased",
     )
 
 
-def keras_padding(params: ConvBNParams) -> str | None:
-    """``params.padding`` as Keras's ``padding``, or None when Keras cannot express it."""
-    pads = _equivalent_pads(params)
-    if pads == "SAME" or (params.stride == (1, 1) and pads == _same_stride1_pads(params)):
+def keras_padding(geometry: ConvBNParams | ConvBNSpec) -> str | None:
+    """The padding as Keras's ``padding``, or None when Keras cannot express it."""
+    spec = _spec_of(geometry)
+    pads = spec.pads()
+    if pads is None or _is_stride1_same(spec, pads):
         return "same"
     if pads == ((0, 0), (0, 0)):
         return "valid"
@@ -664,7 +671,7 @@ def assign_keras(
     target = "Keras 3 BatchNormalization" if ns is keras else f"tf_keras BatchNormalization(fused={bn.fused})"
     require_var_update(params, keras_var_update(bn), target, "convbn.keras.ConvBN.from_params(params)")
     kernel = _numpy(params.kernel)
-    _check_geometry(params, _keras_conv_geometry(conv, np.broadcast_to(np.float32(0), _keras_hwio_shape(conv))), "conv")
+    _check_geometry(params, _keras_conv_spec(conv), "conv")
     bias = _optional_into(params.bias, conv.use_bias, 0.0, "bias", "conv")
     gamma = _optional_into(params.gamma, bn.scale, 1.0, "gamma", "bn")
     beta = _optional_into(params.beta, bn.center, 0.0, "beta", "bn")
@@ -684,11 +691,6 @@ def assign_keras(
                             else value.astype(variable.dtype.as_numpy_dtype))
     bn.epsilon = params.eps
     bn.momentum = params.momentum
-
-
-def _keras_hwio_shape(conv: Any) -> tuple[int, int, int, int]:
-    kh, kw, c, m = (int(d) for d in _keras_kernel(conv).shape)
-    return (kh, kw, 1, c * m) if _keras_depthwise(conv) else (kh, kw, c, m)
 
 
 # -- Flax -------------------------------------------------------------------------------------------
@@ -844,11 +846,12 @@ def from_flax(
     )
 
 
-def flax_padding(params: ConvBNParams) -> Any:
-    """``params.padding`` as Flax's ``padding``: ``"SAME"``, ``"VALID"`` or a tuple of pairs."""
-    if isinstance(params.padding, str):
-        return params.padding
-    return tuple(tuple(p) for p in params.padding)
+def flax_padding(geometry: ConvBNParams | ConvBNSpec) -> Any:
+    """The padding as Flax's ``padding``: ``"SAME"``, ``"VALID"`` or a tuple of pairs."""
+    padding = geometry.padding
+    if isinstance(padding, str):
+        return padding
+    return tuple(tuple(p) for p in padding)
 
 
 def to_flax(params: ConvBNParams) -> tuple[tuple[linen.Conv, dict[str, Any]], tuple[linen.BatchNorm, dict[str, Any]]]:

@@ -8,39 +8,33 @@ are plain ints are checked, so tracing under ``jax.jit`` / ``tf.function`` (unkn
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from convbn.errors import ConvBNError
-from convbn.params import ConvBNParams, ExplicitPadding, Pair, _shape
+from convbn.params import ConvBNParams, array_shape
+from convbn.spec import ConvBNSpec, ExplicitPadding, Pair, output_size, same_pads, symmetric
 
-__all__ = ["DATA_FORMATS", "Plan", "output_size", "plan_for", "same_pads", "share_plans"]
+__all__ = ["DATA_FORMATS", "Plan", "check_data_format", "output_size", "plan_for", "plan_for_spec", "same_pads", "share_plans"]
 
 DATA_FORMATS = ("NHWC", "NCHW")
 Dim = int | None
 
 
-def same_pads(n: int, k: int, s: int, d: int) -> tuple[int, int]:
-    """TF 'SAME' padding ``(before, after)`` for one spatial dim; an odd total puts the extra after.
-
-    ``out = ceil(n / s)``, ``k_eff = (k - 1) * d + 1``, ``total = max((out - 1) * s + k_eff - n, 0)``.
-    """
-    out = -(-n // s)
-    k_eff = (k - 1) * d + 1
-    total = max((out - 1) * s + k_eff - n, 0)
-    return (total // 2, total - total // 2)
-
-
-def output_size(n: int, k: int, s: int, d: int, before: int, after: int) -> int:
-    """Output length of a conv over ``n`` inputs padded by ``before``/``after``."""
-    return (n + before + after - ((k - 1) * d + 1)) // s + 1
+def check_data_format(data_format: str, formats: tuple[str, ...] = DATA_FORMATS) -> str:
+    """``data_format`` if it is one of ``formats`` (convbn's two by default), else ConvBNError."""
+    if data_format not in formats:
+        raise ConvBNError(
+            f"data_format must be {' or '.join(map(repr, formats))}. Received: data_format={data_format!r}"
+        )
+    return data_format
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Everything static about one call: resolved padding, sizes, and the checks already done.
 
-    ``pads`` is None only for SAME padding on a spatial size unknown at trace time (TF), in which
-    case the backend passes 'SAME' to the framework, whose SAME is TF's.
+    ``pads`` comes from :meth:`ConvBNSpec.pads`; it is None only for SAME padding along a strided
+    dim whose size is unknown at trace time (TF), in which case the backend passes 'SAME' to the
+    framework, whose SAME is TF's.
     """
 
     data_format: str
@@ -72,7 +66,7 @@ class Plan:
     @property
     def symmetric(self) -> bool:
         """True when each spatial dim pads the same before and after (one conv call suffices)."""
-        return self.pads is not None and all(b == a for b, a in self.pads)
+        return self.pads is not None and symmetric(self.pads)
 
     @property
     def depthwise(self) -> bool:
@@ -104,7 +98,10 @@ def plan_for(
     key = (x_shape, data_format, training, synced)
     plan = plans.get(key)
     if plan is None:
-        plan = _make_plan(tuple(x_shape), params, data_format, bool(training), synced)
+        params.check_arrays()  # params rebuilt by pytree transforms skipped the constructor
+        if params.kernel_size is None or params.out_channels is None or params.in_channels is None:
+            raise ConvBNError(f"kernel shape must be static. Received: kernel.shape={array_shape(params.kernel)}")
+        plan = _make_plan(tuple(x_shape), params.spec, data_format, bool(training), synced)
         plans[key] = plan
     return plan  # type: ignore[no-any-return]
 
@@ -119,53 +116,49 @@ def share_plans(source: ConvBNParams, target: ConvBNParams) -> ConvBNParams:
     return target
 
 
-def _make_plan(
-    x_shape: tuple[Dim, ...], params: ConvBNParams, data_format: str, training: bool, synced: bool = False
+def plan_for_spec(
+    x_shape: tuple[Dim, ...], spec: ConvBNSpec, data_format: str, training: bool, synced: bool = False
 ) -> Plan:
-    if data_format not in DATA_FORMATS:
+    """Validate an input of ``x_shape`` against ``spec`` and resolve the geometry (uncached; see
+    :func:`plan_for` for params). The spec's kernel size and channel counts must be known.
+
+    Raises:
+        ConvBNError: as :func:`plan_for`.
+    """
+    if spec.kernel_size is None or spec.in_channels is None or spec.out_channels is None:
         raise ConvBNError(
-            f"data_format must be 'NHWC' or 'NCHW'. Received: data_format={data_format!r}"
+            "the kernel size and channel counts must be known to plan a call. Received: "
+            f"kernel_size={spec.kernel_size}, in_channels={spec.in_channels}, out_channels={spec.out_channels}"
         )
+    return _make_plan(tuple(x_shape), spec, data_format, bool(training), synced)
+
+
+def _make_plan(
+    x_shape: tuple[Dim, ...], spec: ConvBNSpec, data_format: str, training: bool, synced: bool = False
+) -> Plan:
+    check_data_format(data_format)
     layout = "(N, H, W, C)" if data_format == "NHWC" else "(N, C, H, W)"
     if len(x_shape) != 4:
         raise ConvBNError(
             f"x must be 4-D {layout} for data_format={data_format!r}. Received: x.shape={x_shape}"
         )
-    params._check_shapes()  # params rebuilt by pytree transforms skipped __post_init__
-    kh, kw, k_in, out_channels = _shape(params.kernel)  # type: ignore[misc]
-    if k_in is None or out_channels is None or kh is None or kw is None:
-        raise ConvBNError(f"kernel shape must be static. Received: kernel.shape={_shape(params.kernel)}")
-    groups = params.groups
-    in_channels = k_in * groups
+    (kh, kw), groups = spec.kernel_size, spec.groups  # type: ignore[misc]
+    in_channels, out_channels = spec.in_channels, spec.out_channels
+    assert in_channels is not None and out_channels is not None
     if data_format == "NHWC":
         n, h, w, c = x_shape
     else:
         n, c, h, w = x_shape
     if c is not None and c != in_channels:
-        extra = f" ({k_in} per group x groups={groups})" if groups > 1 else ""
+        extra = f" ({in_channels // groups} per group x groups={groups})" if groups > 1 else ""
         raise ConvBNError(
             f"x has {c} channels but the kernel expects {in_channels}{extra}. "
             + _received(x_shape, data_format)
         )
-    if c is not None and c % groups:
-        raise ConvBNError(
-            f"groups must divide x's channels. Received: groups={groups}, "
-            + _received(x_shape, data_format)
-        )
-    sh, sw = params.stride
-    dh, dw = params.dilation
-    padding = params.padding
-    pads: ExplicitPadding | None
-    if padding == "SAME":
-        pads = (
-            (same_pads(h, kh, sh, dh), same_pads(w, kw, sw, dw))
-            if h is not None and w is not None
-            else None
-        )
-    elif padding == "VALID":
-        pads = ((0, 0), (0, 0))
-    else:
-        pads = padding
+    sh, sw = spec.stride
+    dh, dw = spec.dilation
+    padding = spec.padding
+    pads = spec.pads(h, w)
     out_hw: list[Dim] = []
     for size, k, s, d, axis, i in ((h, kh, sh, dh, "H", 0), (w, kw, sw, dw, "W", 1)):
         if size is None:
@@ -202,16 +195,3 @@ def _make_plan(
         values_per_channel=values,
         batch=n,
     )
-
-
-def describe(params: ConvBNParams) -> dict[str, Any]:
-    """A JSON-friendly summary of the static fields (for metadata and reports)."""
-    return {
-        "stride": list(params.stride),
-        "padding": params.padding if isinstance(params.padding, str) else [list(p) for p in params.padding],
-        "dilation": list(params.dilation),
-        "groups": params.groups,
-        "eps": params.eps,
-        "momentum": params.momentum,
-        "var_update": params.var_update,
-    }

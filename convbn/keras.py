@@ -25,15 +25,18 @@ import dataclasses
 from typing import Any
 
 import keras
-import numpy as np
 
 from convbn import adapters
 from convbn.api import conv_bn
 from convbn.errors import ConvBNError
-from convbn.geometry import plan_for
-from convbn.params import ConvBNParams, VarUpdate, normalize_pair, with_arrays
+from convbn.geometry import plan_for_spec
+from convbn.params import ConvBNParams, assemble
+from convbn.spec import ConvBNSpec, VarUpdate
 
 __all__ = ["ConvBN"]
+
+# The layer's argument for each spec field it names differently (for the spec's errors).
+_ARGUMENTS = {"out_channels": "filters", "stride": "strides", "dilation": "dilation_rate", "eps": "epsilon"}
 
 _WEIGHTS = (
     ("kernel", "kernel"), ("bias", "bias"), ("gamma", "gamma"), ("beta", "beta"),
@@ -137,27 +140,24 @@ class ConvBN(keras.layers.Layer):
                 f"shard_map. Received: synchronized=True with KERAS_BACKEND={keras.backend.backend()!r}"
             )
         self.synchronized = bool(synchronized)
-        self.filters = int(filters)
-        self.kernel_size = normalize_pair(kernel_size, "kernel_size")
+        # Geometry and convention are validated here, once; the input channels join at build.
+        self._spec = ConvBNSpec.named(
+            _ARGUMENTS, kernel_size=kernel_size, out_channels=filters, stride=strides, padding=padding,
+            dilation=dilation_rate, groups=groups, eps=epsilon, momentum=momentum, var_update=var_update,
+        )
+        self.filters: int = self._spec.out_channels  # type: ignore[assignment]
+        self.kernel_size: tuple[int, int] = self._spec.kernel_size  # type: ignore[assignment]
         self.data_format = adapters._keras_data_format(data_format)
         self.use_bias = bool(use_bias)
         self.center = bool(center)
         self.scale = bool(scale)
-        if not isinstance(groups, int) or groups < 1 or self.filters % groups:
-            raise ConvBNError(
-                f"groups must be a positive int dividing filters. Received: groups={groups!r}, filters={filters}"
-            )
-        # Geometry and convention are validated here, once, by ConvBNParams on zero-stride placeholders.
-        self._template = self._placeholder_params(
-            1, strides, padding, dilation_rate, groups, epsilon, momentum, var_update
-        )
-        self.strides = self._template.stride
-        self.padding = _padding_config(self._template.padding)
-        self.dilation_rate = self._template.dilation
-        self.groups = self._template.groups
-        self.momentum = self._template.momentum
-        self.epsilon = self._template.eps
-        self.var_update: VarUpdate = self._template.var_update
+        self.strides = self._spec.stride
+        self.padding = _padding_config(self._spec.padding)
+        self.dilation_rate = self._spec.dilation
+        self.groups = self._spec.groups
+        self.momentum = self._spec.momentum
+        self.epsilon = self._spec.eps
+        self.var_update: VarUpdate = self._spec.var_update
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.beta_initializer = keras.initializers.get(beta_initializer)
@@ -172,21 +172,6 @@ class ConvBN(keras.layers.Layer):
         self._channel_axis = 3 if self.data_format == "channels_last" else 1
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
-    def _placeholder_params(
-        self, in_per_group: int, strides: Any, padding: Any, dilation: Any, groups: int,
-        eps: float, momentum: float, var_update: str,
-    ) -> ConvBNParams:
-        """Params with zero-stride placeholder arrays: the layer's configuration, validated."""
-        out = (self.filters,)
-        zeros = np.broadcast_to(np.float32(0), out)
-        return ConvBNParams(
-            kernel=np.broadcast_to(np.float32(0), (*self.kernel_size, in_per_group, self.filters)),
-            moving_mean=zeros, moving_var=zeros, bias=zeros if self.use_bias else None,
-            gamma=zeros if self.scale else None, beta=zeros if self.center else None,
-            stride=strides, padding=padding, dilation=dilation, groups=groups, eps=eps,
-            momentum=momentum, var_update=var_update,  # type: ignore[arg-type]
-        )
-
     def build(self, input_shape: Any) -> None:
         channels = input_shape[self._channel_axis]
         if channels is None:
@@ -199,10 +184,7 @@ class ConvBN(keras.layers.Layer):
                 f"groups must divide the input channels. Received: groups={self.groups}, "
                 f"input_shape={tuple(input_shape)} (data_format={self.data_format!r})"
             )
-        t = self._template
-        self._template = self._placeholder_params(
-            channels // self.groups, t.stride, t.padding, t.dilation, t.groups, t.eps, t.momentum, t.var_update
-        )
+        self._spec = dataclasses.replace(self._spec, in_channels=channels)
         shape = (self.filters,)
         self.kernel = self.add_weight(
             name="kernel", shape=(*self.kernel_size, channels // self.groups, self.filters),
@@ -238,14 +220,13 @@ class ConvBN(keras.layers.Layer):
 
     def _current_params(self) -> ConvBNParams:
         """The layer's params holding the variables' current values as the backend's tensors."""
-        template = _with_settings(self._template, self)
         values = {}
         for attr, field in _WEIGHTS:
             variable = getattr(self, attr)
             # The backend's own tensor (tf.Variable, torch Parameter, or the JAX value of the
             # current stateless scope), so gradients and tracing see the variable itself.
             values[field] = None if variable is None else variable.value
-        return with_arrays(template, **values)
+        return assemble(self._current_spec(), **values)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         params = self._current_params()
@@ -260,12 +241,25 @@ class ConvBN(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape: Any) -> tuple[int | None, ...]:
         shape = tuple(input_shape)
-        plan = plan_for(shape, self._template, self._data_format_code, False)
+        spec = self._spec
+        if spec.in_channels is None:  # asked before build: the input's channels complete the spec
+            spec = dataclasses.replace(spec, in_channels=shape[self._channel_axis])
+        plan = plan_for_spec(shape, spec, self._data_format_code, False)
         if self.data_format == "channels_last":
             return (shape[0], *plan.out_hw, self.filters)
         return (shape[0], self.filters, *plan.out_hw)
 
     # -- params ------------------------------------------------------------------------------------
+
+    def _current_spec(self) -> ConvBNSpec:
+        """The spec with the layer's current ``momentum``/``epsilon``/``var_update`` (users may set
+        them between calls), checked again only when one changed."""
+        spec = self._spec
+        if (spec.momentum, spec.eps, spec.var_update) != (self.momentum, self.epsilon, self.var_update):
+            spec = self._spec = dataclasses.replace(
+                spec, momentum=self.momentum, eps=self.epsilon, var_update=self.var_update
+            )
+        return spec
 
     def params(self) -> ConvBNParams:
         """A snapshot of the built layer as :class:`ConvBNParams` (NumPy copies).
@@ -286,12 +280,11 @@ class ConvBN(keras.layers.Layer):
         """
         if not self.built:
             raise ConvBNError(f"the layer must be built before its params exist. Received: layer {self.name!r} unbuilt")
-        template = _with_settings(self._template, self)
         values = {}
         for attr, field in _WEIGHTS:
             variable = getattr(self, attr)
             values[field] = None if variable is None else adapters._numpy(keras.ops.convert_to_numpy(variable))
-        return with_arrays(template, **values)
+        return assemble(self._current_spec(), **values)
 
     @classmethod
     def from_params(cls, params: ConvBNParams, *, data_format: str | None = None, **kwargs: Any) -> ConvBN:
@@ -368,11 +361,6 @@ class ConvBN(keras.layers.Layer):
         return config
 
 
-def _with_settings(template: ConvBNParams, layer: ConvBN) -> ConvBNParams:
-    """``template`` with the layer's current ``momentum``/``epsilon``/``var_update`` (users may set them)."""
-    if (template.momentum, template.eps, template.var_update) == (layer.momentum, layer.epsilon, layer.var_update):
-        return template
-    return dataclasses.replace(template, momentum=layer.momentum, eps=layer.epsilon, var_update=layer.var_update)
 
 
 def _in_replica_context() -> bool:

@@ -4,9 +4,11 @@ The kernel is HWIO, ``(kh, kw, in_channels // groups, out_channels)``: the layou
 Flax store. Backends transpose internally. Momentum is the fraction of the old moving value kept
 (``new = momentum * old + (1 - momentum) * batch``), the Keras/Flax/slim convention.
 
-The class is a frozen dataclass (``dataclasses.replace`` works) and a JAX pytree: the six array
-fields are leaves, the geometry and convention fields are static. It is registered with JAX when
-JAX is imported, whichever of the two is imported first, so ``import convbn`` never imports JAX.
+Params are a :class:`~convbn.spec.ConvBNSpec` (``params.spec``: the geometry and convention,
+static) plus six arrays. The class is a frozen dataclass (``dataclasses.replace`` works, on the
+arrays and the settings alike) and a JAX pytree: the arrays are leaves, the spec is the static
+data. It is registered with JAX when JAX is imported, whichever of the two is imported first, so
+``import convbn`` never imports JAX.
 """
 
 from __future__ import annotations
@@ -16,88 +18,36 @@ import dataclasses
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import math
 import operator
 import sys
 import threading
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from convbn.errors import ConvBNError
+from convbn.spec import ConvBNSpec, Pair, VarUpdate, is_int
 
-__all__ = ["ARRAY_FIELDS", "STATIC_FIELDS", "ConvBNParams", "Padding"]
+# Still importable from here, where they were first defined.
+from convbn.spec import ExplicitPadding as ExplicitPadding
+from convbn.spec import Padding as Padding
+from convbn.spec import normalize_padding as normalize_padding
+from convbn.spec import normalize_pair as normalize_pair
 
-Pair = tuple[int, int]
-ExplicitPadding = tuple[tuple[int, int], tuple[int, int]]
-Padding = str | int | Sequence[int] | Sequence[Sequence[int]]
-VarUpdate = Literal["unbiased", "biased"]
+__all__ = ["ARRAY_FIELDS", "STATIC_FIELDS", "ConvBNParams", "ConvBNSpec", "Padding"]
 
 #: The array fields, in pytree-leaf order.
 ARRAY_FIELDS = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_var")
-#: The static fields: geometry and BatchNorm convention.
+#: The settings the constructor takes besides the arrays: the spec's, less what the kernel's
+#: shape gives (kernel size and channel counts).
 STATIC_FIELDS = ("stride", "padding", "dilation", "groups", "eps", "momentum", "var_update")
-_VAR_UPDATES = ("unbiased", "biased")
 _ARRAY_SET = frozenset(ARRAY_FIELDS)
 _arrays_getter = operator.attrgetter(*ARRAY_FIELDS)
-_static_getter = operator.attrgetter(*STATIC_FIELDS)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def normalize_pair(value: Any, name: str, minimum: int = 1) -> Pair:
-    """An int or a pair of ints, each ``>= minimum``, as a pair."""
-    if _is_int(value):
-        pair = (int(value), int(value))
-    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(
-        _is_int(v) for v in value
-    ):
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise ConvBNError(f"{name} must be an int or a pair of ints. Received: {name}={value!r}")
-    if min(pair) < minimum:
-        raise ConvBNError(f"{name} must be >= {minimum}. Received: {name}={value!r}")
-    return pair
-
-
-def normalize_padding(padding: Any) -> str | ExplicitPadding:
-    """``"SAME"``, ``"VALID"``, or explicit ``((top, bottom), (left, right))``.
-
-    Accepts the two names in any case, an int (all sides), a pair ``(ph, pw)`` (top/bottom and
-    left/right), or the explicit nested form.
-    """
-    if isinstance(padding, str):
-        upper = padding.upper()
-        if upper in ("SAME", "VALID"):
-            return upper
-    elif _is_int(padding):
-        if padding >= 0:
-            p = int(padding)
-            return ((p, p), (p, p))
-    elif isinstance(padding, Sequence) and len(padding) == 2:
-        if all(_is_int(p) and p >= 0 for p in padding):
-            ph, pw = (int(p) for p in padding)
-            return ((ph, ph), (pw, pw))
-        if all(
-            isinstance(side, Sequence)
-            and not isinstance(side, str)
-            and len(side) == 2
-            and all(_is_int(p) and p >= 0 for p in side)
-            for side in padding
-        ):
-            (t, b), (left, right) = padding
-            return ((int(t), int(b)), (int(left), int(right)))
-    raise ConvBNError(
-        "padding must be 'SAME', 'VALID', a non-negative int, a pair (ph, pw) or "
-        f"((top, bottom), (left, right)). Received: padding={padding!r}"
-    )
-
-
-def _shape(array: Any) -> tuple[int | None, ...] | None:
+def array_shape(array: Any) -> tuple[int | None, ...] | None:
     """The shape of an array of any framework, with None for unknown dims; None if it has none."""
     shape = getattr(array, "shape", None)
     if shape is None:
@@ -106,10 +56,41 @@ def _shape(array: Any) -> tuple[int | None, ...] | None:
         dims = tuple(shape)
     except TypeError:  # a TF TensorShape of unknown rank
         return None
-    return tuple(d if _is_int(d) else getattr(d, "value", None) for d in dims)
+    return tuple(d if is_int(d) else getattr(d, "value", None) for d in dims)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+def _kernel_shape(kernel: Any) -> tuple[int | None, ...]:
+    """The kernel's shape, which must be 4-D HWIO."""
+    kshape = array_shape(kernel)
+    if kshape is None:
+        raise ConvBNError(f"kernel must be an array. Received: kernel of type {type(kernel).__name__}")
+    if len(kshape) != 4:
+        raise ConvBNError(
+            "kernel must be 4-D HWIO (kh, kw, in_channels // groups, out_channels). "
+            f"Received: kernel.shape={kshape}"
+        )
+    return kshape
+
+
+def _spec_for_kernel(kernel: Any, settings: dict[str, Any]) -> ConvBNSpec:
+    """The spec of params holding ``kernel``: its size and channel counts come from the shape
+    (None where a dim is unknown, as in a TF graph)."""
+    kshape = _kernel_shape(kernel)
+    kh, kw, k_in, out = kshape
+    groups = settings.get("groups", 1)
+    if is_int(groups) and groups >= 1 and out is not None and out % groups:
+        raise ConvBNError(
+            f"groups must divide the kernel's out_channels. Received: groups={groups}, kernel.shape={kshape}"
+        )
+    return ConvBNSpec(
+        kernel_size=None if kh is None or kw is None else (kh, kw),
+        in_channels=None if k_in is None or not is_int(groups) else k_in * groups,
+        out_channels=out,
+        **settings,
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False, init=False)
 class ConvBNParams:
     """Parameters and configuration of one Conv2D followed by BatchNorm.
 
@@ -133,6 +114,10 @@ class ConvBNParams:
             torch, TF's fused op, tf-slim, Keras 2) or ``"biased"`` (N; Keras 3, Flax). The output is
             always normalized with the biased batch variance.
 
+    The settings, with the kernel's size and channel counts, form ``params.spec``
+    (:class:`~convbn.spec.ConvBNSpec`); ``params.stride`` and the others read it.
+    :meth:`from_spec` builds params from a spec and arrays.
+
     Arrays may be NumPy arrays or any framework's arrays; they are treated as immutable (derived
     values such as the folded eval kernel are cached per params object). Params compare by
     identity, so a changed params object is a new object, e.g. from ``dataclasses.replace``.
@@ -145,8 +130,8 @@ class ConvBNParams:
         >>> p = convbn.ConvBNParams(kernel=np.ones((3, 3, 4, 8), np.float32),
         ...                         moving_mean=np.zeros(8, np.float32), moving_var=np.ones(8, np.float32),
         ...                         stride=2, padding="SAME")
-        >>> p.stride, p.out_channels
-        ((2, 2), 8)
+        >>> p.stride, p.out_channels, p.spec.pads(9, 9)
+        ((2, 2), 8, ((1, 1), (1, 1)))
     """
 
     kernel: Any
@@ -155,6 +140,8 @@ class ConvBNParams:
     bias: Any = None
     gamma: Any = None
     beta: Any = None
+    # Read from ``spec`` (properties installed below the class); fields so that
+    # ``dataclasses.replace(params, stride=2)`` and ``dataclasses.fields`` keep working.
     stride: Any = 1
     padding: Any = "SAME"
     dilation: Any = 1
@@ -162,67 +149,102 @@ class ConvBNParams:
     eps: float = 1e-3
     momentum: float = 0.99
     var_update: VarUpdate = "unbiased"
-    _cache: dict[Any, Any] = dataclasses.field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
+    spec: ConvBNSpec = dataclasses.field(init=False, repr=False, compare=False)
+    _cache: dict[Any, Any] = dataclasses.field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        for name in ARRAY_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple, float, int)) and not isinstance(value, bool):
-                set_(self, name, np.asarray(value))
-        set_(self, "stride", normalize_pair(self.stride, "stride"))
-        set_(self, "dilation", normalize_pair(self.dilation, "dilation"))
-        set_(self, "padding", normalize_padding(self.padding))
-        if not _is_int(self.groups) or self.groups < 1:
-            raise ConvBNError(f"groups must be a positive int. Received: groups={self.groups!r}")
-        set_(self, "groups", int(self.groups))
-        if not isinstance(self.eps, (float, int, np.floating, np.integer)) or not (
-            math.isfinite(self.eps) and self.eps >= 0
-        ):
-            raise ConvBNError(f"eps must be a finite number >= 0. Received: eps={self.eps!r}")
-        set_(self, "eps", float(self.eps))
-        if not isinstance(self.momentum, (float, int, np.floating, np.integer)) or not (
-            0.0 <= self.momentum <= 1.0
-        ):
-            raise ConvBNError(
-                "momentum is the fraction of the old moving value kept and must be in [0, 1] "
-                "(torch's momentum=0.1 is 0.9 here; see convbn.conventions). "
-                f"Received: momentum={self.momentum!r}"
-            )
-        set_(self, "momentum", float(self.momentum))
-        if self.var_update not in _VAR_UPDATES:
-            raise ConvBNError(
-                f"var_update must be 'unbiased' or 'biased'. Received: var_update={self.var_update!r}"
-            )
-        self._check_shapes()
+    def __init__(
+        self,
+        kernel: Any,
+        moving_mean: Any,
+        moving_var: Any,
+        bias: Any = None,
+        gamma: Any = None,
+        beta: Any = None,
+        stride: Any = 1,
+        padding: Any = "SAME",
+        dilation: Any = 1,
+        groups: int = 1,
+        eps: float = 1e-3,
+        momentum: float = 0.99,
+        var_update: VarUpdate = "unbiased",
+    ) -> None:
+        arrays = (kernel, bias, gamma, beta, moving_mean, moving_var)
+        spec = _spec_for_kernel(_as_array(kernel), {
+            "stride": stride, "padding": padding, "dilation": dilation, "groups": groups, "eps": eps,
+            "momentum": momentum, "var_update": var_update,
+        })
+        self._init(spec, arrays)
 
-    def _check_shapes(self) -> None:
-        kshape = _shape(self.kernel)
-        if kshape is None:
+    def _init(self, spec: ConvBNSpec, arrays: Sequence[Any]) -> None:
+        state = self.__dict__
+        state.update(zip(ARRAY_FIELDS, (_as_array(a) for a in arrays), strict=True))
+        state["spec"] = spec
+        state["_cache"] = {}
+        self.check_arrays()
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: ConvBNSpec,
+        kernel: Any,
+        moving_mean: Any,
+        moving_var: Any,
+        bias: Any = None,
+        gamma: Any = None,
+        beta: Any = None,
+    ) -> ConvBNParams:
+        """Params with ``spec``'s geometry and convention holding these arrays.
+
+        Args:
+            spec: the spec; a kernel size or channel count it leaves None comes from the kernel.
+            kernel, moving_mean, moving_var, bias, gamma, beta: as for the constructor.
+
+        Raises:
+            ConvBNError: when an array's shape does not match the spec.
+
+        Example:
+            >>> import numpy as np, convbn
+            >>> spec = convbn.ConvBNSpec(stride=2, eps=1e-5)
+            >>> p = convbn.ConvBNParams.from_spec(spec, np.ones((3, 3, 2, 4)), np.zeros(4), np.ones(4))
+            >>> p.spec == convbn.ConvBNSpec(kernel_size=3, in_channels=2, out_channels=4, stride=2, eps=1e-5)
+            True
+        """
+        if not isinstance(spec, ConvBNSpec):
+            raise TypeError(f"spec must be a convbn.ConvBNSpec. Received: spec of type {type(spec).__name__}")
+        kernel = _as_array(kernel)
+        derived = _spec_for_kernel(kernel, {"groups": spec.groups})
+        filled = {
+            f: getattr(derived, f) for f in ("kernel_size", "in_channels", "out_channels") if getattr(spec, f) is None
+        }
+        params = object.__new__(cls)
+        params._init(dataclasses.replace(spec, **filled) if filled else spec,
+                     (kernel, bias, gamma, beta, moving_mean, moving_var))
+        return params
+
+    def check_arrays(self) -> None:
+        """Raise unless the arrays have the shapes the spec says (params rebuilt by pytree
+        transforms skipped the constructor, so planning calls this too).
+
+        Raises:
+            ConvBNError: naming the first array whose shape does not match.
+        """
+        kshape = _kernel_shape(self.kernel)
+        spec = self.spec
+        expected = (*(spec.kernel_size or (None, None)),
+                    None if spec.in_channels is None else spec.in_channels // spec.groups, spec.out_channels)
+        if any(e is not None and k is not None and e != k for e, k in zip(expected, kshape, strict=True)):
             raise ConvBNError(
-                "kernel must be an array. Received: "
-                f"kernel of type {type(self.kernel).__name__}"
+                f"kernel.shape must be {expected} (kh, kw, in_channels // groups, out_channels) to match "
+                f"params.spec. Received: kernel.shape={kshape}, spec={spec}"
             )
-        if len(kshape) != 4:
-            raise ConvBNError(
-                "kernel must be 4-D HWIO (kh, kw, in_channels // groups, out_channels). "
-                f"Received: kernel.shape={kshape}"
-            )
-        out = kshape[3]
-        if out is not None and out % self.groups:
-            raise ConvBNError(
-                f"groups must divide the kernel's out_channels. Received: groups={self.groups}, "
-                f"kernel.shape={kshape}"
-            )
+        out = kshape[3] if kshape[3] is not None else spec.out_channels
         for name in ("moving_mean", "moving_var", "bias", "gamma", "beta"):
             value = getattr(self, name)
             if value is None:
                 if name in ("moving_mean", "moving_var"):
                     raise ConvBNError(f"{name} is required. Received: {name}=None")
                 continue
-            shape = _shape(value)
+            shape = array_shape(value)
             if shape is None or len(shape) != 1 or (
                 shape[0] is not None and out is not None and shape[0] != out
             ):
@@ -236,35 +258,26 @@ class ConvBNParams:
     @property
     def kernel_size(self) -> Pair:
         """``(kh, kw)``."""
-        shape = _shape(self.kernel)
-        assert shape is not None
-        return (shape[0], shape[1])  # type: ignore[return-value]
+        return self.spec.kernel_size  # type: ignore[return-value]
 
     @property
     def in_channels(self) -> int:
         """Input channels the conv expects (``kernel.shape[2] * groups``)."""
-        shape = _shape(self.kernel)
-        assert shape is not None and shape[2] is not None
-        return shape[2] * self.groups
+        return self.spec.in_channels  # type: ignore[return-value]
 
     @property
     def out_channels(self) -> int:
         """Output channels (``kernel.shape[3]``)."""
-        shape = _shape(self.kernel)
-        assert shape is not None and shape[3] is not None
-        return shape[3]
+        return self.spec.out_channels  # type: ignore[return-value]
 
     def arrays(self) -> dict[str, Any]:
         """The array fields that are set, by name."""
         return {name: getattr(self, name) for name in ARRAY_FIELDS if getattr(self, name) is not None}
 
     def static_config(self) -> tuple[Any, ...]:
-        """The static fields as a hashable tuple (the JAX pytree aux data)."""
-        # Cached: it is computed on every jitted call that takes these params as an argument.
-        static = self._cache.get("static")
-        if static is None:
-            static = self._cache["static"] = _static_getter(self)
-        return static  # type: ignore[no-any-return]
+        """The settings (``STATIC_FIELDS``) as a hashable tuple; ``params.spec`` holds them all,
+        and is what JAX sees as the pytree's static data."""
+        return tuple(getattr(self.spec, name) for name in STATIC_FIELDS)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -272,11 +285,35 @@ class ConvBNParams:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "spec" not in state:  # pickled before the spec existed: the settings were attributes
+            settings = {name: state.pop(name) for name in STATIC_FIELDS if name in state}
+            state["spec"] = _spec_for_kernel(state["kernel"], settings)
         self.__dict__.update(state)
-        object.__setattr__(self, "_cache", {})
+        self.__dict__["_cache"] = {}
 
 
-def _rebuild(arrays: Sequence[Any], static: tuple[Any, ...]) -> ConvBNParams:
+def _spec_property(name: str) -> property:
+    # A plain function (not operator.attrgetter), which torch.compile can trace.
+    def get(self: ConvBNParams) -> Any:
+        return getattr(self.spec, name)
+
+    return property(get, doc=f"``spec.{name}`` (see :class:`~convbn.spec.ConvBNSpec`).")
+
+
+for _name in STATIC_FIELDS:
+    setattr(ConvBNParams, _name, _spec_property(_name))
+del _name
+
+
+def _as_array(value: Any) -> Any:
+    """Python numbers and sequences as NumPy arrays; arrays of any framework as they are."""
+    if isinstance(value, (list, tuple, float, int)) and not isinstance(value, bool):
+        return np.asarray(value)
+    return value
+
+
+def _rebuild(arrays: Sequence[Any], spec: ConvBNSpec) -> ConvBNParams:
     """Build params without validation: for pytree unflattening and internal updates.
 
     Pytree transforms put arbitrary leaves (tracers, ``None``, in_axes ints) in the array slots,
@@ -287,9 +324,18 @@ def _rebuild(arrays: Sequence[Any], static: tuple[Any, ...]) -> ConvBNParams:
     # and every training step.
     state = params.__dict__
     state.update(zip(ARRAY_FIELDS, arrays, strict=False))
-    state.update(zip(STATIC_FIELDS, static, strict=False))
+    state["spec"] = spec
     state["_cache"] = {}
     return params
+
+
+def assemble(spec: ConvBNSpec, **arrays: Any) -> ConvBNParams:
+    """Params of ``spec`` holding ``arrays`` (missing ones None), unchecked: for layers whose
+    variables were made from the spec (internal, hot path); planning checks the shapes."""
+    unknown = arrays.keys() - _ARRAY_SET
+    if unknown:
+        raise TypeError(f"assemble takes array fields {ARRAY_FIELDS}. Received: {sorted(unknown)}")
+    return _rebuild([arrays.get(name) for name in ARRAY_FIELDS], spec)
 
 
 def with_arrays(params: ConvBNParams, **arrays: Any) -> ConvBNParams:
@@ -301,8 +347,7 @@ def with_arrays(params: ConvBNParams, **arrays: Any) -> ConvBNParams:
     state = new.__dict__
     state.update(params.__dict__)
     state.update(arrays)
-    static = params._cache.get("static")
-    state["_cache"] = {} if static is None else {"static": static}
+    state["_cache"] = {}
     return new
 
 
@@ -320,11 +365,11 @@ def _register_with_jax(jax: ModuleType) -> None:
         tree_util = jax.tree_util
         keys = tuple(tree_util.GetAttrKey(name) for name in ARRAY_FIELDS)
 
-        def flatten_with_keys(p: ConvBNParams) -> tuple[Any, tuple[Any, ...]]:
-            return [(k, getattr(p, n)) for k, n in zip(keys, ARRAY_FIELDS, strict=False)], p.static_config()
+        def flatten_with_keys(p: ConvBNParams) -> tuple[Any, ConvBNSpec]:
+            return [(k, getattr(p, n)) for k, n in zip(keys, ARRAY_FIELDS, strict=False)], p.spec
 
-        def flatten(p: ConvBNParams) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-            return _arrays_getter(p), p.static_config()
+        def flatten(p: ConvBNParams) -> tuple[tuple[Any, ...], ConvBNSpec]:
+            return _arrays_getter(p), p.spec
 
         tree_util.register_pytree_with_keys(
             ConvBNParams, flatten_with_keys, lambda aux, leaves: _rebuild(leaves, aux), flatten

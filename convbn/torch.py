@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,8 +26,9 @@ from torch import nn
 from convbn import adapters
 from convbn.backends import torch as backend
 from convbn.errors import ConvBNError
-from convbn.geometry import DATA_FORMATS, plan_for, same_pads
-from convbn.params import ConvBNParams, VarUpdate, normalize_pair, with_arrays
+from convbn.geometry import check_data_format, plan_for
+from convbn.params import ConvBNParams, with_arrays
+from convbn.spec import ConvBNSpec, VarUpdate, symmetric
 
 __all__ = ["ConvBN2d", "convert_sync"]
 
@@ -110,28 +110,19 @@ class ConvBN2d(nn.Module):
         sync: Any = None,
     ) -> None:
         super().__init__()
-        if data_format not in DATA_FORMATS:
-            raise ConvBNError(f"data_format must be 'NCHW' or 'NHWC'. Received: data_format={data_format!r}")
-        kh, kw = normalize_pair(kernel_size, "kernel_size")
-        if not isinstance(groups, int) or groups < 1 or in_channels % groups or out_channels % groups:
-            raise ConvBNError(
-                "groups must be a positive int dividing in_channels and out_channels. "
-                f"Received: groups={groups!r}, in_channels={in_channels}, out_channels={out_channels}"
-            )
-        # Geometry and convention are validated once, by ConvBNParams, on zero-stride placeholders.
-        zeros = np.broadcast_to(np.float32(0), (out_channels,))
-        template = ConvBNParams(
-            kernel=np.broadcast_to(np.float32(0), (kh, kw, in_channels // groups, out_channels)),
-            moving_mean=zeros, moving_var=zeros, stride=stride, padding=padding, dilation=dilation,
-            groups=groups, eps=eps, momentum=adapters.kept_from_torch(momentum, "ConvBN2d"),
-            var_update=var_update,
+        check_data_format(data_format, ("NCHW", "NHWC"))
+        # Geometry and convention are validated once, here, before any weight exists.
+        spec = ConvBNSpec(
+            kernel_size=kernel_size, in_channels=in_channels, out_channels=out_channels, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, eps=eps,
+            momentum=adapters.kept_from_torch(momentum, "ConvBN2d"), var_update=var_update,
         )
-        self.padding = template.padding
-        self.var_update: VarUpdate = template.var_update
+        self.padding = spec.padding
+        self.var_update: VarUpdate = spec.var_update
         self.data_format = data_format
         self.conv = nn.Conv2d(
-            in_channels, out_channels, (kh, kw), template.stride, adapters.torch_padding(template) or 0,
-            template.dilation, groups, bias, device=device, dtype=dtype,
+            in_channels, out_channels, spec.kernel_size, spec.stride, adapters.torch_padding(spec) or 0,  # type: ignore[arg-type]
+            spec.dilation, groups, bias, device=device, dtype=dtype,
         )
         self.bn = nn.BatchNorm2d(out_channels, eps, momentum, device=device, dtype=dtype)
         self.sync = sync
@@ -340,31 +331,24 @@ class ConvBN2d(nn.Module):
         from convbn.api import fuse as fuse_params
 
         params = self._build_params(self._tensors())
-        if params.padding == "SAME":
-            if params.stride != (1, 1) and input_size is None:
-                raise ConvBNError(
-                    "input_size=(H, W) is needed: TF's SAME padding at stride > 1 depends on the input "
-                    f"size. Received: input_size=None, stride={params.stride}"
-                )
-            h, w = input_size if input_size is not None else (1, 1)  # stride 1: pads do not depend on it
-            (kh, kw), (sh, sw), (dh, dw) = params.kernel_size, params.stride, params.dilation
-            pads = (same_pads(h, kh, sh, dh), same_pads(w, kw, sw, dw))
-        elif params.padding == "VALID":
-            pads = ((0, 0), (0, 0))
-        else:
-            pads = params.padding
+        pads = params.spec.pads(*(input_size if input_size is not None else (None, None)))
+        if pads is None:
+            raise ConvBNError(
+                "input_size=(H, W) is needed: TF's SAME padding at stride > 1 depends on the input "
+                f"size. Received: input_size=None, stride={params.stride}"
+            )
         with torch.no_grad():
             kernel, bias = fuse_params(params)
-        symmetric = all(before == after for before, after in pads)
+        one_conv = symmetric(pads)
         conv = nn.Conv2d(
             params.in_channels, params.out_channels, params.kernel_size, params.stride,
-            (pads[0][0], pads[1][0]) if symmetric else 0, params.dilation, params.groups, True,
+            (pads[0][0], pads[1][0]) if one_conv else 0, params.dilation, params.groups, True,
             device=kernel.device, dtype=kernel.dtype,
         )
         with torch.no_grad():
             conv.weight.copy_(kernel.permute(3, 2, 0, 1))
             conv.bias.copy_(bias)  # type: ignore[union-attr]
-        if symmetric:
+        if one_conv:
             return conv
         (top, bottom), (left, right) = pads
         return nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), conv)

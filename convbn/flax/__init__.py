@@ -32,11 +32,19 @@ from flax import linen as nn
 from convbn import adapters
 from convbn.api import conv_bn
 from convbn.errors import ConvBNError
-from convbn.params import ConvBNParams, normalize_pair
+from convbn.params import ConvBNParams
+from convbn.spec import ConvBNSpec
 
 __all__ = ["ConvBN"]
 
 Initializer = Callable[..., Any]
+
+# The module's attribute for each spec field (for the spec's errors); the input channels come
+# from ``x``.
+_ARGUMENTS = {
+    "in_channels": "x's channels", "out_channels": "features", "stride": "strides",
+    "dilation": "kernel_dilation", "groups": "feature_group_count", "eps": "epsilon",
+}
 
 
 class _ConvVariables(nn.Module):
@@ -157,27 +165,19 @@ class ConvBN(nn.Module):
             ConvBNError: for a malformed configuration or input shape.
         """
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        channels = x.shape[-1]
-        groups = self.feature_group_count
-        if channels % groups:
-            raise ConvBNError(
-                f"feature_group_count must divide the input channels. Received: "
-                f"feature_group_count={groups}, x.shape={tuple(x.shape)}"
-            )
-        kh, kw = normalize_pair(self.kernel_size, "kernel_size")
+        spec = self._spec(x.shape[-1])
+        kh, kw = spec.kernel_size  # type: ignore[misc]
         kernel, bias = _ConvVariables(
-            (kh, kw, channels // groups, self.features), self.use_bias, self.kernel_init, self.bias_init,
-            self.param_dtype, name="conv",
+            (kh, kw, x.shape[-1] // spec.groups, self.features), self.use_bias, self.kernel_init,
+            self.bias_init, self.param_dtype, name="conv",
         )()
         bn = _BatchNormVariables(
             self.features, self.use_scale, self.use_bn_bias, self.scale_init, self.bn_bias_init,
             self.param_dtype, name="bn",
         )
         scale, beta, mean, var = bn()
-        params = ConvBNParams(
-            kernel=kernel, bias=bias, gamma=scale, beta=beta, moving_mean=mean, moving_var=var,
-            stride=self.strides, padding=self.padding, dilation=self.kernel_dilation, groups=groups,
-            eps=self.epsilon, momentum=self.momentum, var_update=self.var_update,  # type: ignore[arg-type]
+        params = ConvBNParams.from_spec(
+            spec, kernel=kernel, bias=bias, gamma=scale, beta=beta, moving_mean=mean, moving_var=var
         )
         if use_running_average:
             return conv_bn(x, params)  # type: ignore[no-any-return]
@@ -187,6 +187,15 @@ class ConvBN(nn.Module):
         if not initializing:
             bn.update(new.moving_mean, new.moving_var)
         return y  # type: ignore[no-any-return]
+
+    @nn.nowrap
+    def _spec(self, in_channels: int | None) -> ConvBNSpec:
+        """The module's geometry and convention, validated (errors name its attributes)."""
+        return ConvBNSpec.named(
+            _ARGUMENTS, kernel_size=self.kernel_size, in_channels=in_channels, out_channels=self.features,
+            stride=self.strides, padding=self.padding, dilation=self.kernel_dilation,
+            groups=self.feature_group_count, eps=self.epsilon, momentum=self.momentum, var_update=self.var_update,
+        )
 
     @nn.nowrap
     def params(self, variables: Mapping[str, Any]) -> ConvBNParams:
@@ -223,12 +232,9 @@ class ConvBN(nn.Module):
         def array(mapping: Mapping[str, Any], name: str) -> np.ndarray | None:
             return adapters._numpy(mapping[name]) if name in mapping else None
 
-        return ConvBNParams(
-            kernel=array(conv, "kernel"), bias=array(conv, "bias"), gamma=array(bn, "scale"),
+        return ConvBNParams.from_spec(
+            self._spec(None), kernel=array(conv, "kernel"), bias=array(conv, "bias"), gamma=array(bn, "scale"),
             beta=array(bn, "bias"), moving_mean=array(bn_stats, "mean"), moving_var=array(bn_stats, "var"),
-            stride=self.strides, padding=self.padding, dilation=self.kernel_dilation,
-            groups=self.feature_group_count, eps=self.epsilon, momentum=self.momentum,
-            var_update=self.var_update,  # type: ignore[arg-type]
         )
 
     @classmethod

@@ -23,13 +23,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from convbn import adapters
 from convbn.api import conv_bn
-from convbn.errors import ConvBNError
-from convbn.params import ARRAY_FIELDS, STATIC_FIELDS, ConvBNParams, normalize_pair, with_arrays
+from convbn.params import ConvBNParams, with_arrays
+from convbn.spec import ConvBNSpec
+
+# The module's argument for each spec field (for the spec's errors).
+_ARGUMENTS = {
+    "in_channels": "in_features", "out_channels": "out_features", "stride": "strides",
+    "dilation": "kernel_dilation", "groups": "feature_group_count", "eps": "epsilon",
+}
 
 __all__ = ["ConvBN"]
 
@@ -85,26 +90,18 @@ class ConvBN(nnx.Module):
         axis_name: str | tuple[str, ...] | None = None,
         rngs: nnx.Rngs,
     ) -> None:
-        kernel_size = normalize_pair(kernel_size, "kernel_size")
-        if in_features % feature_group_count or out_features % feature_group_count:
-            raise ConvBNError(
-                "feature_group_count must divide in_features and out_features. Received: "
-                f"feature_group_count={feature_group_count}, in_features={in_features}, out_features={out_features}"
-            )
-        # Validated once, here, on zero-stride placeholders; calls reuse the static part.
-        zeros = np.broadcast_to(np.float32(0), (out_features,))
-        template = ConvBNParams(
-            kernel=np.broadcast_to(np.float32(0), (*kernel_size, in_features // feature_group_count, out_features)),
-            moving_mean=zeros, moving_var=zeros, stride=strides, padding=padding,
-            dilation=kernel_dilation, groups=feature_group_count, eps=epsilon, momentum=momentum,
-            var_update=var_update,  # type: ignore[arg-type]
+        # Validated once, here, before any weight exists.
+        spec = ConvBNSpec.named(
+            _ARGUMENTS, kernel_size=kernel_size, in_channels=in_features, out_channels=out_features,
+            stride=strides, padding=padding, dilation=kernel_dilation, groups=feature_group_count,
+            eps=epsilon, momentum=momentum, var_update=var_update,
         )
-        self.padding = template.padding
-        self.var_update = template.var_update
+        self.padding = spec.padding
+        self.var_update = spec.var_update
         self.use_running_average = use_running_average
         self.conv = nnx.Conv(
-            in_features, out_features, kernel_size, template.stride,
-            padding=adapters.flax_padding(template), kernel_dilation=template.dilation,
+            in_features, out_features, spec.kernel_size, spec.stride,  # type: ignore[arg-type]
+            padding=adapters.flax_padding(spec), kernel_dilation=spec.dilation,
             feature_group_count=feature_group_count, use_bias=use_bias, param_dtype=param_dtype, rngs=rngs,
         )
         self.bn = nnx.BatchNorm(
@@ -119,10 +116,12 @@ class ConvBN(nnx.Module):
         def value(variable: Any) -> Any:
             return None if variable is None else adapters.nnx_value(variable)
 
-        arrays = (value(conv.kernel), value(conv.bias), value(bn.scale), value(bn.bias), value(bn.mean), value(bn.var))
-        static = (conv.strides, self.padding, conv.kernel_dilation, conv.feature_group_count, bn.epsilon,
-                  bn.momentum, self.var_update)
-        return ConvBNParams(**dict(zip(ARRAY_FIELDS, arrays, strict=True)), **dict(zip(STATIC_FIELDS, static, strict=True)))
+        return ConvBNParams(
+            kernel=value(conv.kernel), bias=value(conv.bias), gamma=value(bn.scale), beta=value(bn.bias),
+            moving_mean=value(bn.mean), moving_var=value(bn.var), stride=conv.strides, padding=self.padding,
+            dilation=conv.kernel_dilation, groups=conv.feature_group_count, eps=bn.epsilon,
+            momentum=bn.momentum, var_update=self.var_update,
+        )
 
     def params(self) -> ConvBNParams:
         """The layer as :class:`ConvBNParams` (NumPy copies).
