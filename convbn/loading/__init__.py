@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from convbn.errors import ConvBNError
+from convbn.loading.matching import Graph, Layer, Matching, match
 from convbn.params import ConvBNParams
 
 if TYPE_CHECKING:
@@ -92,6 +93,12 @@ class LoadReport:
             (torch and Keras models are changed in place).
         loaded: whether the model (or the new tree) holds the checkpoint's values; False when
             the load raised.
+        ambiguous: model layers and checkpoint layers of one shape that neither names, graphs nor an
+            unambiguous order tell apart, each described; never loaded (``mapping=`` decides them).
+        how: model layer -> what matched it: ``"mapping"``, ``"name"``, ``"structure"`` (the graphs),
+            ``"order"`` (a rank the model's graph fixes) or ``"shape"`` (the only one of its shape).
+        output_error: with ``example_input=``, max|y - y_source| / max|y_source| of the two models'
+            eval outputs after loading; None otherwise.
     """
 
     matched: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -106,19 +113,23 @@ class LoadReport:
     untouched: list[str] = dataclasses.field(default_factory=list)
     variables: Any = None
     loaded: bool = False
+    ambiguous: list[str] = dataclasses.field(default_factory=list)
+    how: dict[str, str] = dataclasses.field(default_factory=dict)
+    output_error: float | None = None
 
     @property
     def ok(self) -> bool:
-        """True when every model pair and every checkpoint layer matched and fitted."""
-        return not (self.missing or self.unexpected or self.mismatched)
+        """True when every model pair and every checkpoint layer matched, unambiguously, and fitted."""
+        return not (self.missing or self.unexpected or self.mismatched or self.ambiguous)
 
     def summary(self) -> str:
         """The report as text: counts, then each list that is not empty, then the notes."""
         lines = [
             f"{len(self.matched)} matched, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-            f"{len(self.mismatched)} mismatched; {len(self.folded)} conv bias(es) folded "
-            f"(model pairs found by {self.pairing or 'n/a'})"
+            f"{len(self.mismatched)} mismatched, {len(self.ambiguous)} ambiguous; {len(self.folded)} conv bias(es) "
+            f"folded (model pairs found by {self.pairing or 'n/a'})"
         ]
+        lines += [f"ambiguous: {a}" for a in self.ambiguous]
         if self.missing:
             lines.append(f"missing (model layers without a checkpoint layer): {_listed(self.missing)}")
         if self.unexpected:
@@ -131,6 +142,8 @@ class LoadReport:
             lines.append(f"not loaded (checkpoint tensors outside conv+BatchNorm layers): {_listed(self.unused)}")
         if self.untouched:
             lines.append(f"untouched (model weights outside conv+BatchNorm pairs): {_listed(self.untouched)}")
+        if self.output_error is not None:
+            lines.append(f"output error on the example input: {self.output_error:.3g} (max|y - y_source| / max|y_source|)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -183,133 +196,35 @@ class ModelPairs:
     pairing: str
     notes: list[str] = dataclasses.field(default_factory=list)
     untouched: list[str] = dataclasses.field(default_factory=list)
+    graph: Graph | None = None
 
 
 # -- matching ----------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Matching:
-    """Indices into the targets and the checkpoint's layers."""
-
-    matched: list[tuple[int, int]]
-    mismatched: list[tuple[int, int]]
-    missing: list[int]
-    unexpected: list[int]
-    notes: list[str]
-
-
-def _align(
-    targets: Sequence[tuple[tuple[int, ...], str]],
-    layers: Sequence[tuple[tuple[int, ...], set[str]]],
-    late_gaps: bool,
-) -> list[tuple[int, int]]:
-    """The order-preserving alignment of model pairs ``(shape, name)`` with checkpoint layers
-    ``(shape, names)`` that matches the most pairs of equal shape.
-
-    Ties go to the alignment matching more names, then to gaps placed late (``late_gaps``: earlier
-    layers match by position) or early. Costs are tuples ``(gaps, -names, position)``, compared
-    lexicographically, an order compatible with addition, so the dynamic programme below finds the
-    lexicographic minimum.
-    """
-    n, m = len(targets), len(layers)
-    big = n + m + 1
-    worst = (2 * big, 0, 0)
-    cost = [[worst] * (m + 1) for _ in range(n + 1)]  # cost[i][j]: targets[i:] with layers[j:]
-    step = [[0] * (m + 1) for _ in range(n + 1)]  # 1 match, 2 skip a target, 3 skip a layer
-    for i in range(n, -1, -1):
-        for j in range(m, -1, -1):
-            if i == n and j == m:
-                cost[i][j] = (0, 0, 0)
-                continue
-            best, how = worst, 0
-            if i < n and j < m and targets[i][0] == layers[j][0]:
-                rest = cost[i + 1][j + 1]
-                best, how = (rest[0], rest[1] - (targets[i][1] in layers[j][1]), rest[2]), 1
-            if i < n:  # model pair i left without a checkpoint layer
-                rest = cost[i + 1][j]
-                candidate = (rest[0] + 1, rest[1], rest[2] + (big - i if late_gaps else i))
-                if candidate < best:
-                    best, how = candidate, 2
-            if j < m:  # checkpoint layer j left without a model pair
-                rest = cost[i][j + 1]
-                candidate = (rest[0] + 1, rest[1], rest[2] + (big - j if late_gaps else j))
-                if candidate < best:
-                    best, how = candidate, 3
-            cost[i][j], step[i][j] = best, how
-    out: list[tuple[int, int]] = []
-    i = j = 0
-    while i < n or j < m:
-        how = step[i][j]
-        if how == 1:
-            out.append((i, j))
-        i, j = i + (how in (1, 2)), j + (how in (1, 3))
-    return out
-
-
-def match_layers(targets: Sequence[Target], ckpt: Checkpoint, order: Sequence[str]) -> Matching:
+def match_layers(
+    targets: Sequence[Target],
+    ckpt: Checkpoint,
+    order: Sequence[str],
+    *,
+    graph: Graph | None = None,
+    source_graph: Graph | None = None,
+    mapping: Mapping[str, str] | None = None,
+) -> Matching:
     """Match model pairs to the checkpoint's layers ``order`` (their keys, in checkpoint order).
 
-    1. Order: the order-preserving alignment with the most pairs of equal kernel shape (HWIO),
-       ties broken by equal names (a checkpoint of the same model), then by matching earlier layers
-       by position. Where shapes repeat and the alignment placing gaps early differs, a note says
-       the match is ambiguous.
-    2. Out of order: a leftover model pair and a leftover checkpoint layer with a kernel shape that
-       no other leftover has (a Keras graph may list a shortcut branch before the main one).
-    3. Mismatched: leftovers between the same two matched neighbours are at the same place in
-       both; taken in order, they are reported as mismatched, never loaded.
-    4. Anything else is missing (model side) or unexpected (checkpoint side).
+    :func:`convbn.loading.matching.match` decides: ``mapping``, then names that correspond, then the
+    structure of both graphs (``graph``, the model's; ``source_graph``, the checkpoint's, where it
+    has one), then order only where a graph fixes it; anything else of one shape is ambiguous, never
+    guessed. Indices in the result are into ``targets`` and ``order``.
     """
-    notes: list[str] = []
-    t_keys = [(tuple(t.kernel_shape), t.name) for t in targets]
-    l_keys: list[tuple[tuple[int, ...], set[str]]] = []
+    model = [Layer(t.name, "conv_bn", tuple(int(d) for d in t.kernel_shape)) for t in targets]
+    source = []
     for key in order:
-        source = ckpt.sources.get(key)
-        names = {key} | ({source.conv_name} if source is not None and source.conv_name else set())
-        l_keys.append((tuple(int(d) for d in np.shape(ckpt.layers[key].kernel)), names))
-    matched = _align(t_keys, l_keys, late_gaps=True)
-    if _align(t_keys, l_keys, late_gaps=False) != matched:
-        notes.append(
-            "kernel shapes repeat, so order and shape alone cannot tell which layers are absent; "
-            "earlier layers were matched by position: check the matched list"
-        )
-    anchors = list(matched)
-    used_t = {i for i, _ in matched}
-    used_l = {j for _, j in matched}
-    left_t = [i for i in range(len(targets)) if i not in used_t]
-    left_l = [j for j in range(len(order)) if j not in used_l]
-
-    t_shapes = [t_keys[i][0] for i in left_t]
-    l_shapes = [l_keys[j][0] for j in left_l]
-    moved = [
-        (i, left_l[l_shapes.index(t_keys[i][0])])
-        for i in left_t
-        if t_shapes.count(t_keys[i][0]) == 1 and l_shapes.count(t_keys[i][0]) == 1
-    ]
-    if moved:
-        notes.append(
-            "matched out of order by a kernel shape no other unmatched layer has: "
-            + ", ".join(f"{targets[i].name} <- {order[j]}" for i, j in moved)
-        )
-        matched += moved
-        left_t = [i for i in left_t if i not in {a for a, _ in moved}]
-        left_l = [j for j in left_l if j not in {b for _, b in moved}]
-
-    def place(index: int, side: int) -> int:
-        return sum(1 for anchor in anchors if anchor[side] < index)
-
-    mismatched: list[tuple[int, int]] = []
-    for gap in sorted({place(i, 0) for i in left_t}):
-        ts = [i for i in left_t if place(i, 0) == gap]
-        ls = [j for j in left_l if place(j, 1) == gap]
-        mismatched += zip(ts, ls, strict=False)
-    return Matching(
-        matched=sorted(matched),
-        mismatched=mismatched,
-        missing=[i for i in left_t if i not in {a for a, _ in mismatched}],
-        unexpected=[j for j in left_l if j not in {b for _, b in mismatched}],
-        notes=notes,
-    )
+        conv_name = ckpt.sources[key].conv_name if key in ckpt.sources else ""
+        aliases = frozenset({conv_name} - {"", key})
+        source.append(Layer(key, "conv_bn", tuple(int(d) for d in np.shape(ckpt.layers[key].kernel)), aliases))
+    return match(model, source, model_graph=graph, source_graph=source_graph, mapping=mapping)
 
 
 def checkpoint_order(ckpt: Checkpoint, notes: list[str]) -> list[str]:
@@ -376,6 +291,9 @@ def stage(
     *,
     fold_bias: str | None,
     eps: str,
+    graph: Graph | None = None,
+    source_graph: Graph | None = None,
+    mapping: Mapping[str, str] | None = None,
 ) -> list[Staged]:
     """Match, then compute every value each matched pair receives; fills ``report``.
 
@@ -383,8 +301,10 @@ def stage(
     """
     from convbn.convert import fold_bias as fold
 
-    matching = match_layers(targets, ckpt, order)
+    matching = match_layers(targets, ckpt, order, graph=graph, source_graph=source_graph, mapping=mapping)
     report.notes += matching.notes
+    report.ambiguous += [a.describe() for a in matching.ambiguous]
+    report.how.update({targets[i].name: how for i, how in matching.how.items()})
     for i, j in matching.mismatched:
         p, t = ckpt.layers[order[j]], targets[i]
         report.mismatched.append(Mismatch(
@@ -496,14 +416,30 @@ def model_kind(model: Any) -> str:
         return "torch"
     if isinstance(model, Mapping):
         return "flax"
+    linen = sys.modules.get("flax.linen")
+    if (
+        linen is not None and isinstance(model, tuple) and len(model) in (2, 3)
+        and isinstance(model[0], linen.Module) and isinstance(model[1], Mapping)
+        and (len(model) == 2 or isinstance(model[2], Mapping))
+    ):
+        return "flax"
     raise TypeError(
         "model must be a torch.nn.Module, a Keras 3 model or layer (or a tf_keras one), or a Flax variable tree "
-        "(the mapping model.init returns). Received: model of type "
+        "(the mapping model.init returns) or (module, variables). Received: model of type "
         f"{type(model).__module__}.{type(model).__qualname__}"
     )
 
 
 def _strict_error(what: str, report: LoadReport) -> LoadError:
+    if report.ambiguous:
+        return LoadError(
+            f"{what} cannot tell which checkpoint layer goes where, and never guesses: "
+            + "; ".join(report.ambiguous)
+            + ". Pass mapping={model layer: checkpoint layer} for these (convbn convert --like: --map "
+            "MODEL_LAYER=CHECKPOINT_LAYER), or a live source model, whose graph decides; nothing was changed"
+            f"\n{report.summary()}",
+            report,
+        )
     problems = ", ".join(
         f"{len(items)} {label}" for label, items in (
             ("missing", report.missing), ("unexpected", report.unexpected), ("mismatched", report.mismatched)
@@ -519,8 +455,12 @@ def _strict_error(what: str, report: LoadReport) -> LoadError:
 
 def load_into(
     model: Any,
-    path: str | os.PathLike[str] | Checkpoint,
+    path: str | os.PathLike[str] | Checkpoint | Any,
     *,
+    mapping: Mapping[str, str] | None = None,
+    example_input: Any = None,
+    expected_output: Any = None,
+    output_tolerance: float = 1e-4,
     fold_bias: FoldOption = "beta",
     strict: bool = True,
     eps: EpsPolicy = "model",
@@ -593,9 +533,16 @@ def load_into(
             "(it is the module's epsilon): build the BatchNorms with the checkpoint's eps (the report "
             "names it) and use eps='model'. Received: eps='checkpoint' with a Flax variable tree"
         )
+    example = _example(example_input, expected_output, path)
     framework = importlib.import_module(f"convbn.loading._{kind}")
-    found: ModelPairs = framework.find_pairs(model)
-    ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(Path(path))
+    found: ModelPairs = framework.find_pairs(model, example)
+    live = _live_kind(path)
+    source_graph: Graph | None = None
+    if live is not None:
+        source_framework = importlib.import_module(f"convbn.loading._{live}")
+        ckpt, source_graph = _live_checkpoint(path, source_framework, example)
+    else:
+        ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(Path(path))
     if ckpt.fused or (found.targets and _looks_fused(ckpt)):
         what = "a fused checkpoint" if ckpt.fused else (
             f"{len(ckpt.unpaired)} conv(s) and no BatchNorm, as 'convbn fuse' writes them")
@@ -610,8 +557,14 @@ def load_into(
         unused=list(ckpt.tensors),
         untouched=list(found.untouched),
     )
+    if found.graph is None and found.targets:
+        report.notes.append(
+            "the model's graph is unknown (" + _why_no_graph(kind, model) + "): layers of a repeated shape "
+            "cannot be told apart by order, and are reported ambiguous unless names or mapping= decide"
+        )
     order = checkpoint_order(ckpt, report.notes)
-    staged = stage(found.targets, ckpt, order, report, fold_bias=into, eps=eps)
+    staged = stage(found.targets, ckpt, order, report, fold_bias=into, eps=eps, graph=found.graph,
+                   source_graph=source_graph, mapping=mapping)
     if strict and not report.ok:
         raise _strict_error("load_into", report)
     if staged:
@@ -619,11 +572,119 @@ def load_into(
             "moving statistics were copied as they are; each BatchNorm keeps its own momentum and "
             "moving-variance update (biased or unbiased), which only affect training"
         )
+    saved = framework.snapshot(model) if example is not None and strict and kind != "flax" else None
     result = framework.apply(model, staged)
-    report.loaded = True
     if kind == "flax":
         report.variables = result
+    if example is not None:
+        loaded = _with_variables(model, result) if kind == "flax" else model
+        expected = (
+            source_framework.run(path, example) if live is not None else _arrays(expected_output)
+        )
+        report.output_error = _output_error(framework.run(loaded, example), expected)
+        if report.output_error > output_tolerance:
+            report.mismatched.append(Mismatch(
+                "(model output)", "(source output)",
+                f"on example_input the outputs differ by {report.output_error:.3g} relative, over "
+                f"output_tolerance={output_tolerance:g}",
+            ))
+            if strict:
+                if saved is not None:
+                    framework.restore(model, saved)
+                report.variables = None
+                raise LoadError(
+                    f"load_into matched every layer, but the loaded model's output on example_input differs "
+                    f"from the source's by {report.output_error:.3g} relative (output_tolerance="
+                    f"{output_tolerance:g}); the model was restored as it was. Check the geometry and eps "
+                    f"the report names, or the matched list\n{report.summary()}",
+                    report,
+                )
+    report.loaded = True
     return report
+
+
+def _why_no_graph(kind: str, model: Any) -> str:
+    if kind == "flax":
+        return ("a Flax variable tree has none: pass (module, variables) with example_input= so its graph is "
+                "traced" if isinstance(model, Mapping) else "the Flax module could not be traced")
+    if kind == "torch":
+        return "torch.fx could not trace it"
+    return "a subclassed or nested Keras model has no layer graph convbn follows"
+
+
+def _live_kind(source: Any) -> str | None:
+    """The framework of a live source model, or None for a path or a Checkpoint."""
+    from convbn.checkpoint import Checkpoint
+
+    if isinstance(source, (str, os.PathLike, Checkpoint)):
+        return None
+    try:
+        return model_kind(source)
+    except TypeError:
+        raise TypeError(
+            "the source must be a checkpoint path, a convbn.Checkpoint, or a live model (a torch.nn.Module, a "
+            "Keras model, or Flax (module, variables)). Received: source of type "
+            f"{type(source).__module__}.{type(source).__qualname__}"
+        ) from None
+
+
+def _live_checkpoint(source: Any, framework: Any, example: np.ndarray | None) -> tuple[Checkpoint, Graph | None]:
+    """A live source model's conv+BatchNorm pairs as a checkpoint under its own names, and its graph."""
+    from convbn.checkpoint import Checkpoint, LayerSource
+
+    found: ModelPairs = framework.find_pairs(source, example)
+    ckpt = Checkpoint(format="live", metadata={"source_format": "live"})
+    for target, params in zip(found.targets, framework.read(source, found), strict=True):
+        ckpt.layers[target.name] = params
+        ckpt.sources[target.name] = LayerSource(
+            conv={}, bn={}, reason="graph", conv_name=target.name, bn_name=target.bn_name,
+            geometry=target.geometry is not None, settings=target.eps is not None,
+        )
+    return ckpt, found.graph
+
+
+def _arrays(value: Any) -> list[np.ndarray]:
+    """An output given as an array, or a sequence or mapping of arrays, as float32 arrays in order."""
+    if isinstance(value, Mapping):
+        return [a for v in value.values() for a in _arrays(v)]
+    if isinstance(value, (list, tuple)):
+        return [a for v in value for a in _arrays(v)]
+    return [np.asarray(value, np.float32)]
+
+
+def _example(example_input: Any, expected_output: Any, source: Any) -> np.ndarray | None:
+    """``example_input`` as a NumPy array, once checked against what the source allows."""
+    if example_input is None:
+        if expected_output is not None:
+            raise ConvBNError("expected_output= needs example_input=, the input it is the output of")
+        return None
+    if _live_kind(source) is None and expected_output is None:
+        raise ConvBNError(
+            "example_input= compares the loaded model's output with the source's, so with a checkpoint file it "
+            "needs expected_output= (the source model's output on that input); or pass the live source model. "
+            "Received: example_input without expected_output, source a checkpoint"
+        )
+    x = np.asarray(example_input)
+    if x.dtype.kind != "f":
+        raise ConvBNError(f"example_input must be a floating-point array (NHWC for images). Received: dtype {x.dtype}")
+    return x.astype(np.float32)
+
+
+def _output_error(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    """max|y - y_source| / max|y_source| over every output."""
+    if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(got, expected, strict=False)):
+        raise ConvBNError(
+            "the loaded model's outputs on example_input are not shaped as the source's: "
+            f"{[a.shape for a in got]} against {[b.shape for b in expected]} (both NHWC)"
+        )
+    scale = max((float(np.max(np.abs(b))) for b in expected if b.size), default=0.0)
+    worst = max((float(np.max(np.abs(a - b))) for a, b in zip(got, expected, strict=True) if a.size), default=0.0)
+    return worst / scale if scale else worst
+
+
+def _with_variables(model: Any, variables: Any) -> Any:
+    """A Flax model ``(module, variables[, apply kwargs])`` holding the new variables."""
+    return (model[0], variables, *model[2:]) if isinstance(model, tuple) else variables
 
 
 def _looks_fused(ckpt: Checkpoint) -> bool:

@@ -17,11 +17,13 @@ from typing import Any
 import keras
 import numpy as np
 
-from convbn.adapters import assign_keras, check_keras_pair, keras_var_update
+from convbn.adapters import assign_keras, check_keras_pair, from_keras, keras_var_update
 from convbn.errors import ConvBNError
 from convbn.loading import ModelPairs, Staged, Target
+from convbn.loading.matching import INPUT, Graph
+from convbn.params import ConvBNParams
 
-__all__ = ["apply", "find_pairs"]
+__all__ = ["apply", "find_pairs", "read", "restore", "run", "snapshot"]
 
 
 def _namespaces() -> list[Any]:
@@ -105,7 +107,7 @@ def _geometry(conv: Any) -> dict[str, Any]:
     }
 
 
-def find_pairs(model: Any) -> ModelPairs:
+def find_pairs(model: Any, example: np.ndarray | None = None) -> ModelPairs:
     """The model's Conv2D -> BatchNormalization pairs, in graph order."""
     if not model.built:
         raise ConvBNError(
@@ -158,7 +160,81 @@ def find_pairs(model: Any) -> ModelPairs:
         used.update((id(conv), id(bn)))
     untouched = [name for name, layer in layers if id(layer) not in used and layer.weights]
     pairing = " and ".join(sorted(kinds, reverse=True)) or "layer graph"
-    return ModelPairs(targets, pairing, notes, untouched)
+    return ModelPairs(targets, pairing, notes, untouched, _data_flow(model, layers, targets))
+
+
+def _parents(layer: Any) -> list[Any] | None:
+    """The layers feeding ``layer`` in the graph, over all its calls; None without graph nodes."""
+    nodes = getattr(layer, "_inbound_nodes", None)
+    if not nodes:
+        return None
+    return [p.layer if _is_tf_keras(layer) else p.operation for node in nodes for p in node.parent_nodes]
+
+
+def _data_flow(model: Any, layers: list[tuple[str, Any]], targets: list[Target]) -> Graph | None:
+    """Which weighted layers feed which, through weightless ones, from a functional model's graph;
+    None for a subclassed model or one with nested models (their inner graphs are not followed)."""
+    if any(name != layer.name for name, layer in layers) or not layers:
+        return None
+    inputs = _classes("InputLayer")
+    unit = {id(bn): t.name for t in targets for bn in t.handle[1:]}
+    unit.update({id(t.handle[0]): t.name for t in targets})
+    producers: dict[str, set[str]] = {}
+    tags: dict[int, frozenset[str]] = {}
+
+    def flow(layer: Any, depth: int = 0) -> frozenset[str]:
+        if id(layer) in tags:
+            return tags[id(layer)]
+        if isinstance(layer, inputs):
+            tags[id(layer)] = frozenset({INPUT})
+            return tags[id(layer)]
+        parents = _parents(layer)
+        if parents is None or depth > 10_000:
+            raise LookupError(layer.name)
+        feeding = frozenset().union(*(flow(p, depth + 1) for p in parents)) if parents else frozenset()
+        owner = unit.get(id(layer)) or (layer.name if layer.weights else None)
+        if owner is not None:
+            if feeding != {owner}:
+                producers.setdefault(owner, set()).update(feeding - {owner})
+            feeding = frozenset({owner})
+        tags[id(layer)] = feeding
+        return feeding
+
+    try:
+        for _, layer in layers:
+            flow(layer)
+    except (LookupError, RecursionError):
+        return None
+    return Graph({k: frozenset(v) for k, v in producers.items()},
+                 {k: "other" for k in producers if k not in {t.name for t in targets}})
+
+
+def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:
+    """Each pair's values, as a live source model holds them."""
+    out = []
+    for t in found.targets:
+        conv, bn = t.handle
+        out.append(dataclasses.replace(from_keras(conv, bn), **(t.geometry or {})))
+    return out
+
+
+def run(model: Any, x: np.ndarray) -> list[np.ndarray]:
+    """The model's eval output (``training=False``) on NHWC ``x``, every output as NumPy."""
+    y = model(x, training=False)
+    return [np.asarray(keras.ops.convert_to_numpy(v), np.float32) for v in keras.tree.flatten(y)]
+
+
+def snapshot(model: Any) -> Any:
+    """Every weight and BatchNorm setting :func:`apply` may change, copied, for :func:`restore`."""
+    bns = [layer for _, layer in _layers(model) if isinstance(layer, _classes("BatchNormalization"))]
+    return [np.array(w, copy=True) for w in model.get_weights()], [(b, b.epsilon, b.momentum) for b in bns]
+
+
+def restore(model: Any, saved: Any) -> None:
+    weights, settings = saved
+    model.set_weights(weights)
+    for bn, eps, momentum in settings:
+        bn.epsilon, bn.momentum = eps, momentum
 
 
 def apply(model: Any, staged: list[Staged]) -> None:

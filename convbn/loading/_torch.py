@@ -9,14 +9,17 @@ import dataclasses
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from convbn.adapters import _check_torch_pair, _torch_padding_to_convbn, assign_torch, kept_from_torch
+from convbn.adapters import _check_torch_pair, _torch_padding_to_convbn, assign_torch, from_torch, kept_from_torch
 from convbn.errors import ConvBNError
 from convbn.loading import ModelPairs, Staged, Target
+from convbn.loading.matching import INPUT, Graph
+from convbn.params import ConvBNParams
 
-__all__ = ["apply", "find_pairs"]
+__all__ = ["apply", "find_pairs", "read", "restore", "run", "snapshot"]
 
 _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -38,8 +41,10 @@ class _Tracer(torch.fx.Tracer):  # type: ignore[misc]
         return isinstance(m, self._leaf) or bool(super().is_leaf_module(m, qualname))
 
 
-def _fx_pairs(model: nn.Module, modules: dict[str, nn.Module], layer: type | None, notes: list[str]) -> list[tuple[str, str]]:
-    """(conv, bn) where the conv's only consumer, in every call, is the BatchNorm."""
+def _fx_pairs(
+    model: nn.Module, modules: dict[str, nn.Module], layer: type | None, notes: list[str]
+) -> tuple[list[tuple[str, str]], Any]:
+    """(conv, bn) where the conv's only consumer, in every call, is the BatchNorm; and the fx graph."""
     leaf: tuple[type, ...] = (nn.Conv2d, *_BN, *((layer,) if layer is not None else ()))
     graph = _Tracer(leaf).trace(model)
     partner: dict[str, str | None] = {}
@@ -70,7 +75,52 @@ def _fx_pairs(model: nn.Module, modules: dict[str, nn.Module], layer: type | Non
     shared = {bn for bn in bns if bns.count(bn) > 1}
     for bn in sorted(shared):
         notes.append(f"{bn} follows more than one conv; not paired")
-    return [(conv, bn) for conv, bn in pairs if bn not in shared]
+    return [(conv, bn) for conv, bn in pairs if bn not in shared], graph
+
+
+def _data_flow(fx_graph: Any, modules: dict[str, nn.Module], pairs: list[tuple[str, str]], layer: type | None) -> Graph:
+    """Which parametric modules feed which, through parameter-free operations, from the fx graph.
+
+    A pair is one node named by its conv; every other module holding parameters is a node too.
+    """
+    unit: dict[str, str] = {}
+    for conv, bn in pairs:
+        unit[conv] = unit[bn] = conv
+        if conv.endswith(".conv") and layer is not None and isinstance(modules.get(conv[: -len(".conv")]), layer):
+            unit[conv[: -len(".conv")]] = conv
+    producers: dict[str, set[str]] = {}
+    tags: dict[Any, frozenset[str]] = {}
+    inputs = 0
+
+    def flow(value: Any) -> frozenset[str]:
+        if isinstance(value, torch.fx.Node):
+            return tags.get(value, frozenset())
+        if isinstance(value, (list, tuple)):
+            return frozenset().union(*map(flow, value)) if value else frozenset()
+        if isinstance(value, dict):
+            return flow(list(value.values()))
+        return frozenset()
+
+    for node in fx_graph.nodes:
+        if node.op == "placeholder":
+            tags[node] = frozenset({INPUT if inputs == 0 else f"{INPUT}{inputs}"})
+            inputs += 1
+            continue
+        feeding = flow(list(node.args)) | flow(dict(node.kwargs))
+        name = str(node.target) if node.op == "call_module" else None
+        owner = unit.get(name) if name is not None else None
+        if owner is None and name is not None and any(True for _ in modules[name].parameters()):
+            owner = name
+        if owner is None:
+            tags[node] = feeding
+            continue
+        if feeding != {owner}:
+            producers.setdefault(owner, set()).update(feeding - {owner})
+        tags[node] = frozenset({owner})
+    return Graph(
+        {k: frozenset(v) for k, v in producers.items()},
+        {k: "other" for k in producers if k not in unit.values()},
+    )
 
 
 def _order_pairs(model: nn.Module, layer: type | None) -> list[tuple[str, str]]:
@@ -103,14 +153,16 @@ def _geometry(conv: nn.Conv2d) -> dict[str, Any]:
     }
 
 
-def find_pairs(model: nn.Module) -> ModelPairs:
+def find_pairs(model: nn.Module, example: np.ndarray | None = None) -> ModelPairs:
     """The model's Conv2d -> BatchNorm2d pairs, in forward order (or registration order)."""
     modules = dict(model.named_modules())
     layer = _convbn_layer()
     notes: list[str] = []
+    graph: Graph | None = None
     try:
-        pairs = _fx_pairs(model, modules, layer, notes)
+        pairs, fx_graph = _fx_pairs(model, modules, layer, notes)
         pairing = "torch.fx"
+        graph = _data_flow(fx_graph, modules, pairs, layer)
     except Exception as exc:  # fx raises many types: TraceError, TypeError, NotImplementedError...
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         notes = [
@@ -154,7 +206,58 @@ def find_pairs(model: nn.Module) -> ModelPairs:
         and (any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)))
         and not (layer is not None and isinstance(module, layer))
     ]
-    return ModelPairs(targets, pairing, notes, untouched)
+    return ModelPairs(targets, pairing, notes, untouched, graph)
+
+
+def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:
+    """Each pair's values, as a live source model holds them."""
+    out = []
+    for t in found.targets:
+        conv, bn = t.handle
+        out.append(dataclasses.replace(from_torch(conv, bn), **(t.geometry or {})))
+    return out
+
+
+def run(model: nn.Module, x: np.ndarray) -> list[np.ndarray]:
+    """The model's eval output on NHWC ``x`` (given as NCHW), every output NHWC where rank 4."""
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            parameter = next(iter(model.parameters()), None)
+            kwargs = {} if parameter is None else {"dtype": parameter.dtype, "device": parameter.device}
+            tensor = torch.as_tensor(np.ascontiguousarray(np.moveaxis(x, -1, 1) if x.ndim == 4 else x), **kwargs)
+            y = model(tensor)
+    finally:
+        for m, training in was:
+            m.training = training
+    return [np.moveaxis(a, 1, -1) if a.ndim == 4 else a for a in (v.detach().cpu().float().numpy() for v in _tensors(y))]
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a model's output (a tensor, or tuples, lists and dicts of them), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def snapshot(model: nn.Module) -> Any:
+    """Every tensor and BatchNorm setting :func:`apply` may change, copied, for :func:`restore`."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, [(m, m.eps, m.momentum) for m in model.modules() if isinstance(m, _BN)]
+
+
+def restore(model: nn.Module, saved: Any) -> None:
+    state, settings = saved
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state[k])
+    for m, eps, momentum in settings:
+        m.eps, m.momentum = eps, momentum
 
 
 def apply(model: nn.Module, staged: list[Staged]) -> None:
