@@ -48,7 +48,13 @@ def register(sub: Any) -> None:
     parser.add_argument("--like", metavar="MODEL_STATE", default=None,
                         help="a state file of your model (torch state_dict, Keras .weights.h5/.keras, flax "
                              "msgpack): write DST with its names and order, matching conv+BatchNorm layers "
-                             "by order and kernel shape; the rest of MODEL_STATE is kept as it is")
+                             "by name, then by order and kernel shape where that is unambiguous (layers of "
+                             "one shape that nothing tells apart are refused: see --map); the rest of "
+                             "MODEL_STATE is kept as it is")
+    parser.add_argument("--map", metavar="LIKE_LAYER=SRC_LAYER", action="append", default=[], dest="mapping",
+                        help="with --like: the like file's conv layer LIKE_LAYER takes SRC's layer SRC_LAYER "
+                             "(names as the refusal or 'convbn inspect' lists them); repeat for each layer "
+                             "order and shape cannot decide")
     parser.add_argument("--no-strict", action="store_true",
                         help="with --like: write what matches even when a layer is missing, unexpected or "
                              "of another shape (the report lists them) instead of refusing")
@@ -81,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     check_layout(dst, to, args.max_shard_size)
     if like_format is not None:
         _check_like(args, dst, to, like_format)
+        _mapping(args.mapping)
+    elif args.mapping:
+        raise ConvBNError(f"--map applies with --like only. Received: --map {args.mapping[0]!r} without --like")
     common.prepare_conversion(source_format, to)
     ckpt = load_checkpoint(
         src, source_format, pairs=args.pair, eps=args.eps, momentum=momentum, use_ema=args.use_ema
@@ -143,10 +152,25 @@ def _check_like(args: argparse.Namespace, dst: Path, to: str, like_format: str) 
         raise ConvBNError(f"DST must differ from the --like file: convbn never modifies its inputs. Received: DST={str(dst)!r}")
 
 
+def _mapping(items: list[str]) -> dict[str, str]:
+    """``--map LIKE_LAYER=SRC_LAYER`` options as a mapping."""
+    out: dict[str, str] = {}
+    for item in items:
+        like, sep, src = item.partition("=")
+        if not sep or not like or not src or like in out:
+            raise ConvBNError(
+                "--map takes LIKE_LAYER=SRC_LAYER, each like-file layer once. Received: --map "
+                f"{item!r}" + (" (given twice)" if like in out else "")
+            )
+        out[like] = src
+    return out
+
+
 def _conform(args: argparse.Namespace, ckpt: Checkpoint, like_format: str) -> tuple[Checkpoint, Checkpoint, LoadReport]:
     """``(source under the like file's names, unfolded; what to write; the match report)``."""
     like = load_checkpoint(Path(args.like), like_format)
-    out, match = conform_checkpoint(ckpt, like, fold_bias=args.fold_bias or "beta", strict=not args.no_strict)
+    out, match = conform_checkpoint(ckpt, like, fold_bias=args.fold_bias or "beta", strict=not args.no_strict,
+                                    mapping=_mapping(args.mapping))
     out.notes[:0] = ckpt.notes
     # The source as it was, under the like file's names: what the written file is verified against.
     renamed = out.copy()

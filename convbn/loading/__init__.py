@@ -2,7 +2,9 @@
 
 :func:`load_into` finds the model's Conv -> BatchNorm pairs (torch: ``torch.fx`` tracing, else
 module order; Keras: the layer graph, else layer order; Flax: variable-tree order), matches them
-to the checkpoint's layers by order and kernel shape, folds a conv bias the model's conv lacks,
+to the checkpoint's (or a live source model's) layers with :mod:`convbn.loading.matching` (names,
+the graphs' structure, order only where a graph fixes it; ambiguity refused, ``mapping=``
+decides), folds a conv bias the model's conv lacks,
 translates every convention, and writes everything at once, or nothing. It returns a
 :class:`LoadReport`; with ``strict=True`` anything unmatched raises :class:`LoadError` carrying the
 report before a single weight changes.
@@ -436,7 +438,7 @@ def _strict_error(what: str, report: LoadReport) -> LoadError:
             f"{what} cannot tell which checkpoint layer goes where, and never guesses: "
             + "; ".join(report.ambiguous)
             + ". Pass mapping={model layer: checkpoint layer} for these (convbn convert --like: --map "
-            "MODEL_LAYER=CHECKPOINT_LAYER), or a live source model, whose graph decides; nothing was changed"
+            "LIKE_LAYER=SRC_LAYER), or a live source model, whose graph decides; nothing was changed"
             f"\n{report.summary()}",
             report,
         )
@@ -468,15 +470,26 @@ def load_into(
     """Load a checkpoint of any supported format into a model built from ordinary layers.
 
     The model is a ``torch.nn.Module``, a Keras 3 model, or a Flax variable tree (what
-    ``module.init`` returns), made of the framework's own ``Conv2d``/``Conv2D``/``Conv`` and
+    ``module.init`` returns) or ``(module, variables)``, made of the framework's own ``Conv2d``/``Conv2D``/``Conv`` and
     ``BatchNorm2d``/``BatchNormalization``/``BatchNorm`` (convbn's own layers work too). Its
     Conv -> BatchNorm pairs are found from the model itself: torch traces the forward with
     ``torch.fx`` (a conv whose only consumer is a BatchNorm; residual blocks included) and falls
     back to module registration order when tracing fails; Keras follows the layer graph (or the
     layer order of a subclassed model); a Flax tree, which has no graph, pairs a conv with the
     BatchNorm that follows it in tree order (or, in a tree whose key order was lost, by Flax's
-    names). The pairs are matched to the checkpoint's layers by order and kernel shape (see
-    :attr:`LoadReport.notes` for anything out of the ordinary), and each matched pair receives:
+    names).
+
+    The pairs are matched to the source's layers by :func:`convbn.loading.matching.match`: first
+    ``mapping``, then names that correspond (torch ``layer1.0.conv1``, Keras ``layer1_0_conv1``,
+    Flax ``layer1/0/conv1``), then the structure of the model's data-flow graph (torch.fx, the Keras
+    layer graph or the TensorFlow graph of a subclassed model's call, the jaxpr of a Flax module)
+    against the source's (a live source model's), then order, only where the model's graph fixes
+    it: same-shaped layers in a chain take the source's same-shaped layers in order. Same-shaped
+    layers that nothing tells apart (a bottleneck's ``conv3`` and its shortcut against a file, any
+    repeated shape in a model without a graph) are never guessed: they are
+    :attr:`LoadReport.ambiguous`, and ``strict`` raises :class:`LoadError` naming them; ``mapping``
+    or a live source decides. :attr:`LoadReport.how` says what decided each layer. Each matched
+    pair receives:
 
     - the kernel in the framework's layout (OIHW for torch, HWIO otherwise);
     - the conv bias, or, when the model's conv has none, the bias folded into the BatchNorm
@@ -498,7 +511,21 @@ def load_into(
         model: a ``torch.nn.Module``, a built Keras 3 model or layer, or a Flax variable tree
             ``{"params": ..., "batch_stats": ...}``.
         path: the checkpoint (any format :func:`convbn.load_checkpoint` reads, detected from its
-            content), or a :class:`~convbn.Checkpoint` already loaded.
+            content), a :class:`~convbn.Checkpoint` already loaded, or a live source model (a
+            ``torch.nn.Module``, a built Keras model, Flax ``(module, variables)``), whose graph
+            aligns with the model's by structure.
+        mapping: model layer -> checkpoint layer (the names the report and the refusal use), for
+            layers the matcher cannot decide; checked against the shapes.
+        example_input: an input (NumPy, NHWC for images; torch models get it as NCHW) on which both
+            models run in eval mode after loading; max|y - y_source| / max|y_source| goes in
+            :attr:`LoadReport.output_error`. Per-layer checks cannot see a swap; this can. With a
+            file source, ``expected_output`` must be given (the source model's output on it).
+            Above ``output_tolerance`` the load is refused with ``strict`` (the model restored) and
+            reported mismatched otherwise.
+        expected_output: with a file source and ``example_input``: the source model's output (NHWC,
+            an array or a sequence of arrays).
+        output_tolerance: the relative output error ``example_input`` accepts (default 1e-4:
+            float32 models agree to about 1e-6; a swapped layer gives 1e-2 and more).
         fold_bias: where a checkpoint conv bias goes when the model's conv has none: ``"beta"``
             (the default: ``beta' = beta + gamma * b / sqrt(var + eps)``) or ``"moving_mean"``
             (``mean' = mean - b``, right for fine-tuning); None or False refuses (an error).
@@ -511,7 +538,8 @@ def load_into(
         A :class:`LoadReport`; for a Flax tree, ``report.variables`` is the loaded tree.
 
     Raises:
-        LoadError: with ``strict=True``, when anything is unmatched; nothing was changed.
+        LoadError: with ``strict=True``, when anything is unmatched or ambiguous, or the outputs on
+            ``example_input`` differ; nothing was changed.
         ConvBNError: an unreadable checkpoint, a fused checkpoint (it has no BatchNorm statistics),
             a conv bias to fold with ``fold_bias=None``, an unbuilt Keras model, or bad options.
         TypeError: when ``model`` is none of the supported kinds.
@@ -699,11 +727,13 @@ def conform_checkpoint(
     *,
     fold_bias: FoldOption = "beta",
     strict: bool = True,
+    mapping: Mapping[str, str] | None = None,
 ) -> tuple[Checkpoint, LoadReport]:
     """``ckpt``'s layers under the names, in the order, of ``like`` (a state file of the user's model).
 
-    ``like``'s conv+BatchNorm layers are matched to ``ckpt``'s by order and kernel shape exactly as
-    :func:`load_into` matches a model's pairs; each matched layer takes ``ckpt``'s values (the conv
+    ``like``'s conv+BatchNorm layers are matched to ``ckpt``'s by the matcher :func:`load_into` uses
+    (``mapping``, names, then order and kernel shape where unambiguous; two files have no graphs, so
+    layers of a repeated shape that names do not decide are ambiguous and refused); each matched layer takes ``ckpt``'s values (the conv
     bias folded where ``like``'s conv has none, or zero where ``ckpt``'s has none) with ``ckpt``'s eps
     and momentum, under ``like``'s names. Everything else of ``like`` (layers left unmatched with
     ``strict=False``, its other tensors) keeps ``like``'s own values, as :func:`load_into` leaves
@@ -716,6 +746,8 @@ def conform_checkpoint(
             ``.weights.h5``/``.keras``, Flax msgpack).
         fold_bias: as for :func:`load_into`.
         strict: as for :func:`load_into`.
+        mapping: ``like`` layer -> ``ckpt`` layer, for layers the matcher cannot decide (as for
+            :func:`load_into`; the CLI's ``--map``).
 
     Returns:
         ``(conformed, report)``: a checkpoint in ``like``'s format with ``like``'s sources, and the
@@ -753,7 +785,7 @@ def conform_checkpoint(
         ))
     report = LoadReport(pairing="checkpoint", pairs={t.name: t.bn_name for t in targets}, unused=list(ckpt.tensors))
     order = checkpoint_order(ckpt, report.notes)
-    staged = stage(targets, ckpt, order, report, fold_bias=into, eps="checkpoint")
+    staged = stage(targets, ckpt, order, report, fold_bias=into, eps="checkpoint", mapping=mapping)
     if strict and not report.ok:
         raise _strict_error("conforming to the like file", report)
     by_name = {s.target.name: s for s in staged}

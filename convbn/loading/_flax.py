@@ -9,7 +9,14 @@ transformation (``jax.jit``, ``tree_map``) has its keys sorted, which loses that
 paired by names first, and ordered by the natural order of its paths (``Conv_2`` before
 ``Conv_10``), which is Flax's creation order for its default names.
 
-Nothing imports JAX here unless the tree holds JAX arrays (it is imported already then).
+A model given as ``(module, variables)`` (or ``(module, variables, apply_kwargs)``) also has a
+graph: ``module.apply`` is traced with ``jax.make_jaxpr`` on the example input (or, without one, on
+``(1, 32, 32, C)`` for the first conv's ``C``), and the data flow between the modules whose variables
+the traced operations read is the model's graph. Such a model can be a live source and can run on
+``example_input``; a bare tree cannot.
+
+Nothing imports JAX here unless the tree holds JAX arrays or a module is given (it is imported
+already then).
 """
 
 from __future__ import annotations
@@ -24,8 +31,10 @@ import numpy as np
 from convbn.errors import ConvBNError
 from convbn.formats._pairing import Unit, natural_key, pair_units
 from convbn.loading import ModelPairs, Staged, Target
+from convbn.loading.matching import INPUT, Graph
+from convbn.params import ConvBNParams
 
-__all__ = ["apply", "find_pairs"]
+__all__ = ["apply", "find_pairs", "read", "restore", "run", "snapshot"]
 
 Path = tuple[str, ...]
 
@@ -59,8 +68,30 @@ def _roots(variables: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str
     return params, stats
 
 
-def find_pairs(variables: Mapping[str, Any]) -> ModelPairs:
-    """The tree's conv -> BatchNorm pairs (see the module docstring)."""
+def _split(model: Any) -> tuple[Any, Mapping[str, Any], dict[str, Any]]:
+    """``(module or None, variables, apply kwargs)`` of a tree or a ``(module, variables[, kwargs])``."""
+    if isinstance(model, tuple):
+        return model[0], model[1], dict(model[2]) if len(model) > 2 else {}
+    return None, model, {}
+
+
+def find_pairs(model: Any, example: np.ndarray | None = None) -> ModelPairs:
+    """The tree's conv -> BatchNorm pairs (see the module docstring), with the module's graph if given."""
+    module, variables, kwargs = _split(model)
+    found = _tree_pairs(variables)
+    if module is not None:
+        try:
+            found.graph = _data_flow(module, variables, kwargs, example, found.targets)
+        except Exception as exc:  # tracing user code raises anything
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            found.notes.append(f"module.apply could not be traced ({type(exc).__name__}: {first[:160]}): no graph")
+        else:
+            if example is None:
+                found.notes.append("the module's graph was traced on a (1, 32, 32, C) input: example_input= sets it")
+    return found
+
+
+def _tree_pairs(variables: Mapping[str, Any]) -> ModelPairs:
     params, stats = _roots(variables)
     param_modules = dict(_modules(params))
     stat_modules = dict(_modules(stats))
@@ -134,8 +165,117 @@ def _set(tree: dict[str, Any], path: Path, leaf: str, value: Any) -> None:
     node[leaf] = _like(value, node[leaf], "/".join((*path, leaf)))
 
 
-def apply(variables: Mapping[str, Any], staged: list[Staged]) -> Any:
-    """A new tree holding the staged values; ``variables`` is not modified."""
+def _data_flow(
+    module: Any, variables: Mapping[str, Any], kwargs: dict[str, Any], example: np.ndarray | None, targets: list[Target]
+) -> Graph:
+    """Which modules feed which, from the jaxpr of ``module.apply``: an operation reading a module's
+    variables and data computed from the input belongs to that module."""
+    import jax
+    import jax.extend.core as jax_core
+    import jax.numpy as jnp
+
+    unit: dict[str, str] = {}
+    for t in targets:
+        unit["/".join(t.handle[0])] = unit["/".join(t.handle[1])] = t.name
+    if example is None:
+        kernels = [np.shape(v["kernel"]) for _, v in _modules(variables["params"]) if np.ndim(v.get("kernel", 0)) == 4]
+        if not kernels:
+            raise ConvBNError("no conv kernel to size an input by")
+        example = np.zeros((1, 32, 32, kernels[0][2]), np.float32)
+    x = jnp.asarray(example)
+    closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **kwargs))(variables, x)
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
+    empty: frozenset[str] = frozenset()
+    env: dict[Any, tuple[frozenset[str], frozenset[str]]] = {}
+    jaxpr = closed.jaxpr
+    for var, path in zip(jaxpr.invars, paths, strict=False):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        owner = "/".join(keys[1:-1])
+        env[var] = (empty, frozenset({unit.get(owner, owner)}))
+    for var in jaxpr.invars[len(paths):]:
+        env[var] = (frozenset({INPUT}), empty)
+    producers: dict[str, set[str]] = {}
+
+    def value(var: Any) -> tuple[frozenset[str], frozenset[str]]:
+        return env.get(var, (empty, empty)) if isinstance(var, jax_core.Var) else (empty, empty)
+
+    def walk(eqns: Any) -> None:
+        for eqn in eqns:
+            ins = [value(v) for v in eqn.invars]
+            tags = frozenset().union(*(t for t, _ in ins)) if ins else empty
+            mods = frozenset().union(*(m for _, m in ins)) if ins else empty
+            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            inner = getattr(inner, "jaxpr", inner)
+            if mods and tags and inner is not None and len(getattr(inner, "invars", ())) == len(eqn.invars):
+                env.update(zip(inner.invars, ins, strict=True))
+                walk(inner.eqns)
+                outs = [value(v) for v in inner.outvars]
+                if len(outs) == len(eqn.outvars):
+                    env.update(zip(eqn.outvars, outs, strict=True))
+                    continue
+            if tags and mods:
+                for node in mods:
+                    producers.setdefault(node, set()).update(tags - {node})
+                out = (mods, empty)
+            else:
+                out = (tags, mods)
+            env.update((o, out) for o in eqn.outvars)
+
+    walk(jaxpr.eqns)
+    names = {t.name for t in targets}
+    return Graph({k: frozenset(v) for k, v in producers.items()}, {k: "other" for k in producers if k not in names})
+
+
+def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:
+    """Each pair's values as the tree holds them; eps and momentum are Flax's defaults (a tree records none)."""
+    _, variables, _ = _split(model)
+    params, stats = _roots(variables)
+
+    def at(tree: Mapping[str, Any], path: Path) -> Mapping[str, Any]:
+        for key in path:
+            tree = tree.get(key, {})
+        return tree
+
+    def array(name: str, tree: Mapping[str, Any]) -> np.ndarray | None:
+        return None if name not in tree else np.array(tree[name])
+
+    out = []
+    for t in found.targets:
+        conv_path, bn_path = t.handle
+        conv, bn, stat = at(params, conv_path), at(params, bn_path), at(stats, bn_path)
+        out.append(ConvBNParams(
+            kernel=np.array(conv["kernel"]), bias=array("bias", conv),
+            gamma=array("scale", bn), beta=array("bias", bn),
+            moving_mean=np.array(stat["mean"]), moving_var=np.array(stat["var"]),
+            eps=1e-5, momentum=0.99, var_update="biased",
+        ))
+    return out
+
+
+def run(model: Any, x: np.ndarray) -> list[np.ndarray]:
+    """``module.apply(variables, x, **apply_kwargs)`` (the module's eval mode), every output as NumPy."""
+    module, variables, kwargs = _split(model)
+    if module is None:
+        raise ConvBNError(
+            "example_input= runs the model, and a Flax variable tree cannot run: pass (module, variables). "
+            "Received: a variable tree"
+        )
+    import jax
+
+    return [np.asarray(leaf, np.float32) for leaf in jax.tree_util.tree_leaves(module.apply(variables, x, **kwargs))]
+
+
+def snapshot(model: Any) -> None:
+    """Nothing: :func:`apply` returns a new tree and never changes the model's."""
+
+
+def restore(model: Any, saved: Any) -> None:
+    """Nothing to restore (see :func:`snapshot`)."""
+
+
+def apply(model: Any, staged: list[Staged]) -> Any:
+    """A new tree holding the staged values; the model's tree is not modified."""
+    _, variables, _ = _split(model)
     out = _copy(variables)
     params, stats = out["params"], out.setdefault("batch_stats", {})
     for s in staged:

@@ -160,7 +160,10 @@ def find_pairs(model: Any, example: np.ndarray | None = None) -> ModelPairs:
         used.update((id(conv), id(bn)))
     untouched = [name for name, layer in layers if id(layer) not in used and layer.weights]
     pairing = " and ".join(sorted(kinds, reverse=True)) or "layer graph"
-    return ModelPairs(targets, pairing, notes, untouched, _data_flow(model, layers, targets))
+    graph = _data_flow(model, layers, targets)
+    if graph is None:
+        graph = _traced_flow(model, layers, targets, example, notes)
+    return ModelPairs(targets, pairing, notes, untouched, graph)
 
 
 def _parents(layer: Any) -> list[Any] | None:
@@ -207,6 +210,71 @@ def _data_flow(model: Any, layers: list[tuple[str, Any]], targets: list[Target])
         return None
     return Graph({k: frozenset(v) for k, v in producers.items()},
                  {k: "other" for k in producers if k not in {t.name for t in targets}})
+
+
+def _input_spec(model: Any, example: np.ndarray | None) -> Any:
+    """The input to trace the model with: the example's shape, else the one Keras saved at the first call."""
+    import tensorflow as tf
+
+    if example is not None:
+        return tf.TensorSpec((None, *example.shape[1:]), tf.float32)
+    spec = model._get_save_spec() if hasattr(model, "_get_save_spec") else None  # Keras's first-call record
+    if isinstance(spec, (list, tuple)) and len(spec) == 1:
+        spec = spec[0]
+    return spec if isinstance(spec, tf.TensorSpec) else None
+
+
+def _traced_flow(
+    model: Any, layers: list[tuple[str, Any]], targets: list[Target], example: np.ndarray | None, notes: list[str]
+) -> Graph | None:
+    """The data flow of a model without a layer graph (a subclassed one), from the TensorFlow graph of
+    its call: an operation reading a layer's variable and data computed from the input belongs to that
+    layer. None where the model does not trace (another Keras backend, no known input)."""
+    if not _is_tf_keras(model) and keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    spec = _input_spec(model, example)
+    if spec is None:
+        notes.append("the model has no layer graph and no recorded input to trace it with: example_input= gives one")
+        return None
+    unit = {id(layer): t.name for t in targets for layer in t.handle}
+    owner_of: dict[int, str] = {}
+    for name, layer in layers:
+        for w in layer.weights:
+            variable = w if _is_tf_keras(layer) else w.value
+            owner_of[id(variable.handle)] = unit.get(id(layer), name)
+    try:
+        concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    except Exception as exc:  # tracing user code raises anything
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        notes.append(f"the model's call could not be traced ({type(exc).__name__}: {first[:160]}): no graph")
+        return None
+    graph = concrete.graph
+    empty: frozenset[str] = frozenset()
+    flow: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+    for external, internal in graph.captures:
+        owner = owner_of.get(id(external))
+        if owner is not None:
+            flow[internal.name] = (empty, frozenset({owner}))
+    for tensor in graph.inputs[: len(graph.inputs) - len(graph.captures)]:
+        flow[tensor.name] = (frozenset({INPUT}), empty)
+    producers: dict[str, set[str]] = {}
+    for op in graph.get_operations():
+        ins = [flow.get(t.name, (empty, empty)) for t in op.inputs]
+        tags = frozenset().union(*(t for t, _ in ins)) if ins else empty
+        mods = frozenset().union(*(m for _, m in ins)) if ins else empty
+        if tags and mods:
+            for node in mods:
+                producers.setdefault(node, set()).update(tags - {node})
+            out = (mods, empty)
+        else:
+            out = (tags, mods)
+        for t in op.outputs:
+            flow.setdefault(t.name, out)
+    names = {t.name for t in targets}
+    notes.append("the model has no layer graph: its data flow was traced from the TensorFlow graph of its call")
+    return Graph({k: frozenset(v) for k, v in producers.items()}, {k: "other" for k in producers if k not in names})
 
 
 def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:

@@ -13,7 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from convbn.adapters import _check_torch_pair, _torch_padding_to_convbn, assign_torch, from_torch, kept_from_torch
+from convbn.adapters import (
+    _check_torch_pair,
+    _torch_padding_to_convbn,
+    assign_torch,
+    from_torch,
+    kept_from_torch,
+)
 from convbn.errors import ConvBNError
 from convbn.loading import ModelPairs, Staged, Target
 from convbn.loading.matching import INPUT, Graph
@@ -225,8 +231,9 @@ def run(model: nn.Module, x: np.ndarray) -> list[np.ndarray]:
     try:
         with torch.no_grad():
             parameter = next(iter(model.parameters()), None)
-            kwargs = {} if parameter is None else {"dtype": parameter.dtype, "device": parameter.device}
-            tensor = torch.as_tensor(np.ascontiguousarray(np.moveaxis(x, -1, 1) if x.ndim == 4 else x), **kwargs)
+            tensor = torch.as_tensor(np.ascontiguousarray(np.moveaxis(x, -1, 1) if x.ndim == 4 else x))
+            if parameter is not None:
+                tensor = tensor.to(dtype=parameter.dtype, device=parameter.device)
             y = model(tensor)
     finally:
         for m, training in was:

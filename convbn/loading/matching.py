@@ -400,7 +400,7 @@ def match(
     moved = [(i, j) for i, j in anchors if (i, j) not in in_order]
     if moved:
         notes.append(
-            "matched out of the listing order: "
+            "matched out of order (the listing order differs): "
             + ", ".join(f"{model[i].name} <- {source[j].name} (by {how[i]})" for i, j in moved)
         )
     return Matching(
