@@ -127,6 +127,8 @@ class Layer:
             -> tensor name in the source.
         extras: source tensors that belong to the layer but have no field (torch's
             ``num_batches_tracked``), kept for writers of the same format.
+        norm_name: the following BatchNorm's own name in the source (its module path, scope or
+            layer name), so a writer can name it as the source did; empty when unknown.
     """
 
     kind: LayerKind
@@ -143,6 +145,7 @@ class Layer:
     flat_out: FeatureMap | None = None
     tensors: dict[str, str] = dataclasses.field(default_factory=dict)
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    norm_name: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:

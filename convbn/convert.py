@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from convbn.checkpoint import Checkpoint, LayerSource
+from convbn.checkpoint import Checkpoint, Layer, LayerSource
 from convbn.errors import ConvBNError
 from convbn.formats import FORMATS, load_format
 from convbn.formats._io import parent_directories, placement
@@ -35,6 +35,7 @@ __all__ = [
     "check_source",
     "detect_format",
     "fold_bias",
+    "fold_layer_bias",
     "format_for_path",
     "fuse_checkpoint",
     "geometry_label",
@@ -65,16 +66,38 @@ def fold_bias(params: ConvBNParams, into: FoldTarget = "beta") -> ConvBNParams:
         raise ConvBNError(f"fold_bias must be 'beta' or 'moving_mean'. Received: fold_bias={into!r}")
     if params.bias is None:
         return params
-    b = np.asarray(params.bias, np.float64)
+    beta, mean = _folded(params.bias, params.gamma, params.beta, params.moving_mean, params.moving_var, params.eps, into)
+    return dataclasses.replace(params, bias=None, beta=beta, moving_mean=mean)
+
+
+def _folded(bias: Any, gamma: Any, beta: Any, mean: Any, var: Any, eps: float, into: FoldTarget) -> tuple[Any, Any]:
+    """``(beta', moving_mean')`` once a bias before a BatchNorm is folded into it (see
+    :func:`fold_bias`): the one rule for a conv, a transposed conv and a dense layer."""
+    b = np.asarray(bias, np.float64)
     if into == "moving_mean":
-        mean = np.asarray(params.moving_mean)
-        return dataclasses.replace(params, bias=None, moving_mean=(mean.astype(np.float64) - b).astype(mean.dtype))
-    var = np.asarray(params.moving_var, np.float64)
-    gamma = 1.0 if params.gamma is None else np.asarray(params.gamma, np.float64)
-    dtype = np.asarray(params.beta if params.beta is not None else params.bias).dtype
-    beta = 0.0 if params.beta is None else np.asarray(params.beta, np.float64)
-    new_beta = beta + gamma * b / np.sqrt(var + params.eps)
-    return dataclasses.replace(params, bias=None, beta=np.asarray(new_beta).astype(dtype))
+        m = np.asarray(mean)
+        return beta, (m.astype(np.float64) - b).astype(m.dtype)
+    g = 1.0 if gamma is None else np.asarray(gamma, np.float64)
+    dtype = np.asarray(beta if beta is not None else bias).dtype
+    old = 0.0 if beta is None else np.asarray(beta, np.float64)
+    new_beta = old + g * b / np.sqrt(np.asarray(var, np.float64) + eps)
+    return np.asarray(new_beta).astype(dtype), mean
+
+
+def fold_layer_bias(layer: Layer, into: FoldTarget = "beta") -> Layer:
+    """:func:`fold_bias` for a dense layer or transposed conv followed by a BatchNorm
+    (:attr:`Layer.norm`): the same formula; a layer without bias or BatchNorm comes back unchanged.
+    A BatchNorm whose eps the source did not state folds into the moving mean, which needs none."""
+    norm = layer.norm
+    if layer.bias is None or norm is None or norm.kind != "batch_norm" or layer.kernel is None:
+        return layer
+    if norm.eps is None:
+        into = "moving_mean"
+    beta, mean = _folded(layer.bias, norm.gamma, norm.beta, norm.moving_mean, norm.moving_var, norm.eps or 0.0, into)
+    tensors = {f: t for f, t in layer.tensors.items() if f != "bias"}
+    return dataclasses.replace(
+        layer, bias=None, norm=dataclasses.replace(norm, beta=beta, moving_mean=mean), tensors=tensors
+    )
 
 
 _fold_layer = fold_bias  # save_checkpoint's keyword of the same name hides the function
@@ -296,6 +319,7 @@ def prepare_for_format(
             f"fold_bias folds the conv bias away, which conv_bias=True keeps. Received: "
             f"fold_bias={target!r}, conv_bias=True"
         )
+    check_flatten_order(ckpt, name)
     fold = not ckpt.fused and (conv_bias is False or not holds_bias or target is not None)
     into: FoldTarget = target or "beta"
     out = ckpt.copy()
@@ -309,6 +333,19 @@ def prepare_for_format(
             dtype = np.asarray(params.kernel).dtype
             out.layers[layer] = dataclasses.replace(params, bias=np.zeros(params.out_channels, dtype))
             added.append(layer)
+    others_folded: list[str] = []
+    if fold:
+        for layer, other in ckpt.others.items():
+            if other.bias is not None and other.norm is not None and other.norm.kind == "batch_norm":
+                out.others[layer] = fold_layer_bias(other, into)
+                others_folded.append(layer)
+    if others_folded:
+        kinds = sorted({ckpt.others[n].kind for n in others_folded})
+        out.notes.append(
+            f"folded the bias of {len(others_folded)} {'/'.join(kinds)} layer(s) into {into} of the BatchNorm "
+            f"after it, as for a conv: {', '.join(others_folded[:5])}"
+        )
+        folded += others_folded
     if folded:
         why = "the target has no conv bias" if not holds_bias else "conv_bias=False"
         formula = (
@@ -316,13 +353,75 @@ def prepare_for_format(
             if into == "beta"
             else "moving_mean' = moving_mean - b"
         )
-        out.notes.append(
-            f"folded the conv bias of {len(folded)} layer(s) into {into} ({why}): {formula}"
-        )
+        if len(folded) > len(others_folded):
+            out.notes.append(
+                f"folded the conv bias of {len(folded) - len(others_folded)} layer(s) into {into} ({why}): {formula}"
+            )
         out.metadata["folded_bias"] = f"{into}:{','.join(folded)}"
     if added:
         out.notes.append(f"added a zero conv bias to {len(added)} layer(s) that had none (conv_bias=True)")
     return out
+
+
+#: The order a format's frameworks flatten feature maps in (safetensors keeps the source's).
+_FLAT_ORDER = {"torch": "chw", "keras": "hwc", "flax": "hwc", "slim": "hwc"}
+
+
+def check_flatten_order(ckpt: Checkpoint, format: str) -> None:
+    """Refuse to guess the feature order of a dense layer that may read a flattened feature map
+    (or be reshaped into one) when the source and the target flatten maps differently (torch
+    NCHW, the others NHWC).
+
+    A dense layer with :attr:`Layer.flat_in` / ``flat_out`` set is permuted by the writer. One
+    without reads a vector when its input width is the output width of the layer before it (a
+    classifier after global pooling) and feeds one when its output width is the next layer's
+    input; otherwise its rows (or columns) are a flattened map in the source's order, which only
+    the model's graph can say: the conversion is refused, naming the layer.
+
+    Raises:
+        ConvBNError: naming the dense layer and the widths that did not match.
+    """
+    source = _FLAT_ORDER.get(ckpt.metadata.get("source_format") or ckpt.format)
+    target = _FLAT_ORDER.get(format)
+    if source is None or target is None or source == target:
+        return
+    items = ckpt.in_order()
+    for i, (name, item) in enumerate(items):
+        if not isinstance(item, Layer) or item.kind != "dense":
+            continue
+        n_in, n_out = (int(d) for d in np.shape(item.kernel))
+        before = _width(items[i - 1][1], "out") if i > 0 else None
+        after = _width(items[i + 1][1], "in") if i + 1 < len(items) else None
+        for side, attr, own, other, neighbour in (
+            ("input", "flat_in", n_in, before, items[i - 1][0] if i > 0 else ""),
+            ("output", "flat_out", n_out, after, items[i + 1][0] if i + 1 < len(items) else ""),
+        ):
+            fmap = getattr(item, attr)
+            if fmap is None and other is not None and other != own and other > 0 and own % other == 0:
+                raise ConvBNError(
+                    f"dense layer {name!r} has {own} {side} features and {neighbour!r} {other} channels: a "
+                    f"flattened map whose feature order differs between {ckpt.metadata.get('source_format')} "
+                    f"({source}) and {format} ({target}); state it with dataclasses.replace(layer, "
+                    f"{attr}=convbn.checkpoint.FeatureMap(h, w, c, order={source!r})), or use load_into with the model"
+                )
+
+
+def _width(item: ConvBNParams | Layer, side: str) -> int | None:
+    """A layer's output (or input) width, where its tensors say."""
+    if isinstance(item, ConvBNParams):
+        return item.out_channels if side == "out" else item.in_channels
+    if item.kind in ("batch_norm", "layer_norm", "group_norm"):
+        return item.out_features
+    if item.kernel is None:
+        return None
+    shape = np.shape(item.kernel)
+    if side == "out":
+        return item.out_features
+    if item.kind == "dense":
+        return int(shape[0])
+    if item.kind == "conv_transpose":
+        return int(shape[3])
+    return int(shape[2]) * item.groups
 
 
 def save_checkpoint(
@@ -412,6 +511,8 @@ def save_checkpoint(
         raise ConvBNError(f"{p} exists; refusing to overwrite it (pass overwrite=True / --force)")
     check_layout(p, name, max_shard_size)
     prepared = prepare_for_format(ckpt, name, fold_bias=fold_bias, conv_bias=conv_bias)
+    if prepared.others and not getattr(module, "WRITES_OTHERS", False):
+        _others_as_tensors(prepared)
     # A Keras target's update depends on the layout its name asks for (Keras 2's *.h5 is fused).
     expected = module.target_var_update(p) if name == "keras" else _TARGET_VAR_UPDATE.get(name)
     _var_update_change(prepared, name, expected, refuse=keep_var_update)
@@ -426,6 +527,25 @@ def save_checkpoint(
     with parent_directories(p), placement(overwrite=overwrite):
         module.write(prepared, p, **options)
     return prepared
+
+
+def _others_as_tensors(ckpt: Checkpoint) -> None:
+    """For a writer that writes conv+BatchNorm pairs only: every other layer's arrays back in
+    ``tensors`` under their source names (neutral layout, which is the TF one), so the writer
+    writes them where the target is the source's format and names them as not written otherwise."""
+    for name, layer in ckpt.others.items():
+        norm = layer.norm
+        values = {
+            "kernel": layer.kernel, "bias": layer.bias, **layer.extras,
+            **({} if norm is None else {
+                "gamma": norm.gamma, "beta": norm.beta, "moving_mean": norm.moving_mean, "moving_var": norm.moving_var,
+            }),
+        }
+        for field, tensor in layer.tensors.items():
+            if values.get(field) is not None:
+                ckpt.tensors[tensor] = values[field]
+        ckpt.order = [n for n in ckpt.order if n != name]
+    ckpt.others = {}
 
 
 def check_shard_size(format: str, max_shard_size: int | str) -> int:

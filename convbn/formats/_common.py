@@ -16,12 +16,15 @@ from convbn.errors import ConvBNError
 from convbn.params import ConvBNParams
 
 if TYPE_CHECKING:
-    from convbn.checkpoint import Checkpoint
+    from convbn.checkpoint import Checkpoint, Layer, Norm
 
 __all__ = [
+    "LAYER_NAMES",
     "Progress",
     "as_numpy",
     "build_layer",
+    "build_norm",
+    "build_other",
     "check_variance",
     "contiguous",
     "head",
@@ -29,6 +32,7 @@ __all__ = [
     "origin_format",
     "resolve_settings",
     "tick",
+    "torch_named",
     "unstored_settings_note",
     "zip_first_member",
 ]
@@ -77,6 +81,19 @@ def origin_format(ckpt: Checkpoint) -> str:
     That is the format read, except for convbn safetensors files, which record the original one.
     """
     return ckpt.metadata.get("source_format") or ckpt.format
+
+
+#: ``Checkpoint.metadata`` key whose value ``"torch"`` says the layers' own names (LayerSource
+#: conv_name/bn_name, ``others`` keys, Layer.norm_name) are torch module paths, with ``/`` for ``.``
+#: where the format nests: set by readers of files a writer stored torch names in, so a round trip
+#: torch -> keras/flax -> torch comes back under the source's names.
+LAYER_NAMES = "layer_names"
+
+
+def torch_named(ckpt: Checkpoint) -> bool:
+    """Whether the layers of ``ckpt`` are named after torch modules (read from torch, or from a
+    file written from torch that recorded it)."""
+    return origin_format(ckpt) == "torch" or ckpt.metadata.get(LAYER_NAMES) == "torch"
 
 
 def resolve_settings(
@@ -156,6 +173,64 @@ def build_layer(source: os.PathLike[str] | str, name: str, tensors: Mapping[str,
     return params
 
 
+def build_norm(
+    source: os.PathLike[str] | str, name: str, tensors: Mapping[str, str], kind: str = "batch_norm", **fields: Any
+) -> Norm:
+    """A :class:`~convbn.checkpoint.Norm` for the norm layer ``name``; an error names the file and the
+    tensors (``tensors``: field → name in the file), as :func:`build_layer`'s do. A BatchNorm's
+    tensors must agree on its width, and its moving variance be finite and >= 0."""
+    from convbn.checkpoint import Norm
+
+    listed = ", ".join(f"{field}={tensor!r}" for field, tensor in tensors.items())
+    arrays = {f: v for f, v in fields.items() if f in ("gamma", "beta", "moving_mean", "moving_var") and v is not None}
+    shapes = {tuple(np.shape(v)) for v in arrays.values()}
+    if len(shapes) > 1 or any(len(s) != 1 for s in shapes):
+        raise ConvBNError(
+            f"{source}: norm {name!r} ({listed}): its tensors must be vectors of one length. "
+            f"Received: shapes {sorted(shapes)}"
+        )
+    try:
+        norm = Norm(kind, **fields)  # type: ignore[arg-type]
+    except ConvBNError as exc:
+        raise ConvBNError(f"{source}: norm {name!r} ({listed}): {exc}") from None
+    if norm.moving_var is not None:
+        var = np.asarray(norm.moving_var)
+        bad = ~np.isfinite(var) | (var < 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ConvBNError(
+                f"{source}: a moving variance must be finite and >= 0. Received: "
+                f"{tensors.get('moving_var', name)}[{i}]={float(var[i])!r} (norm {name!r}, {int(bad.sum())} bad value(s))"
+            )
+    return norm
+
+
+def build_other(source: os.PathLike[str] | str, name: str, tensors: Mapping[str, str], **fields: Any) -> Layer:
+    """A :class:`~convbn.checkpoint.Layer` (not a conv+BatchNorm pair) for layer ``name``; an error
+    names the file and the tensors. A bias must have one value per output."""
+    from convbn.checkpoint import Layer
+
+    listed = ", ".join(f"{field}={tensor!r}" for field, tensor in tensors.items())
+    try:
+        layer = Layer(tensors=dict(tensors), **fields)
+    except ConvBNError as exc:
+        raise ConvBNError(f"{source}: layer {name!r} ({listed}): {exc}") from None
+    outputs = layer.out_features
+    if layer.bias is not None and tuple(np.shape(layer.bias)) != (outputs,):
+        raise ConvBNError(
+            f"{source}: layer {name!r} ({listed}): the bias must have one value per output ({outputs}). "
+            f"Received: shape {list(np.shape(layer.bias))}"
+        )
+    if layer.norm is not None and layer.kernel is not None and layer.norm.moving_mean is not None:
+        width = int(np.shape(layer.norm.moving_mean)[0])
+        if width != outputs:
+            raise ConvBNError(
+                f"{source}: layer {name!r} ({listed}): the BatchNorm after it must have one value per output "
+                f"({outputs}). Received: {width}"
+            )
+    return layer
+
+
 def check_variance(source: os.PathLike[str] | str, layer: str, params: ConvBNParams, tensor: str) -> None:
     """A moving variance must be finite and >= 0: a NaN or negative one poisons every output."""
     var = np.asarray(params.moving_var)
@@ -179,5 +254,5 @@ def not_written_note(ckpt: Checkpoint) -> str:
     shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
     return (
         f"not written: {len(names)} other tensor(s) of the {origin_format(ckpt)} source ({shown}); "
-        "only conv+BatchNorm layers convert across formats (safetensors keeps every tensor)"
+        "tensors of no known layer kind convert only to the same format (safetensors keeps every tensor)"
     )

@@ -14,8 +14,11 @@ order) and calls :func:`pair_units`. The rules, strongest first:
    class (Keras ``.weights.h5``), the k-th conv with the next BatchNorm that fits
    (``order="by_kind"``).
 
-Whatever stays unpaired is returned so the reader keeps its tensors in ``Checkpoint.tensors`` and
-reports it.
+A dense layer pairs with the BatchNorm after it (torch's ``BatchNorm1d`` after a ``Linear``) by the
+same rules, except ``by_kind``: a file that keeps the order only within each layer class cannot say
+which BatchNorm follows a dense layer. A reader turns conv pairs into ``Checkpoint.layers`` and
+everything else, dense pairs and unpaired units alike, into ``Checkpoint.others``; what is not a
+unit at all stays in ``Checkpoint.tensors``.
 """
 
 from __future__ import annotations
@@ -39,9 +42,12 @@ __all__ = [
     "naming_candidates",
     "pair_units",
     "parse_pairs",
+    "source_order",
 ]
 
-Kind = Literal["conv", "bn"]
+Kind = Literal["conv", "dense", "bn"]
+#: The kinds of unit a BatchNorm can follow.
+PRODUCERS = ("conv", "dense")
 Order = Literal["adjacent", "by_kind"]
 
 
@@ -59,12 +65,13 @@ def natural_key(name: str) -> tuple[Any, ...]:
 
 @dataclasses.dataclass
 class Unit:
-    """A conv or a BatchNorm found in a file.
+    """A conv, a dense layer or a BatchNorm found in a file.
 
     Attributes:
         name: the module path, variable scope or layer name, as the source writes it.
-        kind: ``"conv"`` or ``"bn"``.
-        channels: the conv's output channels, or the BatchNorm's feature count.
+        kind: ``"conv"``, ``"dense"`` or ``"bn"``.
+        channels: the conv's output channels or dense layer's output features, or the BatchNorm's
+            feature count.
         payload: whatever the reader needs to build the layer later (tensor names, arrays).
         vectors: the shapes of the unit's per-channel tensors, by their names in the file: a conv's
             bias, a BatchNorm's statistics and affine parameters. :func:`pair_units` refuses an
@@ -84,11 +91,11 @@ class Unit:
 
 @dataclasses.dataclass
 class Pair:
-    """A conv and the BatchNorm that follows it.
+    """A conv (or dense layer) and the BatchNorm that follows it.
 
     Attributes:
         key: the layer's name in ``Checkpoint.layers`` (see :func:`layer_key`).
-        conv: the conv unit.
+        conv: the conv or dense unit.
         bn: the BatchNorm unit.
         reason: ``"explicit"``, ``"graph"``, ``"naming"`` or ``"order"``.
     """
@@ -189,11 +196,12 @@ def check_unit(unit: Unit, source: str) -> None:
         ...
         convbn.errors.ConvBNError: m.pt: the tensors of BatchNorm 'bn1' must have one value per channel. Received: 'bn1.running_mean' has shape [5], 'bn1.running_var' has 4 values
     """
-    if unit.kind == "conv":
+    if unit.kind in PRODUCERS:
         bad = next(((t, s) for t, s in unit.vectors.items() if tuple(s) != (unit.channels,)), None)
         if bad is not None:
+            label = "conv" if unit.kind == "conv" else "dense layer"
             raise ConvBNError(
-                f"{source}: the bias of conv {unit.name!r} must have one value per output channel. Received: "
+                f"{source}: the bias of {label} {unit.name!r} must have one value per output channel. Received: "
                 f"{bad[0]!r} has shape {list(bad[1])}, the kernel {unit.kernel or unit.name!r} has "
                 f"{unit.channels} output channels"
             )
@@ -253,7 +261,9 @@ def pair_units(
         ([('0', '1', 'order')], ['fc'])
     """
     where = f"in {source}" if source else "in the checkpoint"
-    by_name: dict[tuple[str, str], Unit] = {(u.kind, u.name): u for u in units}
+    by_name: dict[tuple[str, str], Unit] = {
+        ("conv" if u.kind in PRODUCERS else u.kind, u.name): u for u in units
+    }  # a dense layer is looked up as a conv is: explicit and graph pairs name either
     position = {id(u): i for i, u in enumerate(units)}
     conv_of: dict[int, tuple[Unit, str]] = {}  # id(bn) -> (conv, reason)
     paired: set[int] = set()
@@ -267,7 +277,9 @@ def pair_units(
         bn = by_name.get(("bn", bn_name))
         for unit, kind in ((conv, "conv"), (bn, "bn")):
             if unit is None:
-                known = sorted((u.name for u in units if u.kind == kind), key=natural_key)
+                known = sorted(
+                    (u.name for u in units if u.kind == kind or (kind == "conv" and u.kind in PRODUCERS)), key=natural_key
+                )
                 label = "conv" if kind == "conv" else "BatchNorm"
                 raise ConvBNError(
                     f"an explicit pair must name a {label} {where}; known {label}s: "
@@ -293,7 +305,7 @@ def pair_units(
     if naming:
         linen_unbalanced = _linen_unbalanced_parents(units)
         for conv in units:
-            if conv.kind != "conv" or id(conv) in paired:
+            if conv.kind not in PRODUCERS or id(conv) in paired:
                 continue
             for candidate in naming_candidates(conv.name):
                 if _split(conv.name)[0] in linen_unbalanced and _LINEN_BN.fullmatch(_split(candidate)[2]):
@@ -307,7 +319,7 @@ def pair_units(
         for i, conv in enumerate(units[:-1]):
             bn = units[i + 1]
             if (
-                conv.kind == "conv"
+                conv.kind in PRODUCERS
                 and bn.kind == "bn"
                 and id(conv) not in paired
                 and id(bn) not in paired
@@ -339,6 +351,43 @@ def pair_units(
     for unit in unpaired:
         check_unit(unit, source or "the checkpoint")
     return pairs, unpaired
+
+
+@dataclasses.dataclass
+class Entry:
+    """One layer of the checkpoint, as :func:`source_order` lists them.
+
+    Attributes:
+        name: the layer's key: the pair's key, else the unit's own name.
+        unit: the conv or dense unit, or for a standalone BatchNorm the BatchNorm unit.
+        bn: the BatchNorm that follows ``unit``, or None.
+        pair: the conv+BatchNorm pair (a ``Checkpoint.layers`` entry); None for the others.
+    """
+
+    name: str
+    unit: Unit
+    bn: Unit | None = None
+    pair: Pair | None = None
+
+
+def source_order(units: Sequence[Unit], pairs: Sequence[Pair], unpaired: Sequence[Unit]) -> list[Entry]:
+    """Every layer :func:`pair_units` found, in source order: conv pairs, dense layers with their
+    BatchNorm, and unpaired units alone, each at its first unit's place.
+
+    Example:
+        >>> units = [Unit("fc", "dense", 4), Unit("bn", "bn", 4), Unit("c", "conv", 2)]
+        >>> found, rest = pair_units(units)
+        >>> [(e.name, e.bn and e.bn.name, e.pair is not None) for e in source_order(units, found, rest)]
+        [('fc', 'bn', False), ('c', None, False)]
+    """
+    by_first: dict[int, Entry] = {}
+    for pair in pairs:
+        conv_pair = pair if pair.conv.kind == "conv" else None
+        name = pair.key if conv_pair else pair.conv.name
+        by_first[id(pair.conv)] = Entry(name, pair.conv, pair.bn, conv_pair)
+    for unit in unpaired:
+        by_first[id(unit)] = Entry(unit.name, unit)
+    return [by_first[id(u)] for u in units if id(u) in by_first]
 
 
 def _preview(names: Sequence[str], limit: int = 8) -> str:

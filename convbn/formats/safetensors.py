@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 NAME = "safetensors"
 #: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
 WRITES_FUSED = True
+#: write() writes Checkpoint.others (every layer kind), not only conv+BatchNorm pairs.
+WRITES_OTHERS = True
 LAYOUT_VERSION = "1"
 
 __all__ = ["NAME", "read", "sniff", "write"]
@@ -277,7 +279,7 @@ def _json(metadata: Mapping[str, str], key: str, default: Any, path: Path) -> An
     except RecursionError:
         raise ConvBNError(f"{path}: corrupted convbn metadata {key!r}: nested too deeply") from None
     items = value.values() if isinstance(value, dict) else value
-    item = dict if key == "convbn.layers" else str
+    item = dict if key in ("convbn.layers", "convbn.others") else str
     if type(value) is not type(default) or not all(isinstance(v, item) for v in items):
         raise ConvBNError(
             f"{path}: corrupted convbn metadata {key!r}: it must be a JSON "
@@ -362,9 +364,91 @@ def _read_neutral(
         )
         used.update(names.values())
         used.update(extras.values())
+    for entry in _json(metadata, "convbn.others", [], path):
+        name = _layer_field(path, "?", entry, "name", (str,), None)
+        if name in ckpt.layers or name in ckpt.others:
+            raise ConvBNError(f"{path}: corrupted convbn metadata: layer {name!r} is listed twice")
+        layer, other_names = _read_other(path, name, entry, tensors)
+        ckpt.others[name] = layer
+        used.update(other_names)
+    order = _json(metadata, "convbn.order", [], path)
+    known = {*ckpt.layers, *ckpt.others}
+    ckpt.order = [n for n in order if n in known]
     ckpt.notes = list(dict.fromkeys(ckpt.notes))
     ckpt.tensors = {k: v for k, v in tensors.items() if k not in used}
     return ckpt
+
+
+#: A layer's array fields and its BatchNorm's, as ``convbn.others`` names their tensors.
+_OTHER_FIELDS = ("kernel", "bias")
+_NORM_FIELDS = ("gamma", "beta", "moving_mean", "moving_var")
+
+
+def _read_other(path: Path, name: str, entry: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[Any, list[str]]:
+    """One ``convbn.others`` entry as a Layer, and the names of the tensors it uses."""
+    from convbn.formats._common import build_norm, build_other
+
+    stored = _layer_field(path, name, entry, "tensors", (dict,), {})
+    extras = _layer_field(path, name, entry, "extras", (dict,), {})
+    missing = [t for t in (*stored.values(), *extras.values()) if t not in tensors]
+    if missing:
+        raise ConvBNError(f"{path}: layer {name!r} names tensors that are not in the file: {missing}")
+    unknown = sorted(set(stored) - {*_OTHER_FIELDS, *_NORM_FIELDS})
+    if unknown:
+        raise ConvBNError(f"{path}: corrupted convbn metadata: layer {name!r} names unknown fields {unknown}")
+    kind = _layer_field(path, name, entry, "kind", (str,), None)
+    norm = None
+    norm_entry = entry.get("norm")
+    if norm_entry is not None and not isinstance(norm_entry, dict):
+        raise ConvBNError(f"{path}: corrupted convbn metadata: layer {name!r} has norm={_preview(norm_entry)}; "
+                          "it must be an object")
+    if norm_entry is not None:
+        settings: dict[str, Any] = {}
+        for key, kinds in (("eps", (int, float)), ("momentum", (int, float)), ("var_update", (str,)), ("groups", (int,))):
+            value = norm_entry.get(key)
+            if value is not None:
+                settings[key] = _layer_field(path, name, norm_entry, key, kinds, None)
+        norm_kind = _layer_field(path, name, norm_entry, "kind", (str,), "batch_norm")
+        norm = build_norm(path, name, {f: stored[f] for f in _NORM_FIELDS if f in stored}, norm_kind,
+                          **{f: tensors[stored[f]] for f in _NORM_FIELDS if f in stored}, **settings)
+    fields: dict[str, Any] = {f: tensors[stored[f]] for f in _OTHER_FIELDS if f in stored}
+    for key in ("stride", "dilation", "output_padding"):
+        if key in entry:
+            value = _layer_field(path, name, entry, key, (list,), None)
+            if len(value) != 2 or not all(type(v) is int for v in value):
+                raise ConvBNError(f"{path}: corrupted convbn metadata: layer {name!r} has {key}={_preview(value)}; "
+                                  "it must be a list of 2 integers")
+            fields[key] = tuple(value)
+    if "groups" in entry:
+        fields["groups"] = _layer_field(path, name, entry, "groups", (int,), 1)
+    if "padding" in entry:
+        padding = _layer_field(path, name, entry, "padding", (str, list), "VALID")
+        fields["padding"] = padding if isinstance(padding, str) else [tuple(p) for p in padding]
+    for key in ("flat_in", "flat_out"):
+        value = entry.get(key)
+        if value is not None:
+            fields[key] = _feature_map(path, name, key, value)
+    source_names = _layer_field(path, name, entry, "source_tensors", (dict,), {})
+    layer = build_other(
+        path, name, source_names, kind=kind, norm=norm,
+        norm_name=_layer_field(path, name, entry, "norm_name", (str,), ""),
+        geometry=_layer_field(path, name, entry, "geometry", (bool,), False),
+        extras={k: tensors[t] for k, t in extras.items()}, **fields,
+    )
+    return layer, [*stored.values(), *extras.values()]
+
+
+def _feature_map(path: Path, name: str, key: str, value: Any) -> Any:
+    from convbn.checkpoint import FeatureMap
+
+    fields = value if isinstance(value, dict) else {}
+    height, width, channels = (fields.get(k, 0) for k in ("height", "width", "channels"))
+    order = fields.get("order", "hwc")
+    sizes = (height, width, channels)
+    if not isinstance(value, dict) or not all(type(v) is int and v > 0 for v in sizes) or order not in ("hwc", "chw"):
+        raise ConvBNError(f"{path}: corrupted convbn metadata: layer {name!r} has {key}={_preview(value)}; it must "
+                          "give a positive height, width and channels and an order 'hwc' or 'chw'")
+    return FeatureMap(int(height), int(width), int(channels), order=order)
 
 
 def write(
@@ -407,7 +491,15 @@ def write(
         entry.update(stride=list(params.stride), dilation=list(params.dilation), groups=params.groups)
         entry["padding"] = params.padding if isinstance(params.padding, str) else [list(p) for p in params.padding]
         layers.append(entry)
+    others = []
+    last_of_other: dict[str, str] = {}  # each other layer's last tensor -> the layer, for progress
+    for layer_name, other in ckpt.others.items():
+        others.append(_other_entry(layer_name, other, entries))
+        last_of_other[entries[-1][0]] = layer_name
     layer_names = {name for name, _ in entries}
+    if len(layer_names) != len(entries):
+        twice = next(n for i, (n, _) in enumerate(entries) if n in {m for m, _ in entries[:i]})
+        raise ConvBNError(f"{path}: tensor name {twice!r} is used twice (two layers)")
     for key, value in ckpt.tensors.items():
         if key in layer_names:
             raise ConvBNError(f"{path}: tensor name {key!r} is used twice (a layer field and another tensor)")
@@ -417,6 +509,8 @@ def write(
         "convbn.source_format": origin_format(ckpt),
         "convbn.convention": ckpt.convention or "",
         "convbn.layers": json.dumps(layers),
+        "convbn.others": json.dumps(others),
+        "convbn.order": json.dumps([name for name, _ in ckpt.in_order()]),
         "convbn.dropped": json.dumps(ckpt.dropped),
         "convbn.unpaired": json.dumps(ckpt.unpaired),
         "convbn.notes": json.dumps(ckpt.notes),
@@ -429,6 +523,7 @@ def write(
         if array.dtype.name not in _CODES:
             raise ConvBNError(f"{path}: tensor {name!r} has dtype {array.dtype}, which safetensors cannot store")
     layer_of = {f"{layer}/kernel": layer for layer in ckpt.layers}
+    layer_of.update(last_of_other)
 
     def on_tensor(name: str) -> None:
         if name in layer_of:
@@ -447,6 +542,38 @@ def write(
             _write_file(tmp.parent / file, [(name, arrays[name]) for name in group], metadata, on_tensor)
         weight_map = {name: file for file, group in zip(files, groups, strict=True) for name in group}
         write_index(tmp.parent, index_name, weight_map, sum(a.nbytes for _, a in entries))
+
+
+def _other_entry(name: str, layer: Any, entries: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
+    """The ``convbn.others`` entry of a layer that is not a conv+BatchNorm pair; its arrays are
+    appended to ``entries`` as ``<name>/<field>``."""
+    stored: dict[str, str] = {}
+    norm = layer.norm
+    values = {"kernel": layer.kernel, "bias": layer.bias}
+    if norm is not None:
+        values.update(gamma=norm.gamma, beta=norm.beta, moving_mean=norm.moving_mean, moving_var=norm.moving_var)
+    for field, value in values.items():
+        if value is not None:
+            stored[field] = f"{name}/{field}"
+            entries.append((stored[field], as_numpy(value)))
+    entry: dict[str, Any] = {"name": name, "kind": layer.kind, "tensors": stored}
+    if layer.extras:
+        entry["extras"] = {k: f"{name}/{k}" for k in layer.extras}
+        entries += [(f"{name}/{k}", as_numpy(v)) for k, v in layer.extras.items()]
+    if norm is not None:
+        settings = {"kind": norm.kind, "eps": norm.eps, "momentum": norm.momentum,
+                    "var_update": norm.var_update, "groups": norm.groups}
+        entry["norm"] = {k: v for k, v in settings.items() if v is not None}
+    if layer.kernel is not None and layer.kind != "dense":
+        entry.update(stride=list(layer.stride), dilation=list(layer.dilation), groups=layer.groups,
+                     output_padding=list(layer.output_padding))
+        entry["padding"] = layer.padding if isinstance(layer.padding, str) else [list(p) for p in layer.padding]
+    for key in ("flat_in", "flat_out"):
+        fmap = getattr(layer, key)
+        if fmap is not None:
+            entry[key] = {"height": fmap.height, "width": fmap.width, "channels": fmap.channels, "order": fmap.order}
+    entry.update(norm_name=layer.norm_name, geometry=layer.geometry, source_tensors=dict(layer.tensors))
+    return entry
 
 
 def _write_file(

@@ -30,27 +30,31 @@ import pickle
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 
+from convbn import layouts
 from convbn._dtypes import numpy_to_torch, torch_to_numpy
 from convbn.conventions import TORCH
 from convbn.errors import ConvBNError
 from convbn.formats._common import (
     Progress,
     build_layer,
+    build_norm,
+    build_other,
     contiguous,
     head,
     not_written_note,
     origin_format,
     resolve_settings,
     tick,
+    torch_named,
     unstored_settings_note,
     zip_first_member,
 )
 from convbn.formats._io import atomic_output
-from convbn.formats._pairing import Unit, pair_units
+from convbn.formats._pairing import Unit, pair_units, source_order
 from convbn.formats._sharded import (
     INDEX_SUFFIX,
     Shards,
@@ -59,15 +63,19 @@ from convbn.formats._sharded import (
     split,
     write_index,
 )
+from convbn.params import ConvBNParams
 
 if TYPE_CHECKING:
-    from convbn.checkpoint import Checkpoint
+    from convbn.checkpoint import Checkpoint, Layer
+    from convbn.layouts import FlatOrder
 
 NAME = "torch"
 #: The framework read() and write() import (see convbn.formats.import_frameworks).
 FRAMEWORK = "torch"
 #: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
 WRITES_FUSED = True
+#: write() writes Checkpoint.others (every layer kind), not only conv+BatchNorm pairs.
+WRITES_OTHERS = True
 
 __all__ = ["FRAMEWORK", "NAME", "layers_from_state_dict", "read", "sniff", "write"]
 
@@ -475,7 +483,12 @@ def layers_from_state_dict(
 ) -> Checkpoint:
     """A Checkpoint from state_dict-style NumPy arrays (torch names, OIHW kernels).
 
-    Also used for safetensors files written from a torch state_dict without convbn's metadata.
+    Every module becomes a layer of the vocabulary: a 4-D ``weight`` (and ``bias``) a conv, a 2-D one
+    a dense layer, running statistics a BatchNorm; a conv or dense layer followed by a BatchNorm of
+    its width takes it (conv pairs are ``layers``, the rest ``others``). A module of ``weight`` and
+    ``bias`` vectors alone is a LayerNorm or a GroupNorm, which a state_dict cannot tell apart: its
+    tensors stay in ``tensors`` by name, as does anything else. Also used for safetensors files
+    written from a torch state_dict without convbn's metadata.
     """
     from convbn.checkpoint import Checkpoint, LayerSource
 
@@ -484,15 +497,27 @@ def layers_from_state_dict(
         module, _, leaf = key.rpartition(".")
         modules.setdefault(module, {})[leaf] = key
     units: list[Unit] = []
+    affine_only: list[str] = []
     for module, leaves in modules.items():
         unit = _unit(module, leaves, arrays)
         if unit is not None:
             units.append(unit)
+        elif set(leaves) == {"weight", "bias"} and all(np.ndim(arrays[k]) == 1 for k in leaves.values()):
+            affine_only.append(module)
     found, unpaired = pair_units(units, explicit=pairs, source=str(source))
     ckpt = Checkpoint(format=fmt, convention=TORCH.name)
     ckpt.metadata["source_format"] = NAME
     used: set[str] = set()
-    for pair in found:
+    for entry in source_order(units, found, unpaired):
+        if entry.name in ckpt.layers or entry.name in ckpt.others:
+            raise ConvBNError(f"{source}: two layers would both be named {entry.name!r}; pass pairs / --pair")
+        ckpt.order.append(entry.name)
+        if entry.pair is None:
+            layer = _other(source, entry.unit, entry.bn, arrays, eps=eps, momentum=momentum, fmt=fmt, notes=ckpt.notes)
+            ckpt.others[entry.name] = layer
+            used.update(layer.tensors.values())
+            continue
+        pair = entry.pair
         conv_keys: dict[str, str] = pair.conv.payload
         bn_keys: dict[str, str] = pair.bn.payload
         layer_eps, layer_momentum = resolve_settings(TORCH, fmt, eps=eps, momentum=momentum, notes=ckpt.notes)
@@ -505,7 +530,7 @@ def layers_from_state_dict(
             source,
             pair.key,
             {**conv_names, **bn_names},
-            kernel=arrays[conv_keys["weight"]].transpose(2, 3, 1, 0),
+            kernel=layouts.conv_from_torch(arrays[conv_keys["weight"]]),
             bias=arrays[conv_keys["bias"]] if "bias" in conv_keys else None,
             eps=layer_eps,
             momentum=layer_momentum,
@@ -522,29 +547,137 @@ def layers_from_state_dict(
         used.update(conv_names.values())
         used.update(bn_names.values())
     for unit in unpaired:
-        ckpt.unpaired[unit.name] = unit.kind
+        if unit.kind in ("conv", "bn"):
+            ckpt.unpaired[unit.name] = unit.kind
     ckpt.tensors = {key: value for key, value in arrays.items() if key not in used}
-    if ckpt.layers:
+    if ckpt.layers or any(o.kind == "conv" for o in ckpt.others.values()):
         ckpt.notes.append(
             f"{fmt} files do not store stride, padding, dilation or groups: the layers keep "
             "ConvBNParams defaults (stride 1, 'SAME', groups 1); set them with dataclasses.replace"
         )
+    if affine_only:
+        shown = ", ".join(affine_only[:5]) + (f", ... ({len(affine_only) - 5} more)" if len(affine_only) > 5 else "")
+        ckpt.notes.append(
+            f"kept by name: {len(affine_only)} module(s) of weight and bias vectors only ({shown}): a torch "
+            "state_dict cannot tell a LayerNorm from a GroupNorm (or another affine layer); they are "
+            "written back under these names to torch and safetensors only"
+        )
     return ckpt
 
 
+def _other(
+    source: Path | str,
+    unit: Unit,
+    bn: Unit | None,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    eps: float | None,
+    momentum: float | None,
+    fmt: str,
+    notes: list[str],
+) -> Layer:
+    """The layer of a conv or dense unit (with the BatchNorm after it), or of a standalone BatchNorm."""
+    norm_unit = bn if unit.kind != "bn" else unit
+    norm = None
+    tensors: dict[str, str] = {}
+    extras: dict[str, Any] = {}
+    if norm_unit is not None:
+        keys: dict[str, str] = norm_unit.payload
+        names = {_BN_FIELDS[leaf]: key for leaf, key in keys.items() if leaf in _BN_FIELDS}
+        layer_eps, layer_momentum = resolve_settings(TORCH, fmt, eps=eps, momentum=momentum, notes=notes)
+        values: dict[str, Any] = {f: arrays[k] for f, k in names.items()}
+        norm = build_norm(source, norm_unit.name, names, eps=layer_eps, momentum=layer_momentum,
+                          var_update=TORCH.var_update, **values)
+        tensors.update(names)
+        if "num_batches_tracked" in keys:
+            extras["num_batches_tracked"] = arrays[keys["num_batches_tracked"]]
+            tensors["num_batches_tracked"] = keys["num_batches_tracked"]
+    if unit.kind == "bn":
+        layer: Layer = build_other(source, unit.name, tensors, kind="batch_norm", norm=norm, extras=extras)
+    else:
+        keys = unit.payload
+        weight = arrays[keys["weight"]]
+        kernel = layouts.conv_from_torch(weight) if unit.kind == "conv" else layouts.dense_from_torch(weight)
+        own = {"kernel": keys["weight"], **({"bias": keys["bias"]} if "bias" in keys else {})}
+        layer = build_other(
+            source, unit.name, {**own, **tensors}, kind=unit.kind, kernel=kernel,
+            bias=arrays[keys["bias"]] if "bias" in keys else None, norm=norm, extras=extras,
+            norm_name=bn.name if bn is not None else "",
+        )
+    return layer
+
+
 def _unit(module: str, leaves: dict[str, str], arrays: Mapping[str, np.ndarray]) -> Unit | None:
-    """A conv (4-D ``weight``, optional ``bias``) or a BatchNorm (running statistics, optional affine
-    parameters); pair_units checks that their per-channel tensors agree."""
+    """A conv (4-D ``weight``, optional ``bias``), a dense layer (2-D ``weight``) or a BatchNorm
+    (running statistics, optional affine parameters); pair_units checks that their per-channel
+    tensors agree."""
     shape = {leaf: tuple(np.shape(arrays[key])) for leaf, key in leaves.items()}
-    if set(leaves) <= {"weight", "bias"} and len(shape.get("weight", ())) == 4:
+    if set(leaves) <= {"weight", "bias"} and len(shape.get("weight", ())) in (2, 4):
         vectors = {leaves["bias"]: shape["bias"]} if "bias" in leaves else {}
-        return Unit(module, "conv", int(shape["weight"][0]), payload=dict(leaves), vectors=vectors,
+        kind: Literal["conv", "dense"] = "conv" if len(shape["weight"]) == 4 else "dense"
+        return Unit(module, kind, int(shape["weight"][0]), payload=dict(leaves), vectors=vectors,
                     kernel=leaves["weight"])
     if {"running_mean", "running_var"} <= set(leaves) and set(leaves) <= {*_BN_FIELDS, "num_batches_tracked"}:
         vectors = {key: shape[leaf] for leaf, key in leaves.items() if leaf in _BN_FIELDS}
         n = shape["running_mean"]
         return Unit(module, "bn", int(n[0]) if len(n) == 1 else 0, payload=dict(leaves), vectors=vectors)
     return None
+
+
+def _other_state(name: str, layer: Layer, *, exact: bool) -> dict[str, Any]:
+    """A layer that is not a conv+BatchNorm pair as state_dict entries: under its source tensor
+    names when ``exact`` (a torch source), else under the module ``name`` (``/`` as ``.``) and, for
+    the BatchNorm after it, ``layer.norm_name`` (else ``<name>.bn``)."""
+    names = dict(layer.tensors) if exact else {}
+    module = name.replace("/", ".")
+    norm_module = (layer.norm_name or (module if layer.kernel is None else f"{module}.bn")).replace("/", ".")
+
+    def key(field: str, owner: str, leaf: str) -> str:
+        return names.get(field) or (f"{owner}.{leaf}" if owner else leaf)
+
+    state: dict[str, Any] = {}
+    if layer.kernel is not None:
+        kernel = np.asarray(layer.kernel)
+        if layer.kind == "dense":
+            kernel = _flat_order(layer, kernel, "chw")
+            state[key("kernel", module, "weight")] = layouts.dense_to_torch(kernel)
+        elif layer.kind == "conv_transpose":
+            state[key("kernel", module, "weight")] = layouts.transpose_to_torch(kernel)
+        else:
+            state[key("kernel", module, "weight")] = layouts.conv_to_torch(kernel)
+        if layer.bias is not None:
+            bias = np.asarray(layer.bias)
+            if layer.flat_out is not None:
+                f = layer.flat_out
+                bias = layouts.flat_columns(bias, f.height, f.width, f.channels, f.order, "chw")
+            state[key("bias", module, "bias")] = bias
+    norm = layer.norm
+    if norm is not None:
+        ref = next(v for v in (norm.moving_mean, norm.gamma, norm.beta) if v is not None)
+        n, dtype = int(np.shape(ref)[0]), np.asarray(ref).dtype
+        if norm.gamma is not None or norm.beta is not None:
+            state[key("gamma", norm_module, "weight")] = norm.gamma if norm.gamma is not None else np.ones(n, dtype)
+            state[key("beta", norm_module, "bias")] = norm.beta if norm.beta is not None else np.zeros(n, dtype)
+        if norm.kind == "batch_norm":
+            state[key("moving_mean", norm_module, "running_mean")] = norm.moving_mean
+            state[key("moving_var", norm_module, "running_var")] = norm.moving_var
+            tracked = layer.extras.get("num_batches_tracked")
+            state[key("num_batches_tracked", norm_module, "num_batches_tracked")] = (
+                tracked if tracked is not None else np.asarray(0, np.int64)
+            )
+    return state
+
+
+def _flat_order(layer: Layer, kernel: np.ndarray, target: FlatOrder) -> np.ndarray:
+    """A dense kernel with the rows of a flattened input map and the columns of a reshaped output
+    in ``target`` order (torch flattens NCHW maps: ``"chw"``)."""
+    if layer.flat_in is not None:
+        f = layer.flat_in
+        kernel = layouts.flat_rows(kernel, f.height, f.width, f.channels, f.order, target)
+    if layer.flat_out is not None:
+        f = layer.flat_out
+        kernel = layouts.flat_columns(kernel, f.height, f.width, f.channels, f.order, target)
+    return kernel
 
 
 def _tensor(array: Any) -> Any:
@@ -567,31 +700,44 @@ def write(
     import torch
 
     same_format = origin_format(ckpt) == NAME
+    named = same_format or torch_named(ckpt)
     state: dict[str, Any] = {}
-    for layer, params in ckpt.layers.items():
+
+    def put(key: str, value: Any) -> None:
+        if key in state:
+            raise ConvBNError(f"{path}: tensor name {key!r} is used twice (two layers)")
+        state[key] = value
+
+    for layer, item in ckpt.in_order():
+        if not isinstance(item, ConvBNParams):
+            for key, value in _other_state(layer, item, exact=same_format).items():
+                put(key, value)
+            tick(progress, layer)
+            continue
+        params = item
         source = ckpt.sources.get(layer)
-        if same_format and source is not None and source.conv_name and source.bn_name:
-            conv, bn = source.conv_name, source.bn_name
-            affine = "gamma" in source.bn or "beta" in source.bn
+        if named and source is not None and source.conv_name and source.bn_name:
+            conv, bn = source.conv_name.replace("/", "."), source.bn_name.replace("/", ".")
+            affine = "gamma" in source.bn or "beta" in source.bn or not same_format
         else:
             base = layer.replace("/", ".")
             conv, bn = f"{base}.conv", f"{base}.bn"
             affine = True
         prefix = f"{conv}." if conv else ""
-        state[f"{prefix}weight"] = np.asarray(params.kernel).transpose(3, 2, 0, 1)
+        put(f"{prefix}weight", layouts.conv_to_torch(np.asarray(params.kernel)))
         if params.bias is not None:
-            state[f"{prefix}bias"] = params.bias
+            put(f"{prefix}bias", params.bias)
         if not ckpt.fused:
             prefix = f"{bn}." if bn else ""
             dtype = np.asarray(params.moving_mean).dtype
             n = params.out_channels
             if affine or params.gamma is not None or params.beta is not None:
-                state[f"{prefix}weight"] = params.gamma if params.gamma is not None else np.ones(n, dtype)
-                state[f"{prefix}bias"] = params.beta if params.beta is not None else np.zeros(n, dtype)
-            state[f"{prefix}running_mean"] = params.moving_mean
-            state[f"{prefix}running_var"] = params.moving_var
+                put(f"{prefix}weight", params.gamma if params.gamma is not None else np.ones(n, dtype))
+                put(f"{prefix}bias", params.beta if params.beta is not None else np.zeros(n, dtype))
+            put(f"{prefix}running_mean", params.moving_mean)
+            put(f"{prefix}running_var", params.moving_var)
             tracked = ckpt.extras.get(layer, {}).get("num_batches_tracked")
-            state[f"{prefix}num_batches_tracked"] = tracked if tracked is not None else np.asarray(0, np.int64)
+            put(f"{prefix}num_batches_tracked", tracked if tracked is not None else np.asarray(0, np.int64))
         tick(progress, layer)
     if ckpt.tensors:
         if same_format:

@@ -49,5 +49,6 @@ def test_a_plain_state_dict_file_reads_as_torch(tmp_path):
     p = ckpt.layers["features.0"]
     assert np.array_equal(p.kernel, state["features.0.weight"].transpose(2, 3, 1, 0))
     assert np.array_equal(p.moving_var, state["features.1.running_var"]) and p.eps == 1e-5
-    assert list(ckpt.tensors) == ["classifier.weight"]
+    assert ckpt.tensors == {} and ckpt.others["classifier"].kind == "dense"
+    assert np.array_equal(ckpt.others["classifier"].kernel, state["classifier.weight"].T)
     assert ckpt.notes[0] == "no convbn metadata: read as a torch state_dict (torch names, OIHW kernels)"

@@ -66,7 +66,8 @@ def test_reads_any_naming_and_reproduces_the_module(tmp_path):
     ckpt = convbn.load_checkpoint(tmp_path / "m.pt")
     assert ckpt.format == "torch" and list(ckpt.layers) == ["0", "3"]
     assert [ckpt.sources[k].reason for k in ckpt.layers] == ["order", "order"]
-    assert list(ckpt.tensors) == ["6.weight", "6.bias"] and ckpt.unpaired == {}
+    assert ckpt.tensors == {} and ckpt.unpaired == {} and ckpt.others["6"].kind == "dense"
+    assert np.array_equal(ckpt.others["6"].kernel, model[6].weight.detach().numpy().T)
     assert np.array_equal(ckpt.layers["0"].kernel, model[0].weight.detach().numpy().transpose(2, 3, 1, 0))
     assert ckpt.layers["3"].bias is None
     assert (ckpt.layers["0"].eps, ckpt.layers["0"].momentum, ckpt.layers["0"].var_update) == (1e-5, 0.9, "unbiased")
@@ -165,7 +166,8 @@ def test_explicit_pairs_override_and_mismatches_fail(tmp_path):
     assert ckpt.sources["0"].bn_name == "2" and ckpt.sources["0"].reason == "explicit"
     assert np.array_equal(ckpt.layers["0"].moving_mean, model[2].running_mean.numpy())
     assert ckpt.unpaired == {"1": "bn", "3": "bn"}
-    assert "1.running_mean" in ckpt.tensors and "3.running_var" in ckpt.tensors
+    assert [ckpt.others[n].kind for n in ("1", "3")] == ["batch_norm", "batch_norm"]
+    assert np.array_equal(ckpt.others["3"].norm.moving_var, model[3].running_var.numpy())
     with pytest.raises(ConvBNError, match=r"must have the same channel count .*'0' has 8 output channels, '3' has 4"):
         convbn.load_checkpoint(tmp_path / "m.pt", pairs={"0": "3"})
 

@@ -1,0 +1,198 @@
+"""Whole conv nets, every tensor: torchvision/timm-style models (tests/_support/whole_nets.py)
+convert through each format and come back as a state_dict that the original module loads with
+``strict=True`` and that computes the original's outputs.
+
+The torch reader classifies every module into the layer vocabulary (conv+BatchNorm pairs, lone
+convs, dense layers with or without a BatchNorm1d, standalone BatchNorms); the writers emit each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+
+import convbn
+from tests.conftest import need
+
+pytestmark = pytest.mark.needs("torch")
+
+NETS = ("resnet", "mobilenet_v2", "efficient")
+
+
+def _net(name: str, seed: int = 0) -> Any:
+    from tests._support.whole_nets import build
+
+    return build(name, seed)
+
+
+def _outputs(model: Any, seed: int = 1) -> np.ndarray:
+    import torch
+
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((2, 3, 16, 16)).astype(np.float32))
+    with torch.no_grad():
+        return model.eval()(x).numpy()
+
+
+def _save(model: Any, path: Any) -> dict[str, Any]:
+    import torch
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(state, path)
+    return state
+
+
+def _reloaded(name: str, path: Any) -> Any:
+    """A fresh net of architecture ``name`` (other random values) loaded strictly from ``path``."""
+    import torch
+
+    fresh = _net(name, seed=99)
+    fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    return fresh.eval()
+
+
+def _assert_same_state(path: Any, state: dict[str, Any]) -> None:
+    import torch
+
+    back = torch.load(path, weights_only=True)
+    assert list(back) == list(state)  # the source's names, in the source's order
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_the_torch_reader_classifies_every_tensor(tmp_path, name):
+    model = _net(name)
+    state = _save(model, tmp_path / "m.pt")
+    ckpt = convbn.load_checkpoint(tmp_path / "m.pt")
+    assert ckpt.tensors == {}  # nothing left unclassified
+    kinds = {n: layer.kind for n, layer in ckpt.others.items()}
+    modules = dict(model.named_modules())
+    for layer_name, layer in ckpt.others.items():
+        module = modules[layer_name]
+        expected = {"Conv2d": "conv", "Linear": "dense", "BatchNorm2d": "batch_norm"}[type(module).__name__]
+        assert layer.kind == expected, layer_name
+        weight = getattr(module, "weight", None)
+        if layer.kind == "dense":
+            np.testing.assert_array_equal(layer.kernel, weight.detach().numpy().T)
+        elif layer.kind == "conv":
+            np.testing.assert_array_equal(layer.kernel, weight.detach().numpy().transpose(2, 3, 1, 0))
+    convs = {n for n, m in modules.items() if type(m).__name__ == "Conv2d"}
+    assert set(ckpt.layers) | {n for n, k in kinds.items() if k == "conv"} == convs
+    assert set(ckpt.layers).isdisjoint(kinds)
+    # The model's layer order, pairs and others interleaved.
+    assert [n for n, _ in ckpt.in_order()] == [
+        n for n in modules if n in ckpt.layers or n in ckpt.others
+    ]
+    used = {t for s in ckpt.sources.values() for t in (*s.conv.values(), *s.bn.values())}
+    used |= {t for layer in ckpt.others.values() for t in layer.tensors.values()}
+    assert used == set(state)
+
+
+def test_a_dense_layer_takes_the_batchnorm1d_after_it(tmp_path):
+    import torch
+
+    model = _net("efficient")
+    _save(model, tmp_path / "m.pt")
+    ckpt = convbn.load_checkpoint(tmp_path / "m.pt")
+    head = ckpt.others["pre_logits"]
+    assert head.kind == "dense" and head.norm is not None and head.norm_name == "head_bn"
+    assert "head_bn" not in ckpt.others and ckpt.others["se.conv_reduce"].norm is None
+    assert ckpt.others["conv_stem"].kind == "conv" and ckpt.others["conv_stem"].bias is not None
+    # The neutral dense layer and BatchNorm compute what torch's Linear + BatchNorm1d compute.
+    x = np.random.default_rng(0).standard_normal((3, 8))
+    norm = head.norm
+    y = (x @ np.asarray(head.kernel, np.float64) + head.bias - norm.moving_mean) / np.sqrt(norm.moving_var + norm.eps)
+    y = y * norm.gamma + norm.beta
+    with torch.no_grad():
+        expected = model.head_bn(model.pre_logits(torch.from_numpy(x.astype(np.float32)))).numpy()
+    assert np.max(np.abs(y - expected)) < 1e-5
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_torch_to_torch_writes_every_tensor_back(tmp_path, name):
+    model = _net(name)
+    state = _save(model, tmp_path / "m.pt")
+    written = convbn.save_checkpoint(convbn.load_checkpoint(tmp_path / "m.pt"), tmp_path / "back.pt", "torch")
+    assert not any("not written" in n for n in written.notes)
+    _assert_same_state(tmp_path / "back.pt", state)
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_torch_to_safetensors_to_torch_loads_strictly(tmp_path, name):
+    model = _net(name)
+    state = _save(model, tmp_path / "m.pt")
+    expected = _outputs(model)
+    convbn.save_checkpoint(convbn.load_checkpoint(tmp_path / "m.pt"), tmp_path / "m.safetensors", "safetensors")
+    mid = convbn.load_checkpoint(tmp_path / "m.safetensors")
+    assert mid.tensors == {} and set(mid.others) == set(convbn.load_checkpoint(tmp_path / "m.pt").others)
+    convbn.save_checkpoint(mid, tmp_path / "back.pt", "torch")
+    _assert_same_state(tmp_path / "back.pt", state)
+    assert np.array_equal(_outputs(_reloaded(name, tmp_path / "back.pt")), expected)
+
+
+def test_folding_a_dense_bias_into_the_batchnorm_after_it_keeps_the_outputs(tmp_path):
+    """prepare_for_format's conv rule applies to a dense layer followed by a BatchNorm, with the
+    same formula; eval outputs stay the same, into beta and into the moving mean."""
+    from convbn.convert import prepare_for_format
+
+    _save(_net("efficient"), tmp_path / "m.pt")
+    ckpt = convbn.load_checkpoint(tmp_path / "m.pt")
+    head = ckpt.others["pre_logits"]
+    x = np.random.default_rng(2).standard_normal((4, 8))
+
+    def run(layer: Any) -> np.ndarray:
+        n = layer.norm
+        h = x @ np.asarray(layer.kernel, np.float64) + (0 if layer.bias is None else np.asarray(layer.bias, np.float64))
+        return (h - n.moving_mean) / np.sqrt(np.asarray(n.moving_var, np.float64) + n.eps) * n.gamma + n.beta
+
+    for into in ("beta", "moving_mean"):
+        folded = prepare_for_format(ckpt, "torch", fold_bias=into)
+        layer = folded.others["pre_logits"]
+        assert layer.bias is None and "bias" not in layer.tensors
+        assert np.max(np.abs(run(layer) - run(head))) < 1e-5 * np.max(np.abs(run(head)))
+        assert any("folded the bias of 1 dense layer(s)" in n for n in folded.notes)
+        assert folded.others["conv_stem"].bias is not None  # no BatchNorm after it: nothing to fold into
+    unfolded = dataclasses.replace(head, norm=None)
+    assert convbn.convert.fold_layer_bias(unfolded) is unfolded
+
+
+def test_a_target_that_writes_pairs_only_names_the_other_layers_not_written(tmp_path):
+    """A writer without WRITES_OTHERS gets the other layers back as tensors: written where the
+    target is the source's format, named as not written elsewhere, never dropped silently."""
+    need("tensorflow")
+    _save(_net("resnet"), tmp_path / "m.pt")
+    ckpt = convbn.load_checkpoint(tmp_path / "m.pt")
+    from convbn.formats import load_format
+
+    if getattr(load_format("slim"), "WRITES_OTHERS", False):
+        pytest.skip("slim writes every layer kind")
+    written = convbn.save_checkpoint(ckpt, tmp_path / "out.ckpt", "slim")
+    assert any("not written: 2 other tensor(s) of the torch source (fc.weight, fc.bias)" in n for n in written.notes)
+
+
+def test_a_dense_layer_after_a_flatten_is_refused_across_flatten_orders_not_guessed(tmp_path):
+    """torch flattens NCHW, Keras/Flax/TF NHWC: a Linear reading a flattened 16-channel map needs its
+    rows permuted, which a state_dict cannot say. The write is refused naming it, until its map is
+    stated; then the kernel's rows come out in the target's order."""
+    import torch
+    from torch import nn
+
+    from convbn.checkpoint import FeatureMap
+    from convbn.convert import check_flatten_order
+    from convbn.formats.keras import NAME as KERAS
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6, 2))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    ckpt = convbn.load_checkpoint(tmp_path / "m.pt")
+    check_flatten_order(ckpt, "torch")  # same order: nothing to decide
+    check_flatten_order(ckpt, "safetensors")
+    with pytest.raises(convbn.ConvBNError, match=r"dense layer '3' has 24 input features and '0' 4 channels"):
+        check_flatten_order(ckpt, KERAS)
+    ckpt.others["3"] = dataclasses.replace(ckpt.others["3"], flat_in=FeatureMap(2, 3, 4, order="chw"))
+    check_flatten_order(ckpt, KERAS)
+    # Written back to torch (NCHW) it is unchanged; the stated order is what the torch writer permutes from.
+    convbn.save_checkpoint(ckpt, tmp_path / "back.pt", "torch")
+    assert torch.equal(torch.load(tmp_path / "back.pt")["3.weight"], model[3].weight.detach())
