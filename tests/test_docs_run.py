@@ -133,7 +133,7 @@ def test_readme_example_runs(backend: str, monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_conversion_overview_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The page's first block on a ResNet-named torch checkpoint: the pair it names is read in
-    HWIO, fc travels as a tensor, and the Keras file written holds the same layers."""
+    HWIO, fc is a dense layer (in, out), and the Keras file written holds the same layers."""
     need("torch", "h5py")
     import torch
     from torch import nn
@@ -155,7 +155,7 @@ def test_conversion_overview_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     params = ckpt.layers["layer1.0.conv1"]
     np.testing.assert_array_equal(params.kernel, block.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(params.moving_var, block.bn1.running_var.numpy())
-    np.testing.assert_array_equal(ckpt.tensors["fc.weight"], model.fc.weight.detach().numpy())
+    np.testing.assert_array_equal(ckpt.others["fc"].kernel, model.fc.weight.detach().numpy().T)
     import convbn
 
     written = convbn.load_checkpoint("resnet.weights.h5")
