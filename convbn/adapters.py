@@ -156,7 +156,8 @@ def _mapping(value: Any, name: str) -> Mapping[str, Any]:
 # -- torch ------------------------------------------------------------------------------------------
 
 
-def _torch_padding_to_convbn(padding: Any) -> Any:
+def torch_padding_to_convbn(padding: Any) -> Any:
+    """A torch conv's ``padding`` as convbn's: ``'same'`` -> ``"SAME"``, else a tuple of ints."""
     if isinstance(padding, str):
         return padding.upper()  # torch's 'same' exists at stride 1 only, where it equals TF's
     return tuple(int(p) for p in padding)
@@ -168,7 +169,7 @@ def _torch_conv_spec(conv: nn.Conv2d, **settings: Any) -> ConvBNSpec:
     out, in_per_group, kh, kw = (int(d) for d in conv.weight.shape)
     return ConvBNSpec.named(
         _ATTRIBUTE_NAMES, kernel_size=(kh, kw), in_channels=in_per_group * conv.groups, out_channels=out,
-        stride=tuple(conv.stride), padding=_torch_padding_to_convbn(conv.padding),
+        stride=tuple(conv.stride), padding=torch_padding_to_convbn(conv.padding),
         dilation=tuple(conv.dilation), groups=conv.groups, **settings,
     )
 
@@ -181,7 +182,9 @@ _ATTRIBUTE_NAMES = {
 }
 
 
-def _check_torch_pair(conv: Any, bn: Any) -> None:
+def check_torch_pair(conv: Any, bn: Any) -> None:
+    """That ``conv``/``bn`` are a Conv2d and a BatchNorm2d convbn can read and write (TypeError,
+    ConvBNError otherwise); :func:`from_torch`, :func:`assign_torch` and ``load_into`` check this."""
     from torch import nn
 
     if not isinstance(conv, nn.Conv2d):
@@ -239,7 +242,7 @@ def from_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> ConvBNParams:
         >>> p.kernel.shape, p.momentum, p.eps, p.var_update
         ((3, 3, 3, 8), 0.9, 1e-05, 'unbiased')
     """
-    _check_torch_pair(conv, bn)
+    check_torch_pair(conv, bn)
     momentum = kept_from_torch(bn.momentum, "bn")
     spec = _torch_conv_spec(conv, eps=float(bn.eps), momentum=momentum, var_update="unbiased")
     return ConvBNParams.from_spec(
@@ -355,7 +358,7 @@ def assign_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d, params: ConvBNParams) -> N
 
     from convbn.backends.torch import asarray
 
-    _check_torch_pair(conv, bn)
+    check_torch_pair(conv, bn)
     _check_params(params)
     require_var_update(params, "unbiased", "torch.nn.BatchNorm2d", "convbn.torch.ConvBN2d.from_params(params)")
     kernel = _numpy(params.kernel)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from convbn.adapters import (
-    _check_torch_pair,
-    _torch_padding_to_convbn,
+    check_torch_pair,
+    torch_padding_to_convbn,
     assign_torch,
     from_torch,
     kept_from_torch,
@@ -153,7 +153,7 @@ def _order_pairs(model: nn.Module, layer: type | None) -> list[tuple[str, str]]:
 def _geometry(conv: nn.Conv2d) -> dict[str, Any]:
     return {
         "stride": tuple(conv.stride),
-        "padding": _torch_padding_to_convbn(conv.padding),
+        "padding": torch_padding_to_convbn(conv.padding),
         "dilation": tuple(conv.dilation),
         "groups": int(conv.groups),
     }
@@ -182,7 +182,7 @@ def find_pairs(model: nn.Module, example: np.ndarray | None = None) -> ModelPair
     for conv_name, bn_name in pairs:
         conv, bn = modules[conv_name], modules[bn_name]
         try:
-            _check_torch_pair(conv, bn)
+            check_torch_pair(conv, bn)
         except (ConvBNError, TypeError) as exc:
             notes.append(f"{conv_name} + {bn_name} left as they are: {exc}")
             continue
