@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from convbn.adapters import (
-    check_torch_pair,
-    torch_padding_to_convbn,
     assign_torch,
+    check_torch_pair,
     from_torch,
     kept_from_torch,
+    torch_padding_to_convbn,
 )
 from convbn.errors import ConvBNError
 from convbn.loading import ModelPairs, Staged, Target
