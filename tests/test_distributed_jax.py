@@ -71,9 +71,10 @@ _COMMON = """
         dy = rng.standard_normal(reference.forward(x, p, False).y.shape).astype(dt)
         return x, p, dy
 
+    from tests._support.assertions import rel_err
+
     def rel(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+        return rel_err(a, b, floor=1e-300)
 
     def synced(mesh, axes, spec, layout="NHWC"):
         # Each device's y, new moving statistics and gradients of its own loss, params replicated:

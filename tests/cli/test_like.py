@@ -1,6 +1,6 @@
 """``convbn convert SRC DST --like MODEL_STATE``: the output takes the names of the user's model.
 
-The models are tests/layers/block_models.py's residual block; the reference output is computed
+The models are tests/_support/nets.py's residual block; the reference output is computed
 with ``convbn.conv_bn`` on the NumPy backend in float64 from the source values, independently of
 any framework. Tolerance: the frameworks run in float32; the same block loaded through
 ``load_into`` measured at most 6.2e-7 relative (tests/layers/test_load_into.py), and 1e-5 is kept.
@@ -17,9 +17,9 @@ import pytest
 
 import convbn
 from convbn.cli import main
+from tests._support import nets as bm
 from tests._support.assertions import rel_err
 from tests.conftest import need
-from tests.layers import block_models as bm
 
 TOL = 1e-5
 

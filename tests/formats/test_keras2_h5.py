@@ -23,6 +23,8 @@ from convbn import ConvBNError
 from convbn.cli import main
 from convbn.convert import fuse_checkpoint
 from convbn.formats import keras as keras_format
+from tests._support import nets
+from tests._support.assertions import rel_err
 from tests.conftest import need
 from tests.formats.builders import assert_same_arrays, random_checkpoint
 from tests.formats.hostile import refused_everywhere
@@ -37,11 +39,6 @@ SECRET = np.array([11.5, -2.25, 7.0, 3.125], "<f4")
 TOL = 1e-5
 
 Mutate = Callable[[Any, Path], None]
-
-
-def _rel(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 # -- a hand-built Keras 2 file, for the hostile cases ------------------------------------------------
@@ -457,7 +454,7 @@ def test_tf_keras_pairs_compute_what_convbn_computes(mobilenet):
         x = rng.standard_normal((2, 9, 9, params.in_channels)).astype("f4")
         expected = bn(conv(x), training=False).numpy()
         got = convbn.conv_bn(x.astype(np.float64), params, backend="numpy")
-        assert _rel(got, expected) < TOL, key
+        assert rel_err(got, expected) < TOL, key
 
 
 def test_a_tf_keras_file_written_back_is_the_same_file(mobilenet, tmp_path):
@@ -496,41 +493,9 @@ def test_a_tf_keras_file_written_back_is_the_same_file(mobilenet, tmp_path):
     assert np.array_equal(fresh(x, training=False).numpy(), model(x, training=False).numpy())
 
 
-class _TorchNet:
-    """A torch net and its tf_keras / Keras 3 twin: a strided conv with explicit padding (TF's SAME
-    would differ at stride 2), a depthwise conv with bias, a 1x1 conv; each followed by a BatchNorm."""
-
-    @staticmethod
-    def torch_model() -> Any:
-        import torch
-
-        torch.manual_seed(0)
-        nn = torch.nn
-        model = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU(),
-            nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16, eps=1e-3),
-        )
-        for bn in model[1::3]:
-            bn.running_mean.normal_()
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.data.normal_()
-            bn.bias.data.normal_()
-        return model.eval()
-
-    @staticmethod
-    def keras_model(layers: Any, Input: Any, Model: Any) -> Any:
-        inp = Input((9, 9, 3))
-        x = layers.ZeroPadding2D(1)(inp)
-        x = layers.Conv2D(8, 3, strides=2, use_bias=False, name="0")(x)
-        x = layers.BatchNormalization(name="0_bn")(x)
-        x = layers.ReLU()(x)
-        x = layers.DepthwiseConv2D(3, padding="same", name="3")(x)
-        x = layers.BatchNormalization(name="3_bn")(x)
-        x = layers.ReLU()(x)
-        x = layers.Conv2D(16, 1, use_bias=False, name="6")(x)
-        x = layers.BatchNormalization(name="6_bn")(x)
-        return Model(inp, x)
+# The torch net and its tf_keras / Keras 3 twin (tests/_support/nets.py): a strided conv with
+# explicit padding, a depthwise conv with a bias, a 1x1 conv; each followed by a BatchNorm (eps 1e-3).
+_NAMES, _BIAS = ("0", "3", "6"), (False, True, False)
 
 
 def test_torch_to_h5_loads_into_tf_keras_and_keras3_with_torchs_outputs(tmp_path):
@@ -541,7 +506,7 @@ def test_torch_to_h5_loads_into_tf_keras_and_keras3_with_torchs_outputs(tmp_path
     import tf_keras
     import torch
 
-    net = _TorchNet.torch_model()
+    net = nets.torch_stem_dw_pw(_BIAS, eps=1e-3)
     torch.save(net.state_dict(), tmp_path / "m.pt")
     ckpt = convbn.load_checkpoint(tmp_path / "m.pt")
     ckpt.layers["3"] = dataclasses.replace(ckpt.layers["3"], groups=8)  # a state_dict has no groups
@@ -551,12 +516,12 @@ def test_torch_to_h5_loads_into_tf_keras_and_keras3_with_torchs_outputs(tmp_path
         expected = net(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
     nhwc = x.transpose(0, 2, 3, 1)
     for by_name in (False, True):
-        model = _TorchNet.keras_model(tf_keras.layers, tf_keras.Input, tf_keras.Model)
+        model = nets.keras_stem_dw_pw(tf_keras, _NAMES, _BIAS)
         model.load_weights(tmp_path / "m.h5", by_name=by_name)
-        assert _rel(model(nhwc, training=False).numpy(), expected) < TOL, by_name
-    model3 = _TorchNet.keras_model(keras.layers, keras.Input, keras.Model)
+        assert rel_err(model(nhwc, training=False).numpy(), expected) < TOL, by_name
+    model3 = nets.keras_stem_dw_pw(keras, _NAMES, _BIAS)
     model3.load_weights(tmp_path / "m.h5")
-    assert _rel(keras.ops.convert_to_numpy(model3(nhwc, training=False)), expected) < TOL
+    assert rel_err(keras.ops.convert_to_numpy(model3(nhwc, training=False)), expected) < TOL
 
 
 def test_a_keras_applications_resnet_converts_to_torch_and_back(tmp_path):
@@ -620,7 +585,7 @@ def test_parallel_branches_with_default_names_are_refused_not_mispaired(tmp_path
     for ckpt in (explicit, convbn.load_checkpoint(tmp_path / "m.h5")):
         assert {k: s.bn_name for k, s in ckpt.sources.items()} == {conv_a: bn_a, conv_b: bn_b}
         got = sum(convbn.conv_bn(x, params, backend="numpy") for params in ckpt.layers.values())
-        assert _rel(got, expected) < 1e-5
+        assert rel_err(got, expected) < 1e-5
 
 
 @pytest.mark.slow
@@ -675,4 +640,4 @@ def test_a_fused_checkpoint_loads_into_tf_keras_convs(tmp_path):
     expected = x.astype(np.float64)
     for params in ckpt.layers.values():
         expected = convbn.conv_bn(expected, params, backend="numpy")
-    assert _rel(model(x).numpy(), expected) < TOL
+    assert rel_err(model(x).numpy(), expected) < TOL

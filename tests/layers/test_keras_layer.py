@@ -258,9 +258,7 @@ _SUBPROCESS_CHECKS = textwrap.dedent('''
     from convbn.keras import ConvBN
 
     assert keras.backend.backend() == os.environ["KERAS_BACKEND"]
-    def rel(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-3))
+    from tests._support.assertions import rel_err as rel
     def npy(t):
         return keras.ops.convert_to_numpy(t)
     rng = np.random.default_rng(0)

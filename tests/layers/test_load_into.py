@@ -1,6 +1,6 @@
 """convbn.load_into: checkpoints from one framework into models of another built from ordinary layers.
 
-The same residual block (tests/layers/block_models.py) is built in torch, Keras 3 and Flax linen.
+The same residual block (tests/_support/nets.py) is built in torch, Keras 3 and Flax linen.
 Each source model gets random weights and statistics through its own framework, is saved with the
 framework's own saver, converted to each other framework's format and loaded with ``load_into``
 into a fresh model; eval outputs must then agree with the source's.
@@ -27,9 +27,9 @@ import pytest
 import convbn
 from convbn.convert import Checkpoint
 from convbn.loading import LoadError, Target, match_layers
+from tests._support import nets as bm
 from tests._support.assertions import rel_err
 from tests.conftest import need
-from tests.layers import block_models as bm
 
 TOL = 1e-5
 FORMAT = {"torch": "torch", "keras": "keras", "flax": "flax"}
@@ -648,7 +648,7 @@ def test_loading_a_numpy_tree_imports_no_framework(tmp_path):
 
     code = (
         "import sys, numpy as np, convbn\n"
-        "from tests.layers import block_models as bm\n"
+        "from tests._support import nets as bm\n"
         "values = bm.random_values()\n"
         "tree = {'params': {}, 'batch_stats': {}}\n"
         "for i, v in enumerate(values):\n"

@@ -15,6 +15,8 @@ import pytest
 import convbn
 from convbn.cli import main
 from convbn.loading import LoadError
+from tests._support import nets
+from tests._support.assertions import rel_err
 from tests.conftest import need
 
 need("torch", "tf_keras", "h5py")  # tests/conftest.py has imported torch, before TensorFlow
@@ -27,41 +29,17 @@ layers = tf_keras.layers
 TOL = 1e-5
 
 
-def _rel(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+# The torch net (tests/_support/nets.py): a strided conv with a bias, a depthwise conv, a 1x1 conv
+# with a bias, each followed by a BatchNorm with trained-looking statistics; its tf_keras twin's
+# 1x1 conv has no bias (folded).
 
 
 def _torch_net() -> Any:
-    """A strided conv with a bias, a depthwise conv, a 1x1 conv with a bias (the tf_keras twin's
-    has none: folded), each followed by a BatchNorm with trained-looking statistics."""
-    torch.manual_seed(0)
-    nn = torch.nn
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16),
-    )
-    for bn in net[1::3]:
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.data.normal_()
-        bn.bias.data.normal_()
-    return net.eval()
+    return nets.torch_stem_dw_pw((True, False, True))
 
 
 def _tf_keras_twin(width: int = 16) -> Any:
-    inp = tf_keras.Input((9, 9, 3))
-    x = layers.ZeroPadding2D(1)(inp)
-    x = layers.Conv2D(8, 3, strides=2, name="stem")(x)
-    x = layers.BatchNormalization(epsilon=1e-5, name="stem_bn")(x)
-    x = layers.ReLU()(x)
-    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
-    x = layers.BatchNormalization(epsilon=1e-5, name="dw_bn")(x)
-    x = layers.ReLU()(x)
-    x = layers.Conv2D(width, 1, use_bias=False, name="project")(x)
-    x = layers.BatchNormalization(epsilon=1e-5, name="project_bn")(x)
-    return tf_keras.Model(inp, x)
+    return nets.keras_stem_dw_pw(tf_keras, ("stem", "dw", "project"), (True, False, False), eps=1e-5, width=width)
 
 
 def _weights(model: Any) -> list[np.ndarray]:
@@ -79,7 +57,7 @@ def test_a_torch_checkpoint_loads_into_a_tf_keras_model(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 3, 9, 9)).astype("f4")
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
-    assert _rel(model(x.transpose(0, 2, 3, 1), training=False).numpy(), expected) < TOL
+    assert rel_err(model(x.transpose(0, 2, 3, 1), training=False).numpy(), expected) < TOL
 
 
 def _tiny_resnet() -> Any:
@@ -274,7 +252,7 @@ def test_an_hf_style_torch_resnet_loads_into_its_tf_keras_port(tmp_path):
     assert report.pairs["resnet/stages.0.layers.0/shortcut/convolution"] == "resnet/stages.0.layers.0/shortcut/normalization"
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
-    assert _rel(model(x.transpose(0, 2, 3, 1), training=False).numpy(), expected) < TOL
+    assert rel_err(model(x.transpose(0, 2, 3, 1), training=False).numpy(), expected) < TOL
 
 
 def test_an_hf_style_tf_keras_h5_reads_by_scope_and_writes_back(tmp_path):

@@ -1,4 +1,12 @@
-"""One torchvision-style residual block, built from each framework's ordinary layers only.
+"""The small reference nets the tests build, per framework, from each framework's ordinary layers.
+
+Two families, each importing its framework only when built:
+
+- :func:`torch_stem_dw_pw` and :func:`keras_stem_dw_pw`: a strided stem, a depthwise conv and a
+  1x1 conv, each followed by a BatchNorm, as a torch ``nn.Sequential`` and its tf_keras / Keras 3
+  twin (the Keras 2 ``.h5`` and ``load_into`` tests).
+- One torchvision-style residual block, below.
+
 
 ``conv1 (3x3, stride 2, pad 1) -> bn1 -> relu -> conv2 (3x3, pad 1) -> bn2``, plus a shortcut
 ``conv (1x1, stride 2) -> bn``, added, then a ReLU: torchvision's ``BasicBlock`` with a downsample.
@@ -222,3 +230,47 @@ def flax_save(variables: Any, path: Path) -> None:
     from flax import serialization
 
     path.write_bytes(serialization.to_bytes(variables))
+
+
+# -- stem, depthwise, 1x1: torch and its Keras twin ------------------------------------------------
+
+
+def torch_stem_dw_pw(bias: tuple[bool, bool, bool], eps: float = 1e-5, width: int = 16) -> Any:
+    """``conv 3x3/2 pad 1 (3->8) -> BN -> ReLU -> depthwise 3x3 pad 1 -> BN -> ReLU -> conv 1x1
+    (8->width) -> BN``, in eval mode; ``bias`` says which of the three convs have one. Weights come
+    from ``torch.manual_seed(0)``, then every BatchNorm gets trained-looking statistics."""
+    import torch
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=bias[0]), nn.BatchNorm2d(8, eps=eps), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=bias[1]), nn.BatchNorm2d(8, eps=eps), nn.ReLU(),
+        nn.Conv2d(8, width, 1, bias=bias[2]), nn.BatchNorm2d(width, eps=eps),
+    )
+    for bn in net[1::3]:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    return net.eval()
+
+
+def keras_stem_dw_pw(
+    keras: Any, names: tuple[str, str, str], bias: tuple[bool, bool, bool], eps: float = 1e-3, width: int = 16
+) -> Any:
+    """:func:`torch_stem_dw_pw`'s twin on 9x9x3 NHWC input, built with ``keras`` (the ``tf_keras``
+    or ``keras`` module): ``ZeroPadding2D(1)`` + a VALID stride-2 conv (TF's SAME would differ at
+    stride 2), convs named ``names``, each BatchNorm ``<name>_bn``."""
+    layers = keras.layers
+    inp = keras.Input((9, 9, 3))
+    x = layers.ZeroPadding2D(1)(inp)
+    x = layers.Conv2D(8, 3, strides=2, use_bias=bias[0], name=names[0])(x)
+    x = layers.BatchNormalization(epsilon=eps, name=f"{names[0]}_bn")(x)
+    x = layers.ReLU()(x)
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=bias[1], name=names[1])(x)
+    x = layers.BatchNormalization(epsilon=eps, name=f"{names[1]}_bn")(x)
+    x = layers.ReLU()(x)
+    x = layers.Conv2D(width, 1, use_bias=bias[2], name=names[2])(x)
+    x = layers.BatchNormalization(epsilon=eps, name=f"{names[2]}_bn")(x)
+    return keras.Model(inp, x)
