@@ -9,6 +9,7 @@ import numpy as np
 
 from convbn import dispatch
 from convbn.backends import BackendModule
+from convbn.caches import NativeKey
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan, plan_for
 from convbn.params import ConvBNParams, with_arrays
@@ -135,11 +136,14 @@ def _conv_bn_numpy(
         y = np.zeros(cast("tuple[int, ...]", plan.out_shape), x.dtype)  # NumPy shapes are concrete
         return (y, params) if plan.training else y
     resolved = module.resolve_device(device)
-    key = ("to_backend", name, str(resolved), module.conversion_key())
-    native = params._cache.get(key)
+    cache = params.cache
+    converted = cache.native
+    if converted is None:
+        converted = cache.native = {}
+    key = NativeKey(name, str(resolved), module.conversion_key())
+    native = converted.get(key)
     if native is None:
-        native = module.to_backend(params, resolved)
-        params._cache[key] = native
+        native = converted[key] = module.to_backend(params, resolved)
     xb = module.asarray(x, resolved)
     out = module.conv_bn(xb, native, plan)
     if not plan.training:

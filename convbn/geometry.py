@@ -92,9 +92,10 @@ def plan_for(
         ConvBNError: for a bad data_format, rank, channel count, an input smaller than the
             dilated kernel, or (unless ``synced``) a training batch with one value per channel.
     """
-    plans = params._cache.get("plans")
+    cache = params.cache
+    plans = cache.plans
     if plans is None:
-        plans = params._cache.setdefault("plans", {})
+        plans = cache.plans = {}
     key = (x_shape, data_format, training, synced)
     plan = plans.get(key)
     if plan is None:
@@ -103,16 +104,16 @@ def plan_for(
             raise ConvBNError(f"kernel shape must be static. Received: kernel.shape={array_shape(params.kernel)}")
         plan = _make_plan(tuple(x_shape), params.spec, data_format, bool(training), synced)
         plans[key] = plan
-    return plan  # type: ignore[no-any-return]
+    return plan
 
 
 def share_plans(source: ConvBNParams, target: ConvBNParams) -> ConvBNParams:
     """Let ``target`` reuse ``source``'s plans: only for params with the same static config and
     array shapes (e.g. the moving statistics updated by a training step), so that a training loop
     that passes each step's new params to the next does not validate and plan again every step."""
-    plans = source._cache.get("plans")
+    plans = source.cache.plans
     if plans is not None:
-        target._cache["plans"] = plans
+        target.cache.plans = plans
     return target
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from convbn.caches import CacheSlots
 from convbn.errors import ConvBNError
 from convbn.spec import ConvBNSpec, Pair, VarUpdate, is_int
 
@@ -119,8 +120,9 @@ class ConvBNParams:
     :meth:`from_spec` builds params from a spec and arrays.
 
     Arrays may be NumPy arrays or any framework's arrays; they are treated as immutable (derived
-    values such as the folded eval kernel are cached per params object). Params compare by
-    identity, so a changed params object is a new object, e.g. from ``dataclasses.replace``.
+    values such as the folded eval kernel are cached per params object, in ``cache``, a
+    :class:`~convbn.caches.CacheSlots` that is never pickled, copied or compared). Params compare
+    by identity, so a changed params object is a new object, e.g. from ``dataclasses.replace``.
 
     Raises:
         ConvBNError: for a malformed geometry spec, convention, or mismatched array shapes.
@@ -150,7 +152,7 @@ class ConvBNParams:
     momentum: float = 0.99
     var_update: VarUpdate = "unbiased"
     spec: ConvBNSpec = dataclasses.field(init=False, repr=False, compare=False)
-    _cache: dict[Any, Any] = dataclasses.field(init=False, repr=False, compare=False)
+    cache: CacheSlots = dataclasses.field(init=False, repr=False, compare=False)
 
     def __init__(
         self,
@@ -179,7 +181,7 @@ class ConvBNParams:
         state = self.__dict__
         state.update(zip(ARRAY_FIELDS, (_as_array(a) for a in arrays), strict=True))
         state["spec"] = spec
-        state["_cache"] = {}
+        state["cache"] = CacheSlots()
         self.check_arrays()
 
     @classmethod
@@ -281,7 +283,7 @@ class ConvBNParams:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_cache", None)
+        state.pop("cache", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -290,7 +292,7 @@ class ConvBNParams:
             settings = {name: state.pop(name) for name in STATIC_FIELDS if name in state}
             state["spec"] = _spec_for_kernel(state["kernel"], settings)
         self.__dict__.update(state)
-        self.__dict__["_cache"] = {}
+        self.__dict__["cache"] = CacheSlots()
 
 
 def _spec_property(name: str) -> property:
@@ -325,7 +327,7 @@ def _rebuild(arrays: Sequence[Any], spec: ConvBNSpec) -> ConvBNParams:
     state = params.__dict__
     state.update(zip(ARRAY_FIELDS, arrays, strict=False))
     state["spec"] = spec
-    state["_cache"] = {}
+    state["cache"] = CacheSlots()
     return params
 
 
@@ -347,7 +349,7 @@ def with_arrays(params: ConvBNParams, **arrays: Any) -> ConvBNParams:
     state = new.__dict__
     state.update(params.__dict__)
     state.update(arrays)
-    state["_cache"] = {}
+    state["cache"] = CacheSlots()
     return new
 
 

@@ -271,7 +271,7 @@ def test_jax_eager_fold_matches_traced_and_reference():
     jp = convbn.to_backend(params, "jax")
     expected = reference.conv_bn(x, reference_params(params, case))
     eager = convbn.conv_bn(jnp.asarray(x), jp)
-    assert ("jax-fold", np.dtype(np.float64)) in jp._cache
+    assert jp.cache.jax_folds is not None and np.dtype(np.float64) in jp.cache.jax_folds
     traced = jax.jit(lambda p, xb: convbn.conv_bn(xb, p))(jp, jnp.asarray(x))
     assert rel_err(np.asarray(eager), expected) < TOL64
     assert rel_err(np.asarray(traced), expected) < TOL64

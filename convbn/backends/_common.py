@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from convbn.caches import ParamArrays
 from convbn.geometry import share_plans
 from convbn.params import ConvBNParams, with_arrays
 
-__all__ = ["ONE_VALUE_ACROSS_REPLICAS", "combine_moments", "fold", "moving_update", "with_moving_stats"]
+__all__ = [
+    "ONE_VALUE_ACROSS_REPLICAS", "combine_moments", "fold", "fold_arrays", "moving_update", "with_moving_stats",
+]
 
 
 def fold(
@@ -30,6 +33,11 @@ def fold(
     if beta is not None:
         shift = shift + beta
     return kernel * scale, shift
+
+
+def fold_arrays(a: ParamArrays, eps: float, rsqrt: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """:func:`fold` of a backend's cached :class:`~convbn.caches.ParamArrays`."""
+    return fold(a.kernel, a.bias, a.gamma, a.beta, a.moving_mean, a.moving_var, eps, rsqrt)
 
 
 def moving_update(

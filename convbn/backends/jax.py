@@ -36,6 +36,7 @@ from convbn.backends._common import (
     moving_update,
     with_moving_stats,
 )
+from convbn.caches import Folded
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan
 from convbn.params import ConvBNParams, with_arrays
@@ -268,12 +269,15 @@ def _conv_bias(x: Any, kernel: Any, bias: Any, plan: Plan) -> Any:
 def _folded(params: ConvBNParams, dtype: Any) -> tuple[Any, Any]:
     """The folded kernel and bias in ``dtype``, cached per params object: JAX arrays are immutable,
     so a params object's fold never goes stale."""
-    key = ("jax-fold", dtype)
-    cached = params._cache.get(key)
+    cache = params.cache
+    folds = cache.jax_folds
+    if folds is None:
+        folds = cache.jax_folds = {}
+    cached = folds.get(dtype)
     if cached is None:
         kernel, bias = fuse(params)
-        cached = params._cache[key] = (kernel.astype(dtype), bias.astype(dtype))
-    return cached  # type: ignore[no-any-return]
+        cached = folds[dtype] = Folded(kernel.astype(dtype), bias.astype(dtype))
+    return cached
 
 
 def conv_bn(x: Any, params: ConvBNParams, plan: Plan) -> Any:

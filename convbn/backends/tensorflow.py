@@ -26,10 +26,11 @@ import tensorflow as tf
 from convbn.backends._common import (
     ONE_VALUE_ACROSS_REPLICAS,
     combine_moments,
-    fold,
+    fold_arrays,
     moving_update,
     with_moving_stats,
 )
+from convbn.caches import Folded, ParamArrays
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan, plan_for
 from convbn.params import ARRAY_FIELDS, ConvBNParams, with_arrays
@@ -137,37 +138,34 @@ def _frozen(values: Any) -> bool:
     )
 
 
-def _param_tensors(params: ConvBNParams) -> dict[str, Any]:
+def _param_tensors(params: ConvBNParams) -> ParamArrays:
     """The params as TF tensors or variables.
 
     Cached per params object unless a value is a graph tensor (which belongs to one trace); foreign
     arrays are converted once, eagerly, even when first seen while tracing a ``tf.function``.
     """
-    key = "tf-tensors"
-    cached = params._cache.get(key)
+    cache = params.cache
+    cached = cache.tf_tensors
     if cached is not None:
-        return cached  # type: ignore[no-any-return]
-    values = {n: getattr(params, n) for n in ARRAY_FIELDS}
-    if any(isinstance(v, tf.Tensor) and not isinstance(v, _EagerTensor) for v in values.values()):
-        return {n: (None if v is None else asarray(v)) for n, v in values.items()}
+        return cached
+    values = [getattr(params, n) for n in ARRAY_FIELDS]
+    if any(isinstance(v, tf.Tensor) and not isinstance(v, _EagerTensor) for v in values):
+        return ParamArrays(*(None if v is None else asarray(v) for v in values))
     with tf.init_scope():
-        out = {n: (None if v is None else asarray(v)) for n, v in values.items()}
-    params._cache[key] = out
+        out = cache.tf_tensors = ParamArrays(*(None if v is None else asarray(v) for v in values))
     return out
 
 
-def _fold(t: dict[str, Any], eps: float, dtype: tf.DType, plan: Plan | None = None) -> tuple[Any, Any]:
+def _fold(t: ParamArrays, eps: float, dtype: tf.DType, plan: Plan | None = None) -> Folded:
     cd = _compute_dtype(dtype)
-    c = {n: (None if v is None else tf.cast(v, cd)) for n, v in t.items()}
-    w, b = fold(c["kernel"], c["bias"], c["gamma"], c["beta"], c["moving_mean"], c["moving_var"],
-                eps, tf.math.rsqrt)
+    w, b = fold_arrays(ParamArrays._make(None if v is None else tf.cast(v, cd) for v in t), eps, tf.math.rsqrt)
     w = tf.cast(w, dtype)
     if plan is not None and _use_depthwise(plan):
         w = _depthwise_kernel(w, plan)
-    return w, tf.cast(b, dtype)
+    return Folded(w, tf.cast(b, dtype))
 
 
-def _folded(params: ConvBNParams, dtype: tf.DType, plan: Plan) -> tuple[Any, Any]:
+def _folded(params: ConvBNParams, dtype: tf.DType, plan: Plan) -> Folded:
     """Folded kernel (already in the conv op's layout) and bias in ``dtype``.
 
     Frozen params (eager tensors or NumPy, never variables) are folded once per params object and
@@ -176,15 +174,18 @@ def _folded(params: ConvBNParams, dtype: tf.DType, plan: Plan) -> tuple[Any, Any
     Variables (which can be assigned) and graph tensors are folded inside the call.
     """
     t = _param_tensors(params)
-    if not _frozen(t.values()) or _recording():
+    if not _frozen(t) or _recording():
         return _fold(t, params.eps, dtype, plan)
-    key = ("tf-fold", dtype, _use_depthwise(plan))
-    cached = params._cache.get(key)
+    cache = params.cache
+    folds = cache.tf_folds
+    if folds is None:
+        folds = cache.tf_folds = {}
+    key = (dtype, _use_depthwise(plan))
+    cached = folds.get(key)
     if cached is None:
         with tf.init_scope():
-            cached = _fold(t, params.eps, dtype, plan)
-        params._cache[key] = cached
-    return cached  # type: ignore[no-any-return]
+            cached = folds[key] = _fold(t, params.eps, dtype, plan)
+    return cached
 
 
 def _use_depthwise(plan: Plan) -> bool:
@@ -321,17 +322,17 @@ def _train(x: Any, params: ConvBNParams, plan: Plan) -> tuple[Any, ConvBNParams]
     t = _param_tensors(params)
     dtype = x.dtype
     cd = _compute_dtype(dtype)
-    z = _conv(x, tf.cast(t["kernel"], dtype), params, plan)
-    if t["bias"] is not None:
-        z = tf.nn.bias_add(z, tf.cast(t["bias"], dtype))
+    z = _conv(x, tf.cast(t.kernel, dtype), params, plan)
+    if t.bias is not None:
+        z = tf.nn.bias_add(z, tf.cast(t.bias, dtype))
     channels = plan.out_channels
-    gamma = tf.ones([channels], cd) if t["gamma"] is None else tf.cast(t["gamma"], cd)
-    beta = tf.zeros([channels], cd) if t["beta"] is None else tf.cast(t["beta"], cd)
+    gamma = tf.ones([channels], cd) if t.gamma is None else tf.cast(t.gamma, cd)
+    beta = tf.zeros([channels], cd) if t.beta is None else tf.cast(t.beta, cd)
     if plan.values_per_channel is not None:
         count: Any = float(plan.values_per_channel)
     else:
         count = tf.cast(tf.size(z) // channels, cd)
-    old_mean, old_var = t["moving_mean"], t["moving_var"]
+    old_mean, old_var = t.moving_mean, t.moving_var
     m = params.momentum
     if dtype in _FUSED_DTYPES and params.eps >= _CUDNN_MIN_EPS:
         unbiased = params.var_update == "unbiased"
@@ -355,7 +356,7 @@ def _train(x: Any, params: ConvBNParams, plan: Plan) -> tuple[Any, ConvBNParams]
     new_mean, new_var = tf.cast(new_mean, old_mean.dtype), tf.cast(new_var, old_var.dtype)
     new = with_moving_stats(params, new_mean, new_var)
     if isinstance(new_mean, _EagerTensor):
-        new._cache["tf-tensors"] = {**t, "moving_mean": new_mean, "moving_var": new_var}
+        new.cache.tf_tensors = t._replace(moving_mean=new_mean, moving_var=new_var)
     return y, new
 
 
@@ -367,7 +368,7 @@ def empty_output(x: Any, shape: tuple[Any, ...]) -> Any:
 
 def fuse(params: ConvBNParams) -> tuple[Any, Any]:
     t = _param_tensors(params)
-    return _fold(t, params.eps, t["kernel"].dtype)
+    return _fold(t, params.eps, t.kernel.dtype)
 
 
 def sync_group(sync: Any) -> Any:
@@ -448,10 +449,10 @@ def train_sync(x: Any, params: ConvBNParams, plan: Plan, group: Any) -> Any:
         with tf.control_dependencies([tf.debugging.assert_none_equal(total, tf.ones_like(total),
                                                                      message=ONE_VALUE_ACROSS_REPLICAS)]):
             total = tf.identity(total)
-    gamma = None if t["gamma"] is None else tf.cast(t["gamma"], cd)
-    beta = None if t["beta"] is None else tf.cast(t["beta"], cd)
+    gamma = None if t.gamma is None else tf.cast(t.gamma, cd)
+    beta = None if t.beta is None else tf.cast(t.beta, cd)
     y = tf.cast(tf.nn.batch_normalization(d, mean, m2 / total, beta, gamma, params.eps), dtype)
-    old_mean, old_var = t["moving_mean"], t["moving_var"]
+    old_mean, old_var = t.moving_mean, t.moving_var
     old_mean_cd, old_var_cd = tf.cast(old_mean, cd), tf.cast(old_var, cd)
     batch_mean, batch_m2 = shift + tf.stop_gradient(mean), tf.stop_gradient(m2)
     new_mean, new_var = moving_update(params, old_mean_cd, old_var_cd, batch_mean, batch_m2 / (total - 1.0), total)
@@ -472,14 +473,14 @@ def _all_sum(group: Any, values: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
-def _sync_conv(x: Any, t: dict[str, Any], params: ConvBNParams, plan: Plan) -> Any:
+def _sync_conv(x: Any, t: ParamArrays, params: ConvBNParams, plan: Plan) -> Any:
     """``conv(x) + bias`` (NHWC) for :func:`train_sync`. A zero-size batch never reaches the conv
     (oneDNN's returns a wrong shape for one) but gets zeros of the geometry's shape that still
     depend on ``x``, so the replica's statistics and gradients stay in the collectives' graph."""
 
     def compute() -> Any:
-        z = _conv(x, tf.cast(t["kernel"], x.dtype), params, plan)
-        return z if t["bias"] is None else tf.nn.bias_add(z, tf.cast(t["bias"], x.dtype))
+        z = _conv(x, tf.cast(t.kernel, x.dtype), params, plan)
+        return z if t.bias is None else tf.nn.bias_add(z, tf.cast(t.bias, x.dtype))
 
     def empty() -> Any:
         return empty_output(x, (tf.shape(x)[0], *plan.out_hw, plan.out_channels))

@@ -14,6 +14,7 @@ process group, the way ``nn.SyncBatchNorm`` does, but on any device and backend 
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -25,10 +26,11 @@ from convbn._dtypes import numpy_to_torch, torch_to_numpy
 from convbn.backends._common import (
     ONE_VALUE_ACROSS_REPLICAS,
     combine_moments,
-    fold,
+    fold_arrays,
     moving_update,
     with_moving_stats,
 )
+from convbn.caches import Folded, ParamArrays, TorchFold
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan
 from convbn.params import ARRAY_FIELDS, ConvBNParams, with_arrays
@@ -119,32 +121,37 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _param_tensors(params: ConvBNParams, device: torch.device) -> dict[str, Any]:
+def _param_tensors(params: ConvBNParams, device: torch.device) -> ParamArrays:
     """The params as tensors on ``device``, cached per params object and device.
 
     Foreign arrays are converted once; torch tensors are held as they are (the same objects, so
     in-place updates stay visible and the fold cache below notices them by version counter).
     """
-    key = ("torch-tensors", device)
-    cached = params._cache.get(key)
+    cache = params.cache
+    per_device = cache.torch_tensors
+    if per_device is None:
+        per_device = cache.torch_tensors = {}
+    cached = per_device.get(device)
     if cached is None:
         # Ordinary tensors even when first seen under torch.inference_mode: the cache outlives the
         # mode, and inference tensors can neither be saved for backward nor report versions.
         with torch.inference_mode(False):
-            cached = {n: (None if (v := getattr(params, n)) is None else asarray(v, device)) for n in ARRAY_FIELDS}
-        params._cache[key] = cached
-    return cached  # type: ignore[no-any-return]
+            cached = per_device[device] = ParamArrays(
+                *(None if (v := getattr(params, n)) is None else asarray(v, device) for n in ARRAY_FIELDS)
+            )
+    return cached
 
 
-def _fold(t: dict[str, Any], eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _fold(t: ParamArrays, eps: float, dtype: torch.dtype) -> Folded:
     cd = _compute_dtype(dtype)
-    c = {n: (None if v is None else v.to(cd)) for n, v in t.items()}
-    w, b = fold(c["kernel"], c["bias"], c["gamma"], c["beta"], c["moving_mean"], c["moving_var"],
-                eps, torch.rsqrt)
-    return w.permute(3, 2, 0, 1).to(dtype).contiguous(), b.to(dtype)
+    w, b = fold_arrays(ParamArrays._make(None if v is None else v.to(cd) for v in t), eps, torch.rsqrt)
+    return Folded(w.permute(3, 2, 0, 1).to(dtype).contiguous(), b.to(dtype))
 
 
-def _folded(params: ConvBNParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+_version = operator.attrgetter("_version")
+
+
+def _folded(params: ConvBNParams, x: torch.Tensor) -> Folded:
     """Folded OIHW weight and bias in ``x``'s dtype, cached per params object, device and dtype.
 
     The cache entry records the in-place version counter of every source tensor and is rebuilt
@@ -155,30 +162,38 @@ def _folded(params: ConvBNParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     numbers with and without gradients and pays no per-call fold. A source that is an inference
     tensor (which has no version counter) is folded per call.
     """
-    t = _param_tensors(params, x.device)
+    device, dtype = x.device, x.dtype
     if torch.compiler.is_compiling():
         # Traced into the compiled graph, where the compiler handles (and may hoist) the fold;
         # version counters and inference-tensor checks do not trace.
-        return _fold(t, params.eps, x.dtype)
-    key = ("torch-fold", x.device, x.dtype)
-    entry = params._cache.get(key)
+        return _fold(_param_tensors(params, device), params.eps, dtype)
+    # The hot path of every eval call: one dict lookup and the sources' version counters.
+    folds = params.cache.torch_folds
+    entry = None if folds is None else folds.get((device, dtype))
     if entry is None:
-        live = tuple(v for v in t.values() if v is not None)
-        entry = [live, None, None, any(v.is_inference() for v in live)]
-        params._cache[key] = entry
-    live = entry[0]
-    if entry[3]:
-        return _fold(t, params.eps, x.dtype)
-    versions = tuple(v._version for v in live)
-    if entry[1] != versions:
+        entry = _fold_entry(params, device, dtype)
+    if entry.per_call:
+        return _fold(_param_tensors(params, device), params.eps, dtype)
+    versions = tuple(map(_version, entry.sources))
+    folded = entry.folded
+    if folded is None or entry.versions != versions:
         with torch.inference_mode(False), torch.no_grad():
-            entry[2] = _fold(t, params.eps, x.dtype)
-        entry[1] = versions
-    if torch.is_grad_enabled() and any(v.requires_grad for v in live):
-        w, b = entry[2]
-        return _FoldGrad.apply(w, b, t["kernel"], t["bias"], t["gamma"], t["beta"],  # type: ignore[no-any-return]
-                               t["moving_mean"], t["moving_var"], params.eps)
-    return entry[2]  # type: ignore[no-any-return]
+            folded = entry.folded = _fold(_param_tensors(params, device), params.eps, dtype)
+        entry.versions = versions
+    if torch.is_grad_enabled() and any(v.requires_grad for v in entry.sources):
+        return Folded(*_FoldGrad.apply(*folded, *_param_tensors(params, device), params.eps))
+    return folded
+
+
+def _fold_entry(params: ConvBNParams, device: torch.device, dtype: torch.dtype) -> TorchFold:
+    """A new, empty fold entry for ``(device, dtype)`` in the params' cache."""
+    cache = params.cache
+    folds = cache.torch_folds
+    if folds is None:
+        folds = cache.torch_folds = {}
+    sources = tuple(v for v in _param_tensors(params, device) if v is not None)
+    entry = folds[(device, dtype)] = TorchFold(sources, any(v.is_inference() for v in sources))
+    return entry
 
 
 class _FoldGrad(torch.autograd.Function):
@@ -265,7 +280,7 @@ def _batch_norm(
 
 
 def _train_conv(
-    x: torch.Tensor, t: dict[str, Any], plan: Plan
+    x: torch.Tensor, t: ParamArrays, plan: Plan
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.dtype]:
     """The conv of a training step, in ``x``'s dtype, and gamma/beta in the batch-norm dtype.
 
@@ -273,15 +288,15 @@ def _train_conv(
     ``(z, gamma, beta, bn_dtype)``, ``z`` NCHW (channels_last for NHWC input).
     """
     dtype = x.dtype
-    kernel = t["kernel"]
+    kernel = t.kernel
     if kernel.dtype != dtype:
         kernel = kernel.to(dtype)
-    conv_bias = t["bias"]
+    conv_bias = t.bias
     if conv_bias is not None and conv_bias.dtype != dtype:
         conv_bias = conv_bias.to(dtype)
     z = _conv(x, kernel.permute(3, 2, 0, 1), conv_bias, plan)
     bn_dtype = _compute_dtype(dtype)
-    gamma, beta = t["gamma"], t["beta"]
+    gamma, beta = t.gamma, t.beta
     if gamma is not None and gamma.dtype != bn_dtype:
         gamma = gamma.to(bn_dtype)
     if beta is not None and beta.dtype != bn_dtype:
@@ -304,7 +319,7 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
     t = _param_tensors(params, x.device)
     dtype = x.dtype
     z, gamma, beta, bn_dtype = _train_conv(x, t, plan)
-    old_mean, old_var = t["moving_mean"], t["moving_var"]
+    old_mean, old_var = t.moving_mean, t.moving_var
     count = plan.values_per_channel
     assert count is not None  # torch shapes are static
     m = params.momentum
@@ -333,7 +348,7 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
         y = y.to(dtype)
     new = with_moving_stats(params, mean, var)
     # The next step's params hold the same tensors but for the statistics, already on the device.
-    new._cache[("torch-tensors", x.device)] = {**t, "moving_mean": mean, "moving_var": var}
+    new.cache.torch_tensors = {x.device: t._replace(moving_mean=mean, moving_var=var)}
     return _layout_out(y, plan), new
 
 
@@ -416,14 +431,14 @@ def train_sync(x: torch.Tensor, params: ConvBNParams, plan: Plan, group: Any) ->
     y = _SyncNorm.apply(z, gamma, beta, mean.to(bn_dtype), (m2 / total).to(bn_dtype), params.eps, total, group)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    old_mean, old_var = t["moving_mean"], t["moving_var"]
+    old_mean, old_var = t.moving_mean, t.moving_var
     with torch.no_grad():
         new_mean, new_var = moving_update(
             params, old_mean.to(wide), old_var.to(wide), mean, m2 / (total - 1), total
         )
         new_mean, new_var = new_mean.to(old_mean.dtype), new_var.to(old_var.dtype)
     new = with_moving_stats(params, new_mean, new_var)
-    new._cache[("torch-tensors", x.device)] = {**t, "moving_mean": new_mean, "moving_var": new_var}
+    new.cache.torch_tensors = {x.device: t._replace(moving_mean=new_mean, moving_var=new_var)}
     return _layout_out(y, plan), new
 
 
@@ -479,9 +494,7 @@ def empty_output(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def fuse(params: ConvBNParams) -> tuple[torch.Tensor, torch.Tensor]:
     kernel = params.kernel
     t = _param_tensors(params, kernel.device if isinstance(kernel, torch.Tensor) else torch.device("cpu"))
-    dtype = t["kernel"].dtype
+    dtype = t.kernel.dtype
     cd = _compute_dtype(dtype)
-    c = {n: (None if v is None else v.to(cd)) for n, v in t.items()}
-    w, b = fold(c["kernel"], c["bias"], c["gamma"], c["beta"], c["moving_mean"], c["moving_var"],
-                params.eps, torch.rsqrt)
+    w, b = fold_arrays(ParamArrays._make(None if v is None else v.to(cd) for v in t), params.eps, torch.rsqrt)
     return w.to(dtype), b.to(dtype)
