@@ -17,10 +17,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from convbn import adapters
@@ -257,11 +256,10 @@ class ConvBN2d(nn.Module):
             tensors = self._tensors()
             params = self._build_params(tensors)
         else:
-            params, tensors = self._live_params()
-        weight, conv_bias, gamma, beta, mean, var = tensors
+            params, _ = self._live_params()
         training = self.training
         if training and self.sync is not None and self.sync is not False:
-            return self._forward_sync(x, params, mean, var)  # type: ignore[arg-type]
+            return self._forward_sync(x, params)
         plan = plan_for(tuple(x.shape), params, self.data_format, training)
         if plan.empty:  # no statistics to learn from; the shape comes from the geometry
             return backend.empty_output(x, plan.out_shape)  # type: ignore[arg-type]
@@ -269,34 +267,22 @@ class ConvBN2d(nn.Module):
             # One conv with BatchNorm folded in: the backend caches the fold on the live params and
             # revalidates it with the tensors' version counters.
             return backend.conv_bn(x, params, plan)  # type: ignore[no-any-return]
-        bn = self.bn
-        bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-        if self.var_update == "unbiased" and x.dtype == weight.dtype == mean.dtype:  # type: ignore[union-attr]
-            # torch's convention: its own batch_norm kernel normalizes with the batch statistics
-            # and updates the buffers in place, exactly as nn.BatchNorm2d. backend.conv_bn runs the
-            # same kernel (the output is identical); its moving update orders the final
-            # multiply-add differently (at most 1 ulp) and costs a few extra small ops per call.
-            z = backend._conv(x, weight, conv_bias, plan)  # type: ignore[arg-type]
-            momentum = cast(float, bn.momentum)  # never None here: building the params checked it
-            y = F.batch_norm(z, mean, var, gamma, beta, True, momentum, bn.eps)
-            return backend._layout_out(y, plan)
-        y, new = backend.conv_bn(x, params, plan)
-        with torch.no_grad():
-            mean.copy_(new.moving_mean)  # type: ignore[union-attr]
-            var.copy_(new.moving_var)  # type: ignore[union-attr]
-        return y  # type: ignore[no-any-return]
+        self.bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        # The live params view bn's own buffers: the backend updates them in place, as
+        # nn.BatchNorm2d does (torch's batch_norm kernel writes them, with torch's convention),
+        # and the numbers are conv_bn's in training, bit for bit.
+        return backend.train_in_place(x, params, plan)  # type: ignore[no-any-return]
 
-    def _forward_sync(self, x: torch.Tensor, params: ConvBNParams, mean: torch.Tensor,
-                      var: torch.Tensor) -> torch.Tensor:
+    def _forward_sync(self, x: torch.Tensor, params: ConvBNParams) -> torch.Tensor:
         """Training on the statistics of every rank of ``sync``'s group; an empty local batch
         still joins the collectives, so there is no early return for it."""
         group = backend.sync_group(self.sync)
         plan = plan_for(tuple(x.shape), params, self.data_format, True, synced=True)
         self.bn.num_batches_tracked.add_(1)  # type: ignore[union-attr]
         y, new = backend.train_sync(x, params, plan, group)
-        with torch.no_grad():
-            mean.copy_(new.moving_mean)
-            var.copy_(new.moving_var)
+        with torch.no_grad():  # the live params view bn's buffers
+            params.moving_mean.copy_(new.moving_mean)
+            params.moving_var.copy_(new.moving_var)
         return y
 
     # -- export ------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def test_the_protocol_declares_every_backend_function() -> None:
     # The list the issue names: a member dropped from the protocol would go unchecked everywhere.
     assert set(_protocol()) == {
         "NAME", "static_shape", "resolve_device", "asarray", "to_numpy", "conversion_key", "to_backend",
-        "conv_bn", "empty_output", "fuse", "sync_group", "train_sync",
+        "conv_bn", "train_in_place", "empty_output", "fuse", "sync_group", "train_sync",
     }  # fmt: skip
 
 
@@ -152,3 +152,98 @@ def test_jax_conversion_key_follows_x64() -> None:
     finally:
         jax.config.update("jax_enable_x64", before)
     assert off != on
+
+
+def _train_in_place_with_momentum(x: Any, params: Any, plan: Any, momentum: float) -> Any:
+    return x
+
+
+def test_the_check_fails_a_copy_without_the_layers_training_path() -> None:
+    # ConvBN2d trains through train_in_place: a backend that lacks it, or has it with the extra
+    # momentum argument the layer once passed to torch's kernel itself, is caught.
+    assert mismatches(_copy_of_numpy_backend(train_in_place=None), "numpy") == ["train_in_place: missing"]
+    found = mismatches(_copy_of_numpy_backend(train_in_place=_train_in_place_with_momentum), "numpy")
+    assert len(found) == 1 and found[0].startswith("train_in_place("), found
+
+
+def _writable_stats(name: str, params: Any) -> Any:
+    """``params`` on backend ``name`` with its moving statistics in arrays that can be written."""
+    import dataclasses
+
+    import convbn
+
+    if name == "numpy":
+        return dataclasses.replace(params, moving_mean=params.moving_mean.copy(), moving_var=params.moving_var.copy())
+    native = convbn.to_backend(params, name)
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return dataclasses.replace(native, moving_mean=tf.Variable(native.moving_mean),
+                                   moving_var=tf.Variable(native.moving_var))
+    return native
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "numpy",
+        pytest.param("torch", marks=pytest.mark.needs("torch")),
+        pytest.param("tensorflow", marks=pytest.mark.needs("tensorflow")),
+    ],
+)
+@pytest.mark.parametrize("var_update", ["unbiased", "biased"])
+def test_train_in_place_writes_conv_bn_training_numbers(name: str, var_update: str) -> None:
+    import numpy as np
+
+    from convbn.backends.numpy import to_numpy
+    from convbn.conformance.cases import Case
+    from convbn.dispatch import load_backend
+    from convbn.geometry import plan_for
+
+    x, params = Case("in_place", (2, 6, 7, 3), (3, 3), 4, stride=2).params(var_update=var_update, momentum=0.8)
+    module = load_backend(name)
+    xb = module.asarray(x)
+    p = _writable_stats(name, params)
+    plan = plan_for(module.static_shape(xb), p, "NHWC", True)
+    y_ref, new = module.conv_bn(xb, _writable_stats(name, params), plan)
+    before = to_numpy(p.moving_mean).copy()
+    y = module.train_in_place(xb, p, plan)
+    np.testing.assert_array_equal(to_numpy(y), to_numpy(y_ref))
+    np.testing.assert_array_equal(to_numpy(p.moving_mean), to_numpy(new.moving_mean))
+    np.testing.assert_array_equal(to_numpy(p.moving_var), to_numpy(new.moving_var))
+    assert np.max(np.abs(to_numpy(p.moving_mean) - before)) > 1e-3  # they were written
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "numpy",
+        pytest.param("torch", marks=pytest.mark.needs("torch")),
+        pytest.param("tensorflow", marks=pytest.mark.needs("tensorflow")),
+        pytest.param("jax", marks=pytest.mark.needs("jax")),
+    ],
+)
+def test_train_in_place_refuses_statistics_it_cannot_write(name: str) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    import convbn
+    from convbn.conformance.cases import Case
+    from convbn.dispatch import load_backend
+    from convbn.geometry import plan_for
+
+    x, params = Case("in_place", (2, 6, 7, 3), (3, 3), 4).params()
+    module = load_backend(name)
+    xb = module.asarray(x)
+    if name == "numpy":
+        mean = params.moving_mean.copy()
+        mean.flags.writeable = False
+        unwritable = dataclasses.replace(params, moving_mean=mean)
+    else:  # NumPy statistics (torch and TF), immutable arrays (JAX, TF eager tensors)
+        unwritable = convbn.to_backend(params, name) if name in ("jax", "tensorflow") else params
+    before = np.array(unwritable.moving_mean)
+    plan = plan_for(module.static_shape(xb), unwritable, "NHWC", True)
+    with pytest.raises(convbn.ConvBNError, match=r"params\.moving_mean.*Received: moving_mean"):
+        module.train_in_place(xb, unwritable, plan)
+    np.testing.assert_array_equal(np.array(unwritable.moving_mean), before)

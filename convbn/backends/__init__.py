@@ -68,6 +68,16 @@ class BackendModule(Protocol):
         the mode. Returns ``y`` in eval, ``(y, new_params)`` in training. Never sees an empty
         batch (see :func:`convbn.api.empty_batch`)."""
 
+    def train_in_place(self, x: Any, params: ConvBNParams, plan: Plan) -> Any:
+        """A training step that writes the new moving statistics into ``params.moving_mean`` and
+        ``params.moving_var`` themselves, as a framework's BatchNorm layer updates its buffers,
+        and returns ``y``. ``y`` and the statistics written are bit for bit those of
+        :meth:`conv_bn` in training. For the native layers, whose statistics live in arrays that
+        can be written: torch tensors on ``x``'s device that do not require grad,
+        ``tf.Variable``s, writeable NumPy arrays; anything else is a ``ConvBNError`` naming what
+        it received (JAX arrays never can be written). ``plan`` is a training plan, never of an
+        empty batch."""
+
     def empty_output(self, x: Any, shape: tuple[Any, ...]) -> Any:
         """Zeros of ``shape`` in ``x``'s dtype, on ``x``'s device, for a zero-size batch."""
 

@@ -55,6 +55,7 @@ __all__ = [
     "sync_group",
     "to_backend",
     "to_numpy",
+    "train_in_place",
     "train_sync",
 ]
 
@@ -293,6 +294,16 @@ def conv_bn(x: Any, params: ConvBNParams, plan: Plan) -> Any:
     y, mean, var = _train_jit(x, params, plan)
     # The new params keep this call's plans, so a training loop does not plan again every step.
     return y, with_moving_stats(params, mean, var)
+
+
+def train_in_place(x: Any, params: ConvBNParams, plan: Plan) -> Any:
+    """Always a ``ConvBNError``: JAX arrays are immutable, so there are no statistics to write;
+    :func:`conv_bn` in training returns them in new params (what Flax's layers store)."""
+    raise ConvBNError(
+        "training in place writes params.moving_mean and params.moving_var themselves, and JAX "
+        "arrays cannot be written: use conv_bn(x, params, training=True), which returns the new "
+        f"statistics in new params. Received: moving_mean of type {type(params.moving_mean).__name__}"
+    )
 
 
 def empty_output(x: Any, shape: tuple[int, ...]) -> Any:

@@ -32,6 +32,7 @@ __all__ = [
     "sync_group",
     "to_backend",
     "to_numpy",
+    "train_in_place",
     "train_sync",
 ]
 
@@ -153,6 +154,22 @@ def conv_bn(x: np.ndarray, params: ConvBNParams, plan: Plan) -> Any:
         params, moving_mean=new_mean.astype(stat_dtype), moving_var=new_var.astype(stat_dtype)
     )
     return _finish(y, x, plan), new
+
+
+def train_in_place(x: np.ndarray, params: ConvBNParams, plan: Plan) -> np.ndarray:
+    """:func:`conv_bn`'s training step, its new moving statistics written into the params' arrays."""
+    mean, var = params.moving_mean, params.moving_var
+    for name, value in (("moving_mean", mean), ("moving_var", var)):
+        if not isinstance(value, np.ndarray) or not value.flags.writeable:
+            kind = "a read-only ndarray" if isinstance(value, np.ndarray) else f"of type {type(value).__name__}"
+            raise ConvBNError(
+                f"training in place writes params.{name} itself, so it must be a writeable NumPy "
+                f"array. Received: {name} {kind}"
+            )
+    y, new = conv_bn(x, params, plan)
+    mean[...] = new.moving_mean
+    var[...] = new.moving_var
+    return y  # type: ignore[no-any-return]
 
 
 def _rsqrt(v: np.ndarray) -> np.ndarray:

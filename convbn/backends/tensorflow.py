@@ -49,6 +49,7 @@ __all__ = [
     "sync_group",
     "to_backend",
     "to_numpy",
+    "train_in_place",
     "train_sync",
 ]
 
@@ -358,6 +359,22 @@ def _train(x: Any, params: ConvBNParams, plan: Plan) -> tuple[Any, ConvBNParams]
     if isinstance(new_mean, _EagerTensor):
         new.cache.tf_tensors = t._replace(moving_mean=new_mean, moving_var=new_var)
     return y, new
+
+
+def train_in_place(x: Any, params: ConvBNParams, plan: Plan) -> Any:
+    """:func:`conv_bn`'s training step, its new moving statistics assigned to the params'
+    ``tf.Variable``s (in a ``tf.function`` too: the assignments are ops of the graph)."""
+    mean, var = params.moving_mean, params.moving_var
+    for name, value in (("moving_mean", mean), ("moving_var", var)):
+        if not isinstance(value, tf.Variable):
+            raise ConvBNError(
+                f"training in place assigns params.{name}, so it must be a tf.Variable. "
+                f"Received: {name} of type {type(value).__name__}"
+            )
+    y, new = conv_bn(x, params, plan)
+    mean.assign(new.moving_mean)
+    var.assign(new.moving_var)
+    return y
 
 
 def empty_output(x: Any, shape: tuple[Any, ...]) -> Any:

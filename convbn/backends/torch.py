@@ -49,6 +49,7 @@ __all__ = [
     "sync_group",
     "to_backend",
     "to_numpy",
+    "train_in_place",
     "train_sync",
 ]
 
@@ -350,6 +351,36 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
     # The next step's params hold the same tensors but for the statistics, already on the device.
     new.cache.torch_tensors = {x.device: t._replace(moving_mean=mean, moving_var=var)}
     return _layout_out(y, plan), new
+
+
+def train_in_place(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> torch.Tensor:
+    """Training that updates ``params``' own moving-statistics tensors, as ``nn.BatchNorm2d`` does.
+
+    With the ``"unbiased"`` update and statistics in the batch-norm dtype, torch's batch-norm
+    kernel updates them itself, with no clone: the kernel and arguments :func:`conv_bn` runs on
+    its clones, so the numbers are the same. Otherwise :func:`conv_bn`'s statistics are copied in.
+    """
+    mean, var = params.moving_mean, params.moving_var
+    for name, value in (("moving_mean", mean), ("moving_var", var)):
+        if not isinstance(value, torch.Tensor) or value.device != x.device or value.requires_grad:
+            kind = (f"a tensor on {value.device} with requires_grad={value.requires_grad}"
+                    if isinstance(value, torch.Tensor) else f"of type {type(value).__name__}")
+            raise ConvBNError(
+                f"training in place writes params.{name} itself, so it must be a torch tensor on x's "
+                f"device ({x.device}) that does not require grad. Received: {name} {kind}"
+            )
+    bn_dtype = _compute_dtype(x.dtype)
+    if params.var_update == "unbiased" and mean.dtype == var.dtype == bn_dtype:
+        z, gamma, beta, _ = _train_conv(x, _param_tensors(params, x.device), plan)
+        y = _batch_norm(z, gamma, beta, mean, var, 1.0 - params.momentum, params.eps)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return _layout_out(y, plan)
+    y, new = _train(x, params, plan)
+    with torch.no_grad():
+        mean.copy_(new.moving_mean)
+        var.copy_(new.moving_var)
+    return y
 
 
 def sync_group(sync: Any) -> Any:
