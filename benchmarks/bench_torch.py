@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import convbn
@@ -62,6 +63,34 @@ def _params(shape: Shape, a: dict[str, np.ndarray], trainable: bool) -> convbn.C
     )
 
 
+def _limit(shape: Shape, a: dict[str, np.ndarray], nhwc: bool) -> Any:
+    """The physical limit of eval: one ``F.conv2d`` with BatchNorm folded into the OIHW weight and
+    the bias beforehand (float64, then float32) and TF's SAME split resolved to torch padding (one
+    ``F.pad`` first where it is asymmetric, as any torch code needs), plus the two permute views
+    an NHWC tensor needs to reach ``F.conv2d``. No checks, no caches: what no wrapper can beat."""
+    scale = a["gamma"].astype(np.float64) / np.sqrt(a["moving_var"].astype(np.float64) + 1e-5)
+    w = torch.from_numpy((a["kernel"] * scale).astype(np.float32)).permute(3, 2, 0, 1).contiguous()
+    b = torch.from_numpy((a["beta"] - a["moving_mean"] * scale).astype(np.float32))
+    (pt, pb), (pl, pr) = same_pads(shape.h, shape.k, shape.stride, 1), same_pads(shape.w, shape.k, shape.stride, 1)
+    stride, groups = shape.stride, shape.groups
+    conv2d = F.conv2d
+    if nhwc:
+        if (pt, pl) == (pb, pr):
+            def limit(x: torch.Tensor) -> torch.Tensor:
+                return conv2d(x.permute(0, 3, 1, 2), w, b, stride, (pt, pl), 1, groups).permute(0, 2, 3, 1)
+        else:
+            def limit(x: torch.Tensor) -> torch.Tensor:
+                xp = F.pad(x.permute(0, 3, 1, 2), (pl, pr, pt, pb))
+                return conv2d(xp, w, b, stride, 0, 1, groups).permute(0, 2, 3, 1)
+    elif (pt, pl) == (pb, pr):
+        def limit(x: torch.Tensor) -> torch.Tensor:
+            return conv2d(x, w, b, stride, (pt, pl), 1, groups)
+    else:
+        def limit(x: torch.Tensor) -> torch.Tensor:
+            return conv2d(F.pad(x, (pl, pr, pt, pb)), w, b, stride, 0, 1, groups)
+    return limit
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy().copy()
 
@@ -97,11 +126,18 @@ def contests(shape: Shape, data_formats: tuple[str, ...] = DATA_FORMATS) -> Iter
             with torch.no_grad():
                 return from_native(model(to_native(x)))
 
+        folded = _limit(shape, a, nhwc)
+
+        def eval_limit(x: torch.Tensor = x, folded: Any = folded) -> Any:
+            with torch.no_grad():
+                return folded(x)
+
         def eval_outputs(ec: Any = eval_convbn, en: Any = eval_native, to_nhwc: Any = to_nhwc) -> Any:
             return {"y": to_nhwc(ec())}, {"y": to_nhwc(en())}
 
         yield Contest(NAME, shape, "eval", fmt, eval_convbn, eval_native, eval_outputs,
-                      "nn.Conv2d+nn.BatchNorm2d, eval, no_grad")
+                      "nn.Conv2d+nn.BatchNorm2d, eval, no_grad", limit=eval_limit,
+                      limit_outputs=lambda el=eval_limit, to_nhwc=to_nhwc: {"y": to_nhwc(el())})
 
         # -- training: forward + backward ----------------------------------------------------------
         tmodel = _modules(shape, a).train()

@@ -86,6 +86,12 @@ class Contest:
     outputs: Callable[[], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
     native_name: str
     sync: Callable[[Any], Any] = lambda out: out
+    #: The physical limit, where one is defined: the least work that computes the same output
+    #: (torch eval: one ``F.conv2d`` with BatchNorm already folded into the weight and bias and the
+    #: padding resolved), timed in the same rotation as the other two.
+    limit: Callable[[], Any] | None = None
+    #: The limit's outputs, as ``outputs()`` gives them, so it is checked to compute the same.
+    limit_outputs: Callable[[], dict[str, np.ndarray]] | None = None
 
 
 @dataclasses.dataclass
@@ -102,6 +108,13 @@ class Timing:
     samples: int
     convbn_samples: list[float] = dataclasses.field(default_factory=list)
     native_samples: list[float] = dataclasses.field(default_factory=list)
+    #: With a limit: its median per-call seconds, and the median (and quartiles) of the per-sample
+    #: ratios convbn / limit, whose samples ran back to back with convbn's.
+    limit_s: float | None = None
+    limit_ratio: float | None = None
+    limit_q1: float | None = None
+    limit_q3: float | None = None
+    limit_samples: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -115,6 +128,8 @@ class Result:
     timing: Timing | None
     max_rel_diff: dict[str, float]
     note: str = ""
+    #: The limit's output against the native one's, where the contest has a limit.
+    limit_rel_diff: float | None = None
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -135,6 +150,13 @@ def _time_calls(fn: Callable[[], Any], sync: Callable[[Any], Any], calls: int,
     return (clock() - start) / calls
 
 
+def _median_ratio(ta: Sequence[float], tb: Sequence[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-pair ratios ``ta[i] / tb[i]``."""
+    ratios = sorted(x / y for x, y in zip(ta, tb, strict=True))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    return statistics.median(ratios), q[0], q[2]
+
+
 def interleaved(
     a: Callable[[], Any],
     b: Callable[[], Any],
@@ -144,6 +166,7 @@ def interleaved(
     min_time: float,
     warmup: int = 3,
     clock: Callable[[], float] = time.perf_counter,
+    limit: Callable[[], Any] | None = None,
 ) -> Timing:
     """Median per-call seconds of ``a`` and ``b``, sampled alternately after ``warmup`` calls each.
 
@@ -155,23 +178,31 @@ def interleaved(
     compare a sample from a busy phase with one from a quiet phase.
     ``clock`` is wall time by default; ``time.process_time`` (CPU time of this process) is far less
     sensitive to other processes on a busy machine, but counts spinning threads as busy.
+    ``limit``, a third contender, joins the same rotation (A B L, then L B A, ...), so ``a`` sits
+    next to it in every sample; ``limit_ratio`` is the median of the per-sample ratios a_i / l_i.
     """
+    contenders = [a, b] if limit is None else [a, b, limit]
     for _ in range(warmup):
-        sync(a())
-        sync(b())
+        for fn in contenders:
+            sync(fn())
     calls = 1
-    while True:  # calibrate on the slower of the two so each sample lasts about min_time
-        slowest = max(_time_calls(a, sync, calls, clock), _time_calls(b, sync, calls, clock)) * calls
+    while True:  # calibrate on the slowest so each sample lasts about min_time
+        slowest = max(_time_calls(fn, sync, calls, clock) for fn in contenders) * calls
         if slowest >= min_time or calls >= 1 << 16:
             break
         calls = min(calls * max(2, int(min_time / max(slowest, 1e-9))), 1 << 16)
-    ta: list[float] = []
-    tb: list[float] = []
+    times: list[list[float]] = [[] for _ in contenders]
     for i in range(samples):
-        order: Sequence[tuple[Callable[[], Any], list[float]]] = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
-        for fn, sink in order:
-            sink.append(_time_calls(fn, sync, calls, clock))
-    ratios = sorted(x / y for x, y in zip(ta, tb, strict=True))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+        order = range(len(contenders)) if i % 2 == 0 else range(len(contenders) - 1, -1, -1)
+        for j in order:
+            times[j].append(_time_calls(contenders[j], sync, calls, clock))
+    ta, tb = times[0], times[1]
+    ratio, q1, q3 = _median_ratio(ta, tb)
     ma, mb = statistics.median(ta), statistics.median(tb)
-    return Timing(ma, mb, statistics.median(ratios), q[0], q[2], ma / mb, calls, samples, ta, tb)
+    timing = Timing(ma, mb, ratio, q1, q3, ma / mb, calls, samples, ta, tb)
+    if limit is not None:
+        tl = times[2]
+        timing.limit_s = statistics.median(tl)
+        timing.limit_ratio, timing.limit_q1, timing.limit_q3 = _median_ratio(ta, tl)
+        timing.limit_samples = tl
+    return timing

@@ -73,18 +73,24 @@ def run_backend(
                 continue
             ours, theirs = contest.outputs()
             diffs = {k: rel_err(ours[k], theirs[k]) for k in ours}
+            limit_diff = (
+                None if contest.limit_outputs is None
+                else max(rel_err(v, theirs[k]) for k, v in contest.limit_outputs().items())
+            )
             timing = (
                 interleaved(contest.convbn, contest.native, contest.sync,
-                            samples=settings.samples, min_time=settings.min_time, clock=settings.timer)
+                            samples=settings.samples, min_time=settings.min_time, clock=settings.timer,
+                            limit=contest.limit)
                 if timed
                 else None
             )
             results.append(Result(backend, shape.name, shape.describe(), contest.mode, contest.variant,
-                                  contest.native_name, timing, diffs))
+                                  contest.native_name, timing, diffs, limit_rel_diff=limit_diff))
             if timed and timing is not None:
+                limit = "" if timing.limit_ratio is None else f"  / limit {timing.limit_ratio:.3f}"
                 print(f"  {backend:10s} {shape.name:14s} {contest.mode:5s} {contest.variant:22s} "
                       f"convbn {timing.convbn_s * 1e3:9.3f} ms  native {timing.native_s * 1e3:9.3f} ms  "
-                      f"ratio {timing.ratio:.3f}", file=sys.stderr, flush=True)
+                      f"ratio {timing.ratio:.3f}{limit}", file=sys.stderr, flush=True)
     return results, module.environment()  # type: ignore[no-any-return]
 
 
@@ -138,16 +144,21 @@ def _fmt_time(seconds: float) -> str:
 
 def layers_markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| backend | shape | mode | variant | convbn | native | ratio | ratio IQR | max rel diff |",
-        "|---|---|---|---|---:|---:|---:|---|---:|",
+        "| backend | shape | mode | variant | convbn | native | ratio | ratio IQR | max rel diff "
+        "| limit | convbn / limit | its IQR |",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in results:
         t = r["timing"]
         diff = max(r["max_rel_diff"].values()) if r["max_rel_diff"] else 0.0
+        limit = (
+            f" {_fmt_time(t['limit_s'])} | **{t['limit_ratio']:.2f}** | {t['limit_q1']:.2f}-{t['limit_q3']:.2f} |"
+            if t.get("limit_s") is not None else " | | |"
+        )
         lines.append(
             f"| {r['backend']} | {r['shape']} | {r['mode']} | {r['variant']} | {_fmt_time(t['convbn_s'])} | "
             f"{_fmt_time(t['native_s'])} | **{t['ratio']:.2f}** | {t['ratio_q1']:.2f}-{t['ratio_q3']:.2f} | "
-            f"{diff:.1e} |"
+            f"{diff:.1e} |{limit}"
         )
     return "\n".join(lines)
 
@@ -223,7 +234,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['settings']['min_time']} s each ({report['settings']['clock']} clock, "
         f"{report['settings']['threads']} thread(s) per framework). convbn and native are median "
         "per-call times; ratio is the median of the ratios of back-to-back samples, convbn / native "
-        "(below 1: convbn is faster), with their interquartile range.",
+        "(below 1: convbn is faster), with their interquartile range. limit, where a contest has one, "
+        "is the physical limit timed in the same rotation (torch eval: one F.conv2d with BatchNorm "
+        "folded into the weight and bias and the padding resolved), and convbn / limit the median "
+        "of the per-sample ratios.",
         "",
         "## Layers",
         "",
