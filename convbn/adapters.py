@@ -89,7 +89,7 @@ def require_var_update(params: ConvBNParams, expected: str, target: str, alterna
         )
 
 
-def _numpy(a: Any) -> np.ndarray:
+def numpy_copy(a: Any) -> np.ndarray:
     """Any framework's array as a NumPy copy the caller may keep."""
     from convbn.backends.numpy import to_numpy
 
@@ -134,7 +134,7 @@ def _optional_into(value: Any, present: bool, fill: float, name: str, where: str
     """
     if value is None:
         return None
-    array = _numpy(value)
+    array = numpy_copy(value)
     if not present and not np.all(array == fill):
         raise ConvBNError(
             f"{where} has no {name}, but the params' {name} is not all {fill:g}, so it would be "
@@ -147,7 +147,8 @@ def _fill(value: np.ndarray | None, fill: float, like: np.ndarray) -> np.ndarray
     return np.full(like.shape[-1:], fill, like.dtype) if value is None else value
 
 
-def _mapping(value: Any, name: str) -> Mapping[str, Any]:
+def as_mapping(value: Any, name: str) -> Mapping[str, Any]:
+    """``value`` if it is a mapping (of Flax variables), else TypeError naming ``name``."""
     if not isinstance(value, Mapping):
         raise TypeError(f"{name} must be a mapping of variables. Received: {name} of type {type(value).__name__}")
     return value
@@ -247,12 +248,12 @@ def from_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> ConvBNParams:
     spec = _torch_conv_spec(conv, eps=float(bn.eps), momentum=momentum, var_update="unbiased")
     return ConvBNParams.from_spec(
         spec,
-        kernel=_numpy(conv.weight.detach().permute(2, 3, 1, 0)),
-        bias=None if conv.bias is None else _numpy(conv.bias),
-        gamma=None if bn.weight is None else _numpy(bn.weight),
-        beta=None if bn.bias is None else _numpy(bn.bias),
-        moving_mean=_numpy(bn.running_mean),
-        moving_var=_numpy(bn.running_var),
+        kernel=numpy_copy(conv.weight.detach().permute(2, 3, 1, 0)),
+        bias=None if conv.bias is None else numpy_copy(conv.bias),
+        gamma=None if bn.weight is None else numpy_copy(bn.weight),
+        beta=None if bn.bias is None else numpy_copy(bn.bias),
+        moving_mean=numpy_copy(bn.running_mean),
+        moving_var=numpy_copy(bn.running_var),
     )
 
 
@@ -304,7 +305,7 @@ def to_torch(params: ConvBNParams, *, device: Any = None, dtype: Any = None) -> 
 
     from convbn.backends.torch import asarray
 
-    _check_params(params)
+    check_params(params)
     padding = torch_padding(params)
     if padding is None:
         raise ConvBNError(
@@ -359,9 +360,9 @@ def assign_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d, params: ConvBNParams) -> N
     from convbn.backends.torch import asarray
 
     check_torch_pair(conv, bn)
-    _check_params(params)
+    check_params(params)
     require_var_update(params, "unbiased", "torch.nn.BatchNorm2d", "convbn.torch.ConvBN2d.from_params(params)")
-    kernel = _numpy(params.kernel)
+    kernel = numpy_copy(params.kernel)
     _check_geometry(params, _torch_conv_spec(conv), "conv")
     bias = _optional_into(params.bias, conv.bias is not None, 0.0, "bias", "conv")
     gamma = _optional_into(params.gamma, bn.weight is not None, 1.0, "gamma", "bn")
@@ -371,8 +372,8 @@ def assign_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d, params: ConvBNParams) -> N
         (conv.bias, _fill(bias, 0.0, kernel)),
         (bn.weight, _fill(gamma, 1.0, kernel)),
         (bn.bias, _fill(beta, 0.0, kernel)),
-        (bn.running_mean, _numpy(params.moving_mean)),
-        (bn.running_var, _numpy(params.moving_var)),
+        (bn.running_mean, numpy_copy(params.moving_mean)),
+        (bn.running_var, numpy_copy(params.moving_var)),
     ]
     with torch.no_grad():
         for target, value in values:
@@ -382,7 +383,8 @@ def assign_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d, params: ConvBNParams) -> N
     bn.momentum = torch_momentum(params)
 
 
-def _check_params(params: Any) -> None:
+def check_params(params: Any) -> None:
+    """TypeError unless ``params`` is a :class:`ConvBNParams` (what every ``from_params`` takes)."""
     if not isinstance(params, ConvBNParams):
         raise TypeError(f"params must be a convbn.ConvBNParams. Received: params of type {type(params).__name__}")
 
@@ -489,7 +491,7 @@ _KERAS_NAMES = {
 
 
 def _keras_hwio(conv: Any) -> np.ndarray:
-    kernel = _numpy(conv.kernel.value)
+    kernel = numpy_copy(conv.kernel.value)
     kh, kw, c, m = kernel.shape
     # A depthwise (kh, kw, C, m) kernel is the grouped HWIO (kh, kw, 1, C*m): output channel c*m+j.
     return kernel.reshape(kh, kw, 1, c * m) if _keras_depthwise(conv) else kernel
@@ -534,11 +536,11 @@ def from_keras(conv: keras_layers.Conv2D, bn: keras_layers.BatchNormalization) -
     return ConvBNParams.from_spec(
         spec,
         kernel=_keras_hwio(conv),
-        bias=_numpy(conv.bias.value) if conv.use_bias else None,
-        gamma=_numpy(bn.gamma.value) if bn.scale else None,
-        beta=_numpy(bn.beta.value) if bn.center else None,
-        moving_mean=_numpy(bn.moving_mean.value),
-        moving_var=_numpy(bn.moving_variance.value),
+        bias=numpy_copy(conv.bias.value) if conv.use_bias else None,
+        gamma=numpy_copy(bn.gamma.value) if bn.scale else None,
+        beta=numpy_copy(bn.beta.value) if bn.center else None,
+        moving_mean=numpy_copy(bn.moving_mean.value),
+        moving_var=numpy_copy(bn.moving_variance.value),
     )
 
 
@@ -584,7 +586,7 @@ def to_keras(
     """
     import keras
 
-    _check_params(params)
+    check_params(params)
     padding = keras_padding(params)
     if padding is None:
         raise ConvBNError(
@@ -597,7 +599,7 @@ def to_keras(
             f"convbn.keras.ConvBN.from_params(params). Received: stride={params.stride}, dilation={params.dilation}"
         )
     require_var_update(params, "biased", "Keras 3 BatchNormalization", "convbn.keras.ConvBN.from_params(params)")
-    data_format = _keras_data_format(data_format)
+    data_format = keras_data_format(data_format)
     channel = _keras_channel_axis(data_format)
     dtype = keras_dtype(params) if dtype is None else dtype
     conv = keras.layers.Conv2D(
@@ -625,7 +627,8 @@ def keras_dtype(params: ConvBNParams) -> str:
     return keras_float_name(to_numpy(params.kernel).dtype)
 
 
-def _keras_data_format(data_format: str | None) -> str:
+def keras_data_format(data_format: str | None) -> str:
+    """Keras's ``data_format`` (None: ``image_data_format()``), checked."""
     import keras
 
     value = keras.config.image_data_format() if data_format is None else data_format
@@ -670,10 +673,10 @@ def assign_keras(
     import keras
 
     ns = check_keras_pair(conv, bn, tf_keras=True)
-    _check_params(params)
+    check_params(params)
     target = "Keras 3 BatchNormalization" if ns is keras else f"tf_keras BatchNormalization(fused={bn.fused})"
     require_var_update(params, keras_var_update(bn), target, "convbn.keras.ConvBN.from_params(params)")
-    kernel = _numpy(params.kernel)
+    kernel = numpy_copy(params.kernel)
     _check_geometry(params, _keras_conv_spec(conv), "conv")
     bias = _optional_into(params.bias, conv.use_bias, 0.0, "bias", "conv")
     gamma = _optional_into(params.gamma, bn.scale, 1.0, "gamma", "bn")
@@ -684,8 +687,8 @@ def assign_keras(
         (conv.bias if conv.use_bias else None, _fill(bias, 0.0, kernel)),
         (bn.gamma if bn.scale else None, _fill(gamma, 1.0, kernel)),
         (bn.beta if bn.center else None, _fill(beta, 0.0, kernel)),
-        (bn.moving_mean, _numpy(params.moving_mean)),
-        (bn.moving_variance, _numpy(params.moving_var)),
+        (bn.moving_mean, numpy_copy(params.moving_mean)),
+        (bn.moving_variance, numpy_copy(params.moving_var)),
     ]
     for variable, value in values:
         if variable is not None:
@@ -797,11 +800,11 @@ def from_flax(
             "params": {"scale": getattr(module, "scale", None), "bias": getattr(module, "bias", None)},
             "batch_stats": {"mean": module.mean, "var": module.var},
         }
-    conv_params = _mapping(conv_vars, "conv_vars")
-    conv_params = _mapping(conv_params.get("params", conv_params), "conv_vars['params']")
-    bn_mapping = _mapping(bn_vars, "bn_vars")
-    bn_params = _mapping(bn_mapping.get("params", {}), "bn_vars['params']")
-    stats = _mapping(bn_mapping.get("batch_stats", {}), "bn_vars['batch_stats']")
+    conv_params = as_mapping(conv_vars, "conv_vars")
+    conv_params = as_mapping(conv_params.get("params", conv_params), "conv_vars['params']")
+    bn_mapping = as_mapping(bn_vars, "bn_vars")
+    bn_params = as_mapping(bn_mapping.get("params", {}), "bn_vars['params']")
+    stats = as_mapping(bn_mapping.get("batch_stats", {}), "bn_vars['batch_stats']")
     for where, mapping, names in (
         ("conv_vars['params']", conv_params, ("kernel",)),
         ("bn_vars['batch_stats']", stats, ("mean", "var")),
@@ -830,15 +833,15 @@ def from_flax(
 
     def optional(mapping: Mapping[str, Any], name: str) -> np.ndarray | None:
         value = _unwrap(mapping.get(name))
-        return None if value is None else _numpy(value)
+        return None if value is None else numpy_copy(value)
 
     return ConvBNParams(
-        kernel=_numpy(_unwrap(conv_params["kernel"])),
+        kernel=numpy_copy(_unwrap(conv_params["kernel"])),
         bias=optional(conv_params, "bias"),
         gamma=optional(bn_params, "scale"),
         beta=optional(bn_params, "bias"),
-        moving_mean=_numpy(_unwrap(stats["mean"])),
-        moving_var=_numpy(_unwrap(stats["var"])),
+        moving_mean=numpy_copy(_unwrap(stats["mean"])),
+        moving_var=numpy_copy(_unwrap(stats["var"])),
         stride=settings["stride"],
         padding=_flax_padding(settings["padding"]),
         dilation=settings["dilation"],
@@ -888,7 +891,7 @@ def to_flax(params: ConvBNParams) -> tuple[tuple[linen.Conv, dict[str, Any]], tu
     import jax.numpy as jnp
     from flax import linen
 
-    _check_params(params)
+    check_params(params)
     require_var_update(params, "biased", "flax.linen.BatchNorm", "convbn.flax.ConvBN.from_params(params)")
     conv = linen.Conv(
         features=params.out_channels, kernel_size=params.kernel_size, strides=params.stride,
@@ -899,7 +902,7 @@ def to_flax(params: ConvBNParams) -> tuple[tuple[linen.Conv, dict[str, Any]], tu
         momentum=params.momentum, epsilon=params.eps, use_bias=params.beta is not None,
         use_scale=params.gamma is not None, use_fast_variance=False,
     )
-    arrays = {name: None if v is None else jnp.asarray(_numpy(v)) for name, v in
+    arrays = {name: None if v is None else jnp.asarray(numpy_copy(v)) for name, v in
               (("kernel", params.kernel), ("bias", params.bias), ("scale", params.gamma),
                ("beta", params.beta), ("mean", params.moving_mean), ("var", params.moving_var))}
     conv_params = {"kernel": arrays["kernel"]}

@@ -147,7 +147,7 @@ class ConvBN(keras.layers.Layer):
         )
         self.filters: int = self._spec.out_channels  # type: ignore[assignment]
         self.kernel_size: tuple[int, int] = self._spec.kernel_size  # type: ignore[assignment]
-        self.data_format = adapters._keras_data_format(data_format)
+        self.data_format = adapters.keras_data_format(data_format)
         self.use_bias = bool(use_bias)
         self.center = bool(center)
         self.scale = bool(scale)
@@ -283,7 +283,7 @@ class ConvBN(keras.layers.Layer):
         values = {}
         for attr, field in _WEIGHTS:
             variable = getattr(self, attr)
-            values[field] = None if variable is None else adapters._numpy(keras.ops.convert_to_numpy(variable))
+            values[field] = None if variable is None else adapters.numpy_copy(keras.ops.convert_to_numpy(variable))
         return assemble(self._current_spec(), **values)
 
     @classmethod
@@ -310,7 +310,7 @@ class ConvBN(keras.layers.Layer):
             >>> layer.strides, layer.dilation_rate, layer.momentum, layer.var_update, layer.scale
             ((2, 2), (2, 2), 0.9, 'unbiased', False)
         """
-        adapters._check_params(params)
+        adapters.check_params(params)
         kwargs.setdefault("dtype", adapters.keras_dtype(params))
         layer = cls(
             params.out_channels, params.kernel_size, strides=params.stride, padding=params.padding,
@@ -326,7 +326,7 @@ class ConvBN(keras.layers.Layer):
             value = getattr(params, field)
             if value is not None:
                 variable = getattr(layer, attr)
-                variable.assign(keras.ops.cast(adapters._numpy(value), variable.dtype))
+                variable.assign(keras.ops.cast(adapters.numpy_copy(value), variable.dtype))
         return layer
 
     def get_config(self) -> dict[str, Any]:

@@ -185,16 +185,8 @@ class ConvBNParams:
         self.check_arrays()
 
     @classmethod
-    def from_spec(
-        cls,
-        spec: ConvBNSpec,
-        kernel: Any,
-        moving_mean: Any,
-        moving_var: Any,
-        bias: Any = None,
-        gamma: Any = None,
-        beta: Any = None,
-    ) -> ConvBNParams:
+    def from_spec(cls, spec: ConvBNSpec, kernel: Any, moving_mean: Any, moving_var: Any,
+                  bias: Any = None, gamma: Any = None, beta: Any = None) -> ConvBNParams:
         """Params with ``spec``'s geometry and convention holding these arrays.
 
         Args:

@@ -193,7 +193,7 @@ class ConvBN2d(nn.Module):
             ((3, 3, 3, 8), 0.9, 'unbiased')
         """
         live = self._build_params(self._tensors())
-        return with_arrays(live, **{name: adapters._numpy(v.detach()) for name, v in live.arrays().items()})
+        return with_arrays(live, **{name: adapters.numpy_copy(v.detach()) for name, v in live.arrays().items()})
 
     @classmethod
     def from_params(
@@ -222,7 +222,7 @@ class ConvBN2d(nn.Module):
             >>> layer.bn.momentum, layer.conv.stride
             (0.1, (2, 2))
         """
-        adapters._check_params(params)
+        adapters.check_params(params)
         kernel = backend.asarray(params.kernel)
         if dtype is None:
             dtype = kernel.dtype if kernel.dtype.is_floating_point else torch.get_default_dtype()

@@ -218,11 +218,11 @@ class ConvBN(nn.Module):
             >>> p.kernel.shape, p.stride, p.momentum, p.var_update
             ((3, 3, 4, 8), (2, 2), 0.99, 'biased')
         """
-        params = adapters._mapping(variables.get("params", {}), "variables['params']")
-        stats = adapters._mapping(variables.get("batch_stats", {}), "variables['batch_stats']")
-        conv = adapters._mapping(params.get("conv", {}), "variables['params']['conv']")
-        bn = adapters._mapping(params.get("bn", {}), "variables['params']['bn']")
-        bn_stats = adapters._mapping(stats.get("bn", {}), "variables['batch_stats']['bn']")
+        params = adapters.as_mapping(variables.get("params", {}), "variables['params']")
+        stats = adapters.as_mapping(variables.get("batch_stats", {}), "variables['batch_stats']")
+        conv = adapters.as_mapping(params.get("conv", {}), "variables['params']['conv']")
+        bn = adapters.as_mapping(params.get("bn", {}), "variables['params']['bn']")
+        bn_stats = adapters.as_mapping(stats.get("bn", {}), "variables['batch_stats']['bn']")
         if "kernel" not in conv or "mean" not in bn_stats or "var" not in bn_stats:
             raise ConvBNError(
                 "variables must hold params/conv/kernel, batch_stats/bn/mean and batch_stats/bn/var. "
@@ -230,7 +230,7 @@ class ConvBN(nn.Module):
             )
 
         def array(mapping: Mapping[str, Any], name: str) -> np.ndarray | None:
-            return adapters._numpy(mapping[name]) if name in mapping else None
+            return adapters.numpy_copy(mapping[name]) if name in mapping else None
 
         return ConvBNParams.from_spec(
             self._spec(None), kernel=array(conv, "kernel"), bias=array(conv, "bias"), gamma=array(bn, "scale"),
@@ -262,7 +262,7 @@ class ConvBN(nn.Module):
             >>> model.strides, model.momentum, model.var_update, sorted(variables["params"])
             ((2, 2), 0.9, 'unbiased', ['conv'])
         """
-        adapters._check_params(params)
+        adapters.check_params(params)
         module = cls(
             features=params.out_channels, kernel_size=params.kernel_size, strides=params.stride,
             padding=adapters.flax_padding(params), kernel_dilation=params.dilation,
@@ -272,7 +272,7 @@ class ConvBN(nn.Module):
         )
 
         def array(value: Any) -> jax.Array:
-            return jnp.asarray(adapters._numpy(value))
+            return jnp.asarray(adapters.numpy_copy(value))
 
         conv = {"kernel": array(params.kernel)}
         if params.bias is not None:

@@ -134,7 +134,7 @@ class ConvBN(nnx.Module):
             ((3, 3, 4, 8), (2, 2), 'unbiased')
         """
         live = self._params()
-        return with_arrays(live, **{name: adapters._numpy(v) for name, v in live.arrays().items()})
+        return with_arrays(live, **{name: adapters.numpy_copy(v) for name, v in live.arrays().items()})
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         """Apply the layer to NHWC ``x``; in training, ``bn.mean``/``bn.var`` are updated.
