@@ -5,9 +5,11 @@ known by), optionally with the data flow between them (:class:`Graph`). :func:`m
 this order, and never past the point where the evidence runs out:
 
 1. ``mapping``: what the user said, checked against the shapes.
-2. Names that correspond: the same name on both sides once ``.``, ``/``, ``:`` and ``-`` become
+2. Names that correspond: the same name on both sides once ``.``, ``/``, ``:`` and ``-`` read as
    ``_`` and case is dropped (torch ``layer1.0.conv1``, Keras ``layer1_0_conv1``, Flax
-   ``layer1/0/conv1``), with equal shapes, one layer on each side. Keras's generated names
+   ``layer1/0/conv1``), as they are or without the leading parts every name of that side shares
+   (a TF model's ``resnet/`` before each layer), or with a part that repeats the one before left
+   out (Flax's ``layer/layer_0`` for torch's ``layer.0``), with equal shapes, one layer each side. Keras's generated names
    (``conv2d_3``) count the layers of the session that built the model and are never taken as names.
 3. Structure, where both graphs are known: colour refinement over both graphs at once (a layer's
    colour is its kind and shape, refined by the colours of its producers and consumers until stable;
@@ -134,12 +136,19 @@ class Matching:
     how: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
+def _tokens(name: str) -> tuple[str, ...] | None:
+    """A name's parts, lower case, split at ``.``, ``/``, ``:``, ``-`` and ``_``; None for a generated name."""
+    lowered = name.strip().lower()
+    last = [p for p in re.split(r"[./:\-]+", lowered) if p]
+    if not last or _GENERATED.fullmatch(last[-1]):
+        return None
+    return tuple(p for p in re.split(r"[./:\-_]+", lowered) if p)
+
+
 def name_key(name: str) -> str | None:
     """The form in which names of different frameworks correspond; None for a generated name."""
-    parts = [p for p in re.split(r"[./:\-]+", name.strip().lower()) if p]
-    if not parts or _GENERATED.fullmatch(parts[-1]):
-        return None
-    return "_".join(parts)
+    tokens = _tokens(name)
+    return None if not tokens else "_".join(tokens)
 
 
 def _names(names: Iterable[str], limit: int = 12) -> str:
@@ -147,29 +156,52 @@ def _names(names: Iterable[str], limit: int = 12) -> str:
     return ", ".join(listed[:limit]) + (f", ... ({len(listed) - limit} more)" if len(listed) > limit else "")
 
 
+def _common_prefix(names: Sequence[tuple[str, ...]]) -> int:
+    """How many leading parts every name shares (a model's own name, ``resnet/`` before every layer)."""
+    if len(names) < 2:
+        return 0
+    n = min(len(t) for t in names) - 1  # a whole name is never a prefix to drop
+    for k in range(max(n, 0)):
+        if len({t[k] for t in names}) != 1:
+            return k
+    return max(n, 0)
+
+
+def _collapsed(tokens: tuple[str, ...]) -> tuple[str, ...]:
+    """``tokens`` without a part that repeats the one before: Flax names a list attribute's modules
+    ``layer/layer_0`` where torch has ``layer.0``."""
+    return tuple(t for k, t in enumerate(tokens) if k == 0 or t != tokens[k - 1])
+
+
 def _by_names(model: Sequence[Layer], source: Sequence[Layer], free_m: set[int], free_s: set[int]) -> dict[int, int]:
-    """Model layer -> source layer where a corresponding name is unique on both sides and the shapes agree."""
+    """Model layer -> source layer where a corresponding name is unique on both sides and the shapes
+    agree. A name corresponds as it is, or without the leading parts all names of its side share."""
 
-    def keys(layer: Layer) -> set[str]:
-        return {k for k in map(name_key, {layer.name, *layer.aliases}) if k is not None}
+    def keys(layers: Sequence[Layer], free: set[int]) -> dict[int, set[str]]:
+        tokens = {i: [t for t in map(_tokens, (layers[i].name, *sorted(layers[i].aliases))) if t] for i in free}
+        drop = _common_prefix([ts[0] for ts in tokens.values() if ts])
+        forms = {i: {t for full in ts for t in (full, full[drop:])} for i, ts in tokens.items()}
+        return {i: {"_".join(t) for t in ts} | {"_".join(_collapsed(t)) for t in ts} for i, ts in forms.items()}
 
-    s_keys: dict[str, set[int]] = {}
-    for j in free_s:
-        for k in keys(source[j]):
-            s_keys.setdefault(k, set()).add(j)
-    m_keys: dict[str, set[int]] = {}
-    for i in free_m:
-        for k in keys(model[i]):
-            m_keys.setdefault(k, set()).add(i)
+    m_keys, s_keys = keys(model, free_m), keys(source, free_s)
+    m_count: dict[str, int] = {}
+    s_count: dict[str, int] = {}
+    for ks, count in ((m_keys, m_count), (s_keys, s_count)):
+        for k in (k for group in ks.values() for k in group):
+            count[k] = count.get(k, 0) + 1
+    s_by_key: dict[str, int] = {k: j for j, ks in s_keys.items() for k in ks if s_count[k] == 1}
+    candidates: dict[int, set[int]] = {
+        i: {s_by_key[k] for k in ks if m_count[k] == 1 and k in s_by_key} for i, ks in m_keys.items()
+    }
+    claimed: dict[int, set[int]] = {}
+    for i, js in candidates.items():
+        for j in js:
+            claimed.setdefault(j, set()).add(i)
     out: dict[int, int] = {}
-    for i in sorted(free_m):
-        candidates = {
-            j for k in keys(model[i]) if len(m_keys[k]) == 1 for j in s_keys.get(k, ()) if len(s_keys[k]) == 1
-        }
-        candidates = {j for j in candidates if source[j].kind == model[i].kind and source[j].shape == model[i].shape}
-        if len(candidates) == 1:
-            j = candidates.pop()
-            if j not in out.values():
+    for i, js in sorted(candidates.items()):
+        if len(js) == 1:
+            j = next(iter(js))
+            if claimed[j] == {i} and source[j].kind == model[i].kind and source[j].shape == model[i].shape:
                 out[i] = j
     return out
 

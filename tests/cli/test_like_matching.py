@@ -34,18 +34,18 @@ def test_like_with_the_swap_case_refuses_then_maps(tmp_path: Path, capsys: Any) 
 
     source = rm.torch_build(block=True)
     torch.save(source.state_dict(), tmp_path / "src.pt")
-    model = rm.keras_build(block=True, names="k_")
+    model = rm.keras_build(block=True, names="_k")
     model.save_weights(tmp_path / "like.weights.h5")
     dst = tmp_path / "out.weights.h5"
 
     code, _, err = _run(capsys, "convert", tmp_path / "src.pt", dst, "--like", tmp_path / "like.weights.h5")
     assert code == 2 and not dst.exists()
     first = err.strip().splitlines()[0]
-    for name in ("k_b2_conv3", "k_b2_down", "b2_conv3", "b2_down", "--map"):
+    for name in ("b2_conv3_k", "b2_down_k", "b2_conv3", "b2_down", "--map"):
         assert name in first
 
     code, _, err = _run(capsys, "convert", tmp_path / "src.pt", dst, "--like", tmp_path / "like.weights.h5",
-                        "--map", "k_b2_conv3=b2_conv3", "--map", "k_b2_down=b2_down", "--verify")
+                        "--map", "b2_conv3_k=b2_conv3", "--map", "b2_down_k=b2_down", "--verify")
     assert code == 0, err
     model.load_weights(dst)
     x = rm.x_input(block=True)
@@ -54,7 +54,7 @@ def test_like_with_the_swap_case_refuses_then_maps(tmp_path: Path, capsys: Any) 
     # the swapped --map is what the user said: written, and the outputs show it is wrong
     swapped = tmp_path / "swapped.weights.h5"
     code, _, _ = _run(capsys, "convert", tmp_path / "src.pt", swapped, "--like", tmp_path / "like.weights.h5",
-                      "--map", "k_b2_conv3=b2_down", "--map", "k_b2_down=b2_conv3")
+                      "--map", "b2_conv3_k=b2_down", "--map", "b2_down_k=b2_conv3")
     assert code == 0
     model.load_weights(swapped)
     assert rel_err(rm.keras_run(model, x), rm.torch_run(source, x)) > 0.05
@@ -62,15 +62,15 @@ def test_like_with_the_swap_case_refuses_then_maps(tmp_path: Path, capsys: Any) 
 
 @pytest.mark.needs("torch", "keras", "h5py")
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--map", "k_b2_conv3"], "--map takes LIKE_LAYER=SRC_LAYER"),
+    (["--map", "b2_conv3_k"], "--map takes LIKE_LAYER=SRC_LAYER"),
     (["--map", "nope=b2_conv3"], "mapping names model layer 'nope'"),
-    (["--map", "k_b2_conv3=b2_conv3", "--map", "k_b2_down=b2_conv3"], "more than one model layer"),
+    (["--map", "b2_conv3_k=b2_conv3", "--map", "b2_down_k=b2_conv3"], "more than one model layer"),
 ])
 def test_a_bad_map_is_refused_in_one_line(tmp_path: Path, capsys: Any, argv: list[str], message: str) -> None:
     import torch
 
     torch.save(rm.torch_build(block=True).state_dict(), tmp_path / "src.pt")
-    rm.keras_build(block=True, names="k_").save_weights(tmp_path / "like.weights.h5")
+    rm.keras_build(block=True, names="_k").save_weights(tmp_path / "like.weights.h5")
     dst = tmp_path / "out.weights.h5"
     code, _, err = _run(capsys, "convert", tmp_path / "src.pt", dst, "--like", tmp_path / "like.weights.h5", *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not dst.exists()

@@ -99,13 +99,13 @@ def torch_run(model: Any, x: np.ndarray) -> np.ndarray:
 
 
 def keras_build(block: bool = False, names: str | None = "") -> Any:
-    """The Keras functional model; layer names are ``names + key`` (None: Keras's generated names)."""
+    """The Keras functional model; layer names are ``key + names`` (None: Keras's generated names)."""
     import keras
 
     L = keras.layers
 
     def name(key: str, suffix: str = "") -> str | None:
-        return None if names is None else f"{names}{key}{suffix}"
+        return None if names is None else f"{key}{suffix}{names}"
 
     def cbr(key: str, x: Any, relu: bool = True) -> Any:
         k, _, cout, stride, pad = LAYERS[key]
@@ -141,7 +141,7 @@ def flax_build(block: bool = False, names: str | None = "") -> tuple[Any, Any]:
     from flax import linen as nn
 
     def name(key: str, suffix: str = "") -> str | None:
-        return None if names is None else f"{names}{key}{suffix}"
+        return None if names is None else f"{key}{suffix}{names}"
 
     class Net(nn.Module):
         @nn.compact
