@@ -48,6 +48,9 @@ class Plan:
     out_hw: tuple[Dim, Dim]
     values_per_channel: Dim
     batch: Dim = None
+    #: True when each spatial dim pads the same before and after, so the conv's own padding
+    #: suffices (a field, not a property: backends read it on every call).
+    symmetric: bool = False
 
     @property
     def empty(self) -> bool:
@@ -62,11 +65,6 @@ class Plan:
         if self.data_format == "NHWC":
             return (self.batch, h, w, self.out_channels)
         return (self.batch, self.out_channels, h, w)
-
-    @property
-    def symmetric(self) -> bool:
-        """True when each spatial dim pads the same before and after (one conv call suffices)."""
-        return self.pads is not None and symmetric(self.pads)
 
     @property
     def depthwise(self) -> bool:
@@ -195,4 +193,5 @@ def _make_plan(
         out_hw=(out_hw[0], out_hw[1]),
         values_per_channel=values,
         batch=n,
+        symmetric=pads is not None and symmetric(pads),
     )

@@ -246,7 +246,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan
     """
     xc = x.permute(0, 3, 1, 2) if plan.data_format == "NHWC" else x
     (top, bottom), (left, right) = plan.pads  # type: ignore[misc]  # torch shapes are static
-    if top == bottom and left == right:
+    if plan.symmetric:
         return F.conv2d(xc, weight, bias, plan.stride, (top, left), plan.dilation, plan.groups)
     xc = F.pad(xc, (left, right, top, bottom))
     return F.conv2d(xc, weight, bias, plan.stride, 0, plan.dilation, plan.groups)
