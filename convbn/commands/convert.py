@@ -276,6 +276,8 @@ def report(
                 "mismatched": [{"model": m.model, "checkpoint": m.checkpoint, "reason": m.reason}
                                for m in match.mismatched],
                 "folded": match.folded,
+                "ambiguous": match.ambiguous,
+                "how": match.how,
             }
         if args.verify:
             payload["verify"] = common.check_rows(checks)
@@ -307,6 +309,8 @@ def report(
                 print(f"{label}: {', '.join(items)}", file=out)
         for m in match.mismatched:
             print(f"mismatched (kept as in the like file): {m.model} <- {m.checkpoint}: {m.reason}", file=out)
+        for a in match.ambiguous:
+            print(f"ambiguous (kept as in the like file; --map decides): {a}", file=out)
     if rows:
         print(common.table(headers, rows), file=out)
     common.print_lists(ckpt, notes, out)

@@ -9,12 +9,14 @@ nothing, until ``--map`` names the pairs. The Keras model then loads DST with it
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+import convbn
 from convbn.cli import main
 from tests._support.assertions import rel_err
 from tests.layers import resnet_models as rm
@@ -43,6 +45,18 @@ def test_like_with_the_swap_case_refuses_then_maps(tmp_path: Path, capsys: Any) 
     first = err.strip().splitlines()[0]
     for name in ("b2_conv3_k", "b2_down_k", "b2_conv3", "b2_down", "--map"):
         assert name in first
+
+    # --no-strict writes what is decided and keeps the like file's own values for the rest
+    code, out, _ = _run(capsys, "convert", tmp_path / "src.pt", dst, "--like", tmp_path / "like.weights.h5",
+                        "--no-strict", "--json")
+    assert code == 0 and len(json.loads(out)["like"]["ambiguous"]) == 1
+    like = convbn.load_checkpoint(tmp_path / "like.weights.h5")
+    written = convbn.load_checkpoint(dst)
+    for key in ("b2_conv3_k", "b2_down_k"):
+        np.testing.assert_array_equal(written.layers[key].kernel, like.layers[key].kernel)
+    np.testing.assert_array_equal(written.layers["b2_conv1_k"].kernel,
+                                  convbn.load_checkpoint(tmp_path / "src.pt").layers["b2_conv1"].kernel)
+    dst.unlink()
 
     code, _, err = _run(capsys, "convert", tmp_path / "src.pt", dst, "--like", tmp_path / "like.weights.h5",
                         "--map", "b2_conv3_k=b2_conv3", "--map", "b2_down_k=b2_down", "--verify")
