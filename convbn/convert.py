@@ -512,7 +512,9 @@ def save_checkpoint(
     check_layout(p, name, max_shard_size)
     prepared = prepare_for_format(ckpt, name, fold_bias=fold_bias, conv_bias=conv_bias)
     if prepared.others and not getattr(module, "WRITES_OTHERS", False):
-        _others_as_tensors(prepared)
+        from convbn.formats._common import others_as_tensors
+
+        others_as_tensors(prepared)
     # A Keras target's update depends on the layout its name asks for (Keras 2's *.h5 is fused).
     expected = module.target_var_update(p) if name == "keras" else _TARGET_VAR_UPDATE.get(name)
     _var_update_change(prepared, name, expected, refuse=keep_var_update)
@@ -527,25 +529,6 @@ def save_checkpoint(
     with parent_directories(p), placement(overwrite=overwrite):
         module.write(prepared, p, **options)
     return prepared
-
-
-def _others_as_tensors(ckpt: Checkpoint) -> None:
-    """For a writer that writes conv+BatchNorm pairs only: every other layer's arrays back in
-    ``tensors`` under their source names (neutral layout, which is the TF one), so the writer
-    writes them where the target is the source's format and names them as not written otherwise."""
-    for name, layer in ckpt.others.items():
-        norm = layer.norm
-        values = {
-            "kernel": layer.kernel, "bias": layer.bias, **layer.extras,
-            **({} if norm is None else {
-                "gamma": norm.gamma, "beta": norm.beta, "moving_mean": norm.moving_mean, "moving_var": norm.moving_var,
-            }),
-        }
-        for field, tensor in layer.tensors.items():
-            if values.get(field) is not None:
-                ckpt.tensors[tensor] = values[field]
-        ckpt.order = [n for n in ckpt.order if n != name]
-    ckpt.others = {}
 
 
 def check_shard_size(format: str, max_shard_size: int | str) -> int:

@@ -17,6 +17,7 @@ from convbn.params import ConvBNParams
 
 if TYPE_CHECKING:
     from convbn.checkpoint import Checkpoint, Layer, Norm
+    from convbn.layouts import FlatOrder
 
 __all__ = [
     "LAYER_NAMES",
@@ -27,9 +28,11 @@ __all__ = [
     "build_other",
     "check_variance",
     "contiguous",
+    "flat_order",
     "head",
     "not_written_note",
     "origin_format",
+    "others_as_tensors",
     "resolve_settings",
     "tick",
     "torch_named",
@@ -229,6 +232,39 @@ def build_other(source: os.PathLike[str] | str, name: str, tensors: Mapping[str,
                 f"({outputs}). Received: {width}"
             )
     return layer
+
+
+def others_as_tensors(ckpt: Checkpoint) -> None:
+    """For a writer that writes conv+BatchNorm pairs only: every other layer's arrays back in
+    ``tensors`` under their source names (neutral layout, which is the TF one), so the writer
+    writes them where the target is the source's format and names them as not written otherwise."""
+    for name, layer in ckpt.others.items():
+        norm = layer.norm
+        values = {
+            "kernel": layer.kernel, "bias": layer.bias, **layer.extras,
+            **({} if norm is None else {
+                "gamma": norm.gamma, "beta": norm.beta, "moving_mean": norm.moving_mean, "moving_var": norm.moving_var,
+            }),
+        }
+        for field, tensor in layer.tensors.items():
+            if values.get(field) is not None:
+                ckpt.tensors[tensor] = values[field]
+        ckpt.order = [n for n in ckpt.order if n != name]
+    ckpt.others = {}
+
+
+def flat_order(layer: Layer, kernel: np.ndarray, target: FlatOrder) -> np.ndarray:
+    """A dense kernel with the rows of a flattened input map and the columns of a reshaped output
+    in ``target`` order (torch flattens NCHW maps: ``"chw"``; the others NHWC: ``"hwc"``)."""
+    from convbn import layouts
+
+    if layer.flat_in is not None:
+        f = layer.flat_in
+        kernel = layouts.flat_rows(kernel, f.height, f.width, f.channels, f.order, target)
+    if layer.flat_out is not None:
+        f = layer.flat_out
+        kernel = layouts.flat_columns(kernel, f.height, f.width, f.channels, f.order, target)
+    return kernel
 
 
 def check_variance(source: os.PathLike[str] | str, layer: str, params: ConvBNParams, tensor: str) -> None:

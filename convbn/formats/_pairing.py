@@ -45,9 +45,10 @@ __all__ = [
     "source_order",
 ]
 
-Kind = Literal["conv", "dense", "bn"]
-#: The kinds of unit a BatchNorm can follow.
-PRODUCERS = ("conv", "dense")
+Kind = Literal["conv", "conv_transpose", "dense", "bn", "other"]
+#: The kinds of unit a BatchNorm can follow. An ``"other"`` unit (a LayerNorm, a GroupNorm) pairs
+#: with nothing; it is listed so that :func:`source_order` keeps its place.
+PRODUCERS = ("conv", "conv_transpose", "dense")
 Order = Literal["adjacent", "by_kind"]
 
 
@@ -199,12 +200,14 @@ def check_unit(unit: Unit, source: str) -> None:
     if unit.kind in PRODUCERS:
         bad = next(((t, s) for t, s in unit.vectors.items() if tuple(s) != (unit.channels,)), None)
         if bad is not None:
-            label = "conv" if unit.kind == "conv" else "dense layer"
+            label = {"conv": "conv", "conv_transpose": "transposed conv"}.get(unit.kind, "dense layer")
             raise ConvBNError(
                 f"{source}: the bias of {label} {unit.name!r} must have one value per output channel. Received: "
                 f"{bad[0]!r} has shape {list(bad[1])}, the kernel {unit.kernel or unit.name!r} has "
                 f"{unit.channels} output channels"
             )
+        return
+    if unit.kind == "other":
         return
     flat = [tuple(s) for s in unit.vectors.values() if len(s) == 1]
     common = max(flat, key=flat.count) if flat else None

@@ -84,30 +84,41 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from convbn import layouts
 from convbn._dtypes import keras_float_name
 from convbn.conventions import KERAS2_FUSED, KERAS3
 from convbn.errors import ConvBNError
 from convbn.formats._common import (
+    LAYER_NAMES,
     Progress,
     as_numpy,
     build_layer,
+    build_norm,
+    build_other,
     contiguous,
+    flat_order,
     head,
     not_written_note,
     origin_format,
+    others_as_tensors,
     resolve_settings,
     tick,
+    torch_named,
     unstored_settings_note,
 )
 from convbn.formats._io import atomic_output
-from convbn.formats._pairing import Unit, natural_key, pair_units
+from convbn.formats._pairing import Unit, natural_key, pair_units, source_order
+from convbn.params import ConvBNParams
 
 if TYPE_CHECKING:
-    from convbn.checkpoint import Checkpoint
+    from convbn.checkpoint import Checkpoint, Layer, Norm
 
 NAME = "keras"
 #: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
 WRITES_FUSED = True
+#: write() writes Checkpoint.others (every layer kind) to Keras 3 files; the Keras 2 layout keeps
+#: writing pairs only, and names the rest as not written.
+WRITES_OTHERS = True
 
 __all__ = ["NAME", "read", "sniff", "target_var_update", "write"]
 
@@ -128,6 +139,12 @@ _LEGACY_ORDER = "keras2_layers"
 _LEGACY_FIELDS = {"kernel": "kernel", "depthwise_kernel": "kernel", "bias": "bias", "gamma": "gamma",
                   "beta": "beta", "moving_mean": "moving_mean", "moving_variance": "moving_var"}
 _CONV_CLASSES = ("Conv2D", "DepthwiseConv2D")
+#: The Keras 3 class a ``layers/<group>`` name is the snake case of (Keras names groups after the
+#: class, with a per-class counter).
+_GROUP_CLASSES = {
+    "depthwise_conv2d": "DepthwiseConv2D", "conv2d_transpose": "Conv2DTranspose", "dense": "Dense",
+    "layer_normalization": "LayerNormalization", "group_normalization": "GroupNormalization",
+}
 #: Names that write() gives the Keras 2 layout (what Keras's load_weights reads as legacy h5).
 _LEGACY_SUFFIXES = (".h5", ".hdf5")
 #: What one HDF5 attribute may hold in an object header; tf_keras splits longer name lists.
@@ -188,6 +205,7 @@ class _Contents:
     dropped: list[str]
     config: dict[str, Any] | None = None
     legacy: list[list[Any]] | None = None
+    recorded: dict[str, Any] | None = None
 
 
 class _Reader:
@@ -319,11 +337,39 @@ def _read_h5(f: Any, path: Path, h5py: Any, size: int, raw: _Opener) -> _Content
             arrays = [(name, reader.read(ds, name)) for _, name, ds in reader.walk(item, f"{where}/vars")]
             if arrays:
                 groups.append(_Group(where, reader.layer_name(item, where), arrays))
+        where = "/"
+        recorded = _recorded(_attribute(reader, f, _RECORD, "/"), path) if _RECORD in f.attrs else None
     except ConvBNError:
         raise
     except (*_H5_ERRORS, UnicodeDecodeError, RecursionError) as exc:
         raise ConvBNError(f"{path}: truncated or corrupted Keras weights under {where!r}: {_first_line(exc)}") from None
-    return _Contents(groups, loose, dropped)
+    return _Contents(groups, loose, dropped, recorded=recorded)
+
+
+#: The root attribute in which convbn's writer records what a .weights.h5 does not: each layer's
+#: kind and the BatchNorm after it, in model order, and whether the names are torch module paths.
+#: JSON ``{"layer_names": "torch" (optional), "layers": [[name, kind, norm name or ""], ...]}``.
+#: Keras ignores it.
+_RECORD = "convbn"
+
+
+def _recorded(value: Any, path: Path) -> dict[str, Any]:
+    """The ``convbn`` attribute parsed and type-checked (see ``_RECORD``)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    try:
+        data = json.loads(value) if isinstance(value, str) else None
+    except (ValueError, RecursionError):
+        data = None
+    layers = data.get("layers") if isinstance(data, dict) else None
+    ok = isinstance(layers, list) and all(
+        isinstance(e, list) and len(e) == 3 and all(isinstance(v, str) for v in e) for e in layers
+    ) and isinstance(data, dict) and isinstance(data.get("layer_names", ""), str)
+    if not ok:
+        raise ConvBNError(f"{path}: the root attribute {_RECORD!r} must be convbn's JSON record of the layers. "
+                          f"Received: {_shown(value)}")
+    assert isinstance(data, dict)
+    return data
 
 
 def _read_legacy(f: Any, reader: _Reader) -> _Contents:
@@ -650,13 +696,34 @@ def _unit(group: _Group, entry: Mapping[str, Any] | None, notes: list[str]) -> U
         return _legacy_unit(group, entry)
     base = group.path.rsplit("/", 1)[-1]
     cls = entry.get("class_name") if entry else ("Conv2D" if _CONV_GROUP.fullmatch(base) else
-                                                  "BatchNormalization" if _BN_GROUP.fullmatch(base) else None)
+                                                  "BatchNormalization" if _BN_GROUP.fullmatch(base) else
+                                                  _GROUP_CLASSES.get(re.sub(r"_\d+$", "", base)))
     cfg = (entry or {}).get("config") or {}
     shapes = [a.shape for _, a in group.arrays]
-    if cls == "Conv2D":
-        if not shapes or len(shapes[0]) != 4 or len(shapes) > 2:
+    if cls in ("Conv2D", "DepthwiseConv2D", "Conv2DTranspose", "Dense"):
+        rank = 2 if cls == "Dense" else 4
+        if not shapes or len(shapes[0]) != rank or len(shapes) > 2:
             return None
-        return _conv_unit(group, dict(zip(("kernel", "bias"), group.arrays, strict=False)), cfg)
+        fields = dict(zip(("kernel", "bias"), group.arrays, strict=False))
+        if cls == "Dense":
+            return Unit(group.name, "dense", int(shapes[0][1]), payload=(fields, cfg, {}))
+        if cls == "Conv2DTranspose":
+            return Unit(group.name, "conv_transpose", int(shapes[0][2]), payload=(fields, cfg, {}))
+        return _conv_unit(group, fields, cfg, depthwise=cls == "DepthwiseConv2D")
+    if cls in ("LayerNormalization", "GroupNormalization"):
+        names = [f for f, on in zip(("gamma", "beta"), (cfg.get("scale", True), cfg.get("center", True)), strict=True)
+                 if on]
+        groups = cfg.get("groups")
+        if len(names) != len(shapes) or any(len(s) != 1 or s != shapes[0] for s in shapes) or (
+            cls == "GroupNormalization" and (isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0)
+        ):
+            if cls == "GroupNormalization":
+                notes.append(f"{group.name}: a GroupNormalization's number of groups is only in the model config; "
+                             "its tensors are kept by name. Read the .keras file instead")
+            return None
+        kind = "layer_norm" if cls == "LayerNormalization" else "group_norm"
+        return Unit(group.name, "other", int(shapes[0][0]) if shapes else 0,
+                    payload=(dict(zip(names, group.arrays, strict=True)), cfg, {"kind": kind}))
     if cls == "BatchNormalization":
         if entry:
             names = [f for f, on in zip(_BN_FIELDS, (cfg.get("scale", True), cfg.get("center", True), True, True),
@@ -699,6 +766,9 @@ def _legacy_unit(group: _Group, entry: Mapping[str, Any] | None) -> Unit | None:
         return _conv_unit(group, fields, cfg, depthwise=depthwise)
     if {"moving_mean", "moving_var"} <= set(fields) and cls in (None, "BatchNormalization"):
         return _bn_unit(group, fields, cfg)
+    dense = "kernel" in fields and fields["kernel"][1].ndim == 2 and set(fields) <= {"kernel", "bias"}
+    if dense and cls in (None, "Dense"):
+        return Unit(group.name, "dense", int(fields["kernel"][1].shape[1]), payload=(fields, cfg, {}))
     return None
 
 
@@ -744,6 +814,12 @@ def read(
     if contents.legacy is not None:
         ckpt.metadata[_LEGACY_ORDER] = json.dumps(contents.legacy)
     configs, graph, order = _layer_configs(contents.config, path)
+    if contents.recorded is not None:
+        if graph is None:  # convbn's own record: which BatchNorm follows which layer, in model order
+            graph = {name: norm for name, _kind, norm in contents.recorded["layers"] if norm}
+            order = [n for name, _kind, norm in contents.recorded["layers"] for n in (name, norm) if n]
+        if contents.recorded.get("layer_names") == "torch":
+            ckpt.metadata[LAYER_NAMES] = "torch"
     # Top-level layers match their config entry by name; nested models' layers have none.
     top = {g.name: g for g in groups if g.top}
     rank = {name: i for i, name in enumerate(order)}
@@ -794,7 +870,17 @@ def read(
             "pairs / --pair, or read the .keras file, to be explicit)"
         )
     used: set[str] = set()
-    for pair in found:
+    for item in source_order(units, found, unpaired):
+        ckpt.order.append(item.name)
+        if item.pair is None:
+            layer = _other_layer(path, item.unit, item.bn, convention, legacy, eps=eps, momentum=momentum,
+                                 notes=ckpt.notes)
+            if item.name in ckpt.others or item.name in ckpt.layers:
+                raise ConvBNError(f"{path}: two layers are both named {item.name!r}")
+            ckpt.others[item.name] = layer
+            used.update(layer.tensors.values())
+            continue
+        pair = item.pair
         conv_fields, conv_cfg, kernel_geometry = pair.conv.payload
         bn_fields, bn_cfg, _ = pair.bn.payload
         layer_eps, layer_momentum = resolve_settings(
@@ -831,13 +917,58 @@ def read(
             "a depthwise kernel's groups excepted); set them with dataclasses.replace"
         )
     for unit in unpaired:
-        ckpt.unpaired[unit.name] = unit.kind
+        if unit.kind in ("conv", "bn"):
+            ckpt.unpaired[unit.name] = unit.kind
     for group in groups:
         for name, array in group.arrays:
             if name not in used:
                 ckpt.tensors[name] = array
     ckpt.tensors.update(contents.loose)
     return ckpt
+
+
+def _other_layer(
+    path: Path, unit: Unit, bn: Unit | None, convention: Any, legacy: bool, *,
+    eps: float | None, momentum: float | None, notes: list[str],
+) -> Layer:
+    """A layer that is not a conv+BatchNorm pair: a conv, transposed conv or dense layer (with the
+    BatchNorm after it), a standalone BatchNorm, or a LayerNorm/GroupNorm."""
+    fields, cfg, extra = unit.payload
+    tensors = {f: n for f, (n, _) in fields.items()}
+    norm_unit = unit if unit.kind in ("bn", "other") else bn
+    norm = None
+    if norm_unit is not None:
+        norm_fields, norm_cfg, norm_extra = norm_unit.payload
+        kind = norm_extra.get("kind", "batch_norm")
+        where = NAME if norm_cfg else "Keras 2 .h5 weights" if legacy else "Keras .weights.h5"
+        if kind == "batch_norm":
+            layer_eps, layer_momentum = resolve_settings(
+                convention, where, eps=eps, momentum=momentum,
+                stored_eps=_number(path, norm_unit.name, norm_cfg, "epsilon"),
+                stored_momentum=_number(path, norm_unit.name, norm_cfg, "momentum"), notes=notes,
+            )
+            settings: dict[str, Any] = {"eps": layer_eps, "momentum": layer_momentum,
+                                        "var_update": _var_update(path, norm_unit.name, norm_cfg) if legacy
+                                        else KERAS3.var_update}
+        else:
+            stored = _number(path, norm_unit.name, norm_cfg, "epsilon")
+            settings = {"eps": eps if eps is not None else stored if stored is not None else 1e-3}
+            if kind == "group_norm":
+                settings["groups"] = norm_cfg["groups"]
+        names = {f: n for f, (n, _) in norm_fields.items()}
+        norm = build_norm(path, norm_unit.name, names, kind, **{f: a for f, (_, a) in norm_fields.items()}, **settings)
+        tensors.update(names)
+    if unit.kind in ("bn", "other"):
+        return build_other(path, unit.name, tensors, kind=norm.kind if norm else "batch_norm", norm=norm)
+    geometry: dict[str, Any] = {}
+    if cfg and unit.kind != "dense":
+        geometry.update(_conv_geometry(path, unit.name, cfg), geometry=True)
+    if unit.kind != "dense":
+        geometry.update(extra)  # a depthwise kernel's groups
+    return build_other(
+        path, unit.name, tensors, kind=unit.kind, kernel=fields["kernel"][1],
+        bias=fields["bias"][1] if "bias" in fields else None, norm=norm, norm_name=bn.name if bn else "", **geometry,
+    )
 
 
 def _refuse_ambiguous_order(found: list[Any], unpaired: list[Any], units: list[Any], path: Path) -> None:
@@ -877,14 +1008,79 @@ def _var_update(path: Path, layer: str, cfg: Mapping[str, Any]) -> str:
 # -- writing -----------------------------------------------------------------------------------------
 
 
-def _keras_name(name: str, taken: set[str]) -> str:
-    """A valid, unused Keras layer name (Keras forbids '/')."""
-    base = re.sub(r"[^A-Za-z0-9_]", "_", name) or "layer"
+def _keras_name(name: str, taken: set[str], *, keep_dots: bool = False) -> str:
+    """A valid, unused Keras layer name (Keras forbids '/'); ``keep_dots`` keeps a torch module
+    path's dots, which Keras allows, so the name reads back as the module's."""
+    base = re.sub(r"[^A-Za-z0-9_.]" if keep_dots else r"[^A-Za-z0-9_]", "_", name) or "layer"
     candidate, i = base, 1
     while candidate in taken:
         candidate, i = f"{base}_{i}", i + 1
     taken.add(candidate)
     return candidate
+
+
+#: The Layer fields a Keras group holds as variables (others, e.g. num_batches_tracked, it does not).
+_LAYER_FIELDS = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_var")
+#: The Keras 3 layer class (and its weights group's name) of each layer kind.
+_KIND_GROUPS = {
+    "conv": "conv2d", "conv_transpose": "conv2d_transpose", "dense": "dense", "batch_norm": "batch_normalization",
+    "layer_norm": "layer_normalization", "group_norm": "group_normalization",
+}
+
+
+def _norm_arrays(norm: Norm) -> list[np.ndarray]:
+    """A norm's Keras variables: gamma and beta (ones and zeros where the source has none, as a
+    Keras norm always holds them), then a BatchNorm's moving statistics."""
+    ref = next(v for v in (norm.moving_mean, norm.gamma, norm.beta) if v is not None)
+    n, dtype = int(np.shape(ref)[0]), np.asarray(ref).dtype
+    arrays = [norm.gamma if norm.gamma is not None else np.ones(n, dtype),
+              norm.beta if norm.beta is not None else np.zeros(n, dtype)]
+    if norm.kind == "batch_norm":
+        arrays += [norm.moving_mean, norm.moving_var]
+    return [as_numpy(a) for a in arrays]
+
+
+def _other_groups(
+    key: str, name: str, norm_name: str, layer: Layer, counters: dict[str, int]
+) -> list[tuple[str, str, list[np.ndarray], str | None]]:
+    """The Keras 3 groups of a layer that is not a conv+BatchNorm pair, named by class and counter."""
+    if layer.kernel is None:
+        assert layer.norm is not None
+        return [(_numbered(_KIND_GROUPS[layer.kind], counters), name, _norm_arrays(layer.norm), key)]
+    kernel = as_numpy(layer.kernel)
+    if layer.kind == "dense":
+        kernel = flat_order(layer, kernel, "hwc")
+    arrays = [kernel]
+    if layer.bias is not None:
+        bias = as_numpy(layer.bias)
+        if layer.flat_out is not None:
+            f = layer.flat_out
+            bias = layouts.flat_columns(bias, f.height, f.width, f.channels, f.order, "hwc")
+        arrays.append(bias)
+    groups = [(_numbered(_KIND_GROUPS[layer.kind], counters), name, arrays, None if layer.norm else key)]
+    if layer.norm is not None:
+        groups.append((_numbered("batch_normalization", counters), norm_name, _norm_arrays(layer.norm), key))
+    return groups
+
+
+def _same_groups(key: str, layer: Layer) -> list[tuple[str, str, list[np.ndarray], str | None]]:
+    """A layer read from a Keras 3 file, back in its own groups (its tensor names say where)."""
+    norm = layer.norm
+    values = {"kernel": layer.kernel, "bias": layer.bias}
+    if norm is not None:
+        values.update(gamma=norm.gamma, beta=norm.beta, moving_mean=norm.moving_mean, moving_var=norm.moving_var)
+    groups: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for field in _LAYER_FIELDS:
+        tensor, value = layer.tensors.get(field), values.get(field)
+        if tensor is not None and value is not None:
+            group, _, index = tensor.rpartition("/vars/")
+            groups.setdefault(group, []).append((int(index), as_numpy(value)))
+    own = layer.tensors.get("kernel", "").rpartition("/vars/")[0]
+    out: list[tuple[str, str, list[np.ndarray], str | None]] = []
+    for i, (group, items) in enumerate(groups.items()):
+        name = key if group == own or layer.kernel is None else layer.norm_name
+        out.append((group, name, [a for _, a in sorted(items, key=lambda t: t[0])], key if i == len(groups) - 1 else None))
+    return out
 
 
 def _numbered(base: str, counters: dict[str, int]) -> str:
@@ -909,6 +1105,7 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
     archive = path.name.endswith(".keras")
     if not archive and not path.name.endswith(".weights.h5"):
         if path.suffix in _LEGACY_SUFFIXES:
+            others_as_tensors(ckpt)  # the Keras 2 layout is written for conv+BatchNorm pairs only
             _write_legacy(ckpt, path, h5py, progress)
             return
         raise ConvBNError(
@@ -917,13 +1114,30 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
         )
     same_format = origin_format(ckpt) == NAME and not archive and all(
         "kernel" in s.conv and "/vars/" in s.conv["kernel"] for s in ckpt.sources.values()
-    ) and set(ckpt.sources) >= set(ckpt.layers)
+    ) and set(ckpt.sources) >= set(ckpt.layers) and all(
+        "/vars/" in t for o in ckpt.others.values() for f, t in o.tensors.items() if f in _LAYER_FIELDS
+    )
+    named = torch_named(ckpt)
     taken: set[str] = set()
     counters: dict[str, int] = {}
     # (group path, layer name, arrays, layer key or None), in writing order
     plan: list[tuple[str, str, list[np.ndarray], str | None]] = []
     branches: list[tuple[str, str | None, Any]] = []
-    for layer, params in ckpt.layers.items():
+    record: list[list[str]] = []
+    for layer, item in ckpt.in_order():
+        if not isinstance(item, ConvBNParams):
+            if same_format:
+                plan += _same_groups(layer, item)
+                record.append([layer, item.kind, item.norm_name if item.kernel is not None else ""])
+            else:
+                own = _keras_name(layer, taken, keep_dots=named)
+                norm = _keras_name(item.norm_name or f"{own}_bn", taken, keep_dots=named) if (
+                    item.kernel is not None and item.norm is not None) else ""
+                plan += _other_groups(layer, own, norm, item, counters)
+                branches.append((own, norm or None, item))
+                record.append([own, item.kind, norm])
+            continue
+        params = item
         source = ckpt.sources.get(layer)
         conv_arrays = [as_numpy(params.kernel)] + ([as_numpy(params.bias)] if params.bias is not None else [])
         if same_format and source is not None:
@@ -933,8 +1147,12 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
             bn_name = source.bn_name
             keep_absent = True
         else:
-            conv_name = _keras_name(layer, taken)
-            bn_name = _keras_name(f"{conv_name}_bn", taken)
+            if named and source is not None and source.conv_name and source.bn_name:
+                conv_name = _keras_name(source.conv_name, taken, keep_dots=True)
+                bn_name = _keras_name(source.bn_name, taken, keep_dots=True)
+            else:
+                conv_name = _keras_name(layer, taken)
+                bn_name = _keras_name(f"{conv_name}_bn", taken)
             conv_group = _numbered("conv2d", counters)
             bn_group = _numbered("batch_normalization", counters)
             keep_absent = False
@@ -942,6 +1160,7 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
         if not ckpt.fused:
             plan.append((bn_group, bn_name, _bn_arrays(params, keep_absent), layer))
         branches.append((conv_name, None if ckpt.fused else bn_name, params))
+        record.append([conv_name, "conv", "" if ckpt.fused else bn_name])
         if params.padding not in ("SAME", "VALID") and archive:
             ckpt.notes.append(
                 f"{layer}: padding {params.padding} is not 'same' or 'valid', which Keras Conv2D cannot "
@@ -956,8 +1175,11 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
     if not archive and not ckpt.fused:
         unstored_settings_note(ckpt, "Keras .weights.h5", KERAS3)
 
+    recorded = {"layers": record, **({"layer_names": "torch"} if named else {})}
+
     def write_h5(target: Path) -> None:
         with h5py.File(target, "w") as f:
+            f.attrs[_RECORD] = json.dumps(recorded)
             for group_path, layer_name, arrays, layer in plan:
                 vars_group = f.require_group(f"{group_path}/vars")
                 vars_group.attrs["name"] = layer_name
@@ -1107,11 +1329,24 @@ def _dtype_policy(params: Any) -> str:
 
 
 def _model_config(branches: list[tuple[str, str | None, Any]]) -> dict[str, Any]:
-    """A Functional model of independent ``Input -> Conv2D -> BatchNormalization`` branches."""
+    """A Functional model of independent ``Input -> Conv2D -> BatchNormalization`` branches, and
+    ``Input -> layer [-> BatchNormalization]`` for each other layer, in checkpoint order (the order
+    Keras numbers the weight groups in)."""
     layers: list[dict[str, Any]] = []
     inputs, outputs = [], []
     taken = {name for conv, bn, _ in branches for name in (conv, bn) if name}
     for conv, bn, p in branches:
+        if not isinstance(p, ConvBNParams):
+            first, end = _other_config(conv, bn or "", p, taken)
+            layers += first
+            inputs.append([first[0]["name"], 0, 0])
+            outputs.append([end, 0, 0])
+            continue
+        if bn is None:  # a fused layer: padded to two layers as every branch is (see _other_config)
+            bn = _keras_name(f"{conv}_identity", taken)
+            identity = True
+        else:
+            identity = False
         dtype = _dtype_policy(p)
         cin, cout = p.in_channels, p.out_channels
         source = _keras_name(f"input_{conv}", taken)
@@ -1133,7 +1368,10 @@ def _model_config(branches: list[tuple[str, str | None, Any]]) -> dict[str, Any]
             "inbound_nodes": [_node(source, cin, dtype)],
         })
         last = conv
-        if bn is not None:
+        if identity:
+            layers.append(_identity(bn, conv, cout, dtype, 4))
+            last = bn
+        else:
             layers.append({
                 "module": "keras.layers", "class_name": "BatchNormalization", "registered_name": None, "name": bn,
                 "config": {
@@ -1155,11 +1393,83 @@ def _model_config(branches: list[tuple[str, str | None, Any]]) -> dict[str, Any]
     }
 
 
-def _node(producer: str, channels: int, dtype: str) -> dict[str, Any]:
+def _other_config(own: str, norm: str, layer: Layer, taken: set[str]) -> tuple[list[dict[str, Any]], str]:
+    """The config entries of one other layer's branch (its input first), and its last layer's name."""
+    ref = layer.kernel if layer.kernel is not None else next(
+        v for v in (layer.norm.moving_mean, layer.norm.gamma, layer.norm.beta) if v is not None  # type: ignore[union-attr]
+    )
+    dtype = keras_float_name(np.asarray(ref).dtype)
+    spatial = [None, None] if layer.kind in ("conv", "conv_transpose", "group_norm") else []
+    if layer.kernel is None:
+        cin = cout = layer.out_features
+    else:
+        shape = np.shape(layer.kernel)
+        cin = int(shape[0] if layer.kind == "dense" else shape[3] if layer.kind == "conv_transpose" else shape[2] * layer.groups)
+        cout = layer.out_features
+    source = _keras_name(f"input_{own}", taken)
+    entries: list[dict[str, Any]] = [{
+        "module": "keras.layers", "class_name": "InputLayer", "registered_name": None, "name": source,
+        "config": {"batch_shape": [None, *spatial, cin], "dtype": dtype, "sparse": False, "name": source},
+        "inbound_nodes": [],
+    }]
+    # Keras lists a Functional model's layers by depth, and numbers its weight groups in that order:
+    # every branch is two layers deep (an Identity after a lone conv or dense layer, before a norm),
+    # so the k-th layer of each class is the k-th of that class in the checkpoint.
+    if layer.kernel is None:
+        padding = _keras_name(f"{own}_identity", taken)
+        entries.append(_identity(padding, source, cin, dtype, len(spatial) + 2))
+        source = padding
+    config: dict[str, Any] = {"name": own, "trainable": True, "dtype": dtype}
+    n = layer.norm
+    if layer.kind == "dense":
+        cls = "Dense"
+        config.update(units=cout, activation="linear", use_bias=layer.bias is not None)
+    elif layer.kind in ("conv", "conv_transpose"):
+        cls = "Conv2D" if layer.kind == "conv" else "Conv2DTranspose"
+        config.update(filters=cout, kernel_size=list(np.shape(layer.kernel)[:2]), strides=list(layer.stride),
+                      padding=layer.padding.lower() if isinstance(layer.padding, str) else "valid",
+                      data_format="channels_last", dilation_rate=list(layer.dilation), activation="linear",
+                      use_bias=layer.bias is not None, **({"groups": layer.groups} if layer.kind == "conv" else {}))
+    else:
+        assert n is not None
+        cls = {"batch_norm": "BatchNormalization", "layer_norm": "LayerNormalization",
+               "group_norm": "GroupNormalization"}[layer.kind]
+        config.update(axis=-1, epsilon=n.eps if n.eps is not None else 1e-3, center=True, scale=True)
+        if n.kind == "batch_norm":
+            config["momentum"] = n.momentum if n.momentum is not None else KERAS3.momentum
+        if n.kind == "group_norm":
+            config["groups"] = n.groups
+    entries.append({"module": "keras.layers", "class_name": cls, "registered_name": None, "name": own,
+                    "config": config, "build_config": {"input_shape": [None, *spatial, cin]},
+                    "inbound_nodes": [_node(source, cin, dtype, len(spatial) + 2)]})
+    last = own
+    if layer.kernel is not None and n is None:
+        last = _keras_name(f"{own}_identity", taken)
+        entries.append(_identity(last, own, cout, dtype, len(spatial) + 2))
+    if layer.kernel is not None and n is not None:
+        entries.append({
+            "module": "keras.layers", "class_name": "BatchNormalization", "registered_name": None, "name": norm,
+            "config": {"name": norm, "trainable": True, "dtype": dtype, "axis": -1,
+                       "momentum": n.momentum if n.momentum is not None else KERAS3.momentum,
+                       "epsilon": n.eps if n.eps is not None else KERAS3.eps, "center": True, "scale": True},
+            "build_config": {"input_shape": [None, *spatial, cout]},
+            "inbound_nodes": [_node(own, cout, dtype, len(spatial) + 2)],
+        })
+        last = norm
+    return entries, last
+
+
+def _identity(name: str, producer: str, channels: int, dtype: str, rank: int) -> dict[str, Any]:
+    return {"module": "keras.layers", "class_name": "Identity", "registered_name": None, "name": name,
+            "config": {"name": name, "trainable": True, "dtype": dtype},
+            "inbound_nodes": [_node(producer, channels, dtype, rank)]}
+
+
+def _node(producer: str, channels: int, dtype: str, rank: int = 4) -> dict[str, Any]:
     return {
         "args": [{
             "class_name": "__keras_tensor__",
-            "config": {"shape": [None, None, None, channels], "dtype": dtype, "keras_history": [producer, 0, 0]},
+            "config": {"shape": [*([None] * (rank - 1)), channels], "dtype": dtype, "keras_history": [producer, 0, 0]},
         }],
         "kwargs": {},
     }

@@ -44,6 +44,7 @@ from convbn.formats._common import (
     build_norm,
     build_other,
     contiguous,
+    flat_order,
     head,
     not_written_note,
     origin_format,
@@ -67,7 +68,6 @@ from convbn.params import ConvBNParams
 
 if TYPE_CHECKING:
     from convbn.checkpoint import Checkpoint, Layer
-    from convbn.layouts import FlatOrder
 
 NAME = "torch"
 #: The framework read() and write() import (see convbn.formats.import_frameworks).
@@ -639,7 +639,7 @@ def _other_state(name: str, layer: Layer, *, exact: bool) -> dict[str, Any]:
     if layer.kernel is not None:
         kernel = np.asarray(layer.kernel)
         if layer.kind == "dense":
-            kernel = _flat_order(layer, kernel, "chw")
+            kernel = flat_order(layer, kernel, "chw")
             state[key("kernel", module, "weight")] = layouts.dense_to_torch(kernel)
         elif layer.kind == "conv_transpose":
             state[key("kernel", module, "weight")] = layouts.transpose_to_torch(kernel)
@@ -666,18 +666,6 @@ def _other_state(name: str, layer: Layer, *, exact: bool) -> dict[str, Any]:
                 tracked if tracked is not None else np.asarray(0, np.int64)
             )
     return state
-
-
-def _flat_order(layer: Layer, kernel: np.ndarray, target: FlatOrder) -> np.ndarray:
-    """A dense kernel with the rows of a flattened input map and the columns of a reshaped output
-    in ``target`` order (torch flattens NCHW maps: ``"chw"``)."""
-    if layer.flat_in is not None:
-        f = layer.flat_in
-        kernel = layouts.flat_rows(kernel, f.height, f.width, f.channels, f.order, target)
-    if layer.flat_out is not None:
-        f = layer.flat_out
-        kernel = layouts.flat_columns(kernel, f.height, f.width, f.channels, f.order, target)
-    return kernel
 
 
 def _tensor(array: Any) -> Any:

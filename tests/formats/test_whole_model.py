@@ -196,3 +196,69 @@ def test_a_dense_layer_after_a_flatten_is_refused_across_flatten_orders_not_gues
     # Written back to torch (NCHW) it is unchanged; the stated order is what the torch writer permutes from.
     convbn.save_checkpoint(ckpt, tmp_path / "back.pt", "torch")
     assert torch.equal(torch.load(tmp_path / "back.pt")["3.weight"], model[3].weight.detach())
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("target", ["m.weights.h5", "m.keras"])
+def test_torch_to_keras_to_torch_loads_strictly(tmp_path, name, target):
+    """Keras 3 files hold every layer (Conv2D, Dense, BatchNormalization groups) under the torch
+    module names, which Keras allows, and record the order and pairs in a root attribute Keras
+    ignores: torch -> Keras -> torch gives back the source's state_dict."""
+    need("h5py")
+    model = _net(name)
+    state = _save(model, tmp_path / "m.pt")
+    expected = _outputs(model)
+    written = convbn.save_checkpoint(convbn.load_checkpoint(tmp_path / "m.pt"), tmp_path / target, "keras")
+    assert not any("not written" in n for n in written.notes)
+    mid = convbn.load_checkpoint(tmp_path / target)
+    assert mid.tensors == {}
+    convbn.save_checkpoint(mid, tmp_path / "back.pt", "torch")
+    _assert_same_state_values(tmp_path / "back.pt", state)
+    assert np.array_equal(_outputs(_reloaded(name, tmp_path / "back.pt")), expected)
+
+
+def _assert_same_state_values(path: Any, state: dict[str, Any]) -> None:
+    """The source's names and values; num_batches_tracked, which no other framework stores, is 0."""
+    import torch
+
+    back = torch.load(path, weights_only=True)
+    assert sorted(back) == sorted(state)
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            assert int(back[key]) == 0
+            continue
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_keras_loads_the_written_archive_with_every_layer_in_place(tmp_path, name):
+    """keras.saving.load_model rebuilds the .keras file convbn writes, and each Keras layer, found
+    by the torch module's name, holds that module's values (so the groups are numbered in the
+    order Keras lists the layers)."""
+    need("keras")
+    import keras
+
+    model = _net(name)
+    _save(model, tmp_path / "m.pt")
+    convbn.save_checkpoint(convbn.load_checkpoint(tmp_path / "m.pt"), tmp_path / "m.keras", "keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    checked = 0
+    for module_name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind not in ("Conv2d", "Linear", "BatchNorm2d", "BatchNorm1d"):
+            continue
+        weights = [np.asarray(w) for w in loaded.get_layer(module_name).get_weights()]
+        if kind == "Conv2d":
+            expected = [module.weight.detach().numpy().transpose(2, 3, 1, 0)]
+        elif kind == "Linear":
+            expected = [module.weight.detach().numpy().T]
+        else:
+            expected = [module.weight.detach().numpy(), module.bias.detach().numpy(),
+                        module.running_mean.numpy(), module.running_var.numpy()]
+        if kind in ("Conv2d", "Linear") and module.bias is not None:
+            expected.append(module.bias.detach().numpy())
+        assert len(weights) == len(expected), module_name
+        for got, want in zip(weights, expected, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=module_name)
+        checked += 1
+    assert checked == len([m for m in model.modules() if type(m).__name__ in ("Conv2d", "Linear", "BatchNorm2d", "BatchNorm1d")])
