@@ -32,37 +32,47 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 
+from convbn import layouts
 from convbn._dtypes import ml_dtype
 from convbn.conventions import FLAX
 from convbn.errors import ConvBNError
 from convbn.formats import _orbax
 from convbn.formats._common import (
+    LAYER_NAMES,
     Progress,
     as_numpy,
     build_layer,
+    build_norm,
+    build_other,
     contiguous,
+    flat_order,
     head,
     not_written_note,
     origin_format,
     resolve_settings,
     tick,
+    torch_named,
     unstored_settings_note,
 )
 from convbn.formats._io import atomic_output
-from convbn.formats._pairing import Unit, pair_units
+from convbn.formats._pairing import Unit, pair_units, source_order
+from convbn.params import ConvBNParams
 
 if TYPE_CHECKING:
-    from convbn.checkpoint import Checkpoint
+    from convbn.checkpoint import Checkpoint, Layer
 
 NAME = "flax"
 #: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
 WRITES_FUSED = True
+#: write() writes Checkpoint.others (every layer kind but transposed convs, which it names as not written).
+WRITES_OTHERS = True
 
 __all__ = ["NAME", "read", "sniff", "write", "writes_directory"]
 
@@ -251,6 +261,11 @@ def _from_tree(
 
     ckpt = Checkpoint(format=NAME, convention=FLAX.name)
     ckpt.metadata["source_format"] = NAME
+    record = tree.get(_RECORD) if isinstance(tree, Mapping) else None
+    if isinstance(record, Mapping) and all(isinstance(v, str) for v in record.values()):
+        if record.get(LAYER_NAMES) == "torch":
+            ckpt.metadata[LAYER_NAMES] = "torch"
+        tree = {k: v for k, v in tree.items() if k != _RECORD}
     params_root: tuple[str, ...]
     stats_root: tuple[str, ...]
     if "params" in tree and isinstance(tree["params"], Mapping):
@@ -278,12 +293,22 @@ def _from_tree(
                 modules.setdefault(module, {})[f"{'stats' if root == stats_root else 'params'}:{parts[-1]}"] = name
                 break
     units: list[Unit] = []
+    affine_only: list[str] = []
     for module, leaves in modules.items():
         kernel = leaves.get("params:kernel")
         vectors = {name: arrays[name].shape for leaf, name in leaves.items() if leaf != "params:kernel"}
-        if kernel is not None and arrays[kernel].ndim == 4 and set(leaves) <= {"params:kernel", "params:bias"}:
-            units.append(Unit(module, "conv", int(arrays[kernel].shape[-1]), payload=leaves, vectors=vectors,
+        if kernel is not None and arrays[kernel].ndim in (2, 4) and set(leaves) <= {"params:kernel", "params:bias"}:
+            kind: Literal["conv", "dense"] = "conv" if arrays[kernel].ndim == 4 else "dense"
+            units.append(Unit(module, kind, int(arrays[kernel].shape[-1]), payload=leaves, vectors=vectors,
                               kernel=kernel))
+        elif leaves and set(leaves) <= {"params:scale", "params:bias"} and all(
+            arrays[n].ndim == 1 for n in leaves.values()
+        ):
+            if re.fullmatch(r"LayerNorm_\d+", module.rsplit("/", 1)[-1]):
+                width = int(next(iter(arrays[n] for n in leaves.values())).shape[0])
+                units.append(Unit(module, "other", width, payload=leaves, vectors=vectors))
+            else:
+                affine_only.append(module)
         elif {"stats:mean", "stats:var"} <= set(leaves) and set(leaves) <= {
             "stats:mean", "stats:var", "params:scale", "params:bias",
         }:
@@ -291,7 +316,16 @@ def _from_tree(
             units.append(Unit(module, "bn", int(mean[0]) if len(mean) == 1 else 0, payload=leaves, vectors=vectors))
     found, unpaired = pair_units(units, explicit=pairs, source=str(path))
     used: set[str] = set()
-    for pair in found:
+    for entry in source_order(units, found, unpaired):
+        ckpt.order.append(entry.name)
+        if entry.pair is None:
+            layer = _other(path, entry.unit, entry.bn, arrays, eps=eps, momentum=momentum, notes=ckpt.notes)
+            if entry.name in ckpt.others or entry.name in ckpt.layers:
+                raise ConvBNError(f"{path}: two layers are both named {entry.name!r}")
+            ckpt.others[entry.name] = layer
+            used.update(layer.tensors.values())
+            continue
+        pair = entry.pair
         conv, bn = pair.conv.payload, pair.bn.payload
         conv_names = {"kernel": conv["params:kernel"]}
         if "params:bias" in conv:
@@ -317,14 +351,63 @@ def _from_tree(
         used.update(conv_names.values())
         used.update(bn_names.values())
     for unit in unpaired:
-        ckpt.unpaired[unit.name] = unit.kind
+        if unit.kind in ("conv", "bn"):
+            ckpt.unpaired[unit.name] = unit.kind
     ckpt.tensors = {k: v for k, v in arrays.items() if k not in used}
+    if affine_only:
+        ckpt.notes.append(
+            f"kept by name: {len(affine_only)} module(s) of scale and bias only ({', '.join(affine_only[:5])}): a "
+            "LayerNorm or a GroupNorm (whose groups the file does not store); only linen's LayerNorm_<n> "
+            "names say which"
+        )
     if ckpt.layers:
         ckpt.notes.append(
             "flax files do not store stride, padding, dilation or groups: the layers keep ConvBNParams "
             "defaults (stride 1, 'SAME', groups 1); set them with dataclasses.replace"
         )
     return ckpt
+
+
+#: A top-level entry convbn's writer adds to a msgpack file (``flax.serialization.from_bytes``
+#: ignores keys its target lacks): ``{"layer_names": "torch"}`` where the modules are named after
+#: torch modules (``.`` nests), so torch -> flax -> torch comes back under the source's names.
+_RECORD = "convbn"
+#: flax.linen.LayerNorm's default epsilon.
+_LAYER_NORM_EPS = 1e-6
+
+
+def _other(
+    path: Path, unit: Unit, bn: Unit | None, arrays: Mapping[str, np.ndarray], *,
+    eps: float | None, momentum: float | None, notes: list[str],
+) -> Layer:
+    """A layer that is not a conv+BatchNorm pair: a conv or dense layer (with the BatchNorm after
+    it), a standalone BatchNorm, or a LayerNorm."""
+    tensors: dict[str, str] = {}
+    norm = None
+    norm_unit = unit if unit.kind in ("bn", "other") else bn
+    if norm_unit is not None:
+        leaves = norm_unit.payload
+        fields = {"params:scale": "gamma", "params:bias": "beta", "stats:mean": "moving_mean", "stats:var": "moving_var"}
+        names = {fields[leaf]: name for leaf, name in leaves.items() if leaf in fields}
+        if unit.kind == "other":
+            settings: dict[str, Any] = {"eps": eps if eps is not None else _LAYER_NORM_EPS}
+            kind = "layer_norm"
+        else:
+            layer_eps, layer_momentum = resolve_settings(FLAX, NAME, eps=eps, momentum=momentum, notes=notes)
+            settings = {"eps": layer_eps, "momentum": layer_momentum, "var_update": FLAX.var_update}
+            kind = "batch_norm"
+        norm = build_norm(path, norm_unit.name, names, kind, **{f: arrays[n] for f, n in names.items()}, **settings)
+        tensors.update(names)
+    if unit.kind in ("bn", "other"):
+        assert norm is not None
+        return build_other(path, unit.name, tensors, kind=norm.kind, norm=norm)
+    own = {"kernel": unit.payload["params:kernel"]}
+    if "params:bias" in unit.payload:
+        own["bias"] = unit.payload["params:bias"]
+    return build_other(
+        path, unit.name, {**own, **tensors}, kind=unit.kind, kernel=arrays[own["kernel"]],
+        bias=arrays[own["bias"]] if "bias" in own else None, norm=norm, norm_name=bn.name if bn else "",
+    )
 
 
 # -- encoding ----------------------------------------------------------------------------------------
@@ -396,6 +479,42 @@ def _pack(f: BinaryIO, tree: Mapping[str, Any], msgpack: Any, progress: Any) -> 
             progress(id(value))
 
 
+def _other_tree(name: str, layer: Layer, *, exact: bool, named: bool) -> dict[str, Any]:
+    """A layer that is not a conv+BatchNorm pair as flax variables: at its source paths when
+    ``exact`` (a flax source), else under ``params/<name>`` (a torch module path nests at ``.``
+    when ``named``) and, for the BatchNorm after it, ``layer.norm_name`` (else ``<name>_bn``)."""
+    names = dict(layer.tensors) if exact else {}
+
+    def nest(module: str) -> str:
+        return module.replace(".", "/") if named else module
+
+    module = nest(name)
+    norm_module = nest(layer.norm_name) if layer.norm_name else module if layer.kernel is None else f"{module}_bn"
+    out: dict[str, Any] = {}
+    if layer.kernel is not None:
+        kernel = as_numpy(layer.kernel)
+        if layer.kind == "dense":
+            kernel = flat_order(layer, kernel, "hwc")
+        out[names.get("kernel", f"params/{module}/kernel")] = kernel
+        if layer.bias is not None:
+            bias = as_numpy(layer.bias)
+            if layer.flat_out is not None:
+                f = layer.flat_out
+                bias = layouts.flat_columns(bias, f.height, f.width, f.channels, f.order, "hwc")
+            out[names.get("bias", f"params/{module}/bias")] = bias
+    norm = layer.norm
+    if norm is not None:
+        ref = next(v for v in (norm.moving_mean, norm.gamma, norm.beta) if v is not None)
+        n, dtype = int(np.shape(ref)[0]), np.asarray(ref).dtype
+        if norm.gamma is not None or norm.beta is not None or not exact:
+            out[names.get("gamma", f"params/{norm_module}/scale")] = norm.gamma if norm.gamma is not None else np.ones(n, dtype)
+            out[names.get("beta", f"params/{norm_module}/bias")] = norm.beta if norm.beta is not None else np.zeros(n, dtype)
+        if norm.kind == "batch_norm":
+            out[names.get("moving_mean", f"batch_stats/{norm_module}/mean")] = norm.moving_mean
+            out[names.get("moving_var", f"batch_stats/{norm_module}/var")] = norm.moving_var
+    return out
+
+
 def writes_directory(path: Path) -> bool:
     """Whether writing at ``path`` makes an Orbax directory (any name but ``*.msgpack``)."""
     return path.suffix.lower() != ".msgpack"
@@ -413,12 +532,32 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
     """Write ``ckpt`` as flax variables: a msgpack file when ``path`` ends in ``.msgpack``, else an
     Orbax checkpoint directory; see the module docstring."""
     same_format = origin_format(ckpt) == NAME
+    named = torch_named(ckpt) and not same_format
     tree: dict[str, Any] = {}
     last_array: dict[int, str] = {}
-    for layer, params in ckpt.layers.items():
+    unwritten: list[str] = []
+    for layer, item in ckpt.in_order():
+        if not isinstance(item, ConvBNParams):
+            if item.kind == "conv_transpose":
+                unwritten.append(layer)
+                continue
+            for name, value in _other_tree(layer, item, exact=same_format, named=named).items():
+                _set(tree, name, value, path)
+                last_array[id(value)] = layer
+            continue
+        params = item
         source = ckpt.sources.get(layer)
         names: dict[str, str]
-        if same_format and source is not None and "kernel" in source.conv and "moving_mean" in source.bn:
+        if named and source is not None and source.conv_name and source.bn_name:
+            conv_module = "params/" + source.conv_name.replace(".", "/")
+            bn_module = source.bn_name.replace(".", "/")
+            names = {
+                "kernel": f"{conv_module}/kernel", "bias": f"{conv_module}/bias",
+                "gamma": f"params/{bn_module}/scale", "beta": f"params/{bn_module}/bias",
+                "moving_mean": f"batch_stats/{bn_module}/mean", "moving_var": f"batch_stats/{bn_module}/var",
+            }
+            affine = True
+        elif same_format and source is not None and "kernel" in source.conv and "moving_mean" in source.bn:
             conv_module = source.conv["kernel"].rsplit("/", 1)[0]
             stats_module = source.bn["moving_mean"].rsplit("/", 1)[0]
             affine_name = source.bn.get("gamma") or source.bn.get("beta")
@@ -467,8 +606,15 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
                 _set(tree, key, value, path)
         else:
             ckpt.notes.append(not_written_note(ckpt))
+    if unwritten:
+        ckpt.notes.append(
+            f"not written: {len(unwritten)} transposed conv(s) ({', '.join(unwritten[:5])}): flax's ConvTranspose "
+            "kernel convention is not one convbn has verified; convert them with load_into"
+        )
     if not ckpt.fused:
         unstored_settings_note(ckpt, NAME, FLAX)
+    if named and not writes_directory(path):
+        tree[_RECORD] = {LAYER_NAMES: "torch"}
 
     if writes_directory(path):
         if path.exists():

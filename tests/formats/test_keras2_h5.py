@@ -404,12 +404,18 @@ def mobilenet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
 
 def _assert_every_tensor(model: Any, ckpt: Any) -> None:
     """Each of the model's weights is in the checkpoint exactly once, bit-exactly: in a layer (a
-    depthwise kernel as the grouped HWIO) or among the other tensors."""
+    depthwise kernel as the grouped HWIO), another layer or among the other tensors."""
     fields: dict[str, np.ndarray] = {}
     for key, source in ckpt.sources.items():
         params = ckpt.layers[key]
         for field, name in {**source.conv, **source.bn}.items():
             fields[name] = np.asarray(getattr(params, field))
+    for other in ckpt.others.values():
+        values = {"kernel": other.kernel, "bias": other.bias}
+        if other.norm is not None:
+            values.update(gamma=other.norm.gamma, beta=other.norm.beta, moving_mean=other.norm.moving_mean,
+                          moving_var=other.norm.moving_var)
+        fields.update({name: np.asarray(values[field]) for field, name in other.tensors.items()})
     found = {**fields, **{k: np.asarray(v) for k, v in ckpt.tensors.items()}}
     assert len(found) == len(fields) + len(ckpt.tensors)
     expected = {}
@@ -432,7 +438,7 @@ def test_tf_keras_files_read_tensor_for_tensor(mobilenet):
     for ckpt in (weights, whole):
         _assert_every_tensor(model, ckpt)
         assert sorted(s.bn_name for s in ckpt.sources.values()) == sorted(bns)  # every BN follows a conv
-        assert sorted(ckpt.tensors) == ["predictions/predictions/bias:0", "predictions/predictions/kernel:0"]
+        assert ckpt.tensors == {} and [(n, o.kind) for n, o in ckpt.others.items()] == [("predictions", "dense")]
     assert {s.reason for s in whole.sources.values()} == {"graph"}
     assert {k: s.bn_name for k, s in weights.sources.items()} == {k: s.bn_name for k, s in whole.sources.items()}
     for key, params in whole.layers.items():

@@ -262,3 +262,21 @@ def test_keras_loads_the_written_archive_with_every_layer_in_place(tmp_path, nam
             np.testing.assert_array_equal(got, want, err_msg=module_name)
         checked += 1
     assert checked == len([m for m in model.modules() if type(m).__name__ in ("Conv2d", "Linear", "BatchNorm2d", "BatchNorm1d")])
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_torch_to_flax_to_torch_loads_strictly(tmp_path, name):
+    """A flax msgpack file nests every layer under the torch module path (params/layer1/0/conv1,
+    batch_stats/layer1/0/bn1) and says so in a top-level 'convbn' entry that from_bytes ignores:
+    torch -> flax -> torch gives back the source's state_dict."""
+    need("msgpack")
+    model = _net(name)
+    state = _save(model, tmp_path / "m.pt")
+    expected = _outputs(model)
+    written = convbn.save_checkpoint(convbn.load_checkpoint(tmp_path / "m.pt"), tmp_path / "m.msgpack", "flax")
+    assert not any("not written" in n for n in written.notes)
+    mid = convbn.load_checkpoint(tmp_path / "m.msgpack")
+    assert mid.tensors == {}
+    convbn.save_checkpoint(mid, tmp_path / "back.pt", "torch")
+    _assert_same_state_values(tmp_path / "back.pt", state)
+    assert np.array_equal(_outputs(_reloaded(name, tmp_path / "back.pt")), expected)
