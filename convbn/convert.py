@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import os
 import stat
 from collections.abc import Callable, Iterable, Mapping
@@ -19,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from convbn import layouts
 from convbn.checkpoint import Checkpoint, Layer, LayerSource
 from convbn.errors import ConvBNError
 from convbn.formats import FORMATS, load_format
@@ -45,6 +47,7 @@ __all__ = [
     "save_checkpoint",
     "tolerance_for",
     "verify_checkpoint",
+    "verify_others",
 ]
 
 FoldTarget = Literal["beta", "moving_mean"]
@@ -774,7 +777,124 @@ def verify_checkpoint(
             progress(name)
     for target_name, _ in target_items[len(source.layers):]:
         checks.append(LayerCheck("", target_name, np.inf, np.inf, 0.0, False, "not in the source checkpoint"))
+    return checks + verify_others(source, converted, rng)
+
+
+#: Layer kinds :func:`verify_others` does not run (their outputs are not computed here).
+NOT_VERIFIED = ("conv_transpose",)
+
+
+def verify_others(source: Checkpoint, converted: Checkpoint, rng: np.random.Generator | None = None) -> list[LayerCheck]:
+    """Run every layer of ``source.others`` and its converted counterpart in float64 on the same
+    random input and compare, as :func:`verify_checkpoint` does for conv+BatchNorm pairs.
+
+    Dense layers (with the BatchNorm after them, their flattened input in the source's order), lone
+    convs, standalone BatchNorms, LayerNorms and GroupNorms are run; a kind in
+    :data:`NOT_VERIFIED` is listed as a check that is ok with the problem "not run". Layers match by
+    name when both sides hold the same names, else by position.
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    if set(source.others) == set(converted.others):
+        pairs = [(name, name) for name in source.others]
+    else:
+        pairs = list(itertools.zip_longest(source.others, converted.others))
+    checks = []
+    for name, target in pairs:
+        if name is None or target is None:
+            problem = "not in the source checkpoint" if name is None else "missing from the converted checkpoint"
+            checks.append(LayerCheck(name or "", target or "", np.inf, np.inf, 0.0, False, problem))
+            continue
+        a, b = source.others[name], converted.others[target]
+        tol = tolerance_for(_layer_dtype(a) if tolerance_for(_layer_dtype(a)) > tolerance_for(_layer_dtype(b))
+                            else _layer_dtype(b))
+        label = f"{a.kind}" + (" + batch_norm" if a.kernel is not None and a.norm is not None else "")
+        if a.kind != b.kind or (a.norm is None) != (b.norm is None):
+            checks.append(LayerCheck(name, target, np.inf, np.inf, tol, False,
+                                     f"a {b.kind} in the converted checkpoint, a {a.kind} in the source", label))
+            continue
+        if a.kind in NOT_VERIFIED:
+            checks.append(LayerCheck(name, target, 0.0, 0.0, tol, True, f"not run: {a.kind} layers are not verified",
+                                     label))
+            continue
+        try:
+            x = _other_input(rng, a)
+            y_ref, y_new = _run_other(a, x, converted=None), _run_other(b, x, converted=a)
+        except ConvBNError as exc:
+            checks.append(LayerCheck(name, target, np.inf, np.inf, tol, False, str(exc), label))
+            continue
+        if y_ref.shape != y_new.shape:
+            checks.append(LayerCheck(name, target, np.inf, np.inf, tol, False,
+                                     f"output shape {y_new.shape} differs from the source's {y_ref.shape}", label))
+            continue
+        max_abs = float(np.max(np.abs(y_new - y_ref))) if y_ref.size else 0.0
+        scale = float(np.max(np.abs(y_ref))) if y_ref.size else 0.0
+        max_rel = max_abs / scale if scale > 0 else max_abs
+        checks.append(LayerCheck(name, target, max_abs, max_rel, tol, bool(np.isfinite(max_rel) and max_rel <= tol),
+                                 "", label))
     return checks
+
+
+def _layer_dtype(layer: Layer) -> np.dtype:
+    norm = layer.norm
+    ref = layer.kernel if layer.kernel is not None else next(
+        v for v in (norm.moving_mean, norm.gamma, norm.beta, np.zeros(0)) if v is not None  # type: ignore[union-attr]
+    )
+    return np.asarray(ref).dtype
+
+
+def _other_input(rng: np.random.Generator, layer: Layer) -> np.ndarray:
+    if layer.kind == "dense":
+        return rng.standard_normal((2, int(np.shape(layer.kernel)[0])))
+    if layer.kind == "conv":
+        kh, kw, cin, _ = np.shape(layer.kernel)
+        dh, dw = layer.dilation
+        return rng.standard_normal((2, (kh - 1) * dh + 4, (kw - 1) * dw + 4, int(cin) * layer.groups))
+    return rng.standard_normal((2, 3, 3, layer.out_features))
+
+
+def _f64(value: Any) -> Any:
+    return None if value is None else np.asarray(value, np.float64)
+
+
+def _run_other(layer: Layer, x: np.ndarray, *, converted: Layer | None) -> np.ndarray:
+    """``layer``'s eval output for ``x`` in float64 (NHWC maps, neutral layouts). For the converted
+    side (``converted`` is the source layer), a norm whose file stored no eps runs with the source's."""
+    from convbn.api import conv_bn
+
+    norm = layer.norm
+    eps = None if norm is None else norm.eps
+    if converted is not None and converted.norm is not None and (eps is None or eps != converted.norm.eps):
+        eps = converted.norm.eps  # the target is built with the source's eps, as the report says
+    if layer.kind == "dense":
+        kernel = _f64(layer.kernel)
+        if layer.flat_in is not None and converted is not None and converted.flat_in is not None:
+            f = layer.flat_in
+            kernel = layouts.flat_rows(kernel, f.height, f.width, f.channels, f.order, converted.flat_in.order)
+        y = x @ kernel + (0.0 if layer.bias is None else _f64(layer.bias))
+    elif layer.kind == "conv":
+        params = ConvBNParams(
+            kernel=_f64(layer.kernel), bias=_f64(layer.bias), moving_mean=np.zeros(layer.out_features),
+            moving_var=np.ones(layer.out_features), eps=0.0, stride=layer.stride, padding=layer.padding,
+            dilation=layer.dilation, groups=layer.groups,
+        )
+        y = conv_bn(x, params, backend="numpy")
+    else:
+        y = x
+    if norm is None:
+        return np.asarray(y)
+    gamma = 1.0 if norm.gamma is None else _f64(norm.gamma)
+    beta = 0.0 if norm.beta is None else _f64(norm.beta)
+    if norm.kind == "batch_norm":
+        y = (y - _f64(norm.moving_mean)) / np.sqrt(_f64(norm.moving_var) + (eps or 0.0))
+    elif norm.kind == "layer_norm":
+        y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + (eps or 0.0))
+    else:
+        groups = int(norm.groups or 1)
+        g = y.reshape(*y.shape[:-1], groups, -1)
+        axes = (*range(1, g.ndim - 2), g.ndim - 1)
+        g = (g - g.mean(axes, keepdims=True)) / np.sqrt(g.var(axes, keepdims=True) + (eps or 0.0))
+        y = g.reshape(y.shape)
+    return np.asarray(y * gamma + beta)
 
 
 def _check_layer(

@@ -479,14 +479,14 @@ def _pack(f: BinaryIO, tree: Mapping[str, Any], msgpack: Any, progress: Any) -> 
             progress(id(value))
 
 
-def _other_tree(name: str, layer: Layer, *, exact: bool, named: bool) -> dict[str, Any]:
+def _other_tree(name: str, layer: Layer, *, exact: bool) -> dict[str, Any]:
     """A layer that is not a conv+BatchNorm pair as flax variables: at its source paths when
-    ``exact`` (a flax source), else under ``params/<name>`` (a torch module path nests at ``.``
-    when ``named``) and, for the BatchNorm after it, ``layer.norm_name`` (else ``<name>_bn``)."""
+    ``exact`` (a flax source), else under ``params/<name>`` (a torch module path nests at ``.``)
+    and, for the BatchNorm after it, ``layer.norm_name`` (else ``<name>_bn``)."""
     names = dict(layer.tensors) if exact else {}
 
     def nest(module: str) -> str:
-        return module.replace(".", "/") if named else module
+        return module.replace(".", "/")  # a torch module path nests; Orbax keys hold no dots
 
     module = nest(name)
     norm_module = nest(layer.norm_name) if layer.norm_name else module if layer.kernel is None else f"{module}_bn"
@@ -532,7 +532,8 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
     """Write ``ckpt`` as flax variables: a msgpack file when ``path`` ends in ``.msgpack``, else an
     Orbax checkpoint directory; see the module docstring."""
     same_format = origin_format(ckpt) == NAME
-    named = torch_named(ckpt) and not same_format
+    # torch module names only where the file can say so (an Orbax directory keeps convbn's template).
+    named = torch_named(ckpt) and not same_format and not writes_directory(path)
     tree: dict[str, Any] = {}
     last_array: dict[int, str] = {}
     unwritten: list[str] = []
@@ -541,7 +542,7 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
             if item.kind == "conv_transpose":
                 unwritten.append(layer)
                 continue
-            for name, value in _other_tree(layer, item, exact=same_format, named=named).items():
+            for name, value in _other_tree(layer, item, exact=same_format).items():
                 _set(tree, name, value, path)
                 last_array[id(value)] = layer
             continue
@@ -613,7 +614,7 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
         )
     if not ckpt.fused:
         unstored_settings_note(ckpt, NAME, FLAX)
-    if named and not writes_directory(path):
+    if named:
         tree[_RECORD] = {LAYER_NAMES: "torch"}
 
     if writes_directory(path):

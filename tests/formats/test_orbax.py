@@ -348,11 +348,12 @@ def test_fuse_writes_an_orbax_directory(tmp_path):
     convbn.save_checkpoint(ckpt, tmp_path / "m.safetensors", "safetensors")
     assert main(["fuse", str(tmp_path / "m.safetensors"), str(tmp_path / "deploy"), "--to", "flax"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["deploy", "m.safetensors"]  # no stage, no claim left over
-    # Flax stores no BatchNorm-free marker: a fused layer reads back as the conv's own tensors.
-    tensors = convbn.load_checkpoint(tmp_path / "deploy").tensors
+    # Flax stores no BatchNorm-free marker: a fused layer reads back as a conv without BatchNorm.
+    conv = convbn.load_checkpoint(tmp_path / "deploy").others["layer1/conv"]
     expected = convbn.convert.fuse_checkpoint(ckpt).layers["layer1"]
-    assert np.array_equal(tensors["params/layer1/conv/kernel"], expected.kernel)
-    assert np.array_equal(tensors["params/layer1/conv/bias"], expected.bias)
+    assert conv.kind == "conv" and conv.tensors == {"kernel": "params/layer1/conv/kernel", "bias": "params/layer1/conv/bias"}
+    assert np.array_equal(conv.kernel, expected.kernel)
+    assert np.array_equal(conv.bias, expected.bias)
     x = np.random.default_rng(0).standard_normal((1, 5, 5, 3))
     y = convbn.conv_bn(x, ckpt.layers["layer1"], backend="numpy")
     assert np.max(np.abs(convbn.conv_bn(x, expected, backend="numpy") - y)) / np.max(np.abs(y)) < 2e-6

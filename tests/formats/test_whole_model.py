@@ -280,3 +280,43 @@ def test_torch_to_flax_to_torch_loads_strictly(tmp_path, name):
     convbn.save_checkpoint(mid, tmp_path / "back.pt", "torch")
     _assert_same_state_values(tmp_path / "back.pt", state)
     assert np.array_equal(_outputs(_reloaded(name, tmp_path / "back.pt")), expected)
+
+
+def test_verify_runs_every_other_layer_and_catches_a_wrong_one(tmp_path):
+    """verify_checkpoint checks dense layers (with their BatchNorm1d) and lone convs too, in
+    float64 against the source; a converted fc with a changed value fails its check."""
+    need("h5py")
+    from convbn.convert import verify_checkpoint
+
+    _save(_net("efficient"), tmp_path / "m.pt")
+    source = convbn.load_checkpoint(tmp_path / "m.pt")
+    convbn.save_checkpoint(source, tmp_path / "m.weights.h5", "keras")
+    converted = convbn.load_checkpoint(tmp_path / "m.weights.h5")
+    checks = verify_checkpoint(source, converted)
+    others = {c.source: c for c in checks if c.source in source.others}
+    assert set(others) == set(source.others) and all(c.ok for c in checks)
+    assert others["pre_logits"].geometry == "dense + batch_norm" and others["se.conv_reduce"].geometry == "conv"
+    head = converted.others["classifier"]
+    kernel = np.array(head.kernel)
+    kernel[0, 0] += 0.5
+    converted.others["classifier"] = dataclasses.replace(head, kernel=kernel)
+    bad = {c.source: c for c in verify_checkpoint(source, converted)}
+    assert not bad["classifier"].ok and bad["classifier"].max_rel > 1e-3
+    assert all(c.ok for n, c in bad.items() if n != "classifier")
+
+
+def test_inspect_lists_every_layer_by_kind(tmp_path, capsys):
+    from convbn.cli import main
+
+    _save(_net("efficient"), tmp_path / "m.pt")
+    assert main(["inspect", str(tmp_path / "m.pt"), "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    kinds = {r["name"]: (r["kind"], r["kernel"], r["norm"]) for r in report["others"]}
+    assert kinds["pre_logits"] == ("dense", [8, 12], "head_bn")
+    assert kinds["conv_stem"] == ("conv", [3, 3, 3, 8], "")
+    assert report["order"][:3] == ["conv_stem", "conv_pw", "conv_dw"] and report["tensors"] == {}
+    assert main(["inspect", str(tmp_path / "m.pt")]) == 0
+    text = capsys.readouterr().out
+    assert "3 conv+BatchNorm layer(s), 0 other tensor(s), 5 other layer(s)" in text and "other layers:" in text
