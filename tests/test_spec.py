@@ -332,3 +332,19 @@ def test_flax_layer_errors_name_its_arguments():
         LinenConvBN(8, 3, feature_group_count=3, use_running_average=True).init(jax.random.key(0), jnp.ones((1, 6, 6, 4)))
     assert str(info.value) == ("feature_group_count must be a positive int dividing x's channels and features. "
                                "Received: feature_group_count=3, x's channels=4, features=8")
+
+
+@pytest.mark.needs("torch")
+def test_stride1_same_pads_compute_torch_same():
+    """At stride 1 torch's own padding='same' exists: a conv over the input padded by the spec's
+    pads gives exactly its numbers (the extra row/column of an even kernel after, as TF)."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    for n, k, d in itertools.product((5, 8), range(1, 5), range(1, 3)):
+        x = torch.randn(1, 2, n, n + 1, generator=gen, dtype=torch.float64)
+        w = torch.randn(3, 2, k, k, generator=gen, dtype=torch.float64)
+        (top, bottom), (left, right) = ConvBNSpec(kernel_size=k, dilation=d).pads()  # type: ignore[misc]
+        ours = F.conv2d(F.pad(x, (left, right, top, bottom)), w, dilation=d)
+        assert torch.equal(ours, F.conv2d(x, w, padding="same", dilation=d)), (n, k, d)
