@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from convbn.errors import ConvBNError
+from convbn.loading.graphs import file_graph
 from convbn.loading.matching import Graph, Layer, Matching, match
 from convbn.params import ConvBNParams
 
@@ -569,8 +570,11 @@ def load_into(
     if live is not None:
         source_framework = importlib.import_module(f"convbn.loading._{live}")
         ckpt, source_graph = _live_checkpoint(path, source_framework, example)
+    elif isinstance(path, Checkpoint):
+        ckpt = path
     else:
-        ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(Path(path))
+        ckpt = load_checkpoint(Path(path))
+        source_graph = file_graph(Path(path), ckpt)
     if ckpt.fused or (found.targets and _looks_fused(ckpt)):
         what = "a fused checkpoint" if ckpt.fused else (
             f"{len(ckpt.unpaired)} conv(s) and no BatchNorm, as 'convbn fuse' writes them")

@@ -137,6 +137,35 @@ def test_a_failing_example_check_restores_the_model(tmp_path):
     assert not report.ok and report.output_error > 0.05
 
 
+@pytest.mark.needs("torch", "keras", "h5py")
+def test_a_keras_archive_records_its_graph_so_the_swap_case_matches_by_structure(tmp_path):
+    """A .keras file's config.json says which layer feeds which: against it, the torch model's
+    conv3 and shortcut are told apart although no name corresponds; a .weights.h5 of the same
+    model records no graph and is refused."""
+    source = rm.torch_build(block=True)
+    x = rm.x_input(block=True)
+    y = rm.torch_run(source, x)
+    keras_model = rm.keras_build(block=True, names="_k")
+    convbn.load_into(keras_model, source)
+    keras_model.save(tmp_path / "block.keras")
+    keras_model.save_weights(tmp_path / "block.weights.h5")
+
+    target = rm.torch_build(block=True, seed=9)
+    report = convbn.load_into(target, tmp_path / "block.keras", example_input=x, expected_output=y)
+    assert report.ok and report.matched["b2_conv3"] == "b2_conv3_k" and report.matched["b2_down"] == "b2_down_k"
+    assert report.how["b2_down"] == "structure" and report.output_error <= TOL
+    assert rel_err(rm.torch_run(target, x), y) <= TOL
+    with pytest.raises(LoadError, match="model layers b2_down, b2_conv3 .*parallel branches"):
+        convbn.load_into(rm.torch_build(block=True, seed=9), tmp_path / "block.weights.h5")
+
+
+def test_example_input_with_a_file_needs_the_expected_output(tmp_path):
+    with pytest.raises(convbn.ConvBNError, match="needs expected_output="):
+        convbn.load_into({"params": {}}, tmp_path / "x.pt", example_input=np.zeros((1, 4, 4, 3), np.float32))
+    with pytest.raises(convbn.ConvBNError, match="expected_output= needs example_input="):
+        convbn.load_into({"params": {}}, tmp_path / "x.pt", expected_output=np.zeros(3))
+
+
 # -- the matcher on descriptors ----------------------------------------------------------------------
 
 
