@@ -18,10 +18,14 @@ nothing of convbn but the params and error types.
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
+import numpy as np
+
 from convbn.errors import ConvBNError
-from convbn.layouts import FlatOrder
+from convbn.layouts import FlatOrder, flat_columns, flat_rows
 from convbn.params import ConvBNParams
 
 __all__ = [
@@ -29,11 +33,13 @@ __all__ = [
     "NORM_KINDS",
     "Checkpoint",
     "FeatureMap",
+    "FlattenSpec",
     "Layer",
     "LayerKind",
     "LayerSource",
     "Norm",
     "NormKind",
+    "parse_flatten",
 ]
 
 #: What a :class:`Layer` is.
@@ -123,6 +129,11 @@ class Layer:
             kernel's input rows; None when its input is a vector (after pooling) or unknown.
         flat_out: for a dense layer whose output is reshaped into a map, that map and the order of
             the kernel's output columns.
+        flat_undecided: the sides (``("in", order)``, ``("out", order)``) of a dense layer for which
+            the source could not say whether, or into what map, they are flattened, each with the
+            order its features would be stored in if they were (the source framework's). Moving the
+            layer to the other order is refused (:meth:`as_order`) until the map is stated
+            (:meth:`Checkpoint.with_flatten`, ``convbn convert --flatten``); never guessed.
         tensors: field (``kernel``, ``bias``, ``gamma``, ``beta``, ``moving_mean``, ``moving_var``)
             -> tensor name in the source.
         extras: source tensors that belong to the layer but have no field (torch's
@@ -143,6 +154,7 @@ class Layer:
     geometry: bool = False
     flat_in: FeatureMap | None = None
     flat_out: FeatureMap | None = None
+    flat_undecided: tuple[tuple[str, FlatOrder], ...] = ()
     tensors: dict[str, str] = dataclasses.field(default_factory=dict)
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
     norm_name: str = ""
@@ -162,7 +174,7 @@ class Layer:
             raise ConvBNError(f"a {self.kind} kernel must have {rank} dimensions. Received: shape {tuple(shape)}")
         if self.norm is not None and self.norm.kind != "batch_norm":
             raise ConvBNError(f"only a BatchNorm is carried after a {self.kind}. Received: {self.norm.kind}")
-        if (self.flat_in or self.flat_out) and self.kind != "dense":
+        if (self.flat_in or self.flat_out or self.flat_undecided) and self.kind != "dense":
             raise ConvBNError(f"only a dense layer reads or writes a flattened map. Received: a {self.kind}")
         if self.flat_in is not None and self.flat_in.size != shape[0]:
             raise ConvBNError(
@@ -174,6 +186,81 @@ class Layer:
                 f"a dense layer with {shape[1]} outputs cannot be reshaped into a "
                 f"{self.flat_out.height}x{self.flat_out.width}x{self.flat_out.channels} map"
             )
+
+    def as_order(self, target: FlatOrder, name: str = "") -> Layer:
+        """The layer with its flattened features in ``target`` order (``"hwc"`` for NHWC frameworks,
+        ``"chw"`` for NCHW ones): a dense layer's input rows (:attr:`flat_in`), output columns, bias
+        and following BatchNorm (:attr:`flat_out`) permuted with :func:`convbn.layouts.flat_rows` /
+        :func:`~convbn.layouts.flat_columns`. Other kinds, and layers already in ``target`` order,
+        come back unchanged.
+
+        Raises:
+            ConvBNError: for a side in :attr:`flat_undecided` stored in the other order, naming the
+                layer (``name``) and how to state its map.
+        """
+        if self.kind != "dense":
+            return self
+        undecided = [side for side, order in self.flat_undecided if order != target]
+        if undecided:
+            label = f"dense layer {name!r}" if name else "a dense layer"
+            raise ConvBNError(
+                f"{label}: whether its {' and '.join(undecided)}put features are a flattened feature map, and of "
+                f"what height x width x channels, is unknown, so they cannot be put in {target!r} order; state it: "
+                f"convbn convert --flatten {name or 'LAYER'}=HxWxC (its input), {name or 'LAYER'}=out:HxWxC, or "
+                f"{name or 'LAYER'}=none (neither side is a map); in Python Checkpoint.with_flatten"
+            )
+        kernel, bias, norm = self.kernel, self.bias, self.norm
+        flat_in, flat_out = self.flat_in, self.flat_out
+        if flat_in is not None and flat_in.order != target:
+            kernel = flat_rows(np.asarray(kernel), flat_in.height, flat_in.width, flat_in.channels, flat_in.order, target)
+            flat_in = dataclasses.replace(flat_in, order=target)
+        if flat_out is not None and flat_out.order != target:
+            m = flat_out
+
+            def columns(array: Any) -> Any:
+                if array is None:
+                    return None
+                return flat_columns(np.asarray(array), m.height, m.width, m.channels, m.order, target)
+
+            kernel, bias = columns(kernel), columns(bias)
+            if norm is not None:
+                norm = dataclasses.replace(
+                    norm, gamma=columns(norm.gamma), beta=columns(norm.beta),
+                    moving_mean=columns(norm.moving_mean), moving_var=columns(norm.moving_var),
+                )
+            flat_out = dataclasses.replace(flat_out, order=target)
+        if flat_in is self.flat_in and flat_out is self.flat_out:
+            return self
+        return dataclasses.replace(self, kernel=kernel, bias=bias, norm=norm, flat_in=flat_in, flat_out=flat_out)
+
+    def fold_bias(self, into: Literal["beta", "moving_mean"] = "beta") -> Layer:
+        """The layer with its bias folded into the BatchNorm that follows it; exact at inference.
+
+        ``into="beta"``: ``beta' = beta + gamma * b / sqrt(moving_var + eps)``; ``"moving_mean"``:
+        ``moving_mean' = moving_mean - b``. Computed in float64, stored in the original dtypes. A
+        layer without a bias or without a following BatchNorm comes back unchanged.
+
+        Raises:
+            ConvBNError: for an unknown ``into``, or ``into="beta"`` with no eps known.
+        """
+        if into not in ("beta", "moving_mean"):
+            raise ConvBNError(f"fold_bias must be 'beta' or 'moving_mean'. Received: fold_bias={into!r}")
+        norm = self.norm
+        if self.bias is None or norm is None or self.kind in NORM_KINDS:
+            return self
+        b = np.asarray(self.bias, np.float64)
+        if into == "moving_mean":
+            mean = np.asarray(norm.moving_mean)
+            new = dataclasses.replace(norm, moving_mean=(mean.astype(np.float64) - b).astype(mean.dtype))
+        else:
+            if norm.eps is None:
+                raise ConvBNError("folding a bias into beta needs the BatchNorm's eps; use into='moving_mean'")
+            var = np.asarray(norm.moving_var, np.float64)
+            gamma = 1.0 if norm.gamma is None else np.asarray(norm.gamma, np.float64)
+            dtype = np.asarray(norm.beta if norm.beta is not None else self.bias).dtype
+            beta = 0.0 if norm.beta is None else np.asarray(norm.beta, np.float64)
+            new = dataclasses.replace(norm, beta=np.asarray(beta + gamma * b / np.sqrt(var + norm.eps)).astype(dtype))
+        return dataclasses.replace(self, bias=None, norm=new)
 
     @property
     def out_features(self) -> int:
@@ -282,6 +369,76 @@ class Checkpoint:
                 out.append((name, item))
         return out
 
+    def in_feature_order(self, target: FlatOrder) -> Checkpoint:
+        """A copy whose dense layers have their flattened features in ``target`` order
+        (:meth:`Layer.as_order`), with a note naming each layer permuted; what a writer of an NHWC
+        (``"hwc"``) or NCHW (``"chw"``) framework writes from.
+
+        Raises:
+            ConvBNError: naming every dense layer whose flatten is undecided and would need moving.
+        """
+        out = self.copy()
+        refused: list[str] = []
+        for name, layer in self.others.items():
+            try:
+                moved = layer.as_order(target, name)
+            except ConvBNError as exc:
+                refused.append(name)
+                first = exc
+                continue
+            if moved is not layer:
+                out.others[name] = moved
+                sides = [s for s, m in (("input rows", layer.flat_in), ("output columns", layer.flat_out))
+                         if m is not None and m.order != target]
+                m = layer.flat_in if layer.flat_in is not None and layer.flat_in.order != target else layer.flat_out
+                assert m is not None
+                out.notes.append(
+                    f"permuted the {' and '.join(sides)} of dense layer {name!r} from {m.order!r} to {target!r} "
+                    f"order (a flattened {m.height}x{m.width}x{m.channels} map)"
+                )
+        if len(refused) > 1:
+            raise ConvBNError(
+                f"{len(refused)} dense layers have an undecided flatten ({', '.join(map(repr, refused))}): "
+                f"{str(first).partition(': ')[2]}"
+            )
+        if refused:
+            raise first
+        return out
+
+    def with_flatten(self, spec: Mapping[str, FlattenSpec]) -> Checkpoint:
+        """A copy with the flattened maps of the named dense layers stated (``convbn convert
+        --flatten``): ``{layer: FlattenSpec}``, as :func:`parse_flatten` gives it. What the source
+        said about those sides is replaced, with a note; the features' stored order is the source's
+        (its undecided order, else ``"chw"`` for a torch source and ``"hwc"`` otherwise).
+
+        Raises:
+            ConvBNError: for a name that is no dense layer of the checkpoint, or a map whose size is
+                not the layer's.
+        """
+        out = self.copy()
+        default: FlatOrder = "chw" if self.metadata.get("source_format", self.format) == "torch" else "hwc"
+        dense = [n for n, layer in self.others.items() if layer.kind == "dense"]
+        for name, item in spec.items():
+            layer = out.others.get(name)
+            if layer is None or layer.kind != "dense":
+                raise ConvBNError(
+                    f"--flatten must name a dense layer of the checkpoint; it has {dense[:8]}. Received: {name!r}"
+                )
+            stored = dict(layer.flat_undecided)
+            fields: dict[str, Any] = {}
+            for side in item.sides:
+                old = layer.flat_in if side == "in" else layer.flat_out
+                order = stored.get(side) or (old.order if old is not None else default)
+                shape = item.map_in if side == "in" else item.map_out
+                fields[f"flat_{side}"] = None if shape is None else FeatureMap(*shape, order=order)
+            fields["flat_undecided"] = tuple((s, o) for s, o in layer.flat_undecided if s not in item.sides)
+            try:
+                out.others[name] = dataclasses.replace(layer, **fields)
+            except ConvBNError as exc:
+                raise ConvBNError(f"--flatten {name}: {exc}") from None
+            out.notes.append(f"flatten of dense layer {name!r} given explicitly: {item.text}")
+        return out
+
     def copy(self) -> Checkpoint:
         """A copy with new containers; arrays and params (immutable) are shared, not copied."""
         return dataclasses.replace(
@@ -299,3 +456,65 @@ class Checkpoint:
         )
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class FlattenSpec:
+    """What ``--flatten LAYER=...`` states about one dense layer's sides.
+
+    Attributes:
+        sides: the sides stated, ``"in"`` and/or ``"out"``.
+        map_in: ``(height, width, channels)`` of the map its input is a flattening of; None for a vector.
+        map_out: the same for the map its output is reshaped into.
+        text: the spec as given, for the report.
+    """
+
+    sides: tuple[str, ...]
+    map_in: tuple[int, int, int] | None = None
+    map_out: tuple[int, int, int] | None = None
+    text: str = ""
+
+
+_MAP = re.compile(r"(\d+)x(\d+)x(\d+)")
+
+
+def parse_flatten(items: list[str] | tuple[str, ...] | None) -> dict[str, FlattenSpec]:
+    """``--flatten`` items as :meth:`Checkpoint.with_flatten` takes them.
+
+    Each item is ``LAYER=HxWxC`` (the dense layer's input is a flattened H x W x C map),
+    ``LAYER=in:HxWxC``, ``LAYER=out:HxWxC`` (its output is reshaped into one) or ``LAYER=none``
+    (neither side is a map); items for the same layer combine.
+
+    Example:
+        >>> parse_flatten(["d_h4_lin=2x2x32"])["d_h4_lin"].map_in
+        (2, 2, 32)
+
+    Raises:
+        ConvBNError: for an item of another form, naming it.
+    """
+    specs: dict[str, FlattenSpec] = {}
+    for item in items or ():
+        name, eq, value = str(item).rpartition("=")
+        side, colon, shape = value.partition(":")
+        if not colon:
+            side, shape = "in", value
+        match = _MAP.fullmatch(shape)
+        if not eq or not name or side not in ("in", "out") or (shape != "none" and not match) or (
+            shape == "none" and colon
+        ) or (match and 0 in tuple(int(g) for g in match.groups())):
+            raise ConvBNError(
+                "--flatten takes LAYER=HxWxC, LAYER=in:HxWxC, LAYER=out:HxWxC or LAYER=none, with positive "
+                f"sizes. Received: {item!r}"
+            )
+        old = specs.get(name, FlattenSpec(()))
+        dims = tuple(int(g) for g in match.groups()) if match else None
+        if shape == "none":
+            new = FlattenSpec(("in", "out"), None, None, item)
+        elif side == "in":
+            new = FlattenSpec(tuple(dict.fromkeys((*old.sides, "in"))), dims, old.map_out, item)  # type: ignore[arg-type]
+        else:
+            new = FlattenSpec(tuple(dict.fromkeys((*old.sides, "out"))), old.map_in, dims, item)  # type: ignore[arg-type]
+        if old.text:
+            new = dataclasses.replace(new, text=f"{old.text}, {item}")
+        specs[name] = new
+    return specs
