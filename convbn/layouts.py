@@ -14,6 +14,13 @@ transposed conv        ``(in, out/groups, kh, kw)``       ``(kh, kw, out/groups,
 dense                  ``(out, in)``                      ``(in, out)``
 =====================  =================================  ===============================
 
+Flax's ``ConvTranspose`` keeps its own kernel (:func:`transpose_to_flax`): with
+``transpose_kernel=True`` it is the neutral ``(kh, kw, out, in)`` filter itself; with the default
+``transpose_kernel=False`` it is ``(kh, kw, in, out)``, spatially flipped. Both were checked
+against the gradient of ``jax.lax.conv_general_dilated`` (what TF's ``conv2d_transpose`` computes),
+with ``padding="SAME"`` giving TF's crop, at strides 1 and 2 and odd and even sizes
+(tests/test_layouts_flax.py).
+
 A depthwise conv's output channel ``c*m + j`` is input channel ``c``'s ``j``-th filter in both
 frameworks, so its two neutral forms differ by a reshape only. The transposed conv's torch layout
 is the conv's with in and out swapped, so one permutation serves both.
@@ -48,7 +55,9 @@ __all__ = [
     "flat_columns",
     "flat_permutation",
     "flat_rows",
+    "transpose_from_flax",
     "transpose_from_torch",
+    "transpose_to_flax",
     "transpose_to_torch",
 ]
 
@@ -107,6 +116,24 @@ def transpose_from_torch(weight: np.ndarray) -> np.ndarray:
 def transpose_to_torch(kernel: np.ndarray) -> np.ndarray:
     """The neutral ``(kh, kw, out/groups, in)`` transposed-conv kernel as torch's ``(in, out/groups, kh, kw)``."""
     return _rank(kernel, 4, "transposed conv kernel (kh, kw, out, in)").transpose(HWIO_TO_OIHW)
+
+
+def transpose_to_flax(kernel: np.ndarray, transpose_kernel: bool = False) -> np.ndarray:
+    """The neutral ``(kh, kw, out, in)`` transposed-conv kernel as ``flax.linen.ConvTranspose``'s kernel.
+
+    ``transpose_kernel=True``: the same array (flax flips and swaps it itself, as ``jax.lax.conv_transpose``
+    does). ``transpose_kernel=False`` (flax's default): ``(kh, kw, in, out)`` with both spatial axes
+    reversed, since flax then runs it as a conv over the stride-dilated input.
+    """
+    kernel = _rank(kernel, 4, "transposed conv kernel (kh, kw, out, in)")
+    return kernel if transpose_kernel else kernel[::-1, ::-1].transpose(0, 1, 3, 2)
+
+
+def transpose_from_flax(kernel: np.ndarray, transpose_kernel: bool = False) -> np.ndarray:
+    """``flax.linen.ConvTranspose``'s kernel as the neutral ``(kh, kw, out, in)`` (the inverse of
+    :func:`transpose_to_flax`)."""
+    kernel = _rank(kernel, 4, "flax ConvTranspose kernel")
+    return kernel if transpose_kernel else kernel[::-1, ::-1].transpose(0, 1, 3, 2)
 
 
 def dense_from_torch(weight: np.ndarray) -> np.ndarray:
