@@ -53,16 +53,19 @@ from typing import Any
 import numpy as np
 
 from convbn import conventions
-from convbn.checkpoint import Checkpoint, LayerSource
+from convbn.checkpoint import Checkpoint, FeatureMap, Layer, LayerSource, Norm
 from convbn.errors import ConvBNError
 from convbn.formats import _tfbundle, _tfproto
 from convbn.formats._common import not_written_note, origin_format
 from convbn.formats._pairing import natural_key
+from convbn.layouts import FlatOrder, depthwise_from_tf, depthwise_to_tf
 from convbn.params import ConvBNParams
 
-__all__ = ["NAME", "WRITES_FUSED", "check_destination", "read", "resolve", "sniff", "write", "write_prefix"]
+__all__ = ["NAME", "WRITES_FUSED", "others_as_tensors", "check_destination", "read", "resolve", "sniff", "write", "write_prefix"]
 
 NAME = "slim"
+#: write() writes Checkpoint.others, every layer kind, under slim's names.
+WRITES_OTHERS = True
 #: write() honours Checkpoint.fused (conv weights + biases, what slim.conv2d without a normalizer has).
 WRITES_FUSED = True
 
@@ -95,6 +98,14 @@ _FLOW_OPS = frozenset(
      "BatchToSpaceND"}
 )
 _CONV_OPS = frozenset({"Conv2D", "DepthwiseConv2dNative"})
+# Ops whose filter or weight input (input 1) makes a variable a transposed-conv or dense kernel.
+_LAYER_OPS = {"Conv2DBackpropInput": "conv_transpose", "MatMul": "dense"}
+# Ops a flattened vector passes through unchanged in layout (activations, dropout, casts): a dense
+# layer's input is traced back through them to the Reshape that flattened it, if any.
+_ELEMENTWISE_OPS = frozenset(
+    {"Identity", "Relu", "Relu6", "LeakyRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Softplus", "Mul", "RealDiv",
+     "Maximum", "Minimum", "Add", "AddV2", "Sub", "BiasAdd", "Cast", "Floor", "Neg", "StopGradient"}
+)
 _FUSED_BN_OPS = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
 _VARIABLE_OPS = frozenset({"VariableV2", "VarHandleOp", "Variable"})
 
@@ -319,6 +330,12 @@ class _Graph:
     bn_of: dict[str, str]  # kernel variable -> the BatchNorm scope consuming the conv's output
     bn_eps: dict[str, float]  # BatchNorm scope -> epsilon of its fused op
     bn_unfused: set[str]  # BatchNorm scopes whose ops include no fused op
+    # kernel variable -> "conv_transpose" or "dense" (the op it feeds); Conv2D kernels are in geometry
+    kinds: dict[str, str] = dataclasses.field(default_factory=dict)
+    # dense kernel -> the map its input is a flattening of (None: a vector), or "undecided"
+    flat_in: dict[str, FeatureMap | str | None] = dataclasses.field(default_factory=dict)
+    # dense kernel -> the map its output is reshaped into (None: it is not), or "undecided"
+    flat_out: dict[str, FeatureMap | str | None] = dataclasses.field(default_factory=dict)
 
 
 def _meta_path(prefix: Path) -> Path:
@@ -451,16 +468,31 @@ def _analyse_graph(
     conv_op: dict[str, dict[str, Any]] = {}
     not_conv: set[str] = set()
     bn_of: dict[str, str] = {}
+    kinds: dict[str, str] = {}
+    flat_in: dict[str, FeatureMap | str | None] = {}
+    flat_out: dict[str, FeatureMap | str | None] = {}
     claimed: collections.Counter[str] = collections.Counter()
     for node in node_list:
-        if node.op not in _CONV_OPS:
+        kind = "conv" if node.op in _CONV_OPS else _LAYER_OPS.get(node.op)
+        if kind is None or node.name.split("/")[0].startswith("gradients"):
             continue
+        if kind == "dense" and (node.attr["transpose_a"].b or node.attr["transpose_b"].b):
+            continue  # an (out, in) weight: not a dense kernel in the neutral layout
         inputs = data_inputs(node)
         kernel = variable_of(inputs[1]) if len(inputs) > 1 else None
-        if kernel is None or kernel in conv_op:
+        if kernel is None or kernel in conv_op or kernel in kinds:
             continue
         try:
-            conv_op[kernel] = _geometry(node, nodes)
+            if kind == "dense":
+                kinds[kernel] = kind
+                rows = variables[kernel].shape[0] if kernel in variables else -1
+                cols = variables[kernel].shape[-1] if kernel in variables else -1
+                flat_in[kernel] = _flattened_input(inputs[0], nodes, data_inputs, rows)
+                flat_out[kernel] = _reshaped_output(node, consumers, nodes, cols)
+            else:
+                conv_op[kernel] = _geometry(node, nodes)
+                if kind == "conv_transpose":
+                    kinds[kernel] = kind
         except (ValueError, TypeError, IndexError) as exc:
             raise ValueError(f"node {node.name!r}: {_first_line(exc)}") from None
         found: set[str] = set()
@@ -473,15 +505,17 @@ def _analyse_graph(
                 scope = bn_scope_of(consumer)
                 if scope is not None:
                     found.add(scope)
-                elif consumer.op in _FLOW_OPS or (
+                elif (consumer.op in _FLOW_OPS and not (kind == "dense" and consumer.op == "Reshape")) or (
                     consumer.op in ("Add", "AddV2") and consumer.name.startswith(kernel.rpartition("/")[0] + "/")
                 ):
+                    # A Reshape after a dense layer makes a feature map of its output: a BatchNorm
+                    # there normalizes channels, not the dense layer's features.
                     stack.append(consumer.name)
         if len(found) == 1:
             bn_of[kernel] = found.pop()
             claimed[bn_of[kernel]] += 1
     for name, var in variables.items():
-        if len(var.shape) == 4 and name in nodes and name not in conv_op:
+        if len(var.shape) == 4 and name in nodes and (name not in conv_op or name in kinds):
             not_conv.add(name)
     # A BatchNorm that several convs feed is no conv+BN pair.
     bn_of = {k: s for k, s in bn_of.items() if claimed[s] == 1}
@@ -507,7 +541,93 @@ def _analyse_graph(
                 # Stored as float32: the shortest decimal that rounds to it (1e-05, not 9.99e-06).
                 bn_eps[scope] = float(str(np.float32(op.attr["epsilon"].f)))
     unfused = {s for s, ops in bn_ops.items() if ops and not ops & _FUSED_BN_OPS and "Rsqrt" in ops}
-    return _Graph(order, conv_op, not_conv, bn_of, bn_eps, unfused)
+    return _Graph(order, conv_op, not_conv, bn_of, bn_eps, unfused, kinds, flat_in, flat_out)
+
+
+def _output_shape(name: str, nodes: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The shape the graph records for tensor ``name`` (``node:i``) in ``_output_shapes`` (what
+    ``Saver`` exports); None when it records none or an unknown rank; -1 for an unknown dimension."""
+    node_name, _, index = name.lstrip("^").partition(":")
+    node = nodes.get(node_name)
+    if node is None:
+        return None
+    shapes = node.attr["_output_shapes"].list.shape
+    i = int(index) if index.isdigit() else 0
+    if i >= len(shapes) or shapes[i].unknown_rank:
+        return None
+    return tuple(int(d.size) for d in shapes[i].dim)
+
+
+def _map_order(name: str, nodes: Mapping[str, Any], data_inputs: Any) -> FlatOrder:
+    """``"chw"`` when the nearest op upstream of ``name`` that states a data_format states NCHW."""
+    seen = 0
+    node = nodes.get(name.split(":")[0])
+    while node is not None and seen < 32:
+        fmt = node.attr["data_format"].s
+        if fmt:
+            return "chw" if fmt == b"NCHW" else "hwc"
+        inputs = data_inputs(node)
+        node = nodes.get(inputs[0]) if inputs else None
+        seen += 1
+    return "hwc"
+
+
+def _as_map(shape: tuple[int, ...] | None, order: FlatOrder, features: int) -> FeatureMap | str:
+    """A 4-D feature map shape (batch first, in ``order``) as the FeatureMap of ``features`` flattened
+    features; "undecided" when the shape is unknown or does not account for them."""
+    if shape is None or len(shape) != 4 or min(shape[1:]) <= 0:
+        return "undecided"
+    h, w, c = shape[1:] if order == "hwc" else (shape[2], shape[3], shape[1])
+    if h * w * c != features:
+        return "undecided"
+    return FeatureMap(h, w, c, order)
+
+
+def _flattened_input(name: str, nodes: Mapping[str, Any], data_inputs: Any, rows: int) -> FeatureMap | str | None:
+    """The map a MatMul's input ``name`` is a flattening of: traced back through elementwise ops to a
+    Reshape of a 4-D tensor. None when it reaches anything else (the input is a vector)."""
+    node = nodes.get(name.split(":")[0])
+    for _ in range(32):
+        if node is None:
+            return None
+        if node.op == "Reshape":
+            inputs = data_inputs(node)
+            shape = _output_shape(node.input[0], nodes) if inputs else None
+            if shape is not None and len(shape) == 2:
+                return None  # a reshape of a vector: still a vector
+            return _as_map(shape, _map_order(inputs[0], nodes, data_inputs) if inputs else "hwc", rows)
+        if node.op not in _ELEMENTWISE_OPS:
+            return None
+        inputs = data_inputs(node)
+        node = nodes.get(inputs[0]) if inputs else None
+    return "undecided"
+
+
+def _reshaped_output(
+    matmul: Any, consumers: Mapping[str, list[Any]], nodes: Mapping[str, Any], cols: int
+) -> FeatureMap | str | None:
+    """The map a MatMul's output is reshaped into, through its bias add and elementwise ops; None
+    when it reaches no Reshape."""
+    stack, seen = [matmul.name], {matmul.name}
+    found: list[FeatureMap | str] = []
+    while stack:
+        for consumer in consumers.get(stack.pop(), ()):
+            if consumer.name in seen or consumer.name.split("/")[0].startswith("gradients"):
+                continue
+            seen.add(consumer.name)
+            if consumer.op == "Reshape":
+                shape = _output_shape(consumer.name, nodes)
+                if shape is not None and len(shape) == 2:
+                    continue
+                order: FlatOrder = "hwc"
+                if any(c.attr["data_format"].s == b"NCHW" for c in consumers.get(consumer.name, ())):
+                    order = "chw"
+                found.append(_as_map(shape, order, cols))
+            elif consumer.op in _ELEMENTWISE_OPS and len(seen) < 64:
+                stack.append(consumer.name)
+    if not found:
+        return None
+    return found[0] if all(f == found[0] for f in found) else "undecided"
 
 
 def _geometry(node: Any, nodes: Mapping[str, Any]) -> dict[str, Any]:
@@ -697,7 +817,11 @@ def read(
     bns = _batchnorms(variables, source)
     kernels = [v for v in variables.values() if len(v.shape) == 4 and v.role in _KERNEL_ROLES]
     graph = None if object_based else _load_graph(prefix, variables, bns, ckpt.notes)
-    chosen = _pair(source, variables, kernels, bns, graph, pairs or {}, object_based, ckpt.notes)
+    # TF1 checkpoints: transposed-conv and dense kernels are read as layers of their own kind (TF2
+    # object-based ones keep them in tensors: their object paths name no layer kind).
+    kinds = {} if object_based else _layer_kinds(variables, kernels, bns, graph)
+    conv_kernels = [k for k in kernels if kinds.get(k.name) != "conv_transpose"]
+    chosen = _pair(source, variables, conv_kernels, bns, graph, pairs or {}, object_based, ckpt.notes)
 
     def position(name: str) -> tuple[Any, ...]:
         if graph is not None and name in graph.order:
@@ -758,6 +882,13 @@ def read(
         if bias_var is not None:
             consumed.add(bias_var.name)
 
+    if not object_based:
+        _read_others(
+            ckpt, source, variables, kinds, bns, graph, chosen, consumed, by_scope, styles, eps, momentum, position
+        )
+    for name in sorted([*ckpt.layers, *ckpt.others], key=lambda n: position(_first_variable(ckpt, n))):
+        ckpt.order.append(name)
+
     # Everything else, in the same order, read one tensor at a time.
     for name in sorted((n for n in variables if n not in consumed), key=position):
         var = variables[name]
@@ -772,6 +903,197 @@ def read(
 
     _report(ckpt, styles, graph, graph_eps, unfused, kernels, chosen, bns, eps, momentum)
     return ckpt
+
+
+_DENSE_ROLES = ("weights", "kernel", "Matrix", "w")
+
+
+def _first_variable(ckpt: Checkpoint, layer: str) -> str:
+    """A layer's kernel (or BatchNorm moving mean) variable, which places it in source order."""
+    source = ckpt.sources.get(layer)
+    if source is not None:
+        return source.conv["kernel"]
+    other = ckpt.others[layer]
+    return other.tensors.get("kernel") or other.tensors["moving_mean"]
+
+
+def _layer_kinds(
+    variables: Mapping[str, _Var], kernels: list[_Var], bns: Mapping[str, Mapping[str, _Var]], graph: _Graph | None
+) -> dict[str, str]:
+    """Kernel variable -> ``"conv"``, ``"conv_transpose"`` or ``"dense"``.
+
+    The ``.meta`` graph says which op each kernel feeds. Without one (or for a kernel it does not
+    use), a 4-D kernel is a transposed conv's ``(kh, kw, out, in)`` filter only when its bias, or the
+    one BatchNorm its name suggests, is ``out`` wide where ``out != in``; otherwise a conv, as slim
+    reads it. A 2-D ``weights``/``kernel``/``Matrix``/``w`` is a dense kernel.
+    """
+    kinds: dict[str, str] = {}
+    auto_counts = _auto_name_counts(kernels, bns)
+    for kernel in kernels:
+        if kernel.name.rpartition("/")[2].startswith("_"):
+            continue  # a TF2 object path (Keras 3's '_kernel') written under its own name: kept as it is
+        if graph is not None and (kernel.name in graph.geometry or kernel.name in graph.kinds):
+            kinds[kernel.name] = graph.kinds.get(kernel.name, "conv")
+            continue
+        out_t, out_c = kernel.shape[2], kernel.shape[3]
+        kinds[kernel.name] = "conv"
+        if kernel.depthwise or out_t == out_c:
+            continue
+        bias = next((v for v in variables.values() if v.scope == kernel.scope and v.role in _BIAS_ROLES), None)
+        widths = {bns[s]["moving_mean"].shape[0] for s in _naming_candidates(kernel, set(bns), auto_counts)}
+        if (bias is not None and bias.shape == (out_t,)) or (bias is None and widths == {out_t}):
+            kinds[kernel.name] = "conv_transpose"
+    for var in variables.values():
+        if len(var.shape) == 2 and var.name.rpartition("/")[2] in _DENSE_ROLES:
+            kinds[var.name] = "dense"
+    return kinds
+
+
+def _read_others(
+    ckpt: Checkpoint,
+    source: _Source,
+    variables: Mapping[str, _Var],
+    kinds: Mapping[str, str],
+    bns: Mapping[str, dict[str, _Var]],
+    graph: _Graph | None,
+    chosen: Mapping[str, tuple[str, str, str]],
+    consumed: set[str],
+    by_scope: Mapping[str, list[_Var]],
+    styles: Mapping[str, list[str]],
+    eps: float | None,
+    momentum: float | None,
+    position: Any,
+) -> None:
+    """Every kernel not in a conv+BatchNorm pair (a lone conv, a transposed conv, a dense layer,
+    each with the BatchNorm that follows it, if any) and every BatchNorm left, as
+    :class:`~convbn.checkpoint.Layer` objects in ``ckpt.others``."""
+    used_bns = {bn for bn, _, _ in chosen.values()}
+    auto_counts = _auto_name_counts([variables[k] for k in kinds if len(variables[k].shape) == 4], bns)
+    ckpt_style = next(iter(styles)) if len(styles) == 1 else "slim"
+    read: dict[str, list[str]] = collections.defaultdict(list)
+    undecided: list[str] = []
+    flattened: list[str] = []
+    for name in sorted((k for k in kinds if k not in chosen and k not in consumed), key=position):
+        var, kind = variables[name], kinds[name]
+        out = var.shape[-1] if kind == "dense" else var.shape[2] if kind == "conv_transpose" else _out_channels(var)
+        bn_scope = graph.bn_of.get(name) if graph is not None else None
+        if graph is None or (name not in graph.geometry and name not in graph.kinds):
+            found = [s for s in _naming_candidates(var, set(bns), auto_counts)
+                     if s not in used_bns and bns[s]["moving_mean"].shape == (out,)]
+            if kind == "dense":
+                found = [s for s in (f"{var.scope}/BatchNorm", f"{var.scope}/bn") if s in bns and s not in used_bns
+                         and bns[s]["moving_mean"].shape == (out,)] or found
+            bn_scope = found[0] if len(found) == 1 else None
+        if bn_scope is not None and (bn_scope in used_bns or bns[bn_scope]["moving_mean"].shape != (out,)):
+            bn_scope = None
+        bias_var = next(
+            (v for v in by_scope[var.scope] if v.role in _BIAS_ROLES and v.name not in consumed and v.name != name), None
+        )
+        kernel = source.get(var.key)
+        groups = 1
+        if var.depthwise:
+            groups = kernel.shape[2]
+            kernel = depthwise_from_tf(kernel)
+        tensors = {"kernel": var.key}
+        arrays: dict[str, Any] = {}
+        _read_vector(source, "bias", bias_var, (out,), f"the {kind} kernel {var.key!r} {var.shape}", arrays, tensors)
+        bias = arrays.get("bias")
+        if bias_var is not None:
+            consumed.add(bias_var.name)
+        norm = None
+        if bn_scope is not None:
+            norm = _read_norm(source, bns[bn_scope], bn_scope, graph, ckpt_style, eps, momentum, tensors)
+            used_bns.add(bn_scope)
+            consumed.update(v.name for v in bns[bn_scope].values())
+        geometry = graph.geometry.get(name, {}) if graph is not None and kind != "dense" else {}
+        fields: dict[str, Any] = {}
+        layer_name = var.scope or name
+        if kind == "dense":
+            side_in = graph.flat_in.get(name, "undecided") if graph is not None else "undecided"
+            side_out = graph.flat_out.get(name, "undecided") if graph is not None else "undecided"
+            fields["flat_in"] = side_in if isinstance(side_in, FeatureMap) else None
+            fields["flat_out"] = side_out if isinstance(side_out, FeatureMap) else None
+            fields["flat_undecided"] = tuple(
+                (side, "hwc") for side, value in (("in", side_in), ("out", side_out)) if value == "undecided"
+            )
+            if fields["flat_undecided"]:
+                undecided.append(layer_name)
+            if fields["flat_in"] or fields["flat_out"]:
+                flattened.append(layer_name)
+        else:
+            fields = {k: v for k, v in geometry.items() if k in ("stride", "padding", "dilation")}
+            fields["geometry"] = bool(geometry)
+            if kind == "conv" and graph is None:
+                fields["padding"] = "SAME"  # slim.conv2d's default
+        try:
+            layer = Layer(kind, kernel=kernel, bias=bias, norm=norm, groups=groups, tensors=tensors, **fields)  # type: ignore[arg-type]
+        except ConvBNError as exc:
+            raise ConvBNError(f"{exc} (layer {layer_name!r} in {source.index})") from None
+        if layer_name in ckpt.layers or layer_name in ckpt.others:
+            layer_name = name
+        ckpt.others[layer_name] = layer
+        consumed.add(name)
+        read[kind + ("+BatchNorm" if norm is not None else "")].append(layer_name)
+    for scope in sorted((s for s in bns if s not in used_bns), key=lambda s: position(bns[s]["moving_mean"].name)):
+        if scope in ckpt.layers or scope in ckpt.others:
+            continue  # a BatchNorm scope named like a layer: left in tensors
+        bn_tensors: dict[str, str] = {}
+        norm = _read_norm(source, bns[scope], scope, graph, ckpt_style, eps, momentum, bn_tensors)
+        ckpt.others[scope] = Layer("batch_norm", norm=norm, tensors=bn_tensors)
+        consumed.update(v.name for v in bns[scope].values())
+        read["batch_norm"].append(scope)
+    if read:
+        listed = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in read.items())
+        ckpt.notes.append(f"read {sum(map(len, read.values()))} other layer(s) by kind ({listed})")
+    if flattened:
+        ckpt.notes.append(
+            "flattened feature maps read from the .meta graph's Reshape ops: "
+            + ", ".join(_flat_text(n, ckpt.others[n]) for n in flattened)
+        )
+    if undecided:
+        why = "the .meta graph does not say" if graph is not None else "there is no .meta graph to say"
+        ckpt.notes.append(
+            f"undecided flatten: {why} whether the features of dense layer(s) {', '.join(undecided)} are a "
+            "flattened feature map; converting them to an NCHW framework is refused until stated "
+            "(convbn convert --flatten LAYER=HxWxC, LAYER=out:HxWxC or LAYER=none)"
+        )
+
+
+def _flat_text(name: str, layer: Layer) -> str:
+    parts = []
+    for side, m in (("input", layer.flat_in), ("output", layer.flat_out)):
+        if m is not None:
+            parts.append(f"{side} {m.height}x{m.width}x{m.channels} ({m.order})")
+    return f"{name} ({', '.join(parts)})"
+
+
+def _read_norm(
+    source: _Source,
+    roles: Mapping[str, _Var],
+    scope: str,
+    graph: _Graph | None,
+    style: str,
+    eps: float | None,
+    momentum: float | None,
+    tensors: dict[str, str],
+) -> Norm:
+    """A BatchNorm scope's tensors and settings (eps from the graph's fused op, else the style's preset)."""
+    arrays: dict[str, Any] = {}
+    width = roles["moving_mean"].shape
+    for field, role in (("gamma", "gamma"), ("beta", "beta"), ("moving_mean", "moving_mean"),
+                        ("moving_var", "moving_variance")):
+        _read_vector(source, field, roles.get(role), width, f"the moving mean {roles['moving_mean'].key!r}", arrays, tensors)
+    _check_variance(source, roles["moving_variance"], arrays["moving_var"])
+    preset = _STYLE_PRESET[style]
+    graph_eps = graph.bn_eps.get(scope) if graph is not None else None
+    unfused = graph is not None and scope in graph.bn_unfused
+    return Norm(
+        "batch_norm",
+        eps=eps if eps is not None else graph_eps if graph_eps is not None else preset.eps,
+        momentum=preset.momentum if momentum is None else momentum,
+        var_update="biased" if unfused else preset.var_update,
+        **arrays,
+    )
 
 
 def _variables(source: _Source, object_based: bool, use_ema: bool, ckpt: Checkpoint) -> dict[str, _Var]:
@@ -917,6 +1239,28 @@ def _pair(
     return chosen
 
 
+def _read_vector(
+    source: _Source,
+    field: str,
+    var: _Var | None,
+    width: tuple[int, ...],
+    against: str,
+    arrays: dict[str, Any],
+    names: dict[str, str],
+) -> None:
+    """Read ``var`` (if any) into ``arrays[field]`` and its key into ``names[field]``; a shape other than
+    ``width`` is refused, naming the tensor and what it must match."""
+    if var is None:
+        return
+    if var.shape != width:
+        raise ConvBNError(
+            f"{var.role} must have shape {width} to match {against}. Received: file={source.index}, "
+            f"tensor={var.key!r}, shape={var.shape}"
+        )
+    arrays[field] = source.get(var.key)
+    names[field] = var.key
+
+
 def _check_variance(source: _Source, var: _Var, value: np.ndarray) -> None:
     bad = ~(np.isfinite(value) & (value >= 0))
     if np.any(bad):
@@ -951,15 +1295,7 @@ def _build_layer(
                             ("moving_var", "moving_variance"))
     ]
     for field, var, names in fields:
-        if var is None:
-            continue
-        if var.shape != (out,):
-            raise ConvBNError(
-                f"{var.role} must have shape ({out},) to match the conv kernel {kernel_var.key!r} "
-                f"{kernel_var.shape}. Received: file={source.index}, tensor={var.key!r}, shape={var.shape}"
-            )
-        arrays[field] = source.get(var.key)
-        names[field] = var.key
+        _read_vector(source, field, var, (out,), f"the conv kernel {kernel_var.key!r} {kernel_var.shape}", arrays, names)
     _check_variance(source, bn["moving_variance"], arrays["moving_var"])
     try:
         params = ConvBNParams(kernel=kernel, groups=groups, **arrays, **geometry, **convention)
@@ -1015,11 +1351,11 @@ def _report(
     if reasons:
         notes.append("paired by " + ", ".join(f"{r}: {n}" for r, n in reasons.items()))
     for kernel in kernels:
-        if kernel.name not in chosen:
+        if kernel.name not in chosen and kernel.name in ckpt.tensors:
             notes.append(f"conv {kernel.name!r} has no BatchNorm paired with it: kept in tensors")
     used_bns = {bn for bn, _, _ in chosen.values()}
     for scope in bns:
-        if scope not in used_bns:
+        if scope not in used_bns and bns[scope]["moving_mean"].name in ckpt.tensors:
             notes.append(f"BatchNorm {scope!r} follows no conv: kept in tensors")
 
 
@@ -1062,12 +1398,72 @@ def _layer_entries(ckpt: Checkpoint, *, check_bias: bool = True) -> list[tuple[s
     return entries
 
 
+def _norm_entries(scope: str, norm: Norm, dtype: Any) -> list[tuple[str, np.ndarray]]:
+    """A BatchNorm's variables under ``scope`` as slim.batch_norm names them (gamma iff it has one,
+    beta zeros where it has none); LayerNorm and GroupNorm have beta and gamma only."""
+    from convbn.backends.numpy import to_numpy
+
+    entries = []
+    if norm.gamma is not None:
+        entries.append((f"{scope}/gamma", to_numpy(norm.gamma)))
+    width = next(np.shape(v)[0] for v in (norm.gamma, norm.beta, norm.moving_mean) if v is not None)
+    entries.append((f"{scope}/beta", np.zeros(width, dtype) if norm.beta is None else to_numpy(norm.beta)))
+    if norm.kind == "batch_norm":
+        entries.append((f"{scope}/moving_mean", to_numpy(norm.moving_mean)))
+        entries.append((f"{scope}/moving_variance", to_numpy(norm.moving_var)))
+    return entries
+
+
+def _other_entries(ckpt: Checkpoint, notes: list[str] | None = None) -> list[tuple[str, np.ndarray]]:
+    """Every other layer under the names of the slim layer that restores it: ``slim.conv2d``,
+    ``slim.conv2d_transpose`` and ``slim.fully_connected`` (``L/weights``, then ``L/biases`` or, with
+    a normalizer, ``L/BatchNorm/*``), ``slim.batch_norm`` / ``layer_norm`` / ``group_norm``
+    (``L/beta``, ``L/gamma``, ...). Dense layers are put in NHWC feature order first (refused while a
+    flatten is undecided). A bias before a BatchNorm is folded into its beta: slim's layers with a
+    normalizer have none. Appends to ``notes`` what was folded and permuted."""
+    from convbn.backends.numpy import to_numpy
+
+    ordered = ckpt.in_feature_order("hwc")
+    if notes is not None:
+        notes.extend(ordered.notes[len(ckpt.notes):])
+    entries: list[tuple[str, np.ndarray]] = []
+    folded: list[str] = []
+    for name, layer in ordered.others.items():
+        if not isinstance(name, str) or not name:
+            raise ConvBNError(f"layer names must be non-empty strings. Received: layer={name!r}")
+        if layer.norm is not None and layer.kind in ("batch_norm", "layer_norm", "group_norm"):
+            entries.extend(_norm_entries(name, layer.norm, np.float32))
+            continue
+        kernel = to_numpy(layer.kernel)
+        if layer.norm is not None and layer.bias is not None:
+            layer = layer.fold_bias("beta")
+            folded.append(name)
+        if layer.kind == "conv" and layer.groups > 1 and kernel.shape[2] == 1:
+            entries.append((f"{name}/depthwise_weights", depthwise_to_tf(kernel, layer.groups)))
+        elif layer.kind == "conv_transpose" and layer.groups > 1:
+            raise ConvBNError(
+                f"slim.conv2d_transpose has no groups. Received: layer {name!r} with groups={layer.groups}"
+            )
+        else:
+            entries.append((f"{name}/weights", kernel))
+        if layer.norm is not None:
+            entries.extend(_norm_entries(f"{name}/BatchNorm", layer.norm, kernel.dtype))
+        elif layer.bias is not None:
+            entries.append((f"{name}/biases", to_numpy(layer.bias)))
+    if folded and notes is not None:
+        notes.append(
+            f"folded the bias of {len(folded)} layer(s) into the following BatchNorm's beta (slim's layers "
+            f"with a normalizer have no bias): {', '.join(folded)}"
+        )
+    return entries
+
+
 def _slim_entries(ckpt: Checkpoint) -> list[tuple[str, np.ndarray]]:
     """Every variable to write: the layers', then the other tensors when the source is a TF
     checkpoint too (their names and layouts are TF's). Appends to ``ckpt.notes`` what is not stored."""
     from convbn.backends.numpy import to_numpy
 
-    entries = _layer_entries(ckpt)
+    entries = _layer_entries(ckpt) + _other_entries(ckpt, ckpt.notes)
     grouped = {name: p.groups for name, p in ckpt.layers.items() if p.groups > 1 and np.shape(p.kernel)[2] > 1}
     if grouped:
         listed = ", ".join(f"{name} (groups={g})" for name, g in grouped.items())
@@ -1130,7 +1526,8 @@ def check_destination(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
         return
     try:
         # A conv bias is folded before writing, which changes no name or shape.
-        shapes = [(name, tuple(np.shape(value))) for name, value in _layer_entries(ckpt, check_bias=False)]
+        entries = _layer_entries(ckpt, check_bias=False) + _other_entries(ckpt)
+        shapes = [(name, tuple(np.shape(value))) for name, value in entries]
     except ConvBNError:
         return  # write() reports what is wrong with the checkpoint itself
     try:
@@ -1204,4 +1601,37 @@ def write(ckpt: Checkpoint, path: str | os.PathLike[str], *, max_shard_size: int
             f"kept {_meta_path(target)}: it declares every variable written, so later reads take layer "
             "order, pairing, stride, padding and eps from it"
         )
+    # In name order, as TF's Saver adds them: the data file's layout then depends on the variables
+    # alone, not on which of them were read as layers (a rewrite of a read file is the same bytes).
+    entries.sort(key=lambda entry: entry[0])
     _tfbundle.write(target, entries, max_shard_size=max_shard_size)
+
+
+def others_as_tensors(ckpt: Checkpoint) -> Checkpoint:
+    """A copy of a checkpoint read from a TF checkpoint with its :attr:`~Checkpoint.others` put back
+    into ``tensors`` under their TF names, in TF's layouts (a depthwise kernel as ``(kh, kw, C, m)``).
+
+    For a target whose writer does not write layers of every kind (it declares no ``WRITES_LAYERS``):
+    it then writes or reports those tensors as it did before slim read them as layers, instead of
+    leaving them out unreported. A layer whose values changed since reading (a folded bias, a
+    permuted flatten) has nothing to go back to; it stays in ``others``.
+    """
+    from convbn.backends.numpy import to_numpy
+
+    out = ckpt.copy()
+    for name, layer in ckpt.others.items():
+        values: dict[str, Any] = {"kernel": layer.kernel, "bias": layer.bias}
+        if layer.norm is not None:
+            values.update(gamma=layer.norm.gamma, beta=layer.norm.beta, moving_mean=layer.norm.moving_mean,
+                          moving_var=layer.norm.moving_var)
+        present = {field for field, value in values.items() if value is not None}
+        if present != set(layer.tensors):
+            continue
+        for field, key in layer.tensors.items():
+            value = to_numpy(values[field])
+            if field == "kernel" and layer.kind == "conv" and layer.groups > 1 and value.shape[2] == 1:
+                value = depthwise_to_tf(value, layer.groups)
+            out.tensors[key] = value
+        del out.others[name]
+    out.order = [n for n in out.order if n not in ckpt.others or n in out.others]
+    return out

@@ -97,7 +97,7 @@ def test_the_hand_built_index_reads(tmp_path):
     prefix = _checkpoint(tmp_path, [(b"c/weights", _entry(shape=(1, 1, 2, 4), size=32, data=data[:32])),
                                     (b"t", _entry(shape=(4,), offset=32, data=data[32:48]))])
     ckpt = convbn.load_checkpoint(prefix)
-    np.testing.assert_array_equal(ckpt.tensors["c/weights"], np.arange(8, dtype="f4").reshape(1, 1, 2, 4))
+    np.testing.assert_array_equal(ckpt.others["c"].kernel, np.arange(8, dtype="f4").reshape(1, 1, 2, 4))
     np.testing.assert_array_equal(ckpt.tensors["t"], np.arange(8, 12, dtype="f4"))
 
 

@@ -134,9 +134,29 @@ def _assert_same_checkpoint(a: Checkpoint, b: Checkpoint) -> None:
             assert (va is None) == (vb is None), (name, field)
             assert va is None or _bits_equal(va, vb), (name, field)
         assert pa.groups == pb.groups
-    assert set(a.tensors) == set(b.tensors)  # in graph order or name order: either may come first
-    for name, value in a.tensors.items():
-        assert _bits_equal(value, b.tensors[name]), name
+    if a.others.keys() == b.others.keys():  # the same layers (names read from a DCGAN file and slim's differ)
+        for name, la in a.others.items():
+            lb = b.others[name]
+            assert (la.kind, la.groups, la.norm is None) == (lb.kind, lb.groups, lb.norm is None), name
+            for owner_a, owner_b, fields in ((la, lb, ("kernel", "bias")), (la.norm, lb.norm, _NORM_FIELDS)):
+                for field in fields if owner_a is not None else ():
+                    va, vb = getattr(owner_a, field), getattr(owner_b, field)
+                    assert (va is None) == (vb is None) and (va is None or _bits_equal(va, vb)), (name, field)
+        a, b = dataclasses.replace(a, others={}), dataclasses.replace(b, others={})
+    # Other layers and tensors by their TF names: in graph order or name order, either may come first.
+    held_a, held_b = _held(a), _held(b)
+    assert set(held_a) == set(held_b)
+    for name, value in held_a.items():
+        assert _bits_equal(value, held_b[name]), name
+
+
+_NORM_FIELDS = ("gamma", "beta", "moving_mean", "moving_var")
+
+
+def _held(ckpt: Checkpoint) -> dict[str, Any]:
+    """Every value outside the conv+BatchNorm pairs by its TF name: the other tensors, and the other
+    layers' tensors under the names they were read from."""
+    return slim.others_as_tensors(ckpt).tensors
 
 
 # -- locating a checkpoint: no TensorFlow needed ---------------------------------------------------
@@ -235,11 +255,15 @@ def test_slim_checkpoint_reproduces_the_slim_graph(slim_net: dict[str, Any]) -> 
     raw = slim_net["raw"]
     for i, params in enumerate(p.values()):
         assert rel_err(_run(raw["inputs"][i], params), raw["outputs"][i]) < TOL
-    # A 1x1 conv without BatchNorm and a dense layer's BatchNorm stay, reported.
-    for name in ("head/weights", "head/biases", "fc/weights", "fc/BatchNorm/moving_variance"):
-        assert name in ckpt.tensors
-    assert any("'head/weights' has no BatchNorm" in n for n in ckpt.notes)
-    assert any("'fc/BatchNorm' follows no conv" in n for n in ckpt.notes)
+    # A 1x1 conv without BatchNorm and a dense layer with its BatchNorm are layers of their own kinds.
+    assert ckpt.tensors == {}
+    head, fc = ckpt.others["head"], ckpt.others["fc"]
+    assert head.kind == "conv" and head.norm is None and head.tensors == {"kernel": "head/weights", "bias": "head/biases"}
+    assert fc.kind == "dense" and fc.bias is None and fc.norm is not None and fc.norm.eps == 1e-3
+    assert fc.tensors["moving_var"] == "fc/BatchNorm/moving_variance"
+    assert fc.flat_in is not None and fc.flat_in.size == fc.kernel.shape[0]  # slim.flatten of conv3's map
+    assert ckpt.order == ["conv1", "conv10", "conv2", "conv3", "head", "fc"]
+    assert any("read 2 other layer(s) by kind (conv: head; dense+BatchNorm: fc)" in n for n in ckpt.notes)
 
 
 def test_slim_values_are_the_checkpoint_values(slim_net: dict[str, Any]) -> None:
@@ -249,7 +273,9 @@ def test_slim_values_are_the_checkpoint_values(slim_net: dict[str, Any]) -> None
     assert _bits_equal(ckpt.layers["conv3"].moving_var, stored["conv3/BatchNorm/moving_variance"])
     depthwise = stored["conv2/depthwise_weights"]  # (3, 3, 16, 2): output channel c*2 + j
     assert _bits_equal(ckpt.layers["conv2"].kernel[:, :, 0, 2 * 5 + 1], depthwise[:, :, 5, 1])
-    for name, value in ckpt.tensors.items():
+    held = _held(ckpt)
+    assert {"head/weights", "fc/weights", "fc/BatchNorm/moving_mean"} <= set(held)
+    for name, value in held.items():
         assert _bits_equal(value, stored[name])
 
 
@@ -265,7 +291,7 @@ def test_use_ema_reads_the_shadows_and_reproduces_the_ema_graph(slim_net: dict[s
     for i, params in enumerate(ckpt.layers.values()):
         assert rel_err(_run(ema["inputs"][i], params), ema["outputs"][i]) < TOL
     assert "conv10/weights" in ckpt.dropped
-    assert _bits_equal(ckpt.tensors["head/weights"], stored["head/weights/ExponentialMovingAverage"])
+    assert _bits_equal(ckpt.others["head"].kernel, stored["head/weights/ExponentialMovingAverage"])
     plain = slim.read(slim_net["prefix"])
     assert "conv10/weights/ExponentialMovingAverage" in plain.dropped
     assert any("use_ema=True" in n for n in plain.notes)
@@ -281,8 +307,9 @@ def test_optimizer_state_is_dropped_never_mixed_in(slim_net: dict[str, Any]) -> 
     assert len(optimizer) == 2 * 14  # Adam m and v of the 14 trainable variables
     assert set(ckpt.dropped) == expected
     used = {name for src in ckpt.sources.values() for name in (*src.conv.values(), *src.bn.values())}
-    assert not expected & (used | set(ckpt.tensors))
-    assert used | set(ckpt.tensors) | set(ckpt.dropped) == names  # nothing lost
+    others = {name for layer in ckpt.others.values() for name in layer.tensors.values()}
+    assert not expected & (used | others | set(ckpt.tensors))
+    assert used | others | set(ckpt.tensors) | set(ckpt.dropped) == names  # nothing lost
 
 
 def test_without_meta_layers_come_in_natural_order_paired_by_naming(slim_net: dict[str, Any], tmp_path: Path) -> None:
@@ -323,11 +350,12 @@ def test_graph_pairing_beats_naming(graph_pairing: str, tmp_path: Path) -> None:
     assert list(ckpt.layers) == ["enc/a"]
     assert ckpt.sources["enc/a"].reason == "graph"
     assert ckpt.sources["enc/a"].bn["moving_mean"] == "enc/b/moving_mean"
-    assert {"conv1/kernel", "bn1/gamma", "bn1/moving_variance"} <= set(ckpt.tensors)
+    assert {"conv1/kernel", "bn1/gamma", "bn1/moving_variance"} <= set(_held(ckpt))
+    assert ckpt.others["conv1"].norm is None and ckpt.others["bn1"].kind == "batch_norm"
     bare = slim.read(_copy_checkpoint(graph_pairing, tmp_path, meta=False))
     assert list(bare.layers) == ["conv1"]
     assert bare.sources["conv1"].reason == "naming"
-    assert "enc/a/kernel" in bare.tensors and "enc/b/beta" in bare.tensors
+    assert "enc/a/kernel" in _held(bare) and "enc/b/beta" in _held(bare)
 
 
 def test_graph_gives_eps_and_variance_update_through_a_training_switch(tmp_path: Path) -> None:
@@ -385,7 +413,8 @@ def test_dcgan_checkpoint_reproduces_the_dcgan_graph(dcgan_net: dict[str, Any], 
         assert {s.reason for s in ckpt.sources.values()} == {reason}
         assert ckpt.convention == "dcgan"
         assert any("DCGAN's code passes epsilon=1e-5 and decay=0.9" in n for n in ckpt.notes)
-        assert set(ckpt.tensors) == {"d_h0_conv/w", "d_h0_conv/biases"}
+        assert ckpt.tensors == {} and list(ckpt.others) == ["d_h0_conv"]  # a conv without BatchNorm
+        assert ckpt.others["d_h0_conv"].tensors == {"kernel": "d_h0_conv/w", "bias": "d_h0_conv/biases"}
         for i, params in enumerate(ckpt.layers.values()):
             assert params.eps == 1e-5 and params.momentum == 0.9
             assert params.bias is not None and params.gamma is not None
@@ -425,7 +454,7 @@ def test_dcgan_converts_to_slim_with_either_fold(dcgan_net: dict[str, Any], tmp_
     names = set(_tf_values(prefix))
     assert "d_h1_conv/weights" in names and "d_h1_conv/BatchNorm/gamma" in names
     assert not any(n.endswith(("/biases", "/w")) and n.startswith(("d_h1", "d_h2")) for n in names)
-    assert {"d_h0_conv/w", "d_h0_conv/biases"} <= names  # the lone conv travels as tensors
+    assert {"d_h0_conv/weights", "d_h0_conv/biases"} <= names  # the lone conv, under slim.conv2d's names
     _assert_restores_dcgan(prefix, dcgan_net)
     back = convbn.load_checkpoint(prefix)
     assert back.convention == "slim"
@@ -472,7 +501,7 @@ def test_the_documented_python_conversions_run_as_written(
     # Per-layer control: slim.read, fold_bias("beta"), slim.write.
     exec(_doc_block("python", "slim.read("), {})
     _assert_restores_dcgan("slim/model.ckpt", dcgan_net)
-    assert "d_h0_conv/w" in _tf_values("slim/model.ckpt")
+    assert "d_h0_conv/weights" in _tf_values("slim/model.ckpt")
 
 
 def test_the_documented_command_converts_and_verifies(
@@ -480,7 +509,7 @@ def test_the_documented_command_converts_and_verifies(
 ) -> None:
     from convbn.cli import main
 
-    (command,) = [line[2:] for line in _doc_block("console", "convbn convert").splitlines() if line.startswith("$ ")]
+    (command,) = [line[2:] for line in _doc_block("console", "--fold-bias beta --verify").splitlines() if line.startswith("$ ")]
     program, *argv = shlex.split(command)
     assert program == "convbn" and "--verify" in argv
     monkeypatch.chdir(tmp_path)
