@@ -1,0 +1,130 @@
+"""The seed's DCGAN, whole: a TF1 graph built like carpedm20/DCGAN-tensorflow (generator and
+discriminator, ``Matrix``/``bias`` linears, ``w``/``biases`` convs and deconvs, contrib-style
+BatchNorm), saved with ``tf.compat.v1.train.Saver``, converts with no ``--pair`` flags to its tf-slim
+rewrite, which restores from the converted checkpoint alone and reproduces both nets in eval mode.
+
+Oracle: the TF graph itself (tests/formats/dcgan_graphs.py), built once per session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import convbn
+from convbn.cli import main
+from tests._support.assertions import rel_err
+from tests.formats.slim_graphs import need_slim, shared_build
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`layer.apply` is deprecated:UserWarning"),
+    pytest.mark.filterwarnings("ignore:`tf.layers.flatten` is deprecated:UserWarning"),
+]
+
+# The issue's bound. Measured: fake images 0 to 1.2e-7, logits 0 to 2e-7 (both graphs float32, the
+# same TF ops; folding a bias into beta rounds once in float32). A bias dropped instead of folded, or
+# d_h4_lin's rows left in the other flatten order, is off by more than 1e-2 (asserted below).
+TOL = 1e-5
+
+DENSE = ("generator/g_h0_lin", "discriminator/d_h4_lin")
+DECONVS_BN = ("generator/g_h1", "generator/g_h2", "generator/g_h3")
+
+
+@pytest.fixture(scope="module")
+def dcgan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    need_slim()
+    from tests.formats import dcgan_graphs
+
+    return shared_build(tmp_path_factory, "dcgan-whole", dcgan_graphs.build)  # type: ignore[no-any-return]
+
+
+def _values(prefix: Path) -> dict[str, np.ndarray]:
+    from convbn.formats import _tfbundle
+
+    bundle = _tfbundle.Bundle(prefix)
+    return {name: bundle.read(name) for name in bundle.shapes}
+
+
+def test_the_whole_dcgan_reads_as_layers_with_nothing_left(dcgan: dict[str, Any]) -> None:
+    ckpt = convbn.load_checkpoint(dcgan["prefix"])
+    assert ckpt.tensors == {}
+    assert list(ckpt.layers) == ["discriminator/d_h1_conv", "discriminator/d_h2_conv", "discriminator/d_h3_conv"]
+    kinds = {name: (layer.kind, layer.norm is not None) for name, layer in ckpt.others.items()}
+    assert kinds == {
+        "generator/g_h0_lin": ("dense", False), "generator/g_bn0": ("batch_norm", True),
+        **{n: ("conv_transpose", True) for n in DECONVS_BN}, "generator/g_h4": ("conv_transpose", False),
+        "discriminator/d_h0_conv": ("conv", False), "discriminator/d_h4_lin": ("dense", False),
+    }
+    assert ckpt.order[:2] == ["generator/g_h0_lin", "generator/g_bn0"] and ckpt.order[-1] == "discriminator/d_h4_lin"
+    # Only optimizer state is left out, each entry by name.
+    assert ckpt.dropped and all("Adam" in n or n.endswith("_power") for n in ckpt.dropped), ckpt.dropped
+    lin, head = ckpt.others["generator/g_h0_lin"], ckpt.others["discriminator/d_h4_lin"]
+    assert lin.flat_out == convbn.checkpoint.FeatureMap(2, 2, 32, "hwc") and lin.flat_in is None
+    assert head.flat_in == convbn.checkpoint.FeatureMap(2, 2, 32, "hwc") and head.flat_out is None
+    for name in (*DECONVS_BN, "generator/g_h4"):
+        layer = ckpt.others[name]
+        assert layer.stride == (2, 2) and layer.padding == "SAME" and layer.geometry and layer.bias is not None
+    assert all(ckpt.others[n].norm.eps == 1e-5 and ckpt.others[n].norm.momentum == 0.9 for n in DECONVS_BN)  # type: ignore[union-attr]
+    # The values are the checkpoint's, in TF's own layouts.
+    stored = _values(Path(dcgan["prefix"]))
+    assert np.array_equal(ckpt.others["generator/g_h1"].kernel, stored["generator/g_h1/w"])
+    assert np.array_equal(head.kernel, stored["discriminator/d_h4_lin/Matrix"])
+    assert np.array_equal(ckpt.others["generator/g_bn0"].norm.moving_var, stored["generator/g_bn0/moving_variance"])  # type: ignore[union-attr]
+
+
+def _doc_command(containing: str) -> list[str]:
+    """The argv of the one ``$ convbn ...`` line of docs/dcgan-to-slim.md that contains ``containing``."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "dcgan-to-slim.md").read_text(encoding="utf-8")
+    (line,) = [line for line in text.splitlines() if line.startswith("$ convbn ") and containing in line]
+    return shlex.split(line[2:])[1:]
+
+
+def test_the_whole_dcgan_converts_to_its_slim_rewrite(
+    dcgan: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.formats import dcgan_graphs
+
+    # The documented command, as written, on the checkpoint under the doc's name.
+    source = Path(dcgan["prefix"])
+    (tmp_path / "checkpoint").mkdir()
+    for file in source.parent.glob(source.name + ".*"):
+        shutil.copy(file, tmp_path / "checkpoint" / ("DCGAN.model-1000" + file.name[len(source.name):]))
+    monkeypatch.chdir(tmp_path)
+    argv = _doc_command("DCGAN.model-1000 slim/model.ckpt")
+    assert "--pair" not in argv
+    assert main(argv) == 0
+    out = tmp_path / "slim" / "model.ckpt"
+    written = convbn.save_checkpoint(convbn.load_checkpoint(dcgan["prefix"]), tmp_path / "api.ckpt", "slim")
+    notes = " ".join(written.notes)
+    assert "folded the conv bias of 3 layer(s)" in notes
+    assert "folded the bias of 3 layer(s) into the following BatchNorm's beta" in notes
+    assert all(n in notes for n in DECONVS_BN)
+    assert written.tensors == {}
+    values = _values(out)
+    assert not [n for n in values if n.endswith(("/w", "/Matrix", "/bias"))]
+    assert not [n for n in values if "BatchNorm" in n and n.rpartition("/BatchNorm")[0] + "/biases" in values]
+    for name, value in _values(tmp_path / "api.ckpt").items():
+        assert np.array_equal(value, values[name]), name
+    got = dcgan_graphs.run_slim_rewrite(str(out), dcgan["z"], dcgan["x"])
+    assert rel_err(got["fake"], dcgan["fake"]) < TOL
+    assert rel_err(got["logits"], dcgan["logits"]) < TOL
+
+    # Controls: a deconv bias dropped instead of folded, and d_h4_lin's rows in NCHW flatten order,
+    # are each visibly wrong through the same restore.
+    ckpt = convbn.load_checkpoint(dcgan["prefix"])
+    for name in DECONVS_BN:
+        ckpt.others[name] = dataclasses.replace(ckpt.others[name], bias=None)
+    head = ckpt.others["discriminator/d_h4_lin"]
+    ckpt.others["discriminator/d_h4_lin"] = dataclasses.replace(
+        head, kernel=convbn.layouts.flat_rows(head.kernel, 2, 2, 32, "hwc", "chw")
+    )
+    convbn.save_checkpoint(ckpt, tmp_path / "wrong.ckpt", "slim")
+    wrong = dcgan_graphs.run_slim_rewrite(str(tmp_path / "wrong.ckpt"), dcgan["z"], dcgan["x"])
+    assert rel_err(wrong["fake"], dcgan["fake"]) > 1e-2
+    assert rel_err(wrong["logits"], dcgan["logits"]) > 1e-2
