@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from convbn.checkpoint import parse_flatten
 from convbn.commands import _checkpoints as common
 from convbn.convert import (
     Checkpoint,
@@ -64,6 +65,11 @@ def register(sub: Any) -> None:
                              "model-00001-of-0000N.safetensors and model.safetensors.index.json beside it "
                              "(a checkpoint that fits stays one file); a TF checkpoint's data files are "
                              "model.ckpt.data-0000K-of-0000N")
+    parser.add_argument("--flatten", metavar="LAYER=HxWxC", action="append", default=None,
+                        help="state what a dense layer's features are where the source cannot say (repeatable): "
+                             "LAYER=HxWxC, its input is a flattened HxWxC feature map; LAYER=out:HxWxC, its "
+                             "output is reshaped into one; LAYER=none, neither. Needed to convert such a layer "
+                             "between NHWC and NCHW frameworks, which reorders its features")
     common.add_target_options(parser)
     parser.set_defaults(func=run)
 
@@ -90,10 +96,13 @@ def run(args: argparse.Namespace) -> int:
         _mapping(args.mapping)
     elif args.mapping:
         raise ConvBNError(f"--map applies with --like only. Received: --map {args.mapping[0]!r} without --like")
+    flatten = parse_flatten(args.flatten)
     common.prepare_conversion(source_format, to)
     ckpt = load_checkpoint(
         src, source_format, pairs=args.pair, eps=args.eps, momentum=momentum, use_ema=args.use_ema
     )
+    if flatten:
+        ckpt = ckpt.with_flatten(flatten)
     read_notes = len(ckpt.notes)
     match: LoadReport | None = None
     to_write: Checkpoint | None = None
