@@ -233,35 +233,6 @@ class Layer:
             return self
         return dataclasses.replace(self, kernel=kernel, bias=bias, norm=norm, flat_in=flat_in, flat_out=flat_out)
 
-    def fold_bias(self, into: Literal["beta", "moving_mean"] = "beta") -> Layer:
-        """The layer with its bias folded into the BatchNorm that follows it; exact at inference.
-
-        ``into="beta"``: ``beta' = beta + gamma * b / sqrt(moving_var + eps)``; ``"moving_mean"``:
-        ``moving_mean' = moving_mean - b``. Computed in float64, stored in the original dtypes. A
-        layer without a bias or without a following BatchNorm comes back unchanged.
-
-        Raises:
-            ConvBNError: for an unknown ``into``, or ``into="beta"`` with no eps known.
-        """
-        if into not in ("beta", "moving_mean"):
-            raise ConvBNError(f"fold_bias must be 'beta' or 'moving_mean'. Received: fold_bias={into!r}")
-        norm = self.norm
-        if self.bias is None or norm is None or self.kind in NORM_KINDS:
-            return self
-        b = np.asarray(self.bias, np.float64)
-        if into == "moving_mean":
-            mean = np.asarray(norm.moving_mean)
-            new = dataclasses.replace(norm, moving_mean=(mean.astype(np.float64) - b).astype(mean.dtype))
-        else:
-            if norm.eps is None:
-                raise ConvBNError("folding a bias into beta needs the BatchNorm's eps; use into='moving_mean'")
-            var = np.asarray(norm.moving_var, np.float64)
-            gamma = 1.0 if norm.gamma is None else np.asarray(norm.gamma, np.float64)
-            dtype = np.asarray(norm.beta if norm.beta is not None else self.bias).dtype
-            beta = 0.0 if norm.beta is None else np.asarray(norm.beta, np.float64)
-            new = dataclasses.replace(norm, beta=np.asarray(beta + gamma * b / np.sqrt(var + norm.eps)).astype(dtype))
-        return dataclasses.replace(self, bias=None, norm=new)
-
     @property
     def out_features(self) -> int:
         """The number of output channels or features."""

@@ -26,6 +26,7 @@ from convbn.errors import ConvBNError
 from convbn.formats import FORMATS, load_format
 from convbn.formats._io import parent_directories, placement
 from convbn.formats._pairing import natural_key, parse_pairs
+from convbn.layouts import FlatOrder
 from convbn.params import ConvBNParams
 
 __all__ = [
@@ -367,7 +368,7 @@ def prepare_for_format(
 
 
 #: The order a format's frameworks flatten feature maps in (safetensors keeps the source's).
-_FLAT_ORDER = {"torch": "chw", "keras": "hwc", "flax": "hwc", "slim": "hwc"}
+_FLAT_ORDER: dict[str, FlatOrder] = {"torch": "chw", "keras": "hwc", "flax": "hwc", "slim": "hwc"}
 
 
 def check_flatten_order(ckpt: Checkpoint, format: str) -> None:
@@ -392,6 +393,7 @@ def check_flatten_order(ckpt: Checkpoint, format: str) -> None:
     for i, (name, item) in enumerate(items):
         if not isinstance(item, Layer) or item.kind != "dense":
             continue
+        item.as_order(target, name)  # a side the source itself could not decide: refused, naming --flatten
         n_in, n_out = (int(d) for d in np.shape(item.kernel))
         before = _width(items[i - 1][1], "out") if i > 0 else None
         after = _width(items[i + 1][1], "in") if i + 1 < len(items) else None

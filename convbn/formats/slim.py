@@ -61,7 +61,7 @@ from convbn.formats._pairing import natural_key
 from convbn.layouts import FlatOrder, depthwise_from_tf, depthwise_to_tf
 from convbn.params import ConvBNParams
 
-__all__ = ["NAME", "WRITES_FUSED", "others_as_tensors", "check_destination", "read", "resolve", "sniff", "write", "write_prefix"]
+__all__ = ["NAME", "WRITES_FUSED", "WRITES_OTHERS", "check_destination", "read", "resolve", "sniff", "write", "write_prefix"]
 
 NAME = "slim"
 #: write() writes Checkpoint.others, every layer kind, under slim's names.
@@ -1414,20 +1414,21 @@ def _norm_entries(scope: str, norm: Norm, dtype: Any) -> list[tuple[str, np.ndar
     return entries
 
 
-def _other_entries(ckpt: Checkpoint, notes: list[str] | None = None) -> list[tuple[str, np.ndarray]]:
+def _other_entries(
+    ckpt: Checkpoint, notes: list[str] | None = None, *, check_bias: bool = True
+) -> list[tuple[str, np.ndarray]]:
     """Every other layer under the names of the slim layer that restores it: ``slim.conv2d``,
     ``slim.conv2d_transpose`` and ``slim.fully_connected`` (``L/weights``, then ``L/biases`` or, with
     a normalizer, ``L/BatchNorm/*``), ``slim.batch_norm`` / ``layer_norm`` / ``group_norm``
     (``L/beta``, ``L/gamma``, ...). Dense layers are put in NHWC feature order first (refused while a
-    flatten is undecided). A bias before a BatchNorm is folded into its beta: slim's layers with a
-    normalizer have none. Appends to ``notes`` what was folded and permuted."""
+    flatten is undecided). A bias before a BatchNorm is refused: slim's layers with a normalizer
+    have none (``save_checkpoint`` folds it first). Appends to ``notes`` what was permuted."""
     from convbn.backends.numpy import to_numpy
 
     ordered = ckpt.in_feature_order("hwc")
     if notes is not None:
         notes.extend(ordered.notes[len(ckpt.notes):])
     entries: list[tuple[str, np.ndarray]] = []
-    folded: list[str] = []
     for name, layer in ordered.others.items():
         if not isinstance(name, str) or not name:
             raise ConvBNError(f"layer names must be non-empty strings. Received: layer={name!r}")
@@ -1435,9 +1436,12 @@ def _other_entries(ckpt: Checkpoint, notes: list[str] | None = None) -> list[tup
             entries.extend(_norm_entries(name, layer.norm, np.float32))
             continue
         kernel = to_numpy(layer.kernel)
-        if layer.norm is not None and layer.bias is not None:
-            layer = layer.fold_bias("beta")
-            folded.append(name)
+        if check_bias and layer.norm is not None and layer.bias is not None:
+            raise ConvBNError(
+                f"a slim {layer.kind} with a normalizer has no bias: fold it into the BatchNorm first "
+                "(save_checkpoint does, or convbn.convert.fold_layer_bias). "
+                f"Received: layer {name!r} with a bias and a BatchNorm"
+            )
         if layer.kind == "conv" and layer.groups > 1 and kernel.shape[2] == 1:
             entries.append((f"{name}/depthwise_weights", depthwise_to_tf(kernel, layer.groups)))
         elif layer.kind == "conv_transpose" and layer.groups > 1:
@@ -1450,11 +1454,6 @@ def _other_entries(ckpt: Checkpoint, notes: list[str] | None = None) -> list[tup
             entries.extend(_norm_entries(f"{name}/BatchNorm", layer.norm, kernel.dtype))
         elif layer.bias is not None:
             entries.append((f"{name}/biases", to_numpy(layer.bias)))
-    if folded and notes is not None:
-        notes.append(
-            f"folded the bias of {len(folded)} layer(s) into the following BatchNorm's beta (slim's layers "
-            f"with a normalizer have no bias): {', '.join(folded)}"
-        )
     return entries
 
 
@@ -1526,7 +1525,7 @@ def check_destination(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
         return
     try:
         # A conv bias is folded before writing, which changes no name or shape.
-        entries = _layer_entries(ckpt, check_bias=False) + _other_entries(ckpt)
+        entries = _layer_entries(ckpt, check_bias=False) + _other_entries(ckpt, check_bias=False)
         shapes = [(name, tuple(np.shape(value))) for name, value in entries]
     except ConvBNError:
         return  # write() reports what is wrong with the checkpoint itself
@@ -1606,32 +1605,3 @@ def write(ckpt: Checkpoint, path: str | os.PathLike[str], *, max_shard_size: int
     entries.sort(key=lambda entry: entry[0])
     _tfbundle.write(target, entries, max_shard_size=max_shard_size)
 
-
-def others_as_tensors(ckpt: Checkpoint) -> Checkpoint:
-    """A copy of a checkpoint read from a TF checkpoint with its :attr:`~Checkpoint.others` put back
-    into ``tensors`` under their TF names, in TF's layouts (a depthwise kernel as ``(kh, kw, C, m)``).
-
-    For a target whose writer does not write layers of every kind (it declares no ``WRITES_LAYERS``):
-    it then writes or reports those tensors as it did before slim read them as layers, instead of
-    leaving them out unreported. A layer whose values changed since reading (a folded bias, a
-    permuted flatten) has nothing to go back to; it stays in ``others``.
-    """
-    from convbn.backends.numpy import to_numpy
-
-    out = ckpt.copy()
-    for name, layer in ckpt.others.items():
-        values: dict[str, Any] = {"kernel": layer.kernel, "bias": layer.bias}
-        if layer.norm is not None:
-            values.update(gamma=layer.norm.gamma, beta=layer.norm.beta, moving_mean=layer.norm.moving_mean,
-                          moving_var=layer.norm.moving_var)
-        present = {field for field, value in values.items() if value is not None}
-        if present != set(layer.tensors):
-            continue
-        for field, key in layer.tensors.items():
-            value = to_numpy(values[field])
-            if field == "kernel" and layer.kind == "conv" and layer.groups > 1 and value.shape[2] == 1:
-                value = depthwise_to_tf(value, layer.groups)
-            out.tensors[key] = value
-        del out.others[name]
-    out.order = [n for n in out.order if n not in ckpt.others or n in out.others]
-    return out

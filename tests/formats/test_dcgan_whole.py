@@ -103,7 +103,7 @@ def test_the_whole_dcgan_converts_to_its_slim_rewrite(
     written = convbn.save_checkpoint(convbn.load_checkpoint(dcgan["prefix"]), tmp_path / "api.ckpt", "slim")
     notes = " ".join(written.notes)
     assert "folded the conv bias of 3 layer(s)" in notes
-    assert "folded the bias of 3 layer(s) into the following BatchNorm's beta" in notes
+    assert "folded the bias of 3 conv_transpose layer(s) into beta of the BatchNorm after it" in notes
     assert all(n in notes for n in DECONVS_BN)
     assert written.tensors == {}
     values = _values(out)

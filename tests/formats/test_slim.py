@@ -25,6 +25,7 @@ import pytest
 import convbn
 from convbn.convert import Checkpoint, fold_bias
 from convbn.formats import slim
+from convbn.layouts import depthwise_to_tf
 from tests._support.assertions import rel_err
 from tests.conftest import need, need_module
 from tests.formats.slim_graphs import need_slim, shared_build
@@ -155,8 +156,18 @@ _NORM_FIELDS = ("gamma", "beta", "moving_mean", "moving_var")
 
 def _held(ckpt: Checkpoint) -> dict[str, Any]:
     """Every value outside the conv+BatchNorm pairs by its TF name: the other tensors, and the other
-    layers' tensors under the names they were read from."""
-    return slim.others_as_tensors(ckpt).tensors
+    layers' tensors under the names they were read from (a depthwise kernel in TF's layout)."""
+    held = dict(ckpt.tensors)
+    for layer in ckpt.others.values():
+        norm = layer.norm
+        values = {"kernel": layer.kernel, "bias": layer.bias, **({} if norm is None else {
+            "gamma": norm.gamma, "beta": norm.beta, "moving_mean": norm.moving_mean, "moving_var": norm.moving_var})}
+        for field, name in layer.tensors.items():
+            value = values[field]
+            if field == "kernel" and layer.kind == "conv" and layer.groups > 1 and np.shape(value)[2] == 1:
+                value = depthwise_to_tf(value, layer.groups)
+            held[name] = value
+    return held
 
 
 # -- locating a checkpoint: no TensorFlow needed ---------------------------------------------------

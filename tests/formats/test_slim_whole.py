@@ -98,7 +98,7 @@ def test_a_bias_before_a_batchnorm_is_folded_with_the_same_output(tmp_path: Path
     kernel = _array(rng, 7, 5) if kind == "dense" else _array(rng, 1, 1, 5, 7)
     layer = Layer(kind, kernel=kernel, bias=_array(rng, 5) * 3, norm=_norm(rng, 5))  # type: ignore[arg-type]
     written = convbn.save_checkpoint(Checkpoint(format="torch", others={"L": layer}), tmp_path / "m.ckpt", "slim")
-    assert any("folded the bias of 1 layer(s) into the following BatchNorm's beta" in n for n in written.notes)
+    assert any(f"folded the bias of 1 {kind} layer(s) into beta" in n for n in written.notes)
     values = _values(tmp_path / "m.ckpt")
     assert "L/biases" not in values and "L/BatchNorm/beta" in values
     back = slim.read(tmp_path / "m.ckpt").others["L"]
@@ -135,6 +135,10 @@ def test_an_undecided_flatten_is_refused_and_stated_explicitly(tmp_path: Path) -
     with pytest.raises(convbn.ConvBNError, match=r"dense layer 'head': .*--flatten head=HxWxC") as info:
         convbn.save_checkpoint(ckpt, tmp_path / "m.ckpt", "slim")
     assert "\n" not in str(info.value)
+    assert not list(tmp_path.iterdir())
+    unfolded = Layer("dense", kernel=kernel[:, :2], bias=np.ones(2, np.float32), norm=_norm(rng, 2))
+    with pytest.raises(convbn.ConvBNError, match=r"a slim dense with a normalizer has no bias: fold it"):
+        slim.write(Checkpoint(format="slim", others={"fc": unfolded}), tmp_path / "u.ckpt")  # save_checkpoint folds
     assert not list(tmp_path.iterdir())
     stated = ckpt.with_flatten(parse_flatten(["head=2x3x4"]))
     assert stated.others["head"].flat_in == FeatureMap(2, 3, 4, "chw") and not stated.others["head"].flat_undecided
@@ -181,3 +185,26 @@ def test_convert_takes_flatten_on_the_command_line(tmp_path: Path, capsys: pytes
     assert main(["convert", str(tmp_path / "m.ckpt"), str(tmp_path / "p.ckpt"), "--flatten", "fc=2x2"]) == 2
     assert "--flatten takes LAYER=HxWxC" in capsys.readouterr().err
     assert not (tmp_path / "p.ckpt.index").exists()
+
+
+@pytest.mark.needs("torch")
+def test_a_torch_classifier_is_written_as_slim_fully_connected(tmp_path: Path) -> None:
+    """torch -> slim writes a Linear after pooling as what slim.fully_connected restores: its
+    (in, out) kernel and biases, giving the torch logits from the pooled features."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).eval()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    written = convbn.save_checkpoint(convbn.load_checkpoint(tmp_path / "m.pt"), tmp_path / "m.ckpt", "slim")
+    assert written.tensors == {}
+    values = _values(tmp_path / "m.ckpt")
+    assert {"5/weights", "5/biases"} <= set(values)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        pooled = model[:5](x).numpy()
+        want = model(x).numpy()
+    got = pooled @ values["5/weights"] + values["5/biases"]
+    assert np.max(np.abs(got - want)) < 1e-5 * np.max(np.abs(want))
