@@ -128,3 +128,101 @@ def test_the_whole_dcgan_converts_to_its_slim_rewrite(
     wrong = dcgan_graphs.run_slim_rewrite(str(tmp_path / "wrong.ckpt"), dcgan["z"], dcgan["x"])
     assert rel_err(wrong["fake"], dcgan["fake"]) > 1e-2
     assert rel_err(wrong["logits"], dcgan["logits"]) > 1e-2
+
+
+def _torch_port() -> Any:
+    """A faithful PyTorch port of the DCGAN: NCHW, bias=False before each BatchNorm, ``view`` into the
+    generator's first map and ``flatten`` before ``d_h4_lin``; TF's SAME (asymmetric at stride 2) as
+    an explicit pad for the convs and a crop of the last row and column for the transposed convs.
+    Module names follow what ``convert --to torch`` writes for the TF scopes."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from tests.formats import dcgan_graphs as g
+
+    class DeconvBN(nn.ConvTranspose2d):
+        def __init__(self, cin: int, cout: int, norm: bool) -> None:
+            # padding=1 keeps rows 1 .. 2n+1 of the full output; TF's SAME keeps 1 .. 2n.
+            super().__init__(cin, cout, 5, stride=2, padding=1, bias=not norm)
+            self.bn = nn.BatchNorm2d(cout, eps=1e-5) if norm else None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x)[:, :, : 2 * x.shape[2], : 2 * x.shape[3]]
+            return y if self.bn is None else self.bn(y)
+
+    class ConvBN(nn.Module):
+        def __init__(self, cin: int, cout: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(cin, cout, 5, stride=2, bias=False)
+            self.bn = nn.BatchNorm2d(cout, eps=1e-5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(F.pad(x, (1, 2, 1, 2))))
+
+    class Generator(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.g_h0_lin = nn.Linear(g.Z_DIM, g.GF * 8 * g.S * g.S)
+            self.g_bn0 = nn.BatchNorm2d(g.GF * 8, eps=1e-5)
+            width = g.GF * 8
+            for scope, norm, out in g.G_DECONVS:
+                setattr(self, scope, DeconvBN(width, out, norm is not None))
+                width = out
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.g_bn0(self.g_h0_lin(z).view(-1, g.GF * 8, g.S, g.S)))
+            for scope, norm, _ in g.G_DECONVS:
+                h = getattr(self, scope)(h)
+                h = torch.relu(h) if norm is not None else torch.tanh(h)
+            return h
+
+    class Discriminator(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            width = g.C_DIM
+            for scope, norm, out in g.D_CONVS:
+                setattr(self, scope, ConvBN(width, out) if norm is not None else nn.Conv2d(width, out, 5, stride=2))
+                width = out
+            self.d_h4_lin = nn.Linear(width * g.S * g.S, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x
+            for scope, norm, _ in g.D_CONVS:
+                layer = getattr(self, scope)
+                h = F.leaky_relu(layer(h if norm is not None else F.pad(h, (1, 2, 1, 2))), 0.2)
+            return self.d_h4_lin(h.flatten(1))
+
+    model = nn.Module()
+    model.generator = Generator()
+    model.discriminator = Discriminator()
+    return model.eval()
+
+
+@pytest.mark.needs("torch")
+def test_the_whole_dcgan_converts_to_a_faithful_torch_port(dcgan: dict[str, Any], tmp_path: Path) -> None:
+    import torch
+
+    out = tmp_path / "dcgan.pt"
+    assert main(["convert", dcgan["prefix"], str(out), "--to", "torch", "--no-conv-bias"]) == 0
+    written = convbn.save_checkpoint(
+        convbn.load_checkpoint(dcgan["prefix"]), tmp_path / "api.pt", "torch", conv_bias=False
+    )
+    notes = " ".join(written.notes)
+    assert "folded the bias of 3 conv_transpose layer(s)" in notes and "folded the conv bias of 3 layer(s)" in notes
+    assert written.tensors == {}
+    model = _torch_port()
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    with torch.no_grad():
+        fake = model.generator(torch.from_numpy(dcgan["z"])).permute(0, 2, 3, 1).numpy()
+        logits = model.discriminator(torch.from_numpy(dcgan["x"]).permute(0, 3, 1, 2)).numpy()
+    assert rel_err(fake, dcgan["fake"]) < TOL
+    assert rel_err(logits, dcgan["logits"]) < TOL
+    # The flatten orders matter here: d_h4_lin's rows left in TF's NHWC order are visibly wrong.
+    state = torch.load(out, weights_only=True)
+    head = convbn.load_checkpoint(dcgan["prefix"]).others["discriminator/d_h4_lin"]
+    state["discriminator.d_h4_lin.weight"] = torch.from_numpy(np.ascontiguousarray(head.kernel.T))
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        wrong = model.discriminator(torch.from_numpy(dcgan["x"]).permute(0, 3, 1, 2)).numpy()
+    assert rel_err(wrong, dcgan["logits"]) > 1e-2

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import convbn
+from convbn.checkpoint import parse_flatten
 from tests._support.assertions import rel_err
 from tests.reference import tf_same_pads
 
@@ -61,9 +62,10 @@ def test_slim_to_torch_modules_reproduce_the_slim_graph(
 
     path, written = torch_file
     ckpt = convbn.load_checkpoint(slim_net["prefix"])
-    # The notes say what torch cannot hold: the slim-only tensors, and the eps to build with.
+    # The notes say what torch cannot hold: the eps to build with. The head conv and the dense fc
+    # (with its BatchNorm) are written as torch modules of their own.
     notes = " ".join(written.notes)
-    assert "not written: 6 other tensor(s) of the slim source (head/weights, head/biases, fc/weights" in notes
+    assert "not written" not in notes
     assert "build the target BatchNorm layers with eps=0.001, momentum=0.001" in notes
     model = torch.nn.ModuleDict()
     for name, p in ckpt.layers.items():  # geometry from the .meta graph, as `convbn inspect` shows it
@@ -72,7 +74,10 @@ def test_slim_to_torch_modules_reproduce_the_slim_graph(
                                      dilation=p.dilation, groups=p.groups, bias=False)
         block.bn = torch.nn.BatchNorm2d(p.out_channels, eps=p.eps)
         model[name] = block
-    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    state = torch.load(path, weights_only=True)
+    assert {key.split(".")[0] for key in state} == {*ckpt.layers, "head", "fc"}
+    assert np.array_equal(state["head.weight"].numpy(), ckpt.others["head"].kernel.transpose(3, 2, 0, 1))
+    model.load_state_dict({k: v for k, v in state.items() if k.split(".")[0] in ckpt.layers}, strict=True)
     model.double().eval()
     raw = slim_net["raw"]
     for i, (name, p) in enumerate(ckpt.layers.items()):
@@ -184,6 +189,10 @@ def test_slim_to_torch_to_slim_is_bit_exact(
     via_torch.layers = {
         name: dataclasses.replace(p, groups=source.layers[name].groups) for name, p in via_torch.layers.items()
     }
+    # A torch file cannot say that fc reads a flattened map: state the slim graph's.
+    fmap = source.others["fc"].flat_in
+    assert fmap is not None
+    via_torch = via_torch.with_flatten(parse_flatten([f"fc={fmap.height}x{fmap.width}x{fmap.channels}"]))
     prefix = tmp_path / "back.ckpt"
     convbn.save_checkpoint(via_torch, prefix, "slim")
     original, back = _tf_values(slim_net["prefix"]), _tf_values(prefix)
@@ -196,5 +205,9 @@ def test_slim_to_torch_to_slim_is_bit_exact(
     for name in no_gamma:
         gamma = back[f"{name}/BatchNorm/gamma"]
         assert gamma.dtype == np.float32 and np.array_equal(gamma, np.ones_like(gamma))
-    # The slim-only tensors did not go to torch, so they are not here either.
-    assert set(back) == layer_variables | {f"{name}/BatchNorm/gamma" for name in no_gamma}
+    # The head conv and fc come back under slim's names, bit for bit; fc's BatchNorm gains torch's gamma of ones.
+    others = {name for layer in source.others.values() for name in layer.tensors.values()}
+    for name in others:
+        assert _bits_equal(back[name], original[name]), name
+    assert np.array_equal(back["fc/BatchNorm/gamma"], np.ones_like(back["fc/BatchNorm/gamma"]))
+    assert set(back) == layer_variables | others | {f"{name}/BatchNorm/gamma" for name in [*no_gamma, "fc"]}

@@ -48,7 +48,10 @@ def run_steps(steps):
             if kind == "cli":
                 status = main(args[0])
             else:
-                convbn.save_checkpoint(convbn.load_checkpoint(args[0]), args[1], args[2])
+                ckpt = convbn.load_checkpoint(args[0])
+                if args[3:]:  # --flatten items
+                    ckpt = ckpt.with_flatten(convbn.checkpoint.parse_flatten(args[3]))
+                convbn.save_checkpoint(ckpt, args[1], args[2])
                 status = 0
         results.append([status, out.getvalue()])
     return results
@@ -199,6 +202,17 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
     assert [n.replace(str(b.parent), str(a.parent)) for n in y.notes] == x.notes
 
 
+def _flatten_items(source: Path) -> list[str]:
+    """``--flatten`` items for the dense layers of ``source`` that read a flattened map, or are
+    reshaped into one, as its .meta graph says."""
+    items = []
+    for name, layer in convbn.load_checkpoint(source).others.items():
+        for prefix, fmap in (("", layer.flat_in), ("out:", layer.flat_out)):
+            if fmap is not None:
+                items.append(f"{name}={prefix}{fmap.height}x{fmap.width}x{fmap.channels}")
+    return items
+
+
 def _plan(source: Path, out: Path, *, cli: bool) -> tuple[list[list[Any]], dict[str, Path]]:
     """The conversions of ``source`` into ``out``: the steps and the file each target lands in."""
     steps: list[list[Any]] = []
@@ -211,10 +225,13 @@ def _plan(source: Path, out: Path, *, cli: bool) -> tuple[list[list[Any]], dict[
             steps.append(["api", str(source), str(files[target]), target])
     if "torch" in files:
         files["slim"] = out / _SUFFIX["slim"]
+        # A torch file cannot say that a dense layer reads a flattened map: state the source's.
+        flatten = _flatten_items(source)
         if cli:
-            steps.append(["cli", ["convert", str(files["torch"]), str(files["slim"]), "--to", "slim"]])
+            options = [item for spec in flatten for item in ("--flatten", spec)]
+            steps.append(["cli", ["convert", str(files["torch"]), str(files["slim"]), "--to", "slim", *options]])
         else:
-            steps.append(["api", str(files["torch"]), str(files["slim"]), "slim"])
+            steps.append(["api", str(files["torch"]), str(files["slim"]), "slim", flatten])
     if cli:
         steps.append(["cli", ["inspect", str(source)]])
     return steps, files
