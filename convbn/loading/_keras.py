@@ -19,6 +19,7 @@ import numpy as np
 
 from convbn.adapters import assign_keras, check_keras_pair, from_keras, keras_var_update
 from convbn.errors import ConvBNError
+from convbn.layouts import depthwise_from_tf
 from convbn.loading import ModelPairs, Staged, Target
 from convbn.loading.matching import INPUT, Graph
 from convbn.params import ConvBNParams
@@ -278,17 +279,33 @@ def _traced_flow(
 
 
 def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:
-    """Each pair's values, as a live source model holds them."""
+    """Each pair's values, as a live source model (Keras 3 or tf_keras) holds them."""
     out = []
     for t in found.targets:
         conv, bn = t.handle
-        out.append(dataclasses.replace(from_keras(conv, bn), **(t.geometry or {})))
+        if not _is_tf_keras(conv):
+            out.append(dataclasses.replace(from_keras(conv, bn), **(t.geometry or {})))
+            continue
+        kernel = np.array(_kernel(conv).numpy())
+        out.append(ConvBNParams(
+            kernel=depthwise_from_tf(kernel) if _depthwise(conv) else kernel,
+            bias=np.array(conv.bias.numpy()) if conv.use_bias else None,
+            gamma=np.array(bn.gamma.numpy()) if bn.scale else None,
+            beta=np.array(bn.beta.numpy()) if bn.center else None,
+            moving_mean=np.array(bn.moving_mean.numpy()), moving_var=np.array(bn.moving_variance.numpy()),
+            eps=float(bn.epsilon), momentum=float(bn.momentum), var_update=keras_var_update(bn),
+            **(t.geometry or {}),
+        ))
     return out
 
 
 def run(model: Any, x: np.ndarray) -> list[np.ndarray]:
     """The model's eval output (``training=False``) on NHWC ``x``, every output as NumPy."""
     y = model(x, training=False)
+    if _is_tf_keras(model):
+        import tensorflow as tf
+
+        return [np.asarray(v.numpy(), np.float32) for v in tf.nest.flatten(y)]
     return [np.asarray(keras.ops.convert_to_numpy(v), np.float32) for v in keras.tree.flatten(y)]
 
 

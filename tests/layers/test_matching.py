@@ -137,6 +137,40 @@ def test_a_failing_example_check_restores_the_model(tmp_path):
     assert not report.ok and report.output_error > 0.05
 
 
+def _tf_keras_block() -> Any:
+    """The bottleneck as a tf_keras (Keras 2) functional model, names suffixed ``_t``."""
+    import tf_keras
+
+    L = tf_keras.layers
+
+    def cbr(key: str, x: Any, relu: bool = True) -> Any:
+        k, _, cout, stride, pad = rm.LAYERS[key]
+        if pad:
+            x = L.ZeroPadding2D(pad)(x)
+        x = L.Conv2D(cout, k, strides=stride, use_bias=False, name=f"{key}_t")(x)
+        x = L.BatchNormalization(epsilon=rm.EPS, name=f"{key}_bn_t")(x)
+        return L.ReLU()(x) if relu else x
+
+    inp = tf_keras.Input(rm.BLOCK_X_SHAPE[1:])
+    h = cbr("b2_conv3", cbr("b2_conv2", cbr("b2_conv1", inp)), relu=False)
+    return tf_keras.Model(inp, L.ReLU()(L.Add()([h, cbr("b2_down", inp, relu=False)])))
+
+
+@pytest.mark.needs("torch", "tf_keras")
+def test_swap_case_live_torch_and_tf_keras_both_ways():
+    source = rm.torch_build(block=True)
+    x = rm.x_input(block=True)
+    y = rm.torch_run(source, x)
+    model = _tf_keras_block()
+    report = convbn.load_into(model, source, example_input=x)
+    assert report.ok and report.matched["b2_down_t"] == "b2_down" and report.output_error <= TOL
+    assert rel_err(model(x, training=False).numpy(), y) <= TOL
+    back = rm.torch_build(block=True, seed=4)
+    report = convbn.load_into(back, model, example_input=x)
+    assert report.ok and report.matched["b2_conv3"] == "b2_conv3_t" and report.output_error <= TOL
+    assert rel_err(rm.torch_run(back, x), y) <= TOL
+
+
 @pytest.mark.needs("torch", "keras", "h5py")
 def test_a_keras_archive_records_its_graph_so_the_swap_case_matches_by_structure(tmp_path):
     """A .keras file's config.json says which layer feeds which: against it, the torch model's
