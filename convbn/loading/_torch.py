@@ -89,11 +89,7 @@ def _data_flow(fx_graph: Any, modules: dict[str, nn.Module], pairs: list[tuple[s
 
     A pair is one node named by its conv; every other module holding parameters is a node too.
     """
-    unit: dict[str, str] = {}
-    for conv, bn in pairs:
-        unit[conv] = unit[bn] = conv
-        if conv.endswith(".conv") and layer is not None and isinstance(modules.get(conv[: -len(".conv")]), layer):
-            unit[conv[: -len(".conv")]] = conv
+    unit = _units(modules, pairs, layer)
     producers: dict[str, set[str]] = {}
     tags: dict[Any, frozenset[str]] = {}
     inputs = 0
@@ -150,6 +146,86 @@ def _order_pairs(model: nn.Module, layer: type | None) -> list[tuple[str, str]]:
     return pairs
 
 
+def _units(modules: dict[str, nn.Module], pairs: list[tuple[str, str]], layer: type | None) -> dict[str, str]:
+    """Module name -> the graph node it belongs to: a pair's conv and BatchNorm (and a ``ConvBN2d``) the conv's."""
+    unit: dict[str, str] = {}
+    for conv, bn in pairs:
+        unit[conv] = unit[bn] = conv
+        if conv.endswith(".conv") and layer is not None and isinstance(modules.get(conv[: -len(".conv")]), layer):
+            unit[conv[: -len(".conv")]] = conv
+    return unit
+
+
+def _eager_flow(
+    model: nn.Module, modules: dict[str, nn.Module], pairs: list[tuple[str, str]], layer: type | None,
+    example: np.ndarray | None, notes: list[str],
+) -> Graph | None:
+    """The data flow of a model ``torch.fx`` cannot trace, from one eval forward on the example (or a
+    ``(1, C, 32, 32)`` input for the first conv's ``C``) under a ``TorchFunctionMode``: an operation
+    reading a module's parameter or buffer and data computed from the input belongs to that module."""
+    unit = _units(modules, pairs, layer)
+    owner: dict[int, str] = {}
+    for name, module in modules.items():
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            owner[id(t)] = unit.get(name, name)
+    if example is not None:
+        x = np.moveaxis(example, -1, 1) if example.ndim == 4 else example
+    else:
+        convs = [m for m in modules.values() if isinstance(m, nn.Conv2d)]
+        if not convs:
+            return None
+        x = np.zeros((1, convs[0].in_channels, 32, 32), np.float32)
+    empty: frozenset[str] = frozenset()
+    flow: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+    alive: list[torch.Tensor] = []  # keeps every tensor seen alive, so that no id is reused
+    producers: dict[str, set[str]] = {}
+
+    def state(t: torch.Tensor) -> tuple[frozenset[str], frozenset[str]]:
+        if id(t) in owner:
+            return empty, frozenset({owner[id(t)]})
+        return flow.get(id(t), (empty, empty))
+
+    class Flow(torch.overrides.TorchFunctionMode):  # type: ignore[misc]
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            result = func(*args, **(kwargs or {}))
+            ins = [state(t) for t in _tensors([list(args), dict(kwargs or {})])]
+            tags = frozenset().union(*(a for a, _ in ins)) if ins else empty
+            mods = frozenset().union(*(b for _, b in ins)) if ins else empty
+            if tags and mods:
+                for node in mods:
+                    producers.setdefault(node, set()).update(tags - {node})
+                out = (mods, empty)
+            else:
+                out = (tags, mods)
+            for t in _tensors(result):
+                if id(t) not in owner:
+                    flow[id(t)] = out
+                    alive.append(t)
+            return result
+
+    parameter = next(iter(model.parameters()), None)
+    tensor = torch.as_tensor(np.ascontiguousarray(x))
+    if parameter is not None:
+        tensor = tensor.to(dtype=parameter.dtype, device=parameter.device)
+    flow[id(tensor)] = (frozenset({INPUT}), empty)
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), Flow():
+            model(tensor)
+    except Exception as exc:  # running user code raises anything
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        notes.append(f"the model could not run to trace its data flow ({type(exc).__name__}: {first[:160]}): no graph")
+        return None
+    finally:
+        for m, training in was:
+            m.training = training
+    notes.append("its data flow was traced from one forward pass" + ("" if example is not None else
+                 " on a (1, C, 32, 32) input (example_input= sets it)"))
+    names = {conv for conv, _ in pairs}
+    return Graph({k: frozenset(v) for k, v in producers.items()}, {k: "other" for k in producers if k not in names})
+
+
 def _geometry(conv: nn.Conv2d) -> dict[str, Any]:
     return {
         "stride": tuple(conv.stride),
@@ -177,6 +253,7 @@ def find_pairs(model: nn.Module, example: np.ndarray | None = None) -> ModelPair
         ]
         pairs = _order_pairs(model, layer)
         pairing = "module order"
+        graph = _eager_flow(model, modules, pairs, layer, example, notes)
     targets: list[Target] = []
     used: set[str] = set()
     for conv_name, bn_name in pairs:

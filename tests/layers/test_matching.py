@@ -193,6 +193,33 @@ def test_a_keras_archive_records_its_graph_so_the_swap_case_matches_by_structure
         convbn.load_into(rm.torch_build(block=True, seed=9), tmp_path / "block.weights.h5")
 
 
+@pytest.mark.needs("torch", "keras")
+def test_a_torch_model_fx_cannot_trace_gets_its_graph_from_a_forward_pass():
+    """Data-dependent control flow stops torch.fx; one eval forward under a TorchFunctionMode still
+    gives the data flow, so the swap case aligns with a live Keras source by structure."""
+    from torch import nn
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = rm.torch_build(seed=8)
+
+        def forward(self, x):
+            return self.net(x) if x.sum() > -1e9 else self.net(-x)  # torch.fx cannot trace the branch
+
+    x = rm.x_input()
+    source = rm.keras_build(names=None)  # Keras's generated names: nothing corresponds
+    convbn.load_into(source, rm.torch_build(seed=3))
+    y = rm.keras_run(source, x)
+    for example in (None, x):
+        model = Branchy().eval()
+        report = convbn.load_into(model, source, example_input=example)
+        assert report.ok and report.pairing == "module order" and set(report.how.values()) == {"structure"}
+        assert any("traced from one forward pass" in n for n in report.notes)
+        assert rel_err(rm.torch_run(model, x), y) <= TOL
+        assert model.training is False and model.net.training is False
+
+
 def test_example_input_with_a_file_needs_the_expected_output(tmp_path):
     with pytest.raises(convbn.ConvBNError, match="needs expected_output="):
         convbn.load_into({"params": {}}, tmp_path / "x.pt", example_input=np.zeros((1, 4, 4, 3), np.float32))
