@@ -1,6 +1,8 @@
 """Time and peak memory of checkpoint conversion on a ResNet-50-sized checkpoint.
 
-53 conv+BatchNorm pairs with ResNet-50's shapes (23.5M conv parameters, float32, about 94 MB).
+A whole ResNet-50: 53 conv+BatchNorm pairs with ResNet-50's shapes (23.5M conv parameters) and the
+2048 -> 1000 classifier ``fc`` (2.05M parameters), float32, about 102 MB; ``--pairs-only`` leaves
+``fc`` out (the figure before other layers converted).
 Each route runs in a fresh process, measured as ``benchmarks/checkpoint_memory.py`` measures its
 routes (:func:`benchmarks.checkpoint_memory.measure`): the frameworks the two formats need are
 imported first (timed as ``import``), then the peak-RSS counter is reset (Linux
@@ -46,8 +48,9 @@ def resnet50_shapes() -> list[tuple[int, int, int]]:
     return shapes
 
 
-def make_source(fmt: str, path: Path) -> None:
+def make_source(fmt: str, path: Path, whole: bool = True) -> None:
     import convbn
+    from convbn.checkpoint import Layer
     from convbn.convert import Checkpoint
 
     rng = np.random.default_rng(0)
@@ -59,6 +62,9 @@ def make_source(fmt: str, path: Path) -> None:
             moving_mean=rng.standard_normal(cout, np.float32), moving_var=rng.uniform(0.5, 2, cout).astype(np.float32),
             eps=1e-5, momentum=0.9,
         )
+    if whole:
+        ckpt.others["fc"] = Layer("dense", kernel=rng.standard_normal((2048, 1000), np.float32) * 0.02,
+                                  bias=rng.standard_normal(1000, np.float32))
     convbn.save_checkpoint(ckpt, path, fmt)
 
 
@@ -67,11 +73,11 @@ def _files(path: Path) -> list[Path]:
     return [path] if path.is_file() else sorted(path.parent.glob(path.name + ".*"))
 
 
-def run(route: str, workdir: Path) -> dict[str, Any]:
+def run(route: str, workdir: Path, whole: bool = True) -> dict[str, Any]:
     src_fmt, dst_fmt = route.split(":")
-    src = workdir / f"src.{SUFFIX[src_fmt]}"
+    src = workdir / f"src{'' if whole else '_pairs'}.{SUFFIX[src_fmt]}"
     if not _files(src):
-        make_source(src_fmt, src)
+        make_source(src_fmt, src, whole)
     dst = workdir / f"dst_{src_fmt}.{SUFFIX[dst_fmt]}"
     result = measure(src, dst, dst_fmt, "", [IMPORTS[src_fmt], IMPORTS[dst_fmt]], route)
     size = sum(f.stat().st_size for f in _files(src))
@@ -87,14 +93,16 @@ def main() -> None:
     parser.add_argument("--routes", nargs="+", default=[
         "torch:safetensors", "torch:slim", "slim:torch", "torch:flax", "torch:keras",
         "keras:torch", "flax:torch", "safetensors:torch"])
+    parser.add_argument("--pairs-only", action="store_true", help="leave out fc: conv+BatchNorm pairs only")
     args = parser.parse_args()
     params = sum(k * k * cin * cout for k, cin, cout in resnet50_shapes())
-    print(f"ResNet-50 shapes: {len(resnet50_shapes())} conv+BN pairs, {params / 1e6:.2f}M conv parameters")
+    print(f"ResNet-50 shapes: {len(resnet50_shapes())} conv+BN pairs, {params / 1e6:.2f}M conv parameters"
+          + ("" if args.pairs_only else ", and fc (2048 -> 1000)"))
     print(f"{'route':<20} {'file MB':>8} {'import s':>9} {'convert s':>10} {'peak RSS MB':>12} {'x file':>7} "
           f"{'extra MB':>9} {'x file':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for route in args.routes:
-            r = run(route, Path(tmp))
+            r = run(route, Path(tmp), whole=not args.pairs_only)
             mb = 1024 * 1024
             print(f"{r['route']:<20} {r['size'] / mb:>8.1f} {r['import_s']:>9.2f} {r['seconds']:>10.2f} {r['peak'] / mb:>12.0f} "
                   f"{r['peak_x']:>7.2f} {(r['peak'] - r['before']) / mb:>9.0f} {r['extra_x']:>7.2f}")

@@ -246,7 +246,8 @@ def others_as_tensors(ckpt: Checkpoint) -> None:
                 "gamma": norm.gamma, "beta": norm.beta, "moving_mean": norm.moving_mean, "moving_var": norm.moving_var,
             }),
         }
-        for field, tensor in layer.tensors.items():
+        names = layer.tensors or {f: f"{name}/{f}" for f in values}  # a layer built in code has no source names
+        for field, tensor in names.items():
             if values.get(field) is not None:
                 ckpt.tensors[tensor] = values[field]
         ckpt.order = [n for n in ckpt.order if n != name]
