@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from convbn import layouts
 from convbn._dtypes import keras_float_name
 from convbn.conventions import kept_to_torch_momentum, torch_momentum_to_kept
 from convbn.errors import ConvBNError
@@ -248,7 +249,7 @@ def from_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> ConvBNParams:
     spec = _torch_conv_spec(conv, eps=float(bn.eps), momentum=momentum, var_update="unbiased")
     return ConvBNParams.from_spec(
         spec,
-        kernel=numpy_copy(conv.weight.detach().permute(2, 3, 1, 0)),
+        kernel=numpy_copy(conv.weight.detach().permute(*layouts.OIHW_TO_HWIO)),
         bias=None if conv.bias is None else numpy_copy(conv.bias),
         gamma=None if bn.weight is None else numpy_copy(bn.weight),
         beta=None if bn.bias is None else numpy_copy(bn.bias),
@@ -368,7 +369,7 @@ def assign_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d, params: ConvBNParams) -> N
     gamma = _optional_into(params.gamma, bn.weight is not None, 1.0, "gamma", "bn")
     beta = _optional_into(params.beta, bn.bias is not None, 0.0, "beta", "bn")
     values = [
-        (conv.weight, kernel.transpose(3, 2, 0, 1)),
+        (conv.weight, layouts.conv_to_torch(kernel)),
         (conv.bias, _fill(bias, 0.0, kernel)),
         (bn.weight, _fill(gamma, 1.0, kernel)),
         (bn.bias, _fill(beta, 0.0, kernel)),
