@@ -308,7 +308,8 @@ def report(
         rows.append(row)
     action = {"convert": "converted", "fuse": "fused"}[command]
     print(f"{args.src} ({ckpt.format}) -> {args.dst} ({to}): {len(ckpt.layers)} layer(s) {action}, "
-          f"{len(ckpt.tensors)} other tensor(s)", file=out)
+          f"{len(ckpt.tensors)} other tensor(s)" + (f", {len(ckpt.others)} other layer(s)" if ckpt.others else ""),
+          file=out)
     if match is not None:
         print(f"layers take the names of {args.like}: " + (
             ", ".join(f"{layer} -> {key}" for key, layer in match.matched.items()) or "none matched"), file=out)
@@ -327,18 +328,23 @@ def report(
         if c.problem:
             print(f"verify: {c.source or c.target}: {c.problem}", file=out)
     if args.verify:
-        geometries = {c.geometry for c in checks if c.geometry}
+        others = [c for c in checks if c.source in ckpt.others]
+        pairs = [c for c in checks if c.source not in ckpt.others]
+        geometries = {c.geometry for c in pairs if c.geometry}
         if len(geometries) == 1:
             print(f"verify geometry, every layer: {geometries.pop()}", file=out)
         else:
-            for c in checks:
+            for c in pairs:
                 if c.geometry:
                     print(f"verify geometry: {c.source}: {c.geometry}", file=out)
         failed = [c for c in checks if not c.ok]
         if failed:
             print(f"verification FAILED for {len(failed)} layer(s); nothing was written to {args.dst}", file=out)
         else:
-            print(f"verified: all {len(checks)} layer(s) within tolerance", file=out)
+            run = [c for c in others if not c.problem]
+            kinds = sorted({c.geometry for c in run})
+            more = f", and {len(run)} other layer(s) ({', '.join(kinds)})" if run else ""
+            print(f"verified: all {len(pairs)} layer(s) within tolerance{more}", file=out)
 
 
 def _jsonable(value: Any) -> Any:

@@ -586,7 +586,7 @@ def load_into(
         pairing=found.pairing,
         pairs={t.name: t.bn_name for t in found.targets},
         notes=list(found.notes),
-        unused=list(ckpt.tensors),
+        unused=[*ckpt.others, *ckpt.tensors],  # other layers (a classifier) by name, then loose tensors
         untouched=list(found.untouched),
     )
     if found.graph is None and found.targets:
@@ -787,7 +787,7 @@ def conform_checkpoint(
             beta=p.beta is not None or (source is not None and "beta" in source.bn),
             eps=p.eps if stored else None,
         ))
-    report = LoadReport(pairing="checkpoint", pairs={t.name: t.bn_name for t in targets}, unused=list(ckpt.tensors))
+    report = LoadReport(pairing="checkpoint", pairs={t.name: t.bn_name for t in targets}, unused=[*ckpt.others, *ckpt.tensors])
     order = checkpoint_order(ckpt, report.notes)
     staged = stage(targets, ckpt, order, report, fold_bias=into, eps="checkpoint", mapping=mapping)
     if strict and not report.ok:
@@ -808,16 +808,19 @@ def conform_checkpoint(
         if extras:
             out.extras[key] = dict(extras)
     out.tensors = dict(like.tensors)
+    out.others = dict(like.others)  # the like file's other layers (a classifier) keep its values
+    out.order = list(like.order)
     out.unpaired = dict(like.unpaired)
     out.notes = list(report.notes)
     if report.folded:
         out.metadata["folded_bias"] = f"{into}:{','.join(report.folded)}"
-    kept = [k for k in like.layers if k not in by_name] + list(like.tensors)
+    kept = [k for k in like.layers if k not in by_name] + list(like.others) + list(like.tensors)
     if kept:
         out.notes.append(f"kept the like file's own values for {_listed(kept, 5)} (not in the checkpoint)")
-    if ckpt.tensors:
+    if ckpt.tensors or ckpt.others:
+        left = [*ckpt.others, *ckpt.tensors]
         out.notes.append(
-            f"not written: {len(ckpt.tensors)} other tensor(s) of the checkpoint ({_listed(list(ckpt.tensors), 5)}): "
+            f"not written: {len(left)} other layer(s) and tensor(s) of the checkpoint ({_listed(left, 5)}): "
             "only conv+BatchNorm layers are matched to the like file"
         )
     report.loaded = True

@@ -320,3 +320,14 @@ def test_inspect_lists_every_layer_by_kind(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "m.pt")]) == 0
     text = capsys.readouterr().out
     assert "3 conv+BatchNorm layer(s), 0 other tensor(s), 5 other layer(s)" in text and "other layers:" in text
+
+
+def test_convert_verify_reports_the_other_layers_it_ran(tmp_path, capsys):
+    need("h5py")
+    from convbn.cli import main
+
+    _save(_net("efficient"), tmp_path / "m.pt")
+    assert main(["convert", str(tmp_path / "m.pt"), str(tmp_path / "m.weights.h5"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "3 layer(s) converted, 0 other tensor(s), 5 other layer(s)" in out
+    assert "verified: all 3 layer(s) within tolerance, and 5 other layer(s) (conv, dense, dense + batch_norm)" in out
