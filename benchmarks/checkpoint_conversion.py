@@ -63,7 +63,8 @@ def make_source(fmt: str, path: Path, whole: bool = True) -> None:
             eps=1e-5, momentum=0.9,
         )
     if whole:
-        ckpt.others["fc"] = Layer("dense", kernel=rng.standard_normal((2048, 1000), np.float32) * 0.02,
+        features = resnet50_shapes()[-1][2]  # 2048: fc reads the pooled last block
+        ckpt.others["fc"] = Layer("dense", kernel=rng.standard_normal((features, 1000), np.float32) * 0.02,
                                   bias=rng.standard_normal(1000, np.float32))
     convbn.save_checkpoint(ckpt, path, fmt)
 

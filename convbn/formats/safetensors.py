@@ -368,7 +368,12 @@ def _read_neutral(
         name = _layer_field(path, "?", entry, "name", (str,), None)
         if name in ckpt.layers or name in ckpt.others:
             raise ConvBNError(f"{path}: corrupted convbn metadata: layer {name!r} is listed twice")
-        layer, other_names = _read_other(path, name, entry, tensors)
+        try:
+            layer, other_names = _read_other(path, name, entry, tensors)
+        except ConvBNError:
+            raise
+        except (TypeError, ValueError) as exc:  # geometry of a JSON shape the layer does not expect
+            raise ConvBNError(f"{path}: corrupted convbn metadata: layer {name!r}: {exc}") from None
         ckpt.others[name] = layer
         used.update(other_names)
     order = _json(metadata, "convbn.order", [], path)

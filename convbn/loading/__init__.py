@@ -586,7 +586,7 @@ def load_into(
         pairing=found.pairing,
         pairs={t.name: t.bn_name for t in found.targets},
         notes=list(found.notes),
-        unused=[*ckpt.others, *ckpt.tensors],  # other layers (a classifier) by name, then loose tensors
+        unused=_unused(ckpt),
         untouched=list(found.untouched),
     )
     if found.graph is None and found.targets:
@@ -725,6 +725,12 @@ def _looks_fused(ckpt: Checkpoint) -> bool:
     return not ckpt.layers and bool(ckpt.unpaired) and set(ckpt.unpaired.values()) == {"conv"}
 
 
+def _unused(ckpt: Checkpoint) -> list[str]:
+    """The checkpoint's tensors outside conv+BatchNorm pairs: those of its other layers (a
+    classifier, a lone conv), then its loose tensors."""
+    return [*(t for layer in ckpt.others.values() for t in layer.tensors.values()), *ckpt.tensors]
+
+
 def conform_checkpoint(
     ckpt: Checkpoint,
     like: Checkpoint,
@@ -787,7 +793,7 @@ def conform_checkpoint(
             beta=p.beta is not None or (source is not None and "beta" in source.bn),
             eps=p.eps if stored else None,
         ))
-    report = LoadReport(pairing="checkpoint", pairs={t.name: t.bn_name for t in targets}, unused=[*ckpt.others, *ckpt.tensors])
+    report = LoadReport(pairing="checkpoint", pairs={t.name: t.bn_name for t in targets}, unused=_unused(ckpt))
     order = checkpoint_order(ckpt, report.notes)
     staged = stage(targets, ckpt, order, report, fold_bias=into, eps="checkpoint", mapping=mapping)
     if strict and not report.ok:

@@ -331,3 +331,35 @@ def test_convert_verify_reports_the_other_layers_it_ran(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 layer(s) converted, 0 other tensor(s), 5 other layer(s)" in out
     assert "verified: all 3 layer(s) within tolerance, and 5 other layer(s) (conv, dense, dense + batch_norm)" in out
+
+
+@pytest.mark.parametrize("key, value", [
+    ("padding", [1, 2]), ("kind", "conv9"), ("norm", {"kind": "foo"}), ("norm", 3), ("stride", [1]),
+    ("flat_in", {"height": 1}), ("tensors", {"kernel": "nope"}), ("tensors", {"weird": "fc/kernel"}), ("groups", True),
+])
+def test_corrupt_other_layer_metadata_is_refused_in_one_line(tmp_path, key, value):
+    """A safetensors file's convbn.others entry is checked field by field: a bad one is a one-line
+    ConvBNError naming the file and the layer, never a traceback or a wrong layer."""
+    import json
+    import struct
+
+    from convbn.checkpoint import Checkpoint, Layer, Norm
+
+    ckpt = Checkpoint(format="torch")
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    ckpt.others["fc"] = Layer("dense", kernel=np.ones((4, 3), np.float32), bias=zeros,
+                              norm=Norm("batch_norm", gamma=ones, beta=zeros, moving_mean=zeros, moving_var=ones, eps=1e-5))
+    convbn.save_checkpoint(ckpt, tmp_path / "a.safetensors", "safetensors")
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    others = json.loads(header["__metadata__"]["convbn.others"])
+    others[0][key] = value
+    header["__metadata__"]["convbn.others"] = json.dumps(others)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-(8 + len(encoded)) % 8)
+    (tmp_path / "b.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + n :])
+    assert convbn.load_checkpoint(tmp_path / "a.safetensors").others["fc"].norm is not None
+    with pytest.raises(convbn.ConvBNError, match=r"b\.safetensors: .*'fc'") as info:
+        convbn.load_checkpoint(tmp_path / "b.safetensors")
+    assert "\n" not in str(info.value)
