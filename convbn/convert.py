@@ -874,10 +874,13 @@ def _run_other(layer: Layer, x: np.ndarray, *, converted: Layer | None) -> np.nd
             kernel = layouts.flat_rows(kernel, f.height, f.width, f.channels, f.order, converted.flat_in.order)
         y = x @ kernel + (0.0 if layer.bias is None else _f64(layer.bias))
     elif layer.kind == "conv":
+        # The converted side runs with the source's geometry, as conv+BatchNorm pairs do: a format
+        # that stores none (a TF checkpoint without its .meta) reads back stride 1.
+        geo = layer if converted is None else converted
         params = ConvBNParams(
             kernel=_f64(layer.kernel), bias=_f64(layer.bias), moving_mean=np.zeros(layer.out_features),
-            moving_var=np.ones(layer.out_features), eps=0.0, stride=layer.stride, padding=layer.padding,
-            dilation=layer.dilation, groups=layer.groups,
+            moving_var=np.ones(layer.out_features), eps=0.0, stride=geo.stride, padding=geo.padding,
+            dilation=geo.dilation, groups=layer.groups,
         )
         y = conv_bn(x, params, backend="numpy")
     else:
