@@ -81,18 +81,23 @@ if dispatch.is_installed("torch") and (REQUESTED is None or "torch" in REQUESTED
     import torch  # noqa: F401
 
 if dispatch.is_installed("jax") and (REQUESTED is None or "jax" in REQUESTED):
+    # Compiling is most of what the JAX tests spend; a persistent cache lets every later process
+    # (the other xdist worker, the next tox env, the next run) load a compiled program instead.
+    # Only programs that took a while to compile are worth the disk round trip. Set through the
+    # environment, which JAX reads at import, so that the interpreters tests start (multi-device
+    # runs, Keras on JAX, the CLI) share the cache too.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(
+        os.environ.get("CONVBN_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "jax"))
+    )
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     import jax
 
     # Tests compare float64 results; library code never flips this flag on its own.
     jax.config.update("jax_enable_x64", True)
-    # Compiling is most of what the JAX tests spend; a persistent cache lets every later process
-    # (the other xdist worker, the next tox env, the next run) load a compiled program instead.
-    # Only programs that took a while to compile are worth the disk round trip.
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update(
-        "jax_compilation_cache_dir",
-        os.environ.get("CONVBN_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "jax")),
+        "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
     )
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 # Property-based tests: a bounded number of examples and no per-example deadline (JAX compiles

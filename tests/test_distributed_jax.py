@@ -353,3 +353,14 @@ def test_one_value_across_devices_is_refused():
         1,
     )
     assert "refused: training needs more than one value per channel across the replicas" in out, out
+
+
+def test_the_interpreters_tests_start_share_the_persistent_compilation_cache():
+    """tests/conftest.py hands the JAX compilation cache to child processes through the environment:
+    a multi-device child compiles into, and loads from, the same directory as this process."""
+    import jax
+
+    out = _child("print(jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)", 2)
+    directory, seconds = out.split()
+    assert directory == jax.config.jax_compilation_cache_dir == os.environ["JAX_COMPILATION_CACHE_DIR"]
+    assert float(seconds) == jax.config.jax_persistent_cache_min_compile_time_secs
