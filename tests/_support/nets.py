@@ -5,6 +5,8 @@ Two families, each importing its framework only when built:
 - :func:`torch_stem_dw_pw` and :func:`keras_stem_dw_pw`: a strided stem, a depthwise conv and a
   1x1 conv, each followed by a BatchNorm, as a torch ``nn.Sequential`` and its tf_keras / Keras 3
   twin (the Keras 2 ``.h5`` and ``load_into`` tests).
+- :func:`keras_two_conv_bn`: two Conv2D + BatchNormalization pairs in tf_keras or Keras 3 (the
+  fuzzer's seed files).
 - One torchvision-style residual block, below.
 
 
@@ -274,3 +276,15 @@ def keras_stem_dw_pw(
     x = layers.Conv2D(width, 1, use_bias=bias[2], name=names[2])(x)
     x = layers.BatchNormalization(epsilon=eps, name=f"{names[2]}_bn")(x)
     return keras.Model(inp, x)
+
+
+def keras_two_conv_bn(keras: Any) -> Any:
+    """``Conv2D(4, 3, same) -> BN -> Conv2D(4, 3, stride 2, no bias) -> BN`` on 8x8x3 input, built
+    with ``keras`` (the ``tf_keras`` or ``keras`` module) after ``set_random_seed(0)``; the
+    BatchNorms keep their initial statistics."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(4, 3, padding="same"), keras.layers.BatchNormalization(),
+        keras.layers.Conv2D(4, 3, strides=2, use_bias=False), keras.layers.BatchNormalization(),
+    ])

@@ -68,3 +68,11 @@ def reference_eval(x: np.ndarray, params: convbn.ConvBNParams, **override: objec
     p.update(override)
     return reference.conv_bn(np.asarray(x, np.float64), p)  # type: ignore[no-any-return]
 
+
+
+def relu_chain(x: np.ndarray, ckpt: Checkpoint) -> np.ndarray:
+    """``ckpt``'s layers in order, each followed by a ReLU, in eval mode on the NumPy backend (float64)."""
+    h = np.asarray(x, np.float64)
+    for p in ckpt.layers.values():
+        h = np.maximum(convbn.conv_bn(h, p, backend="numpy"), 0)
+    return h

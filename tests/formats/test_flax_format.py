@@ -11,7 +11,7 @@ import convbn
 from convbn import ConvBNError
 from tests._support.assertions import rel_err
 from tests.conftest import need
-from tests.formats.builders import assert_same_arrays, random_checkpoint
+from tests.formats.builders import assert_same_arrays, random_checkpoint, relu_chain
 
 need("jax", "flax")
 import jax  # noqa: E402
@@ -69,13 +69,6 @@ def _variables(model, x, seed=0):
     return {"params": params, "batch_stats": stats}
 
 
-def _chain(x, ckpt):
-    h = np.asarray(x, np.float64)
-    for p in ckpt.layers.values():
-        h = np.maximum(convbn.conv_bn(h, p, backend="numpy"), 0)
-    return h
-
-
 def test_reads_linen_default_names_and_writes_them_back(tmp_path):
     model = Linen()
     x = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(np.float32)
@@ -89,7 +82,7 @@ def test_reads_linen_default_names_and_writes_them_back(tmp_path):
         1e-5, 0.99, "biased")
     assert np.array_equal(ckpt.layers["Conv_1"].moving_var, variables["batch_stats"]["BatchNorm_1"]["var"])
     # The conv+BN layers compute what the modules compute (the head is Dense on the mean).
-    features = _chain(x, ckpt)
+    features = relu_chain(x, ckpt)
     head = features.mean(axis=(1, 2)) @ np.asarray(ckpt.others["Dense_0"].kernel, np.float64)
     head += np.asarray(ckpt.others["Dense_0"].bias, np.float64)
     assert rel_err(model.apply(variables, x), head) < TOL
@@ -112,7 +105,7 @@ def test_written_default_names_load_into_a_real_module(tmp_path):
     template["params"]["layer3"]["conv"].pop("bias")
     restored = serialization.from_bytes(template, data)
     restored["params"]["layer3"]["conv"]["bias"] = np.zeros(16, np.float32)  # a bias-free conv is a zero bias
-    assert rel_err(model.apply(restored, x), _chain(x, ckpt)) < TOL
+    assert rel_err(model.apply(restored, x), relu_chain(x, ckpt)) < TOL
 
 
 def test_training_state_drops_optimizer_and_step(tmp_path):

@@ -12,7 +12,7 @@ import convbn
 from convbn import ConvBNError
 from tests._support.assertions import rel_err
 from tests.conftest import need
-from tests.formats.builders import assert_same_arrays, random_checkpoint
+from tests.formats.builders import assert_same_arrays, random_checkpoint, relu_chain
 
 need("keras", "h5py")
 import h5py  # noqa: E402
@@ -121,13 +121,6 @@ def _sequential(ckpt, padding="same"):
     return model
 
 
-def _chain(x, ckpt):
-    h = np.asarray(x, np.float64)
-    for p in ckpt.layers.values():
-        h = np.maximum(convbn.conv_bn(h, p, backend="numpy"), 0)
-    return h
-
-
 def test_written_weights_load_into_a_real_model(tmp_path):
     ckpt = random_checkpoint(seed=3)
     ckpt.layers["layer2"] = dataclasses.replace(ckpt.layers["layer2"], bias=None, gamma=None)  # slim-like
@@ -136,7 +129,7 @@ def test_written_weights_load_into_a_real_model(tmp_path):
     model = _sequential(ckpt)
     model.load_weights(tmp_path / "c.weights.h5")
     x = np.random.default_rng(1).standard_normal((2, 7, 7, 3)).astype(np.float32)
-    assert rel_err(model.predict(x, verbose=0), _chain(x, ckpt)) < TOL
+    assert rel_err(model.predict(x, verbose=0), relu_chain(x, ckpt)) < TOL
     bn2 = model.layers[4].get_weights()
     assert np.array_equal(bn2[0], np.ones(16, np.float32))  # absent gamma written as 1
 

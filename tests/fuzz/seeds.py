@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests._support import nets
+
 #: What each format's seeds and reader need, as ``tests.conftest.need`` names it (a backend or a
 #: package, which is also its module's name). torch: ``torch.save`` and the reader's unpickler. slim:
 #: TF writes the seeds and reads them. keras: Keras 3 on TensorFlow writes the seeds, the reader needs
@@ -197,12 +199,7 @@ def keras_seeds() -> list[Bundle]:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
 
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((8, 8, 3)),
-        keras.layers.Conv2D(4, 3, padding="same"), keras.layers.BatchNormalization(),
-        keras.layers.Conv2D(4, 3, strides=2, use_bias=False), keras.layers.BatchNormalization(),
-    ])
+    model = nets.keras_two_conv_bn(keras)
     rng = np.random.default_rng(0)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -223,12 +220,7 @@ def keras2_seeds() -> list[Bundle]:
     ``layer_names``/``weight_names`` layout of keras.applications' weight files."""
     import tf_keras
 
-    tf_keras.utils.set_random_seed(0)
-    model = tf_keras.Sequential([
-        tf_keras.Input((8, 8, 3)),
-        tf_keras.layers.Conv2D(4, 3, padding="same"), tf_keras.layers.BatchNormalization(),
-        tf_keras.layers.Conv2D(4, 3, strides=2, use_bias=False), tf_keras.layers.BatchNormalization(),
-    ])
+    model = nets.keras_two_conv_bn(tf_keras)
     rng = np.random.default_rng(0)
     for layer in model.layers:
         if isinstance(layer, tf_keras.layers.BatchNormalization):
