@@ -166,6 +166,7 @@ def test_a_cross_env_oracle_is_not_expected_in_a_single_backend_run(tmp_path):
     assert _outcomes(probe)["test_marked.py::test_marker"] == ("skipped", "tf_slim not installed")
 
 
+@pytest.mark.slow
 @pytest.mark.needs("torch", "tensorflow", "jax")
 def test_a_missing_cross_env_oracle_fails_where_every_backend_is_requested(tmp_path):
     """tf-slim comes only with tox's cross env, which requests all four backends."""

@@ -40,6 +40,7 @@ def _runnable(name: str) -> bool:
     return all(available(m) for m in NATIVE[name])
 
 
+@pytest.mark.slow
 def test_quick_suite_on_tiny_shape(tmp_path):
     names = [n for n in NATIVE if _runnable(n)]
     if not names:

@@ -77,6 +77,7 @@ def test_a_broken_backend_fails_the_run_and_is_named(capsys, monkeypatch, framew
     assert cells[3] == "-" and cells[4].startswith("FAIL ")  # the float32 column
 
 
+@pytest.mark.slow
 def test_every_backend_under_test_measured_and_pairwise_agreement(capsys):
     """``--quick --json`` on the backends under test (all four in the cross env): every backend
     and check group measured and passing, and every pair of backends compared."""

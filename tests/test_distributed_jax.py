@@ -186,6 +186,7 @@ def test_jit_on_a_sharded_batch_has_global_statistics_without_sync():
     assert out.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_flax_layers_with_axis_name_under_shard_map():
     """linen ConvBN(axis_name=) matches nn.Conv + nn.BatchNorm(axis_name=) under shard_map (float32)
     and, trained 3 SGD steps under shard_map, ends with the params and moving statistics of a

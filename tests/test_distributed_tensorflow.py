@@ -39,6 +39,7 @@ def _script(body: str, world: int) -> str:
     return textwrap.dedent(head) + textwrap.dedent(body)
 
 
+@pytest.mark.slow
 @ONEDNN
 def test_distributed_conformance_on_three_replicas(onednn):
     # Quick: even shards (2+2+2) and uneven ones with an empty replica (5+0+1), traced strategy.run.

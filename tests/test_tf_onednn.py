@@ -28,6 +28,7 @@ def _env(onednn: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("onednn", ["0", "1"])
 def test_quick_conformance_passes_on_both_tf_cpu_paths(onednn):
     """The quick matrix in a child per path, except the path this process pinned for itself: the
@@ -81,6 +82,7 @@ _ZERO_SIZE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("onednn", ["0", "1"])
 def test_zero_size_batch_with_new_channel_count_on_both_tf_cpu_paths(onednn):
     need("tensorflow")
