@@ -27,6 +27,7 @@ from convbn.formats import _orbax
 from convbn.formats._sharded import INDEX_SUFFIX
 from convbn.formats.flax import writes_directory
 from convbn.loading import LoadReport, conform_checkpoint
+from convbn.loading.graphs import file_graph
 
 #: Formats whose writers keep the names of a checkpoint read from the same format.
 LIKE_FORMATS = ("torch", "keras", "flax")
@@ -49,9 +50,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--like", metavar="MODEL_STATE", default=None,
                         help="a state file of your model (torch state_dict, Keras .weights.h5/.keras, flax "
                              "msgpack): write DST with its names and order, matching conv+BatchNorm layers "
-                             "by name, then by order and kernel shape where that is unambiguous (layers of "
-                             "one shape that nothing tells apart are refused: see --map); the rest of "
-                             "MODEL_STATE is kept as it is")
+                             "by name, by the graphs of .keras archives, then by kernel shape where that is "
+                             "unambiguous (layers of one shape that nothing tells apart are refused: see "
+                             "--map); the rest of MODEL_STATE is kept as it is")
     parser.add_argument("--map", metavar="LIKE_LAYER=SRC_LAYER", action="append", default=[], dest="mapping",
                         help="with --like: the like file's conv layer LIKE_LAYER takes SRC's layer SRC_LAYER "
                              "(names as the refusal or 'convbn inspect' lists them); repeat for each layer "
@@ -178,8 +179,10 @@ def _mapping(items: list[str]) -> dict[str, str]:
 def _conform(args: argparse.Namespace, ckpt: Checkpoint, like_format: str) -> tuple[Checkpoint, Checkpoint, LoadReport]:
     """``(source under the like file's names, unfolded; what to write; the match report)``."""
     like = load_checkpoint(Path(args.like), like_format)
-    out, match = conform_checkpoint(ckpt, like, fold_bias=args.fold_bias or "beta", strict=not args.no_strict,
-                                    mapping=_mapping(args.mapping))
+    out, match = conform_checkpoint(
+        ckpt, like, fold_bias=args.fold_bias or "beta", strict=not args.no_strict, mapping=_mapping(args.mapping),
+        like_graph=file_graph(Path(args.like), like), source_graph=file_graph(Path(args.src), ckpt),
+    )
     out.notes[:0] = ckpt.notes
     # The source as it was, under the like file's names: what the written file is verified against.
     renamed = out.copy()

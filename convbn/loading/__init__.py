@@ -738,6 +738,8 @@ def conform_checkpoint(
     fold_bias: FoldOption = "beta",
     strict: bool = True,
     mapping: Mapping[str, str] | None = None,
+    like_graph: Graph | None = None,
+    source_graph: Graph | None = None,
 ) -> tuple[Checkpoint, LoadReport]:
     """``ckpt``'s layers under the names, in the order, of ``like`` (a state file of the user's model).
 
@@ -758,6 +760,9 @@ def conform_checkpoint(
         strict: as for :func:`load_into`.
         mapping: ``like`` layer -> ``ckpt`` layer, for layers the matcher cannot decide (as for
             :func:`load_into`; the CLI's ``--map``).
+        like_graph: ``like``'s data flow where its file records one
+            (:func:`convbn.loading.graphs.file_graph`: a ``.keras`` archive).
+        source_graph: ``ckpt``'s, likewise; with both, layers match by structure.
 
     Returns:
         ``(conformed, report)``: a checkpoint in ``like``'s format with ``like``'s sources, and the
@@ -795,7 +800,8 @@ def conform_checkpoint(
         ))
     report = LoadReport(pairing="checkpoint", pairs={t.name: t.bn_name for t in targets}, unused=_unused(ckpt))
     order = checkpoint_order(ckpt, report.notes)
-    staged = stage(targets, ckpt, order, report, fold_bias=into, eps="checkpoint", mapping=mapping)
+    staged = stage(targets, ckpt, order, report, fold_bias=into, eps="checkpoint", mapping=mapping,
+                   graph=like_graph, source_graph=source_graph)
     if strict and not report.ok:
         raise _strict_error("conforming to the like file", report)
     by_name = {s.target.name: s for s in staged}

@@ -98,3 +98,21 @@ def test_map_without_like_is_refused(tmp_path: Path, capsys: Any) -> None:
     code, _, err = _run(capsys, "convert", tmp_path / "src.pt", tmp_path / "out.safetensors", "--map", "a=b")
     assert code == 2 and "--map applies with --like only" in err
     assert not np.any([p.name.startswith("out") for p in tmp_path.iterdir()])
+
+
+@pytest.mark.needs("torch", "keras", "h5py")
+def test_like_between_two_keras_archives_matches_the_swap_case_by_their_graphs(tmp_path: Path, capsys: Any) -> None:
+    """Both .keras files record their graphs: the like model's conv3 and shortcut take SRC's by
+    structure, although their names differ and their listing orders could not tell."""
+    source = rm.keras_build(block=True, names="_k")
+    convbn.load_into(source, rm.torch_build(block=True))
+    source.save(tmp_path / "src.keras")
+    model = rm.keras_build(block=True, names="_j")
+    model.save(tmp_path / "like.keras")
+    dst = tmp_path / "out.weights.h5"
+    code, out, err = _run(capsys, "convert", tmp_path / "src.keras", dst, "--like", tmp_path / "like.keras", "--json")
+    assert code == 0, err
+    assert json.loads(out)["like"]["how"] == {f"{k}_j": "structure" for k in rm.keys(block=True)}
+    model.load_weights(dst)
+    x = rm.x_input(block=True)
+    assert rel_err(rm.keras_run(model, x), rm.keras_run(source, x)) <= TOL
