@@ -513,6 +513,7 @@ def read(
         )
     for name in sorted([*ckpt.layers, *ckpt.others], key=lambda n: position(_first_variable(ckpt, n))):
         ckpt.order.append(name)
+    ckpt.others = {name: ckpt.others[name] for name in ckpt.order if name in ckpt.others}  # in source order too
 
     # Everything else, in the same order, read one tensor at a time.
     for name in sorted((n for n in variables if n not in consumed), key=position):
