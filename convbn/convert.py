@@ -374,59 +374,19 @@ _FLAT_ORDER: dict[str, FlatOrder] = {"torch": "chw", "keras": "hwc", "flax": "hw
 def check_flatten_order(ckpt: Checkpoint, format: str) -> None:
     """Refuse to guess the feature order of a dense layer that may read a flattened feature map
     (or be reshaped into one) when the source and the target flatten maps differently (torch
-    NCHW, the others NHWC).
-
-    A dense layer with :attr:`Layer.flat_in` / ``flat_out`` set is permuted by the writer. One
-    without reads a vector when its input width is the output width of the layer before it (a
-    classifier after global pooling) and feeds one when its output width is the next layer's
-    input; otherwise its rows (or columns) are a flattened map in the source's order, which only
-    the model's graph can say: the conversion is refused, naming the layer.
+    NCHW, the others NHWC): a side the reader could not decide (:attr:`Layer.flat_undecided`, see
+    :func:`convbn.formats._common.mark_flatten_undecided`) is refused, naming the layer and
+    ``--flatten``, until it is stated (:meth:`Checkpoint.with_flatten`).
 
     Raises:
-        ConvBNError: naming the dense layer and the widths that did not match.
+        ConvBNError: naming the dense layer and how to state its map.
     """
     source = _FLAT_ORDER.get(ckpt.metadata.get("source_format") or ckpt.format)
     target = _FLAT_ORDER.get(format)
     if source is None or target is None or source == target:
         return
-    items = ckpt.in_order()
-    for i, (name, item) in enumerate(items):
-        if not isinstance(item, Layer) or item.kind != "dense":
-            continue
+    for name, item in ckpt.others.items():
         item.as_order(target, name)  # a side the source itself could not decide: refused, naming --flatten
-        n_in, n_out = (int(d) for d in np.shape(item.kernel))
-        before = _width(items[i - 1][1], "out") if i > 0 else None
-        after = _width(items[i + 1][1], "in") if i + 1 < len(items) else None
-        for side, attr, own, other, neighbour in (
-            ("input", "flat_in", n_in, before, items[i - 1][0] if i > 0 else ""),
-            ("output", "flat_out", n_out, after, items[i + 1][0] if i + 1 < len(items) else ""),
-        ):
-            fmap = getattr(item, attr)
-            if fmap is None and other is not None and other != own and other > 0 and own % other == 0:
-                raise ConvBNError(
-                    f"dense layer {name!r} has {own} {side} features and {neighbour!r} {other} channels: a "
-                    f"flattened map whose feature order differs between {ckpt.metadata.get('source_format')} "
-                    f"({source}) and {format} ({target}); state it with dataclasses.replace(layer, "
-                    f"{attr}=convbn.checkpoint.FeatureMap(h, w, c, order={source!r})), or use load_into with the model"
-                )
-
-
-def _width(item: ConvBNParams | Layer, side: str) -> int | None:
-    """A layer's output (or input) width, where its tensors say."""
-    if isinstance(item, ConvBNParams):
-        return item.out_channels if side == "out" else item.in_channels
-    if item.kind in ("batch_norm", "layer_norm", "group_norm"):
-        return item.out_features
-    if item.kernel is None:
-        return None
-    shape = np.shape(item.kernel)
-    if side == "out":
-        return item.out_features
-    if item.kind == "dense":
-        return int(shape[0])
-    if item.kind == "conv_transpose":
-        return int(shape[3])
-    return int(shape[2]) * item.groups
 
 
 def save_checkpoint(

@@ -28,8 +28,8 @@ __all__ = [
     "build_other",
     "check_variance",
     "contiguous",
-    "flat_order",
     "head",
+    "mark_flatten_undecided",
     "not_written_note",
     "origin_format",
     "others_as_tensors",
@@ -254,18 +254,47 @@ def others_as_tensors(ckpt: Checkpoint) -> None:
     ckpt.others = {}
 
 
-def flat_order(layer: Layer, kernel: np.ndarray, target: FlatOrder) -> np.ndarray:
-    """A dense kernel with the rows of a flattened input map and the columns of a reshaped output
-    in ``target`` order (torch flattens NCHW maps: ``"chw"``; the others NHWC: ``"hwc"``)."""
-    from convbn import layouts
+def mark_flatten_undecided(ckpt: Checkpoint, order: FlatOrder) -> None:
+    """Mark the sides of dense layers that may be a flattened feature map as undecided
+    (:attr:`Layer.flat_undecided`, stored in ``order``, the source framework's), where the file
+    does not say: a dense layer reads a vector when its input width is the output width of the layer
+    before it (a classifier after global pooling), and feeds one when its output width is the next
+    layer's input; a side whose width is a multiple of its neighbour's may be a flattened map, and
+    moving it between NCHW and NHWC formats is refused until it is stated."""
+    import dataclasses
 
-    if layer.flat_in is not None:
-        f = layer.flat_in
-        kernel = layouts.flat_rows(kernel, f.height, f.width, f.channels, f.order, target)
-    if layer.flat_out is not None:
-        f = layer.flat_out
-        kernel = layouts.flat_columns(kernel, f.height, f.width, f.channels, f.order, target)
-    return kernel
+    from convbn.checkpoint import Layer
+
+    items = ckpt.in_order()
+    for i, (name, item) in enumerate(items):
+        if not isinstance(item, Layer) or item.kind != "dense":
+            continue
+        n_in, n_out = (int(d) for d in np.shape(item.kernel))
+        sides = []
+        before = _width(items[i - 1][1], "out") if i > 0 else None
+        after = _width(items[i + 1][1], "in") if i + 1 < len(items) else None
+        if item.flat_in is None and before and before != n_in and n_in % before == 0:
+            sides.append(("in", order))
+        if item.flat_out is None and after and after != n_out and n_out % after == 0:
+            sides.append(("out", order))
+        known = dict(item.flat_undecided)
+        sides = [(s, o) for s, o in sides if s not in known]
+        if sides:
+            ckpt.others[name] = dataclasses.replace(item, flat_undecided=(*item.flat_undecided, *sides))
+
+
+def _width(item: ConvBNParams | Layer, side: str) -> int | None:
+    """A layer's output (or input) width, where its tensors say."""
+    if isinstance(item, ConvBNParams):
+        return item.out_channels if side == "out" else item.in_channels
+    if item.kernel is None or side == "out":
+        return item.out_features
+    shape = np.shape(item.kernel)
+    if item.kind == "dense":
+        return int(shape[0])
+    if item.kind == "conv_transpose":
+        return int(shape[3])
+    return int(shape[2]) * item.groups
 
 
 def check_variance(source: os.PathLike[str] | str, layer: str, params: ConvBNParams, tensor: str) -> None:

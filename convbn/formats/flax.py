@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 
-from convbn import layouts
 from convbn._dtypes import ml_dtype
 from convbn.conventions import FLAX
 from convbn.errors import ConvBNError
@@ -52,8 +51,8 @@ from convbn.formats._common import (
     build_norm,
     build_other,
     contiguous,
-    flat_order,
     head,
+    mark_flatten_undecided,
     not_written_note,
     origin_format,
     resolve_settings,
@@ -354,6 +353,7 @@ def _from_tree(
         if unit.kind in ("conv", "bn"):
             ckpt.unpaired[unit.name] = unit.kind
     ckpt.tensors = {k: v for k, v in arrays.items() if k not in used}
+    mark_flatten_undecided(ckpt, "hwc")
     if affine_only:
         ckpt.notes.append(
             f"kept by name: {len(affine_only)} module(s) of scale and bias only ({', '.join(affine_only[:5])}): a "
@@ -492,16 +492,9 @@ def _other_tree(name: str, layer: Layer, *, exact: bool) -> dict[str, Any]:
     norm_module = nest(layer.norm_name) if layer.norm_name else module if layer.kernel is None else f"{module}_bn"
     out: dict[str, Any] = {}
     if layer.kernel is not None:
-        kernel = as_numpy(layer.kernel)
-        if layer.kind == "dense":
-            kernel = flat_order(layer, kernel, "hwc")
-        out[names.get("kernel", f"params/{module}/kernel")] = kernel
+        out[names.get("kernel", f"params/{module}/kernel")] = as_numpy(layer.kernel)
         if layer.bias is not None:
-            bias = as_numpy(layer.bias)
-            if layer.flat_out is not None:
-                f = layer.flat_out
-                bias = layouts.flat_columns(bias, f.height, f.width, f.channels, f.order, "hwc")
-            out[names.get("bias", f"params/{module}/bias")] = bias
+            out[names.get("bias", f"params/{module}/bias")] = as_numpy(layer.bias)
     norm = layer.norm
     if norm is not None:
         ref = next(v for v in (norm.moving_mean, norm.gamma, norm.beta) if v is not None)
@@ -534,6 +527,8 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
     same_format = origin_format(ckpt) == NAME
     # torch module names only where the file can say so (an Orbax directory keeps convbn's template).
     named = torch_named(ckpt) and not same_format and not writes_directory(path)
+    ordered = ckpt.in_feature_order("hwc")  # flax flattens NHWC maps: a dense layer's features in that order
+    ckpt.others, ckpt.notes[:] = ordered.others, ordered.notes
     tree: dict[str, Any] = {}
     last_array: dict[int, str] = {}
     unwritten: list[str] = []

@@ -84,7 +84,6 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from convbn import layouts
 from convbn._dtypes import keras_float_name
 from convbn.conventions import KERAS2_FUSED, KERAS3
 from convbn.errors import ConvBNError
@@ -96,8 +95,8 @@ from convbn.formats._common import (
     build_norm,
     build_other,
     contiguous,
-    flat_order,
     head,
+    mark_flatten_undecided,
     not_written_note,
     origin_format,
     others_as_tensors,
@@ -924,6 +923,7 @@ def read(
             if name not in used:
                 ckpt.tensors[name] = array
     ckpt.tensors.update(contents.loose)
+    mark_flatten_undecided(ckpt, "hwc")
     return ckpt
 
 
@@ -1047,16 +1047,9 @@ def _other_groups(
     if layer.kernel is None:
         assert layer.norm is not None
         return [(_numbered(_KIND_GROUPS[layer.kind], counters), name, _norm_arrays(layer.norm), key)]
-    kernel = as_numpy(layer.kernel)
-    if layer.kind == "dense":
-        kernel = flat_order(layer, kernel, "hwc")
-    arrays = [kernel]
+    arrays = [as_numpy(layer.kernel)]
     if layer.bias is not None:
-        bias = as_numpy(layer.bias)
-        if layer.flat_out is not None:
-            f = layer.flat_out
-            bias = layouts.flat_columns(bias, f.height, f.width, f.channels, f.order, "hwc")
-        arrays.append(bias)
+        arrays.append(as_numpy(layer.bias))
     groups = [(_numbered(_KIND_GROUPS[layer.kind], counters), name, arrays, None if layer.norm else key)]
     if layer.norm is not None:
         groups.append((_numbered("batch_normalization", counters), norm_name, _norm_arrays(layer.norm), key))
@@ -1118,6 +1111,8 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
         "/vars/" in t for o in ckpt.others.values() for f, t in o.tensors.items() if f in _LAYER_FIELDS
     )
     named = torch_named(ckpt)
+    ordered = ckpt.in_feature_order("hwc")  # Keras flattens NHWC maps: a dense layer's features in that order
+    ckpt.others, ckpt.notes[:] = ordered.others, ordered.notes
     taken: set[str] = set()
     counters: dict[str, int] = {}
     # (group path, layer name, arrays, layer key or None), in writing order

@@ -433,6 +433,14 @@ def _read_other(path: Path, name: str, entry: Mapping[str, Any], tensors: Mappin
         value = entry.get(key)
         if value is not None:
             fields[key] = _feature_map(path, name, key, value)
+    undecided = entry.get("flat_undecided", [])
+    if not isinstance(undecided, list) or not all(
+        isinstance(u, list) and len(u) == 2 and u[0] in ("in", "out") and u[1] in ("hwc", "chw") for u in undecided
+    ):
+        raise ConvBNError(f"{path}: corrupted convbn metadata: layer {name!r} has flat_undecided={_preview(undecided)}; "
+                          "it must be a list of [side, order] pairs")
+    if undecided:
+        fields["flat_undecided"] = tuple((side, order) for side, order in undecided)
     source_names = _layer_field(path, name, entry, "source_tensors", (dict,), {})
     layer = build_other(
         path, name, source_names, kind=kind, norm=norm,
@@ -577,6 +585,8 @@ def _other_entry(name: str, layer: Any, entries: list[tuple[str, np.ndarray]]) -
         fmap = getattr(layer, key)
         if fmap is not None:
             entry[key] = {"height": fmap.height, "width": fmap.width, "channels": fmap.channels, "order": fmap.order}
+    if layer.flat_undecided:
+        entry["flat_undecided"] = [list(side) for side in layer.flat_undecided]
     entry.update(norm_name=layer.norm_name, geometry=layer.geometry, source_tensors=dict(layer.tensors))
     return entry
 

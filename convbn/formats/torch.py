@@ -44,8 +44,8 @@ from convbn.formats._common import (
     build_norm,
     build_other,
     contiguous,
-    flat_order,
     head,
+    mark_flatten_undecided,
     not_written_note,
     origin_format,
     resolve_settings,
@@ -555,6 +555,7 @@ def layers_from_state_dict(
             f"{fmt} files do not store stride, padding, dilation or groups: the layers keep "
             "ConvBNParams defaults (stride 1, 'SAME', groups 1); set them with dataclasses.replace"
         )
+    mark_flatten_undecided(ckpt, "chw")
     if affine_only:
         shown = ", ".join(affine_only[:5]) + (f", ... ({len(affine_only) - 5} more)" if len(affine_only) > 5 else "")
         ckpt.notes.append(
@@ -639,18 +640,13 @@ def _other_state(name: str, layer: Layer, *, exact: bool) -> dict[str, Any]:
     if layer.kernel is not None:
         kernel = np.asarray(layer.kernel)
         if layer.kind == "dense":
-            kernel = flat_order(layer, kernel, "chw")
             state[key("kernel", module, "weight")] = layouts.dense_to_torch(kernel)
         elif layer.kind == "conv_transpose":
             state[key("kernel", module, "weight")] = layouts.transpose_to_torch(kernel)
         else:
             state[key("kernel", module, "weight")] = layouts.conv_to_torch(kernel)
         if layer.bias is not None:
-            bias = np.asarray(layer.bias)
-            if layer.flat_out is not None:
-                f = layer.flat_out
-                bias = layouts.flat_columns(bias, f.height, f.width, f.channels, f.order, "chw")
-            state[key("bias", module, "bias")] = bias
+            state[key("bias", module, "bias")] = layer.bias
     norm = layer.norm
     if norm is not None:
         ref = next(v for v in (norm.moving_mean, norm.gamma, norm.beta) if v is not None)
@@ -689,6 +685,8 @@ def write(
 
     same_format = origin_format(ckpt) == NAME
     named = same_format or torch_named(ckpt)
+    ordered = ckpt.in_feature_order("chw")  # torch flattens NCHW maps: a dense layer's features in that order
+    ckpt.others, ckpt.notes[:] = ordered.others, ordered.notes
     state: dict[str, Any] = {}
 
     def put(key: str, value: Any) -> None:

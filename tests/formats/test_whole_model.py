@@ -159,43 +159,85 @@ def test_folding_a_dense_bias_into_the_batchnorm_after_it_keeps_the_outputs(tmp_
     assert convbn.convert.fold_layer_bias(unfolded) is unfolded
 
 
-def test_a_target_that_writes_pairs_only_names_the_other_layers_not_written(tmp_path):
-    """A writer without WRITES_OTHERS gets the other layers back as tensors: written where the
-    target is the source's format, named as not written elsewhere, never dropped silently."""
-    need("tensorflow")
-    _save(_net("resnet"), tmp_path / "m.pt")
-    ckpt = convbn.load_checkpoint(tmp_path / "m.pt")
-    from convbn.formats import load_format
+@pytest.mark.parametrize("name", NETS)
+def test_torch_to_slim_to_torch_keeps_every_value(tmp_path, name):
+    """A TF checkpoint holds every layer (slim's conv2d, fully_connected, batch_norm scopes) but not
+    the torch names of a conv's BatchNorm (slim puts it under the conv's scope) and no dense bias
+    before a BatchNorm (folded into its beta): torch -> slim -> torch comes back under convbn's
+    L.conv / L.bn names for the pairs and the source's for the rest, every value there, and the
+    renamed state_dict loads strictly and computes the original's outputs."""
+    import torch
 
-    if getattr(load_format("slim"), "WRITES_OTHERS", False):
-        pytest.skip("slim writes every layer kind")
-    written = convbn.save_checkpoint(ckpt, tmp_path / "out.ckpt", "slim")
-    assert any("not written: 2 other tensor(s) of the torch source (fc.weight, fc.bias)" in n for n in written.notes)
+    from convbn.checkpoint import parse_flatten
+
+    model = _net(name)
+    state = _save(model, tmp_path / "m.pt")
+    expected = _outputs(model)
+    source = convbn.load_checkpoint(tmp_path / "m.pt")
+    written = convbn.save_checkpoint(source, tmp_path / "m.ckpt", "slim")
+    assert not any("not written" in n for n in written.notes)
+    mid = convbn.load_checkpoint(tmp_path / "m.ckpt")
+    assert mid.tensors == {} and set(mid.others) == set(source.others)
+    # Without its .meta graph a TF checkpoint does not say whether a dense input is a flattened map.
+    dense = [n for n, o in mid.others.items() if o.kind == "dense"]
+    convbn.save_checkpoint(mid.with_flatten(parse_flatten([f"{n}=none" for n in dense])), tmp_path / "back.pt", "torch")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    renamed = {}
+    for key, where in source.sources.items():
+        for leaf in ("weight", "bias"):
+            if f"{key}.conv.{leaf}" in back:
+                renamed[f"{where.conv_name}.{leaf}"] = back.pop(f"{key}.conv.{leaf}")
+        for leaf in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            renamed[f"{where.bn_name}.{leaf}"] = back.pop(f"{key}.bn.{leaf}")
+    for key, layer in source.others.items():  # slim keeps a dense layer's BatchNorm under its scope
+        for leaf in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            if layer.norm_name and f"{key}.bn.{leaf}" in back:
+                renamed[f"{layer.norm_name}.{leaf}"] = back.pop(f"{key}.bn.{leaf}")
+    renamed.update(back)
+    for key, value in state.items():  # a dense bias before a BatchNorm was folded into its beta
+        if key not in renamed and key.endswith(".bias"):
+            renamed[key] = torch.zeros_like(value)
+    assert sorted(renamed) == sorted(state)
+    fresh = _net(name, seed=99)
+    fresh.load_state_dict(renamed, strict=True)
+    assert np.max(np.abs(_outputs(fresh) - expected)) <= 1e-5 * np.max(np.abs(expected))
 
 
 def test_a_dense_layer_after_a_flatten_is_refused_across_flatten_orders_not_guessed(tmp_path):
-    """torch flattens NCHW, Keras/Flax/TF NHWC: a Linear reading a flattened 16-channel map needs its
-    rows permuted, which a state_dict cannot say. The write is refused naming it, until its map is
-    stated; then the kernel's rows come out in the target's order."""
+    """torch flattens NCHW, Keras/Flax/TF NHWC: a Linear reading a flattened 4-channel map needs its
+    rows permuted, which a state_dict cannot say. The torch reader marks that side undecided (its
+    width is a multiple of the layer before it), the write is refused naming it until its map is
+    stated, and then the Keras kernel's rows come out in NHWC order."""
+    need("h5py")
     import torch
     from torch import nn
 
-    from convbn.checkpoint import FeatureMap
+    from convbn.checkpoint import parse_flatten
     from convbn.convert import check_flatten_order
-    from convbn.formats.keras import NAME as KERAS
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6, 2))
     torch.save(model.state_dict(), tmp_path / "m.pt")
     ckpt = convbn.load_checkpoint(tmp_path / "m.pt")
+    assert ckpt.others["3"].flat_undecided == (("in", "chw"),)
     check_flatten_order(ckpt, "torch")  # same order: nothing to decide
     check_flatten_order(ckpt, "safetensors")
-    with pytest.raises(convbn.ConvBNError, match=r"dense layer '3' has 24 input features and '0' 4 channels"):
-        check_flatten_order(ckpt, KERAS)
-    ckpt.others["3"] = dataclasses.replace(ckpt.others["3"], flat_in=FeatureMap(2, 3, 4, order="chw"))
-    check_flatten_order(ckpt, KERAS)
-    # Written back to torch (NCHW) it is unchanged; the stated order is what the torch writer permutes from.
-    convbn.save_checkpoint(ckpt, tmp_path / "back.pt", "torch")
-    assert torch.equal(torch.load(tmp_path / "back.pt")["3.weight"], model[3].weight.detach())
+    with pytest.raises(convbn.ConvBNError, match=r"dense layer '3': whether its input features are a flattened"):
+        convbn.save_checkpoint(ckpt, tmp_path / "m.weights.h5", "keras")
+    assert not (tmp_path / "m.weights.h5").exists()
+    # Through safetensors the undecided side is kept, so the refusal is too.
+    convbn.save_checkpoint(ckpt, tmp_path / "m.safetensors", "safetensors")
+    with pytest.raises(convbn.ConvBNError, match=r"dense layer '3': whether its input"):
+        convbn.save_checkpoint(convbn.load_checkpoint(tmp_path / "m.safetensors"), tmp_path / "m.weights.h5", "keras")
+    stated = ckpt.with_flatten(parse_flatten(["3=2x3x4"]))
+    convbn.save_checkpoint(stated, tmp_path / "m.weights.h5", "keras")
+    kernel = convbn.load_checkpoint(tmp_path / "m.weights.h5").others["3"].kernel
+    weight = model[3].weight.detach().numpy()  # (out, c*h*w)
+    expected = weight.reshape(2, 4, 2, 3).transpose(2, 3, 1, 0).reshape(24, 2)  # rows in (h, w, c) order
+    np.testing.assert_array_equal(kernel, expected)
+    # A classifier after global pooling (input width = the conv's channels) is decided: a vector.
+    pooled = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    torch.save(pooled.state_dict(), tmp_path / "p.pt")
+    assert convbn.load_checkpoint(tmp_path / "p.pt").others["2"].flat_undecided == ()
 
 
 @pytest.mark.parametrize("name", NETS)
