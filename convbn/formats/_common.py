@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LAYER_NAMES",
     "Progress",
+    "add_other",
     "as_numpy",
     "build_layer",
     "build_norm",
@@ -197,15 +198,15 @@ def build_norm(
     except ConvBNError as exc:
         raise ConvBNError(f"{source}: norm {name!r} ({listed}): {exc}") from None
     if norm.moving_var is not None:
-        var = np.asarray(norm.moving_var)
-        bad = ~np.isfinite(var) | (var < 0)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ConvBNError(
-                f"{source}: a moving variance must be finite and >= 0. Received: "
-                f"{tensors.get('moving_var', name)}[{i}]={float(var[i])!r} (norm {name!r}, {int(bad.sum())} bad value(s))"
-            )
+        _check_finite_variance(source, f"norm {name!r}", norm.moving_var, tensors.get("moving_var", name))
     return norm
+
+
+def add_other(ckpt: Checkpoint, source: os.PathLike[str] | str, name: str, layer: Layer) -> None:
+    """Put ``layer`` in ``ckpt.others`` as ``name``, refusing a name another layer has."""
+    if name in ckpt.others or name in ckpt.layers:
+        raise ConvBNError(f"{source}: two layers are both named {name!r}")
+    ckpt.others[name] = layer
 
 
 def build_other(source: os.PathLike[str] | str, name: str, tensors: Mapping[str, str], **fields: Any) -> Layer:
@@ -299,13 +300,17 @@ def _width(item: ConvBNParams | Layer, side: str) -> int | None:
 
 def check_variance(source: os.PathLike[str] | str, layer: str, params: ConvBNParams, tensor: str) -> None:
     """A moving variance must be finite and >= 0: a NaN or negative one poisons every output."""
-    var = np.asarray(params.moving_var)
+    _check_finite_variance(source, f"layer {layer!r}", params.moving_var, tensor)
+
+
+def _check_finite_variance(source: os.PathLike[str] | str, owner: str, moving_var: Any, tensor: str) -> None:
+    var = np.asarray(moving_var)
     bad = ~np.isfinite(var) | (var < 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ConvBNError(
             f"{source}: a moving variance must be finite and >= 0. Received: {tensor}[{i}]="
-            f"{float(var[i])!r} (layer {layer!r}, {int(bad.sum())} bad value(s))"
+            f"{float(var[i])!r} ({owner}, {int(bad.sum())} bad value(s))"
         )
 
 

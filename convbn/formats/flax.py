@@ -46,6 +46,7 @@ from convbn.formats import _orbax
 from convbn.formats._common import (
     LAYER_NAMES,
     Progress,
+    add_other,
     as_numpy,
     build_layer,
     build_norm,
@@ -319,9 +320,7 @@ def _from_tree(
         ckpt.order.append(entry.name)
         if entry.pair is None:
             layer = _other(path, entry.unit, entry.bn, arrays, eps=eps, momentum=momentum, notes=ckpt.notes)
-            if entry.name in ckpt.others or entry.name in ckpt.layers:
-                raise ConvBNError(f"{path}: two layers are both named {entry.name!r}")
-            ckpt.others[entry.name] = layer
+            add_other(ckpt, path, entry.name, layer)
             used.update(layer.tensors.values())
             continue
         pair = entry.pair

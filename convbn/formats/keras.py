@@ -90,6 +90,7 @@ from convbn.errors import ConvBNError
 from convbn.formats._common import (
     LAYER_NAMES,
     Progress,
+    add_other,
     as_numpy,
     build_layer,
     build_norm,
@@ -874,9 +875,7 @@ def read(
         if item.pair is None:
             layer = _other_layer(path, item.unit, item.bn, convention, legacy, eps=eps, momentum=momentum,
                                  notes=ckpt.notes)
-            if item.name in ckpt.others or item.name in ckpt.layers:
-                raise ConvBNError(f"{path}: two layers are both named {item.name!r}")
-            ckpt.others[item.name] = layer
+            add_other(ckpt, path, item.name, layer)
             used.update(layer.tensors.values())
             continue
         pair = item.pair

@@ -40,6 +40,7 @@ from convbn.conventions import TORCH
 from convbn.errors import ConvBNError
 from convbn.formats._common import (
     Progress,
+    add_other,
     build_layer,
     build_norm,
     build_other,
@@ -509,12 +510,12 @@ def layers_from_state_dict(
     ckpt.metadata["source_format"] = NAME
     used: set[str] = set()
     for entry in source_order(units, found, unpaired):
-        if entry.name in ckpt.layers or entry.name in ckpt.others:
+        if entry.name in ckpt.layers:
             raise ConvBNError(f"{source}: two layers would both be named {entry.name!r}; pass pairs / --pair")
         ckpt.order.append(entry.name)
         if entry.pair is None:
             layer = _other(source, entry.unit, entry.bn, arrays, eps=eps, momentum=momentum, fmt=fmt, notes=ckpt.notes)
-            ckpt.others[entry.name] = layer
+            add_other(ckpt, source, entry.name, layer)
             used.update(layer.tensors.values())
             continue
         pair = entry.pair
