@@ -344,10 +344,10 @@ def report(
         if failed:
             print(f"verification FAILED for {len(failed)} layer(s); nothing was written to {args.dst}", file=out)
         else:
-            run = [c for c in others if not c.problem]
-            kinds = sorted({c.geometry for c in run})
-            more = f", and {len(run)} other layer(s) ({', '.join(kinds)})" if run else ""
-            print(f"verified: all {len(pairs)} layer(s) within tolerance{more}", file=out)
+            print(f"verified: all {len(checks)} layer(s) within tolerance", file=out)
+            unrun = [c.source for c in others if c.problem]
+            if unrun:
+                print(f"not verified (not run): {', '.join(unrun)}", file=out)
 
 
 def _jsonable(value: Any) -> Any:
