@@ -20,7 +20,9 @@ this order, and never past the point where the evidence runs out:
 4. Order, only where it is unambiguous: among the layers of one shape still unmatched, a model
    layer whose rank in that shape's order the model's graph fixes (every other one of that shape
    is its ancestor or its descendant) takes the source layer of the same rank (fixed the same way
-   by the source's graph where it has one, else the source's listing order). A shape with one
+   by the source's graph where it has one, else the source's listing order), and only while the
+   listing agrees with the model's graph on every matched layer (one inversion, and the listing is
+   not a forward order: nothing is matched by order). A shape with one
    layer left on each side matches too. Layers whose rank no graph fixes (parallel branches of one
    shape; any repeated shape of a model without a graph) are **ambiguous**: never matched by a
    guess, reported with the candidates so that the caller refuses and asks for ``mapping``.
@@ -276,6 +278,30 @@ def _fixed_ranks(names: Sequence[str], ancestors: Mapping[str, frozenset[str]] |
     return out
 
 
+def _inversion(
+    model: Sequence[Layer],
+    source: Sequence[Layer],
+    pairs: Mapping[int, int],
+    m_anc: Mapping[str, frozenset[str]] | None,
+    s_anc: Mapping[str, frozenset[str]] | None,
+) -> str | None:
+    """Two matched layers the model's graph puts one way and the source (its graph, else its listing)
+    the other way round, described; None when there is none."""
+    if m_anc is None:
+        return None
+    for i1, j1 in pairs.items():
+        before = m_anc.get(model[i1].name, frozenset())
+        for i2, j2 in pairs.items():
+            if model[i2].name not in before:
+                continue
+            # model[i2] runs before model[i1]: the source's j2 must not come after j1
+            later = j2 > j1 if s_anc is None else source[j1].name in s_anc.get(source[j2].name, frozenset())
+            if later:
+                return (f"{model[i2].name} runs before {model[i1].name}, but {source[j2].name} comes after "
+                        f"{source[j1].name}")
+    return None
+
+
 def _increasing(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """The longest run of ``pairs`` (sorted by the first index) whose second index increases too."""
     best: list[list[tuple[int, int]]] = []
@@ -379,6 +405,7 @@ def match(
         groups.setdefault((source[j].kind, source[j].shape), ([], []))[1].append(j)
     undecided_m: set[int] = set()
     undecided_s: set[int] = set()
+    ordered: list[tuple[tuple[int, ...], list[int], list[int], dict[int, int]]] = []
     for (_, shape), (ms, ss) in groups.items():
         if not ms or not ss:
             continue
@@ -402,14 +429,24 @@ def match(
             i: rank_to_s[m_rank[model[i].name]]
             for i in ms if model[i].name in m_rank and m_rank[model[i].name] in rank_to_s
         }
-        take(by_order, "order")
+        ordered.append((shape, ms, ss, by_order))
+    # The listing is a forward order only if it agrees with the model's graph wherever both place
+    # two matched layers; one inversion, and no order is trusted.
+    inversion = _inversion(model, source, {**matched, **{i: j for *_, o in ordered for i, j in o.items()}},
+                           m_anc, s_anc)
+    for shape, ms, ss, by_order in ordered:
+        if inversion is None:
+            take(by_order, "order")
+        else:
+            by_order = {}
         rest_m = [i for i in ms if i not in by_order]
         rest_s = [j for j in ss if j not in by_order.values()]
         if rest_m or rest_s:
             why = (
-                "the model's graph is unknown, so nothing orders them"
-                if m_anc is None else
-                "they sit on parallel branches, and neither names nor the graphs tell them apart"
+                "the model's graph is unknown, so nothing orders them" if m_anc is None
+                else f"the checkpoint's order contradicts the model's graph ({inversion}), so it orders nothing"
+                if inversion is not None
+                else "they sit on parallel branches, and neither names nor the graphs tell them apart"
             )
             ambiguous.append(Ambiguity(
                 tuple(model[i].name for i in rest_m), tuple(source[j].name for j in rest_s), shape, why

@@ -261,6 +261,20 @@ def test_without_the_sources_graph_parallel_same_shapes_are_ambiguous_and_a_chai
     assert m.matched == [(0, 0), (1, 1)] and set(m.how.values()) == {"order"} and not m.ambiguous
 
 
+def test_a_listing_the_models_graph_contradicts_orders_nothing():
+    """A checkpoint listed backwards (its stem last) is no forward order: its same-shaped chain is
+    refused, not matched in reverse."""
+    stem = (3, 3, 3, 8)
+    layers = [Layer("stem", "conv_bn", stem), Layer("a", "conv_bn", SWAP), Layer("b", "conv_bn", SWAP)]
+    chain = Graph({"stem": frozenset({INPUT}), "a": frozenset({"stem"}), "b": frozenset({"a"})})
+    forward = [Layer("s0", "conv_bn", stem), Layer("x", "conv_bn", SWAP), Layer("y", "conv_bn", SWAP)]
+    assert match(layers, forward, model_graph=chain).matched == [(0, 0), (1, 1), (2, 2)]
+    m = match(layers, forward[::-1], model_graph=chain)
+    assert m.matched == [(0, 2)] and m.how == {0: "shape"}
+    assert [(a.model, a.source) for a in m.ambiguous] == [(("a", "b"), ("y", "x"))]
+    assert "contradicts the model's graph (stem runs before a, but s0 comes after y)" in m.ambiguous[0].why
+
+
 def test_names_correspond_across_frameworks_but_generated_keras_names_do_not():
     s = [Layer("layer1.0.conv3", "conv_bn", SWAP), Layer("layer1.0.downsample.0", "conv_bn", SWAP)]
     m = match([Layer("layer1_0_downsample_0", "conv_bn", SWAP), Layer("layer1/0/conv3", "conv_bn", SWAP)], s)
