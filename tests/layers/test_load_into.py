@@ -320,11 +320,12 @@ def test_dcgan_slim_checkpoint_with_conv_biases_loads_into_a_torch_model_without
     assert report.matched == {"h1": "d_h1_conv", "h2": "d_h2_conv"}
     assert report.folded == {"h1": "beta", "h2": "beta"}
     assert sorted(report.unused) == ["d_h0_conv/biases", "d_h0_conv/w"] and report.untouched == ["h0"]
-    # The lone first conv is not a conv+BatchNorm pair: the user loads it, from the same checkpoint.
-    ckpt = convbn.load_checkpoint(dcgan["prefix"])
+    # The lone first conv is not a conv+BatchNorm pair: the user loads it, from the same checkpoint
+    # (one of its other layers, kernel HWIO).
+    lone = convbn.load_checkpoint(dcgan["prefix"]).others["d_h0_conv"]
     with torch.no_grad():
-        model.h0.weight.copy_(torch.from_numpy(ckpt.tensors["d_h0_conv/w"].transpose(3, 2, 0, 1).copy()))
-        model.h0.bias.copy_(torch.from_numpy(ckpt.tensors["d_h0_conv/biases"]))
+        model.h0.weight.copy_(torch.from_numpy(np.asarray(lone.kernel).transpose(3, 2, 0, 1).copy()))
+        model.h0.bias.copy_(torch.from_numpy(np.asarray(lone.bias)))
         y1, y2 = model(torch.from_numpy(dcgan["x"]).permute(0, 3, 1, 2))
     for got, want in zip((y1, y2), dcgan["outputs"], strict=True):
         assert rel_err(got.permute(0, 2, 3, 1).numpy(), want) <= TOL
