@@ -405,3 +405,21 @@ def test_corrupt_other_layer_metadata_is_refused_in_one_line(tmp_path, key, valu
     with pytest.raises(convbn.ConvBNError, match=r"b\.safetensors: .*'fc'") as info:
         convbn.load_checkpoint(tmp_path / "b.safetensors")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("record", [b"not json", '{"layers": [["fc", "dense"]]}', '{"layers": "x"}',
+                                    '{"layers": [], "layer_names": 3}'])
+def test_a_corrupt_keras_layer_record_is_refused_in_one_line(tmp_path, record):
+    """The 'convbn' root attribute of a .weights.h5 (kinds, pairs, names) is type-checked: a
+    corrupt one is a one-line ConvBNError naming the file, never a wrong pairing."""
+    need("h5py")
+    import h5py
+
+    _save(_net("efficient"), tmp_path / "m.pt")
+    convbn.save_checkpoint(convbn.load_checkpoint(tmp_path / "m.pt"), tmp_path / "m.weights.h5", "keras")
+    with h5py.File(tmp_path / "m.weights.h5", "r+") as f:
+        assert "pre_logits" in f.attrs["convbn"]
+        f.attrs["convbn"] = record
+    with pytest.raises(convbn.ConvBNError, match=r"m\.weights\.h5: the root attribute 'convbn' must be") as info:
+        convbn.load_checkpoint(tmp_path / "m.weights.h5")
+    assert "\n" not in str(info.value)
