@@ -31,7 +31,7 @@ import numpy as np
 from convbn.errors import ConvBNError
 from convbn.formats._pairing import Unit, natural_key, pair_units
 from convbn.loading import ModelPairs, Staged, Target
-from convbn.loading.matching import INPUT, Graph
+from convbn.loading.matching import Flow, Graph, State
 from convbn.params import ConvBNParams
 
 __all__ = ["apply", "find_pairs", "read", "restore", "run", "snapshot"]
@@ -185,45 +185,37 @@ def _data_flow(
     x = jnp.asarray(example)
     closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **kwargs))(variables, x)
     paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
-    empty: frozenset[str] = frozenset()
-    env: dict[Any, tuple[frozenset[str], frozenset[str]]] = {}
+    recorder = Flow()
+    states: dict[Any, State] = {}
     jaxpr = closed.jaxpr
     for var, path in zip(jaxpr.invars, paths, strict=False):
         keys = [str(getattr(k, "key", k)) for k in path]
         owner = "/".join(keys[1:-1])
-        env[var] = (empty, frozenset({unit.get(owner, owner)}))
+        states[var] = Flow.parameter(unit.get(owner, owner))
     for var in jaxpr.invars[len(paths):]:
-        env[var] = (frozenset({INPUT}), empty)
-    producers: dict[str, set[str]] = {}
+        states[var] = Flow.INPUT
 
-    def value(var: Any) -> tuple[frozenset[str], frozenset[str]]:
-        return env.get(var, (empty, empty)) if isinstance(var, jax_core.Var) else (empty, empty)
+    def state(var: Any) -> State:
+        return states.get(var, Flow.NOTHING) if isinstance(var, jax_core.Var) else Flow.NOTHING
 
     def walk(eqns: Any) -> None:
         for eqn in eqns:
-            ins = [value(v) for v in eqn.invars]
-            tags = frozenset().union(*(t for t, _ in ins)) if ins else empty
-            mods = frozenset().union(*(m for _, m in ins)) if ins else empty
+            ins = [state(v) for v in eqn.invars]
             inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             inner = getattr(inner, "jaxpr", inner)
-            if mods and tags and inner is not None and len(getattr(inner, "invars", ())) == len(eqn.invars):
-                env.update(zip(inner.invars, ins, strict=True))
+            reads = any(n for _, n in ins) and any(d for d, _ in ins)
+            if reads and inner is not None and len(getattr(inner, "invars", ())) == len(eqn.invars):
+                states.update(zip(inner.invars, ins, strict=True))  # a call (pjit, custom_jvp): look inside
                 walk(inner.eqns)
-                outs = [value(v) for v in inner.outvars]
+                outs = [state(v) for v in inner.outvars]
                 if len(outs) == len(eqn.outvars):
-                    env.update(zip(eqn.outvars, outs, strict=True))
+                    states.update(zip(eqn.outvars, outs, strict=True))
                     continue
-            if tags and mods:
-                for node in mods:
-                    producers.setdefault(node, set()).update(tags - {node})
-                out = (mods, empty)
-            else:
-                out = (tags, mods)
-            env.update((o, out) for o in eqn.outvars)
+            out = recorder.step(ins)
+            states.update((o, out) for o in eqn.outvars)
 
     walk(jaxpr.eqns)
-    names = {t.name for t in targets}
-    return Graph({k: frozenset(v) for k, v in producers.items()}, {k: "other" for k in producers if k not in names})
+    return recorder.graph(t.name for t in targets)
 
 
 def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:

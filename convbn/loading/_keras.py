@@ -21,7 +21,7 @@ from convbn.adapters import assign_keras, check_keras_pair, from_keras, keras_va
 from convbn.errors import ConvBNError
 from convbn.layouts import depthwise_from_tf
 from convbn.loading import ModelPairs, Staged, Target
-from convbn.loading.matching import INPUT, Graph
+from convbn.loading.matching import INPUT, Flow, Graph, State
 from convbn.params import ConvBNParams
 
 __all__ = ["apply", "find_pairs", "read", "restore", "run", "snapshot"]
@@ -209,8 +209,7 @@ def _data_flow(model: Any, layers: list[tuple[str, Any]], targets: list[Target])
             flow(layer)
     except (LookupError, RecursionError):
         return None
-    return Graph({k: frozenset(v) for k, v in producers.items()},
-                 {k: "other" for k in producers if k not in {t.name for t in targets}})
+    return Graph.of(producers, (t.name for t in targets))
 
 
 def _input_spec(model: Any, example: np.ndarray | None) -> Any:
@@ -252,30 +251,20 @@ def _traced_flow(
         notes.append(f"the model's call could not be traced ({type(exc).__name__}: {first[:160]}): no graph")
         return None
     graph = concrete.graph
-    empty: frozenset[str] = frozenset()
-    flow: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+    recorder = Flow()
+    states: dict[str, State] = {}
     for external, internal in graph.captures:
         owner = owner_of.get(id(external))
         if owner is not None:
-            flow[internal.name] = (empty, frozenset({owner}))
+            states[internal.name] = Flow.parameter(owner)
     for tensor in graph.inputs[: len(graph.inputs) - len(graph.captures)]:
-        flow[tensor.name] = (frozenset({INPUT}), empty)
-    producers: dict[str, set[str]] = {}
+        states[tensor.name] = Flow.INPUT
     for op in graph.get_operations():
-        ins = [flow.get(t.name, (empty, empty)) for t in op.inputs]
-        tags = frozenset().union(*(t for t, _ in ins)) if ins else empty
-        mods = frozenset().union(*(m for _, m in ins)) if ins else empty
-        if tags and mods:
-            for node in mods:
-                producers.setdefault(node, set()).update(tags - {node})
-            out = (mods, empty)
-        else:
-            out = (tags, mods)
+        out = recorder.step(states.get(t.name, Flow.NOTHING) for t in op.inputs)
         for t in op.outputs:
-            flow.setdefault(t.name, out)
-    names = {t.name for t in targets}
+            states.setdefault(t.name, out)
     notes.append("the model has no layer graph: its data flow was traced from the TensorFlow graph of its call")
-    return Graph({k: frozenset(v) for k, v in producers.items()}, {k: "other" for k in producers if k not in names})
+    return recorder.graph(t.name for t in targets)
 
 
 def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:

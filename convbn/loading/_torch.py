@@ -22,7 +22,7 @@ from convbn.adapters import (
 )
 from convbn.errors import ConvBNError
 from convbn.loading import ModelPairs, Staged, Target
-from convbn.loading.matching import INPUT, Graph
+from convbn.loading.matching import INPUT, Flow, Graph, State
 from convbn.params import ConvBNParams
 
 __all__ = ["apply", "find_pairs", "read", "restore", "run", "snapshot"]
@@ -119,10 +119,7 @@ def _data_flow(fx_graph: Any, modules: dict[str, nn.Module], pairs: list[tuple[s
         if feeding != {owner}:
             producers.setdefault(owner, set()).update(feeding - {owner})
         tags[node] = frozenset({owner})
-    return Graph(
-        {k: frozenset(v) for k, v in producers.items()},
-        {k: "other" for k in producers if k not in unit.values()},
-    )
+    return Graph.of(producers, unit.values())
 
 
 def _order_pairs(model: nn.Module, layer: type | None) -> list[tuple[str, str]]:
@@ -175,31 +172,20 @@ def _eager_flow(
         if not convs:
             return None
         x = np.zeros((1, convs[0].in_channels, 32, 32), np.float32)
-    empty: frozenset[str] = frozenset()
-    flow: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+    recorder = Flow()
+    states: dict[int, State] = {}
     alive: list[torch.Tensor] = []  # keeps every tensor seen alive, so that no id is reused
-    producers: dict[str, set[str]] = {}
 
-    def state(t: torch.Tensor) -> tuple[frozenset[str], frozenset[str]]:
-        if id(t) in owner:
-            return empty, frozenset({owner[id(t)]})
-        return flow.get(id(t), (empty, empty))
+    def state(t: torch.Tensor) -> State:
+        return Flow.parameter(owner[id(t)]) if id(t) in owner else states.get(id(t), Flow.NOTHING)
 
-    class Flow(torch.overrides.TorchFunctionMode):  # type: ignore[misc]
+    class Recording(torch.overrides.TorchFunctionMode):  # type: ignore[misc]
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             result = func(*args, **(kwargs or {}))
-            ins = [state(t) for t in _tensors([list(args), dict(kwargs or {})])]
-            tags = frozenset().union(*(a for a, _ in ins)) if ins else empty
-            mods = frozenset().union(*(b for _, b in ins)) if ins else empty
-            if tags and mods:
-                for node in mods:
-                    producers.setdefault(node, set()).update(tags - {node})
-                out = (mods, empty)
-            else:
-                out = (tags, mods)
+            out = recorder.step(state(t) for t in _tensors([list(args), dict(kwargs or {})]))
             for t in _tensors(result):
                 if id(t) not in owner:
-                    flow[id(t)] = out
+                    states[id(t)] = out
                     alive.append(t)
             return result
 
@@ -207,11 +193,11 @@ def _eager_flow(
     tensor = torch.as_tensor(np.ascontiguousarray(x))
     if parameter is not None:
         tensor = tensor.to(dtype=parameter.dtype, device=parameter.device)
-    flow[id(tensor)] = (frozenset({INPUT}), empty)
+    states[id(tensor)] = Flow.INPUT
     was = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad(), Flow():
+        with torch.no_grad(), Recording():
             model(tensor)
     except Exception as exc:  # running user code raises anything
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -222,8 +208,7 @@ def _eager_flow(
             m.training = training
     notes.append("its data flow was traced from one forward pass" + ("" if example is not None else
                  " on a (1, C, 32, 32) input (example_input= sets it)"))
-    names = {conv for conv, _ in pairs}
-    return Graph({k: frozenset(v) for k, v in producers.items()}, {k: "other" for k in producers if k not in names})
+    return recorder.graph(conv for conv, _ in pairs)
 
 
 def _geometry(conv: nn.Conv2d) -> dict[str, Any]:

@@ -114,5 +114,4 @@ def file_graph(path: Path, ckpt: Checkpoint) -> Graph | None:
         return None
     if not set(ckpt.layers) <= set(producers):
         return None  # a layer the config does not place: no graph rather than a partial one
-    return Graph({k: frozenset(v) for k, v in producers.items()},
-                 {k: "other" for k in producers if k not in ckpt.layers})
+    return Graph.of(producers, ckpt.layers)

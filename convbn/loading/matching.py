@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from convbn.errors import ConvBNError
 
-__all__ = ["INPUT", "Ambiguity", "Graph", "Layer", "Matching", "match", "name_key"]
+__all__ = ["INPUT", "Ambiguity", "Flow", "Graph", "Layer", "Matching", "match", "name_key"]
 
 #: The producer name of a layer that reads the model's input directly (``<input>1`` a second input).
 INPUT = "<input>"
@@ -78,6 +78,12 @@ class Graph:
     producers: Mapping[str, frozenset[str]]
     kinds: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def of(cls, producers: Mapping[str, Iterable[str]], matched: Iterable[str]) -> Graph:
+        """A graph of ``producers``; its nodes outside ``matched`` are of kind ``"other"``."""
+        names = set(matched)
+        return cls({k: frozenset(v) for k, v in producers.items()}, {k: "other" for k in producers if k not in names})
+
     def consumers(self) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {n: set() for n in self.producers}
         for name, producers in self.producers.items():
@@ -102,6 +108,49 @@ class Graph:
         for name in self.producers:
             visit(name, frozenset())
         return memo
+
+
+#: What a traced value carries: the graph nodes its data came from, and the nodes whose
+#: parameters it was computed from without any data (a kernel, ``rsqrt(var + eps) * scale``).
+State = tuple[frozenset[str], frozenset[str]]
+_NONE: frozenset[str] = frozenset()
+
+
+class Flow:
+    """Builds a :class:`Graph` while a model's operations are replayed in order (an fx graph, a
+    jaxpr, a TensorFlow graph, an eager forward pass, a Keras config).
+
+    Each value has a :data:`State`. An operation whose inputs carry both data and a node's
+    parameters belongs to that node: its producers are where the data came from, and its output
+    comes from the node. Any other operation passes its inputs' states on.
+    """
+
+    #: The state of the model's input, and of a value from nothing (a constant).
+    INPUT: State = (frozenset({INPUT}), _NONE)
+    NOTHING: State = (_NONE, _NONE)
+
+    def __init__(self) -> None:
+        self.producers: dict[str, set[str]] = {}
+
+    @staticmethod
+    def parameter(node: str) -> State:
+        """The state of a parameter (or buffer) of ``node``."""
+        return _NONE, frozenset({node})
+
+    def step(self, states: Iterable[State]) -> State:
+        """The state of an operation's outputs, given its inputs'; records the producers it shows."""
+        listed = list(states)
+        data = frozenset().union(*(d for d, _ in listed)) if listed else _NONE
+        nodes = frozenset().union(*(n for _, n in listed)) if listed else _NONE
+        if not (data and nodes):
+            return data, nodes
+        for node in nodes:
+            self.producers.setdefault(node, set()).update(data - {node})
+        return nodes, _NONE
+
+    def graph(self, matched: Iterable[str]) -> Graph:
+        """The graph recorded; nodes outside ``matched`` are of kind ``"other"``."""
+        return Graph.of(self.producers, matched)
 
 
 @dataclasses.dataclass(frozen=True)
