@@ -59,15 +59,17 @@ class NativeKey(NamedTuple):
 class TorchFold:
     """A torch fold and what it was computed from, valid while the sources' version counters stay.
 
-    ``sources`` are the tensors folded (held, so their counters can be read and never belong to a
-    newer tensor); ``versions`` their counters when ``folded`` was computed (None: not yet).
-    ``per_call``: a source is an inference tensor, which has no version counter, so nothing can
-    tell when it changes and it is folded on every call instead.
+    ``sources`` are the six arrays folded (held, so their counters can be read and never belong
+    to a newer tensor), an absent one replaced by an object whose ``_version`` is constant, so
+    the hot path reads six counters without a loop. ``version`` is the sum of their counters
+    when ``folded`` was computed (-1: not yet): a counter only ever grows, so the sum changes
+    exactly when one of them does. ``per_call``: a source is an inference tensor, which has no
+    version counter, so nothing can tell when it changes and it is folded on every call instead.
     """
 
-    sources: tuple[Any, ...]
+    sources: tuple[Any, Any, Any, Any, Any, Any]
     per_call: bool
-    versions: tuple[int, ...] | None = None
+    version: int = -1
     folded: Folded | None = None
 
 

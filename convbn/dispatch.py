@@ -12,7 +12,6 @@ import importlib.util
 import os
 import sys
 import threading
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -43,7 +42,9 @@ _EXTRA = {"torch": "torch", "tensorflow": "tensorflow", "jax": "jax"}
 _ALIASES = {"tf": "tensorflow", "pytorch": "torch", "np": "numpy"}
 
 _type_cache: dict[type, str] = {}
-_modules: dict[str, ModuleType] = {}
+#: Loaded backend modules, typed by the protocol they satisfy (checked by mypy in
+#: convbn/backends/__init__.py): the hot path returns them without a cast call.
+_modules: dict[str, BackendModule] = {}
 _load_lock = threading.Lock()
 
 
@@ -124,7 +125,7 @@ def load_backend(name: str) -> BackendModule:
     """
     module = _modules.get(name)
     if module is not None:
-        return cast("BackendModule", module)
+        return module
     name = normalize_name(name)
     with _load_lock:
         module = _modules.get(name)
@@ -134,6 +135,5 @@ def load_backend(name: str) -> BackendModule:
                     f"the {name!r} backend needs {_FRAMEWORK_MODULE[name]}, which is not installed: "
                     f"pip install 'convbn[{_EXTRA[name]}]'"
                 )
-            module = importlib.import_module(f"convbn.backends.{name}")
-            _modules[name] = module
-    return cast("BackendModule", module)
+            module = _modules[name] = cast("BackendModule", importlib.import_module(f"convbn.backends.{name}"))
+    return module

@@ -73,7 +73,8 @@ def test_numpy_input_reuses_the_converted_params():
     assert rel_err(y1, reference.conv_bn(x, reference_params(params, CASE))) < TOL64
 
 
-def test_torch_fold_is_reused_and_follows_in_place_changes():
+@pytest.mark.parametrize("field", ["kernel", "bias", "gamma", "beta", "moving_mean", "moving_var"])
+def test_torch_fold_is_reused_and_follows_in_place_changes(field):
     need("torch")
     import torch
 
@@ -86,7 +87,7 @@ def test_torch_fold_is_reused_and_follows_in_place_changes():
     assert entry.folded is folded  # the same tensors: nothing was refolded
     assert torch.equal(y1, y2)
     with torch.no_grad():
-        params.moving_mean.add_(1.0)  # an in-place change: the version counter moves
+        getattr(params, field).mul_(1.5)  # an in-place change: its version counter moves
     y3 = convbn.conv_bn(xt, params)
     assert entry.folded is not folded
     shifted = reference_params(convbn.to_numpy(params), CASE)

@@ -14,7 +14,6 @@ process group, the way ``nn.SyncBatchNorm`` does, but on any device and backend 
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import numpy as np
@@ -149,13 +148,21 @@ def _fold(t: ParamArrays, eps: float, dtype: torch.dtype) -> Folded:
     return Folded(w.permute(3, 2, 0, 1).to(dtype).contiguous(), b.to(dtype))
 
 
-_version = operator.attrgetter("_version")
+class _Unversioned:
+    """Stands in for an absent array among a fold's sources: a version counter that never moves,
+    and nothing to differentiate."""
+
+    _version = 0
+    requires_grad = False
+
+
+_UNVERSIONED = _Unversioned()
 
 
 def _folded(params: ConvBNParams, x: torch.Tensor) -> Folded:
     """Folded OIHW weight and bias in ``x``'s dtype, cached per params object, device and dtype.
 
-    The cache entry records the in-place version counter of every source tensor and is rebuilt
+    The cache entry records the in-place version counters of the source tensors and is rebuilt
     when one moved (an optimizer step on the same tensors). The cached fold is an ordinary tensor
     even when computed under ``torch.inference_mode``, so a later call with autograd can use it.
     When autograd records a graph through the params, the cached fold is handed out through
@@ -168,20 +175,22 @@ def _folded(params: ConvBNParams, x: torch.Tensor) -> Folded:
         # Traced into the compiled graph, where the compiler handles (and may hoist) the fold;
         # version counters and inference-tensor checks do not trace.
         return _fold(_param_tensors(params, device), params.eps, dtype)
-    # The hot path of every eval call: one dict lookup and the sources' version counters.
+    # The hot path of every eval call: one dict lookup and six version counters, read unrolled
+    # (a loop over them costs as much again as the reads on a small conv).
     folds = params.cache.torch_folds
     entry = None if folds is None else folds.get((device, dtype))
     if entry is None:
         entry = _fold_entry(params, device, dtype)
     if entry.per_call:
         return _fold(_param_tensors(params, device), params.eps, dtype)
-    versions = tuple(map(_version, entry.sources))
+    k, b, g, be, m, v = entry.sources
+    version = k._version + b._version + g._version + be._version + m._version + v._version
     folded = entry.folded
-    if folded is None or entry.versions != versions:
+    if folded is None or entry.version != version:
         with torch.inference_mode(False), torch.no_grad():
             folded = entry.folded = _fold(_param_tensors(params, device), params.eps, dtype)
-        entry.versions = versions
-    if torch.is_grad_enabled() and any(v.requires_grad for v in entry.sources):
+        entry.version = version
+    if torch.is_grad_enabled() and any(t.requires_grad for t in entry.sources):
         return Folded(*_FoldGrad.apply(*folded, *_param_tensors(params, device), params.eps))
     return folded
 
@@ -192,8 +201,10 @@ def _fold_entry(params: ConvBNParams, device: torch.device, dtype: torch.dtype) 
     folds = cache.torch_folds
     if folds is None:
         folds = cache.torch_folds = {}
-    sources = tuple(v for v in _param_tensors(params, device) if v is not None)
-    entry = folds[(device, dtype)] = TorchFold(sources, any(v.is_inference() for v in sources))
+    tensors = _param_tensors(params, device)
+    k, b, g, be, m, v = (_UNVERSIONED if t is None else t for t in tensors)
+    present = [t for t in tensors if t is not None]
+    entry = folds[(device, dtype)] = TorchFold((k, b, g, be, m, v), any(t.is_inference() for t in present))
     return entry
 
 
@@ -257,10 +268,10 @@ def _layout_out(y: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 
 def conv_bn(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> Any:
-    if not plan.training:
-        weight, bias = _folded(params, x)
-        return _layout_out(_conv(x, weight, bias, plan), plan)
-    return _train(x, params, plan)
+    if plan.training:
+        return _train(x, params, plan)
+    weight, bias = _folded(params, x)
+    return _layout_out(_conv(x, weight, bias, plan), plan)
 
 
 def _batch_norm(
