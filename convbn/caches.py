@@ -38,6 +38,11 @@ class ParamArrays(NamedTuple):
     moving_mean: Any
     moving_var: Any
 
+    def with_statistics(self, moving_mean: Any, moving_var: Any) -> ParamArrays:
+        """These arrays with new moving statistics (a training step's); ``_replace`` without
+        its keyword machinery, which costs a microsecond per step."""
+        return ParamArrays(self.kernel, self.bias, self.gamma, self.beta, moving_mean, moving_var)
+
 
 class Folded(NamedTuple):
     """BatchNorm folded into the conv: the weight in the layout the backend's conv takes, and the bias."""

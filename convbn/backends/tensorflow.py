@@ -357,7 +357,7 @@ def _train(x: Any, params: ConvBNParams, plan: Plan) -> tuple[Any, ConvBNParams]
     new_mean, new_var = tf.cast(new_mean, old_mean.dtype), tf.cast(new_var, old_var.dtype)
     new = with_moving_stats(params, new_mean, new_var)
     if isinstance(new_mean, _EagerTensor):
-        new.cache.tf_tensors = t._replace(moving_mean=new_mean, moving_var=new_var)
+        new.cache.tf_tensors = t.with_statistics(new_mean, new_var)
     return y, new
 
 

@@ -360,7 +360,7 @@ def _train(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> tuple[torch.Ten
         y = y.to(dtype)
     new = with_moving_stats(params, mean, var)
     # The next step's params hold the same tensors but for the statistics, already on the device.
-    new.cache.torch_tensors = {x.device: t._replace(moving_mean=mean, moving_var=var)}
+    new.cache.torch_tensors = {x.device: t.with_statistics(mean, var)}
     return _layout_out(y, plan), new
 
 
@@ -480,7 +480,7 @@ def train_sync(x: torch.Tensor, params: ConvBNParams, plan: Plan, group: Any) ->
         )
         new_mean, new_var = new_mean.to(old_mean.dtype), new_var.to(old_var.dtype)
     new = with_moving_stats(params, new_mean, new_var)
-    new.cache.torch_tensors = {x.device: t._replace(moving_mean=new_mean, moving_var=new_var)}
+    new.cache.torch_tensors = {x.device: t.with_statistics(new_mean, new_var)}
     return _layout_out(y, plan), new
 
 
