@@ -212,16 +212,20 @@ def _data_flow(model: Any, layers: list[tuple[str, Any]], targets: list[Target])
     return Graph.of(producers, (t.name for t in targets))
 
 
-def _input_spec(model: Any, example: np.ndarray | None) -> Any:
-    """The input to trace the model with: the example's shape, else the one Keras saved at the first call."""
+def _input_spec(model: Any, example: np.ndarray | None) -> tuple[Any, str | None]:
+    """The input to trace the model with (the example's shape, else the one Keras saved at the first
+    call), and the keyword it goes under for a model called with a dict (transformers' TF models)."""
     import tensorflow as tf
 
-    if example is not None:
-        return tf.TensorSpec((None, *example.shape[1:]), tf.float32)
     spec = model._get_save_spec() if hasattr(model, "_get_save_spec") else None  # Keras's first-call record
-    if isinstance(spec, (list, tuple)) and len(spec) == 1:
+    key = None
+    if isinstance(spec, dict) and len(spec) == 1:
+        key, spec = next(iter(spec.items()))
+    elif isinstance(spec, (list, tuple)) and len(spec) == 1:
         spec = spec[0]
-    return spec if isinstance(spec, tf.TensorSpec) else None
+    if example is not None:
+        return tf.TensorSpec((None, *example.shape[1:]), tf.float32), key
+    return (spec if isinstance(spec, tf.TensorSpec) else None), key
 
 
 def _traced_flow(
@@ -234,7 +238,7 @@ def _traced_flow(
         return None
     import tensorflow as tf
 
-    spec = _input_spec(model, example)
+    spec, key = _input_spec(model, example)
     if spec is None:
         notes.append("the model has no layer graph and no recorded input to trace it with: example_input= gives one")
         return None
@@ -245,7 +249,8 @@ def _traced_flow(
             variable = w if _is_tf_keras(layer) else w.value
             owner_of[id(variable.handle)] = unit.get(id(layer), name)
     try:
-        concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+        call = (lambda x: model(x, training=False)) if key is None else (lambda x: model({key: x}, training=False))
+        concrete = tf.function(call).get_concrete_function(spec)
     except Exception as exc:  # tracing user code raises anything
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         notes.append(f"the model's call could not be traced ({type(exc).__name__}: {first[:160]}): no graph")
@@ -263,7 +268,8 @@ def _traced_flow(
         out = recorder.step(states.get(t.name, Flow.NOTHING) for t in op.inputs)
         for t in op.outputs:
             states.setdefault(t.name, out)
-    notes.append("the model has no layer graph: its data flow was traced from the TensorFlow graph of its call")
+    notes.append("its data flow was traced from the TensorFlow graph of its call (a subclassed model has no layer "
+                 "graph, and a nested one's does not reach into the inner models)")
     return recorder.graph(t.name for t in targets)
 
 

@@ -220,6 +220,49 @@ def test_a_torch_model_fx_cannot_trace_gets_its_graph_from_a_forward_pass():
         assert model.training is False and model.net.training is False
 
 
+@pytest.mark.needs("torch", "tensorflow", "tf_keras", "transformers")
+def test_transformers_tf_resnet_graph_aligns_with_the_torch_one_by_structure_alone():
+    """TFResNetModel is a subclassed tf_keras model called with a dict: its call is traced on the
+    input Keras recorded, and with every name made to differ its pairs still align with torch's
+    ResNetModel by the two graphs, its repeated shapes included."""
+    import torch
+    from transformers import ResNetConfig, ResNetModel, TFResNetModel
+
+    from convbn.loading import _keras, _torch
+
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1],
+                          layer_type="bottleneck", reduction=4)
+    torch.manual_seed(0)
+    source = ResNetModel(config).eval()
+    model = TFResNetModel(config)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    model(x)
+    t, k = _torch.find_pairs(source), _keras.find_pairs(model)
+    assert t.graph is not None and k.graph is not None
+    renamed = {n: f"n{i}" for i, n in enumerate(t.graph.producers)}
+
+    def rename(n: str) -> str:
+        return renamed.get(n, n)
+
+    source_layers = [Layer(rename(p.name), "conv_bn", tuple(p.kernel_shape)) for p in reversed(t.targets)]
+    graph = Graph({rename(a): frozenset(map(rename, b)) for a, b in t.graph.producers.items()},
+                  {rename(a): v for a, v in t.graph.kinds.items()})
+    layers = [Layer(p.name, "conv_bn", tuple(p.kernel_shape)) for p in k.targets]
+    shapes = [la.shape for la in layers]
+    assert any(shapes.count(s) > 1 for s in shapes)  # repeated shapes: shape alone cannot decide
+    m = match(layers, source_layers, model_graph=k.graph, source_graph=graph)
+    assert not m.ambiguous and len(m.matched) == len(layers) == len(source_layers)
+    back = {v: n for n, v in renamed.items()}
+    for i, j in m.matched:  # the TF name is torch's under resnet/, with / for .
+        ours = layers[i].name.split("/", 1)[1].replace("/", ".")
+        assert back[source_layers[j].name] == ours
+
+    report = convbn.load_into(model, source)
+    with torch.no_grad():
+        expected = source(torch.from_numpy(x)).last_hidden_state.numpy()
+    assert report.ok and rel_err(model(x, training=False).last_hidden_state.numpy(), expected) <= TOL
+
+
 def test_example_input_with_a_file_needs_the_expected_output(tmp_path):
     with pytest.raises(convbn.ConvBNError, match="needs expected_output="):
         convbn.load_into({"params": {}}, tmp_path / "x.pt", example_input=np.zeros((1, 4, 4, 3), np.float32))
