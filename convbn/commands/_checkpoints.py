@@ -296,8 +296,13 @@ def check_rows(checks: Sequence[LayerCheck]) -> list[dict[str, Any]]:
 
 def print_lists(ckpt: Checkpoint, notes: Sequence[str], out: TextIO) -> None:
     if ckpt.unpaired:
-        listed = ", ".join(f"{n} ({'conv' if k == 'conv' else 'BatchNorm'})" for n, k in ckpt.unpaired.items())
-        print(f"unpaired (kept as tensors): {listed}", file=out)
+        for label, names in (
+            ("unpaired (each its own layer)", [n for n in ckpt.unpaired if n in ckpt.others]),
+            ("unpaired (kept as tensors)", [n for n in ckpt.unpaired if n not in ckpt.others]),
+        ):
+            if names:
+                listed = ", ".join(f"{n} ({'conv' if ckpt.unpaired[n] == 'conv' else 'BatchNorm'})" for n in names)
+                print(f"{label}: {listed}", file=out)
     if ckpt.dropped:
         shown = ", ".join(ckpt.dropped[:8]) + (f", ... ({len(ckpt.dropped) - 8} more)" if len(ckpt.dropped) > 8 else "")
         print(f"dropped: {shown}", file=out)

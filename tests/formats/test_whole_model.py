@@ -367,6 +367,7 @@ def test_inspect_lists_every_layer_by_kind(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "m.pt")]) == 0
     text = capsys.readouterr().out
     assert "3 conv+BatchNorm layer(s), 0 other tensor(s), 5 other layer(s)" in text and "other layers:" in text
+    assert "unpaired (each its own layer): conv_stem (conv), se.conv_reduce (conv), se.conv_expand (conv)" in text
 
 
 def test_convert_verify_reports_the_other_layers_it_ran(tmp_path, capsys):
