@@ -444,7 +444,7 @@ def read(
     graph = None if object_based else _tfgraph.load_graph(prefix, variables, bns, ckpt.notes)
     # TF1 checkpoints: transposed-conv and dense kernels are read as layers of their own kind (TF2
     # object-based ones keep them in tensors: their object paths name no layer kind).
-    kinds = {} if object_based else _layer_kinds(variables, kernels, bns, graph)
+    kinds = {} if object_based else _layer_kinds(variables, kernels, bns, graph, ckpt.notes)
     conv_kernels = [k for k in kernels if kinds.get(k.name) != "conv_transpose"]
     chosen = _pair(source, variables, conv_kernels, bns, graph, pairs or {}, object_based, ckpt.notes)
 
@@ -532,6 +532,8 @@ def read(
 
 
 _DENSE_ROLES = ("weights", "kernel", "Matrix", "w")
+#: A scope whose last part names a transposed conv: slim's and Keras's default, or a ``deconv`` one.
+_TRANSPOSE_SCOPE = re.compile(r"(^|/)(conv2d_transpose(_\d+)?|[^/]*deconv[^/]*)$", re.IGNORECASE)
 
 
 def _first_variable(ckpt: Checkpoint, layer: str) -> str:
@@ -544,17 +546,24 @@ def _first_variable(ckpt: Checkpoint, layer: str) -> str:
 
 
 def _layer_kinds(
-    variables: Mapping[str, _Var], kernels: list[_Var], bns: Mapping[str, Mapping[str, _Var]], graph: _tfgraph.Graph | None
+    variables: Mapping[str, _Var],
+    kernels: list[_Var],
+    bns: Mapping[str, Mapping[str, _Var]],
+    graph: _tfgraph.Graph | None,
+    notes: list[str],
 ) -> dict[str, str]:
     """Kernel variable -> ``"conv"``, ``"conv_transpose"`` or ``"dense"``.
 
     The ``.meta`` graph says which op each kernel feeds. Without one (or for a kernel it does not
-    use), a 4-D kernel is a transposed conv's ``(kh, kw, out, in)`` filter only when its bias, or the
-    one BatchNorm its name suggests, is ``out`` wide where ``out != in``; otherwise a conv, as slim
-    reads it. A 2-D ``weights``/``kernel``/``Matrix``/``w`` is a dense kernel.
+    use), a 4-D kernel is a transposed conv's ``(kh, kw, out, in)`` filter when its scope is slim's
+    ``Conv2d_transpose`` (or names a ``deconv``), or when its bias, or the one BatchNorm its name
+    suggests, is ``out`` wide where ``out != in``; otherwise a conv, as slim reads it. A square
+    kernel (``out == in``) in a file that has transposed convs cannot be told apart: it is read as a
+    conv and the notes say so. A 2-D ``weights``/``kernel``/``Matrix``/``w`` is a dense kernel.
     """
     kinds: dict[str, str] = {}
     auto_counts = _auto_name_counts(kernels, bns)
+    undecided: list[str] = []
     for kernel in kernels:
         if kernel.name.rpartition("/")[2].startswith("_"):
             continue  # a TF2 object path (Keras 3's '_kernel') written under its own name: kept as it is
@@ -563,7 +572,13 @@ def _layer_kinds(
             continue
         out_t, out_c = kernel.shape[2], kernel.shape[3]
         kinds[kernel.name] = "conv"
-        if kernel.depthwise or out_t == out_c:
+        if kernel.depthwise:
+            continue
+        if _TRANSPOSE_SCOPE.search(kernel.scope):
+            kinds[kernel.name] = "conv_transpose"  # slim's own scope for conv2d_transpose, or a 'deconv' one
+            continue
+        if out_t == out_c:
+            undecided.append(kernel.name)
             continue
         bias = next((v for v in variables.values() if v.scope == kernel.scope and v.role in _BIAS_ROLES), None)
         widths = {bns[s]["moving_mean"].shape[0] for s in _naming_candidates(kernel, set(bns), auto_counts)}
@@ -572,6 +587,15 @@ def _layer_kinds(
     for var in variables.values():
         if len(var.shape) == 2 and var.name.rpartition("/")[2] in _DENSE_ROLES:
             kinds[var.name] = "dense"
+    if undecided and any(k == "conv_transpose" for k in kinds.values()):
+        # A file with transposed convs elsewhere: a square kernel here could be one too, and nothing
+        # in the file says which. Read as a conv (slim's reading), and say so.
+        shown = ", ".join(undecided[:5]) + (f", ... ({len(undecided) - 5} more)" if len(undecided) > 5 else "")
+        notes.append(
+            f"read as convs: {len(undecided)} kernel(s) whose shape cannot tell a conv from a transposed "
+            f"conv (as many inputs as outputs) and that no .meta graph or scope name places ({shown}); "
+            "keep the checkpoint's .meta file beside it for the graph to decide"
+        )
     return kinds
 
 

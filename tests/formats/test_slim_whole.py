@@ -208,3 +208,45 @@ def test_a_torch_classifier_is_written_as_slim_fully_connected(tmp_path: Path) -
         want = model(x).numpy()
     got = pooled @ values["5/weights"] + values["5/biases"]
     assert np.max(np.abs(got - want)) < 1e-5 * np.max(np.abs(want))
+
+
+def _bn_values(rng: np.random.Generator, scope: str, width: int) -> dict[str, np.ndarray]:
+    return {
+        f"{scope}/BatchNorm/{role}": (rng.uniform(0.5, 2.0, width) if role == "moving_variance" else _array(rng, width))
+        .astype(np.float32)
+        for role in ("gamma", "beta", "moving_mean", "moving_variance")
+    }
+
+
+def test_without_a_graph_a_transposed_scope_names_a_square_transposed_kernel(tmp_path: Path) -> None:
+    """slim's own ``Conv2d_transpose`` scope (or a ``deconv`` one) says what a square (out == in) filter
+    is, where its shape cannot: the kernel stays (kh, kw, out, in), not read as a conv's HWIO."""
+    rng = np.random.default_rng(7)
+    kernel = _array(rng, 4, 4, 6, 6)
+    values = {"gen/Conv2d_transpose/weights": kernel, **_bn_values(rng, "gen/Conv2d_transpose", 6),
+              "gen/deconv_out/weights": _array(rng, 3, 3, 6, 6), "gen/deconv_out/biases": _array(rng, 6)}
+    _tfbundle.write(tmp_path / "m.ckpt", values.items())
+    ckpt = slim.read(tmp_path / "m.ckpt")
+    assert not ckpt.layers and ckpt.tensors == {}
+    assert {n: layer.kind for n, layer in ckpt.others.items()} == {
+        "gen/Conv2d_transpose": "conv_transpose", "gen/deconv_out": "conv_transpose"}
+    np.testing.assert_array_equal(ckpt.others["gen/Conv2d_transpose"].kernel, kernel)
+    assert not any(note.startswith("read as convs") for note in ckpt.notes)
+
+
+def test_without_a_graph_a_square_kernel_beside_transposed_convs_is_said_to_be_read_as_a_conv(tmp_path: Path) -> None:
+    """Nothing in a bare checkpoint tells a square conv filter from a square transposed one: beside a
+    transposed conv its width gives away (6 -> 4 with a 4-wide bias), the square one is read as slim
+    reads it, a conv, and the notes say so and how to decide it."""
+    rng = np.random.default_rng(8)
+    values = {"g_h1/w": _array(rng, 5, 5, 4, 6), "g_h1/biases": _array(rng, 4),
+              "g_h2/w": _array(rng, 5, 5, 4, 4), "g_h2/biases": _array(rng, 4)}
+    _tfbundle.write(tmp_path / "m.ckpt", values.items())
+    ckpt = slim.read(tmp_path / "m.ckpt")
+    assert {n: layer.kind for n, layer in ckpt.others.items()} == {"g_h1": "conv_transpose", "g_h2": "conv"}
+    [note] = [note for note in ckpt.notes if note.startswith("read as convs")]
+    assert note == (
+        "read as convs: 1 kernel(s) whose shape cannot tell a conv from a transposed conv (as many inputs "
+        "as outputs) and that no .meta graph or scope name places (g_h2/w); keep the checkpoint's .meta "
+        "file beside it for the graph to decide"
+    )
