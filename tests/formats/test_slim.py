@@ -527,7 +527,7 @@ def test_the_documented_command_converts_and_verifies(
     _copy_as(dcgan_net["prefix"], tmp_path / "dcgan.ckpt")
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[-1] == "verified: all 2 layer(s) within tolerance, and 1 other layer(s) (conv)"  # d_h0_conv too
+    assert out.splitlines()[-1] == "verified: all 3 layer(s) within tolerance"  # d_h0_conv too
     assert out.count("folded into beta") == 2
     _assert_restores_dcgan(tmp_path / "slim.ckpt", dcgan_net)
 
@@ -765,7 +765,7 @@ def test_verify_matches_slim_layers_by_name_with_the_eps_of_their_graph(
     assert all(c.ok for c in verify_checkpoint(for_1e5, bare))
     # So slim -> slim verifies, though the staged file read back has no .meta.
     assert main(["convert", slim_net["prefix"], str(tmp_path / "out.ckpt"), "--verify"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "verified: all 4 layer(s) within tolerance, and 2 other layer(s) (conv, dense + batch_norm)"
+    assert capsys.readouterr().out.splitlines()[-1] == "verified: all 6 layer(s) within tolerance"
 
 
 def test_inspect_names_the_scopes_and_the_graph_geometry(slim_net: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
@@ -869,7 +869,7 @@ def test_fuse_to_slim_restores_into_slim_conv2d_without_batchnorm(
 
     prefix = tmp_path / "fused.ckpt"
     assert main(["fuse", slim_net["prefix"], str(prefix), "--verify"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "verified: all 4 layer(s) within tolerance, and 2 other layer(s) (conv, dense + batch_norm)"
+    assert capsys.readouterr().out.splitlines()[-1] == "verified: all 6 layer(s) within tolerance"
     names = set(_tf_values(prefix))
     assert {"conv1/weights", "conv1/biases", "conv2/depthwise_weights", "conv2/biases", "head/weights"} <= names
     assert not any(n.startswith(("conv1/", "conv10/", "conv2/", "conv3/")) and "BatchNorm" in n for n in names)

@@ -172,7 +172,7 @@ def test_the_cli_converts_slim_to_torch_asking_for_torch_alone(
     assert main(["convert", slim_net["prefix"], str(dst), "--verify"]) == 0
     monkeypatch.undo()
     assert asked == ["torch"]
-    assert capsys.readouterr().out.splitlines()[-1] == "verified: all 4 layer(s) within tolerance, and 2 other layer(s) (conv, dense + batch_norm)"
+    assert capsys.readouterr().out.splitlines()[-1] == "verified: all 6 layer(s) within tolerance"
     cli, api = torch.load(dst, weights_only=True), torch.load(torch_file[0], weights_only=True)
     assert list(cli) == list(api)
     assert all(torch.equal(cli[k], api[k]) and cli[k].dtype == api[k].dtype for k in api)
