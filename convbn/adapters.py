@@ -37,6 +37,7 @@ from convbn import layouts
 from convbn._dtypes import keras_float_name
 from convbn.conventions import kept_to_torch_momentum, torch_momentum_to_kept
 from convbn.errors import ConvBNError
+from convbn.folding import FILLS, filled, fit
 from convbn.params import ConvBNParams
 from convbn.spec import ConvBNSpec, VarUpdate, normalize_padding, symmetric
 
@@ -127,25 +128,21 @@ def _check_geometry(params: ConvBNParams, layer: ConvBNSpec, where: str) -> None
         )
 
 
-def _optional_into(value: Any, present: bool, fill: float, name: str, where: str) -> np.ndarray | None:
-    """A gamma/beta for a target that has (``present``) or lacks the weight.
-
-    A missing value becomes ``fill`` (1 for gamma, 0 for beta), which computes the same numbers. A
-    value for a target without the weight is accepted only when it equals ``fill`` exactly.
-    """
-    if value is None:
-        return None
-    array = numpy_copy(value)
-    if not present and not np.all(array == fill):
+def _optional_into(params: ConvBNParams, *, bias: bool, gamma: bool, beta: bool) -> dict[str, np.ndarray]:
+    """The conv bias, gamma and beta for a target that has (True) or lacks each, by the rule of
+    :mod:`convbn.folding`: an absent value becomes its fill (0, 1, 0), which computes the same
+    numbers; a value for a target without the weight is accepted only when it equals the fill."""
+    fitted = fit(params, bias=bias, gamma=gamma, beta=beta)
+    for name in fitted.lost:
+        fill = FILLS[name]
         raise ConvBNError(
-            f"{where} has no {name}, but the params' {name} is not all {fill:g}, so it would be "
-            f"lost. Build the layer with a {name}. Received: params.{name} with values other than {fill:g}"
+            f"{'conv' if name == 'bias' else 'bn'} has no {name}, but the params' {name} is not all {fill:g}, so it "
+            f"would be lost. Build the layer with a {name}. Received: params.{name} with values other than {fill:g}"
         )
-    return array
-
-
-def _fill(value: np.ndarray | None, fill: float, like: np.ndarray) -> np.ndarray:
-    return np.full(like.shape[-1:], fill, like.dtype) if value is None else value
+    kernel = numpy_copy(params.kernel)
+    return {
+        name: numpy_copy(filled(getattr(fitted.params, name), name, kernel.shape[-1], kernel.dtype)) for name in FILLS
+    }
 
 
 def as_mapping(value: Any, name: str) -> Mapping[str, Any]:
@@ -365,14 +362,12 @@ def assign_torch(conv: nn.Conv2d, bn: nn.BatchNorm2d, params: ConvBNParams) -> N
     require_var_update(params, "unbiased", "torch.nn.BatchNorm2d", "convbn.torch.ConvBN2d.from_params(params)")
     kernel = numpy_copy(params.kernel)
     _check_geometry(params, _torch_conv_spec(conv), "conv")
-    bias = _optional_into(params.bias, conv.bias is not None, 0.0, "bias", "conv")
-    gamma = _optional_into(params.gamma, bn.weight is not None, 1.0, "gamma", "bn")
-    beta = _optional_into(params.beta, bn.bias is not None, 0.0, "beta", "bn")
+    held = _optional_into(params, bias=conv.bias is not None, gamma=bn.weight is not None, beta=bn.bias is not None)
     values = [
         (conv.weight, layouts.conv_to_torch(kernel)),
-        (conv.bias, _fill(bias, 0.0, kernel)),
-        (bn.weight, _fill(gamma, 1.0, kernel)),
-        (bn.bias, _fill(beta, 0.0, kernel)),
+        (conv.bias, held["bias"]),
+        (bn.weight, held["gamma"]),
+        (bn.bias, held["beta"]),
         (bn.running_mean, numpy_copy(params.moving_mean)),
         (bn.running_var, numpy_copy(params.moving_var)),
     ]
@@ -679,15 +674,13 @@ def assign_keras(
     require_var_update(params, keras_var_update(bn), target, "convbn.keras.ConvBN.from_params(params)")
     kernel = numpy_copy(params.kernel)
     _check_geometry(params, _keras_conv_spec(conv), "conv")
-    bias = _optional_into(params.bias, conv.use_bias, 0.0, "bias", "conv")
-    gamma = _optional_into(params.gamma, bn.scale, 1.0, "gamma", "bn")
-    beta = _optional_into(params.beta, bn.center, 0.0, "beta", "bn")
+    held = _optional_into(params, bias=bool(conv.use_bias), gamma=bool(bn.scale), beta=bool(bn.center))
     conv_kernel = _keras_kernel(conv)
     values = [
         (conv_kernel, kernel.reshape(tuple(conv_kernel.shape))),
-        (conv.bias if conv.use_bias else None, _fill(bias, 0.0, kernel)),
-        (bn.gamma if bn.scale else None, _fill(gamma, 1.0, kernel)),
-        (bn.beta if bn.center else None, _fill(beta, 0.0, kernel)),
+        (conv.bias if conv.use_bias else None, held["bias"]),
+        (bn.gamma if bn.scale else None, held["gamma"]),
+        (bn.beta if bn.center else None, held["beta"]),
         (bn.moving_mean, numpy_copy(params.moving_mean)),
         (bn.moving_variance, numpy_copy(params.moving_var)),
     ]

@@ -16,13 +16,14 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from convbn import layouts
 from convbn.checkpoint import Checkpoint, Layer, LayerSource
 from convbn.errors import ConvBNError
+from convbn.folding import FoldTarget, fit, fold_bias, fold_layer_bias
 from convbn.formats import FORMATS, load_format
 from convbn.formats._io import parent_directories, placement
 from convbn.formats._pairing import natural_key, parse_pairs
@@ -51,60 +52,7 @@ __all__ = [
     "verify_others",
 ]
 
-FoldTarget = Literal["beta", "moving_mean"]
 PairSpec = Mapping[str, str] | str | os.PathLike[str] | Iterable[str] | None
-
-
-def fold_bias(params: ConvBNParams, into: FoldTarget = "beta") -> ConvBNParams:
-    """Remove the conv bias by folding it into BatchNorm; exact at inference.
-
-    ``into="beta"``: ``beta' = beta + gamma * b / sqrt(moving_var + eps)``.
-    ``into="moving_mean"``: ``moving_mean' = moving_mean - b`` (eps-independent, and it stays right
-    when the target is fine-tuned, since training re-estimates the mean with the bias gone).
-    Computed in float64, stored in the original dtypes. Params without a bias come back unchanged.
-
-    Raises:
-        ConvBNError: for an unknown ``into``.
-    """
-    if into not in ("beta", "moving_mean"):
-        raise ConvBNError(f"fold_bias must be 'beta' or 'moving_mean'. Received: fold_bias={into!r}")
-    if params.bias is None:
-        return params
-    beta, mean = _folded(params.bias, params.gamma, params.beta, params.moving_mean, params.moving_var, params.eps, into)
-    return dataclasses.replace(params, bias=None, beta=beta, moving_mean=mean)
-
-
-def _folded(bias: Any, gamma: Any, beta: Any, mean: Any, var: Any, eps: float, into: FoldTarget) -> tuple[Any, Any]:
-    """``(beta', moving_mean')`` once a bias before a BatchNorm is folded into it (see
-    :func:`fold_bias`): the one rule for a conv, a transposed conv and a dense layer."""
-    b = np.asarray(bias, np.float64)
-    if into == "moving_mean":
-        m = np.asarray(mean)
-        return beta, (m.astype(np.float64) - b).astype(m.dtype)
-    g = 1.0 if gamma is None else np.asarray(gamma, np.float64)
-    dtype = np.asarray(beta if beta is not None else bias).dtype
-    old = 0.0 if beta is None else np.asarray(beta, np.float64)
-    new_beta = old + g * b / np.sqrt(np.asarray(var, np.float64) + eps)
-    return np.asarray(new_beta).astype(dtype), mean
-
-
-def fold_layer_bias(layer: Layer, into: FoldTarget = "beta") -> Layer:
-    """:func:`fold_bias` for a dense layer or transposed conv followed by a BatchNorm
-    (:attr:`Layer.norm`): the same formula; a layer without bias or BatchNorm comes back unchanged.
-    A BatchNorm whose eps the source did not state folds into the moving mean, which needs none."""
-    norm = layer.norm
-    if layer.bias is None or norm is None or norm.kind != "batch_norm" or layer.kernel is None:
-        return layer
-    if norm.eps is None:
-        into = "moving_mean"
-    beta, mean = _folded(layer.bias, norm.gamma, norm.beta, norm.moving_mean, norm.moving_var, norm.eps or 0.0, into)
-    tensors = {f: t for f, t in layer.tensors.items() if f != "bias"}
-    return dataclasses.replace(
-        layer, bias=None, norm=dataclasses.replace(norm, beta=beta, moving_mean=mean), tensors=tensors
-    )
-
-
-_fold_layer = fold_bias  # save_checkpoint's keyword of the same name hides the function
 
 
 # -- formats ----------------------------------------------------------------------------------------
@@ -329,13 +277,13 @@ def prepare_for_format(
     out = ckpt.copy()
     folded: list[str] = []
     added: list[str] = []
+    holds = False if fold else (True if conv_bias else None)
     for layer, params in ckpt.layers.items():
-        if fold and params.bias is not None:
-            out.layers[layer] = _fold_layer(params, into)
+        fitted = fit(params, bias=holds, fold=into if fold else None)
+        out.layers[layer] = fitted.params
+        if fitted.bias == "folded":
             folded.append(layer)
-        elif conv_bias and params.bias is None:
-            dtype = np.asarray(params.kernel).dtype
-            out.layers[layer] = dataclasses.replace(params, bias=np.zeros(params.out_channels, dtype))
+        elif fitted.bias == "zero":
             added.append(layer)
     others_folded: list[str] = []
     if fold:

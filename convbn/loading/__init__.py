@@ -272,10 +272,6 @@ def _check_eps_policy(eps: Any) -> None:
         raise ConvBNError(f"eps must be 'model' or 'checkpoint'. Received: eps={eps!r}")
 
 
-def _absent_conflict(value: Any, fill: float) -> bool:
-    return value is not None and not bool(np.all(np.asarray(value) == fill))
-
-
 @dataclasses.dataclass
 class Staged:
     """A model pair and the params it receives, with the checkpoint layer they come from."""
@@ -302,7 +298,7 @@ def stage(
 
     Nothing is written here: frameworks apply the result only once all of it is known.
     """
-    from convbn.convert import fold_bias as fold
+    from convbn.folding import fit
 
     matching = match_layers(targets, ckpt, order, graph=graph, source_graph=source_graph, mapping=mapping)
     report.notes += matching.notes
@@ -342,24 +338,21 @@ def stage(
                 eps_differs.append(f"{target.name} (model {target.eps:g}, checkpoint {params.eps:g}, {stated})")
             new_eps = params.eps if eps == "checkpoint" else target.eps
         params = dataclasses.replace(params, eps=new_eps)
-        if params.bias is not None and not target.bias:
-            if fold_bias is None:
-                raise ConvBNError(
-                    f"the model's conv {target.name!r} has no bias but checkpoint layer {layer!r} has one, and "
-                    "fold_bias=None refuses to fold it. Pass fold_bias='beta' or 'moving_mean', or give the "
-                    f"conv a bias. Received: fold_bias={fold_bias!r}"
-                )
-            params = fold(params, fold_bias)  # type: ignore[arg-type]
-            report.folded[target.name] = fold_bias
-        elif params.bias is None and target.bias:
-            dtype = np.asarray(params.kernel).dtype
-            params = dataclasses.replace(params, bias=np.zeros(params.out_channels, dtype))
+        fitted = fit(params, bias=target.bias, gamma=target.gamma, beta=target.beta, fold=fold_bias)  # type: ignore[arg-type]
+        if fitted.bias == "refused":
+            raise ConvBNError(
+                f"the model's conv {target.name!r} has no bias but checkpoint layer {layer!r} has one, and "
+                "fold_bias=None refuses to fold it. Pass fold_bias='beta' or 'moving_mean', or give the "
+                f"conv a bias. Received: fold_bias={fold_bias!r}"
+            )
+        params = fitted.params
+        if fitted.bias == "folded":
+            report.folded[target.name] = fold_bias  # type: ignore[assignment]
+        elif fitted.bias == "zero":
             zero_bias.append(target.name)
         lost = [
             f"the model's BatchNorm has no {name}, and the checkpoint's {name} is not all {word}"
-            for name, present, value, fill, word in (
-                ("gamma", target.gamma, params.gamma, 1.0, "ones"), ("beta", target.beta, params.beta, 0.0, "zeros")
-            ) if not present and _absent_conflict(value, fill)
+            for name, word in (("gamma", "ones"), ("beta", "zeros")) if name in fitted.lost
         ]
         if lost:
             if report.folded.pop(target.name, None) == "beta" and lost[-1].startswith("the model's BatchNorm has no beta"):
