@@ -72,11 +72,13 @@ def test_writers_get_the_shard_size_in_bytes_parsed_once(tmp_path: Path, monkeyp
     convbn.save_checkpoint(ckpt, tmp_path / "m.ckpt", "slim", max_shard_size="2KB")
     assert given == [2000]
     sizes = [p.stat().st_size for p in sorted(tmp_path.glob("m.ckpt.data-*"))]
-    # In write order: layer1 fits one shard; a kernel over 2000 bytes gets one of its own, and the
-    # BatchNorm after it the next.
+    # In name order, as TF's Saver writes (layerK/BatchNorm/* before layerK/weights): layer1's
+    # BatchNorm and kernel and layer2's BatchNorm fit one shard; a kernel over 2000 bytes gets one
+    # of its own, and the next BatchNorm starts the next.
     l1, l2, l3 = ckpt.layers.values()
     bn = [p.gamma.nbytes + p.beta.nbytes + p.moving_mean.nbytes + p.moving_var.nbytes for p in (l1, l2, l3)]
-    assert sizes == [l1.kernel.nbytes + bn[0], l2.kernel.nbytes, bn[1], l3.kernel.nbytes, bn[2]]
+    assert l1.kernel.nbytes + bn[0] + bn[1] <= 2000 < l2.kernel.nbytes
+    assert sizes == [bn[0] + l1.kernel.nbytes + bn[1], l2.kernel.nbytes, bn[2], l3.kernel.nbytes]
     bundle = _tfbundle.Bundle(tmp_path / "m.ckpt")
     np.testing.assert_array_equal(bundle.read("layer3/weights"), ckpt.layers["layer3"].kernel)
     back = convbn.load_checkpoint(tmp_path / "m.ckpt")
