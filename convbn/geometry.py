@@ -51,12 +51,13 @@ class Plan:
     #: True when each spatial dim pads the same before and after, so the conv's own padding
     #: suffices (a field, not a property: backends read it on every call).
     symmetric: bool = False
-
-    @property
-    def empty(self) -> bool:
-        """True for a zero-size batch: the output is known from the geometry alone, and no
-        framework kernel is asked to compute it (TF's oneDNN conv returns a wrong shape for one)."""
-        return self.values_per_channel == 0
+    #: The ``(top, left)`` padding the conv itself takes when :attr:`symmetric` (else ``(0, 0)``:
+    #: the backend pads first).
+    conv_padding: Pair = (0, 0)
+    #: True for a zero-size batch: the output is known from the geometry alone, and no framework
+    #: kernel is asked to compute it (TF's oneDNN conv returns a wrong shape for one). A field, as
+    #: every call reads it.
+    empty: bool = False
 
     @property
     def out_shape(self) -> tuple[Dim, ...]:
@@ -181,6 +182,7 @@ def _make_plan(
                 "(N * H_out * W_out = 1); use training=False for single values. "
                 + _received(x_shape, data_format)
             )
+    is_symmetric = pads is not None and symmetric(pads)
     return Plan(
         data_format=data_format,
         training=training,
@@ -193,5 +195,7 @@ def _make_plan(
         out_hw=(out_hw[0], out_hw[1]),
         values_per_channel=values,
         batch=n,
-        symmetric=pads is not None and symmetric(pads),
+        symmetric=is_symmetric,
+        conv_padding=(pads[0][0], pads[1][0]) if is_symmetric and pads is not None else (0, 0),  # type: ignore[arg-type]
+        empty=values == 0,
     )

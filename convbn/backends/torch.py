@@ -256,9 +256,9 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan
     explicit pad, whose amounts come from the cached plan.
     """
     xc = x.permute(0, 3, 1, 2) if plan.data_format == "NHWC" else x
-    (top, bottom), (left, right) = plan.pads  # type: ignore[misc]  # torch shapes are static
     if plan.symmetric:
-        return F.conv2d(xc, weight, bias, plan.stride, (top, left), plan.dilation, plan.groups)
+        return F.conv2d(xc, weight, bias, plan.stride, plan.conv_padding, plan.dilation, plan.groups)
+    (top, bottom), (left, right) = plan.pads  # type: ignore[misc]  # torch shapes are static
     xc = F.pad(xc, (left, right, top, bottom))
     return F.conv2d(xc, weight, bias, plan.stride, 0, plan.dilation, plan.groups)
 
@@ -271,7 +271,16 @@ def conv_bn(x: torch.Tensor, params: ConvBNParams, plan: Plan) -> Any:
     if plan.training:
         return _train(x, params, plan)
     weight, bias = _folded(params, x)
-    return _layout_out(_conv(x, weight, bias, plan), plan)
+    # _conv and _layout_out written out: on a small conv their two calls are a measurable part
+    # of the per-call cost (docs/performance.md).
+    if plan.data_format == "NHWC":
+        if plan.symmetric:
+            return F.conv2d(x.permute(0, 3, 1, 2), weight, bias, plan.stride, plan.conv_padding, plan.dilation,
+                            plan.groups).permute(0, 2, 3, 1)
+        return _conv(x, weight, bias, plan).permute(0, 2, 3, 1)
+    if plan.symmetric:
+        return F.conv2d(x, weight, bias, plan.stride, plan.conv_padding, plan.dilation, plan.groups)
+    return _conv(x, weight, bias, plan)
 
 
 def _batch_norm(
