@@ -23,7 +23,7 @@ import dataclasses
 import importlib
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,7 +35,9 @@ from convbn.loading.matching import Graph, Layer, Matching, match
 from convbn.params import ConvBNParams
 
 if TYPE_CHECKING:
-    from convbn.checkpoint import Checkpoint
+    from convbn.checkpoint import Checkpoint, Norm
+    from convbn.checkpoint import Layer as CheckpointLayer
+    from convbn.layouts import FlatOrder
 
 __all__ = [
     "LoadError",
@@ -87,11 +89,12 @@ class LoadReport:
             ``"layer graph"``, ``"layer order"``, ``"tree order"``, ``"tree names"`` (a Flax tree
             whose key order was lost), or ``"checkpoint"`` (:func:`conform_checkpoint`).
         pairs: model layer -> its BatchNorm's name.
-        unused: checkpoint tensors outside conv+BatchNorm layers (a classifier, a conv without
-            BatchNorm); ``load_into`` loads conv+BatchNorm pairs only, so these are listed, never
-            loaded, and do not make ``strict`` fail.
-        untouched: the model's weights outside the pairs (a classifier, a conv without
-            BatchNorm), left as they were.
+        unused: checkpoint tensors of no known layer (:attr:`Checkpoint.tensors`: an embedding, a
+            tensor no reader classified); listed, never loaded, and they do not make ``strict``
+            fail. (:func:`conform_checkpoint` matches pairs only and lists the other layers' tensors
+            here too.)
+        untouched: the model's layers with parameters of a kind ``load_into`` does not fill (an
+            embedding, a PReLU, a custom layer), left as they were; ``strict`` refuses them.
         variables: for a Flax variable tree, the new tree (trees are immutable); None otherwise
             (torch and Keras models are changed in place).
         loaded: whether the model (or the new tree) holds the checkpoint's values; False when
@@ -102,6 +105,14 @@ class LoadReport:
             ``"order"`` (a rank the model's graph fixes) or ``"shape"`` (the only one of its shape).
         output_error: with ``example_input=``, max|y - y_source| / max|y_source| of the two models'
             eval outputs after loading; None otherwise.
+        parts: model layer -> its kind, for every model layer outside the pairs that ``load_into``
+            fills (conv, conv_transpose, dense, batch_norm, layer_norm, group_norm); they are
+            matched, missing or unexpected as pairs are.
+        permuted: dense model layer -> the sides (``"in"``, ``"out"``, ``"in+out"``) whose flattened
+            feature-map order was changed to the model's (NCHW for torch, NHWC otherwise).
+        undecided: dense layers whose flatten order neither the checkpoint nor the model decides,
+            each described; never loaded (``convbn convert --flatten`` or
+            :meth:`Checkpoint.with_flatten` states it).
     """
 
     matched: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -119,11 +130,16 @@ class LoadReport:
     ambiguous: list[str] = dataclasses.field(default_factory=list)
     how: dict[str, str] = dataclasses.field(default_factory=dict)
     output_error: float | None = None
+    parts: dict[str, str] = dataclasses.field(default_factory=dict)
+    permuted: dict[str, str] = dataclasses.field(default_factory=dict)
+    undecided: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when every model pair and every checkpoint layer matched, unambiguously, and fitted."""
-        return not (self.missing or self.unexpected or self.mismatched or self.ambiguous)
+        """True when every model layer with parameters and every checkpoint layer matched,
+        unambiguously, and fitted."""
+        return not (self.missing or self.unexpected or self.mismatched or self.ambiguous or self.undecided
+                    or self.untouched)
 
     def summary(self) -> str:
         """The report as text: counts, then each list that is not empty, then the notes."""
@@ -133,6 +149,7 @@ class LoadReport:
             f"folded (model pairs found by {self.pairing or 'n/a'})"
         ]
         lines += [f"ambiguous: {a}" for a in self.ambiguous]
+        lines += [f"undecided flatten: {u}" for u in self.undecided]
         if self.missing:
             lines.append(f"missing (model layers without a checkpoint layer): {_listed(self.missing)}")
         if self.unexpected:
@@ -141,10 +158,13 @@ class LoadReport:
             lines.append(f"mismatched: model {m.model!r} <- checkpoint {m.checkpoint!r}: {m.reason}")
         if self.folded:
             lines.append("folded: " + ", ".join(f"{k} (into {v})" for k, v in self.folded.items()))
+        if self.permuted:
+            lines.append("flattened features put in the model's order: "
+                         + ", ".join(f"{k} ({v})" for k, v in self.permuted.items()))
         if self.unused:
-            lines.append(f"not loaded (checkpoint tensors outside conv+BatchNorm layers): {_listed(self.unused)}")
+            lines.append(f"not loaded (checkpoint tensors of no known layer): {_listed(self.unused)}")
         if self.untouched:
-            lines.append(f"untouched (model weights outside conv+BatchNorm pairs): {_listed(self.untouched)}")
+            lines.append(f"untouched (model layers of a kind load_into does not fill): {_listed(self.untouched)}")
         if self.output_error is not None:
             lines.append(f"output error on the example input: {self.output_error:.3g} (max|y - y_source| / max|y_source|)")
         lines += [f"note: {n}" for n in self.notes]
@@ -192,14 +212,48 @@ class Target:
 
 
 @dataclasses.dataclass
+class Part:
+    """One model layer outside the Conv -> BatchNorm pairs, in the neutral layout.
+
+    Attributes:
+        name: its name in the model (torch module path, Keras layer name, Flax module path).
+        kind: a :data:`convbn.checkpoint.LayerKind`: ``conv`` (grouped and depthwise too),
+            ``conv_transpose``, ``dense``, ``batch_norm``, ``layer_norm`` or ``group_norm``.
+        shape: the neutral kernel shape (HWIO; ``(kh, kw, out/groups, in)`` transposed; ``(in, out)``
+            dense), or ``(features,)`` for a norm.
+        bias: whether the layer has a bias (a norm: its beta).
+        gamma: whether a norm has a scale.
+        groups: a conv's or GroupNorm's groups; None where the model does not say (a Flax tree).
+        eps: a norm's epsilon; None where unknown (a Flax tree).
+        norm: the BatchNorm part that directly reads this conv's or dense layer's output (and
+            nothing else reads it), where the model says so; a checkpoint bias folds into it.
+        order: the framework's flatten order (``"chw"`` for torch, ``"hwc"`` otherwise).
+        handle: the framework's own objects.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    bias: bool = False
+    gamma: bool = False
+    groups: int | None = None
+    eps: float | None = None
+    norm: str = ""
+    order: FlatOrder = "hwc"
+    handle: Any = None
+
+
+@dataclasses.dataclass
 class ModelPairs:
-    """What a framework module found in the model."""
+    """What a framework module found in the model: its pairs, and every other layer (``parts``)."""
 
     targets: list[Target]
     pairing: str
     notes: list[str] = dataclasses.field(default_factory=list)
     untouched: list[str] = dataclasses.field(default_factory=list)
     graph: Graph | None = None
+    parts: list[Part] = dataclasses.field(default_factory=list)
+    order: list[str] = dataclasses.field(default_factory=list)
 
 
 # -- matching ----------------------------------------------------------------------------------------
@@ -213,21 +267,57 @@ def match_layers(
     graph: Graph | None = None,
     source_graph: Graph | None = None,
     mapping: Mapping[str, str] | None = None,
+    parts: Sequence[Part] | None = None,
 ) -> Matching:
     """Match model pairs to the checkpoint's layers ``order`` (their keys, in checkpoint order).
 
     :func:`convbn.loading.matching.match` decides: ``mapping``, then names that correspond, then the
     structure of both graphs (``graph``, the model's; ``source_graph``, the checkpoint's, where it
     has one), then order only where a graph fixes it; anything else of one shape is ambiguous, never
-    guessed. Indices in the result are into ``targets`` and ``order``.
+    guessed. Indices in the result are into ``targets`` then ``parts``, and into ``order`` then
+    :func:`source_parts` (the checkpoint's other layers, matched only when ``parts`` is given).
     """
     model = [Layer(t.name, "conv_bn", tuple(int(d) for d in t.kernel_shape)) for t in targets]
+    model += [Layer(p.name, p.kind, p.shape) for p in parts or ()]
     source = []
     for key in order:
         conv_name = ckpt.sources[key].conv_name if key in ckpt.sources else ""
         aliases = frozenset({conv_name} - {"", key})
         source.append(Layer(key, "conv_bn", tuple(int(d) for d in np.shape(ckpt.layers[key].kernel)), aliases))
+    if parts is not None:
+        source += [Layer(a.name, a.kind, a.shape) for a in source_parts(ckpt)]
     return match(model, source, model_graph=graph, source_graph=source_graph, mapping=mapping)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourcePart:
+    """One matchable piece of a checkpoint's other layer: its kernel layer, or the BatchNorm after it."""
+
+    name: str
+    key: str
+    kind: str
+    shape: tuple[int, ...]
+    is_norm: bool
+
+
+def source_parts(ckpt: Checkpoint) -> list[SourcePart]:
+    """The checkpoint's other layers (:attr:`Checkpoint.others`) as matchable pieces, in source order:
+    a conv or dense layer, then the BatchNorm it carries (named by its own source name, else
+    ``KEY:norm``), or a standalone norm."""
+    out: list[SourcePart] = []
+    for key, layer in (item for item in ckpt.in_order() if item[0] in ckpt.others):
+        assert not isinstance(layer, ConvBNParams)
+        if layer.kernel is not None:
+            out.append(SourcePart(key, key, layer.kind, tuple(int(d) for d in np.shape(layer.kernel)), False))
+        if layer.norm is not None:
+            name = key if layer.kernel is None else (layer.norm_name or f"{key}:norm")
+            out.append(SourcePart(name, key, layer.norm.kind, (_features(layer.norm),), True))
+    return out
+
+
+def _features(norm: Norm) -> int:
+    ref = next((a for a in (norm.gamma, norm.beta, norm.moving_mean) if a is not None), None)
+    return 0 if ref is None else int(np.shape(ref)[-1])
 
 
 def checkpoint_order(ckpt: Checkpoint, notes: list[str]) -> list[str]:
@@ -293,31 +383,42 @@ def stage(
     graph: Graph | None = None,
     source_graph: Graph | None = None,
     mapping: Mapping[str, str] | None = None,
-) -> list[Staged]:
-    """Match, then compute every value each matched pair receives; fills ``report``.
+    parts: Sequence[Part] | None = None,
+) -> list[Staged | StagedPart]:
+    """Match, then compute every value each matched pair (and, given ``parts``, each matched other
+    layer: :func:`stage_parts`) receives; fills ``report``.
 
     Nothing is written here: frameworks apply the result only once all of it is known.
     """
     from convbn.folding import fit
 
-    matching = match_layers(targets, ckpt, order, graph=graph, source_graph=source_graph, mapping=mapping)
+    matching = match_layers(targets, ckpt, order, graph=graph, source_graph=source_graph, mapping=mapping,
+                            parts=parts)
+    pieces = source_parts(ckpt) if parts is not None else []
+    model_names = [t.name for t in targets] + [p.name for p in parts or ()]
+    model_shapes = [tuple(t.kernel_shape) for t in targets] + [p.shape for p in parts or ()]
+    source_names = list(order) + [a.name for a in pieces]
+    source_shapes = [tuple(np.shape(ckpt.layers[k].kernel)) for k in order] + [a.shape for a in pieces]
     report.notes += matching.notes
     report.ambiguous += [a.describe() for a in matching.ambiguous]
-    report.how.update({targets[i].name: how for i, how in matching.how.items()})
+    report.how.update({model_names[i]: how for i, how in matching.how.items()})
     for i, j in matching.mismatched:
-        p, t = ckpt.layers[order[j]], targets[i]
         report.mismatched.append(Mismatch(
-            t.name, order[j],
-            f"kernel (HWIO) {tuple(np.shape(p.kernel))} in the checkpoint, {tuple(t.kernel_shape)} in the model",
+            model_names[i], source_names[j],
+            f"{_what(j, len(order), pieces)} {source_shapes[j]} in the checkpoint, {model_shapes[i]} in the model",
         ))
-    report.missing += [targets[i].name for i in matching.missing]
-    report.unexpected += [order[j] for j in matching.unexpected]
+    report.missing += [model_names[i] for i in matching.missing]
+    report.unexpected += [source_names[j] for j in matching.unexpected]
+    matched_parts = [(parts[i - len(targets)], pieces[j - len(order)])  # type: ignore[index]
+                     for i, j in matching.matched if i >= len(targets)]
 
-    staged: list[Staged] = []
+    staged: list[Staged | StagedPart] = []
     eps_differs: list[str] = []
     unknown_eps: set[float] = set()
     zero_bias: list[str] = []
     for i, j in matching.matched:
+        if i >= len(targets):
+            continue
         target, layer = targets[i], order[j]
         params = ckpt.layers[layer]
         source = ckpt.sources.get(layer)
@@ -366,6 +467,8 @@ def stage(
         )
         report.matched[target.name] = layer
         staged.append(Staged(target, layer, params, dict(ckpt.extras.get(layer, {}))))
+    staged += stage_parts(matched_parts, ckpt, report, fold_bias=fold_bias, eps=eps, eps_differs=eps_differs,
+                          zero_bias=zero_bias, unknown_eps=unknown_eps)
     if eps_differs:
         action = (
             "set to the checkpoint's (eps='checkpoint')" if eps == "checkpoint"
@@ -393,6 +496,142 @@ def stage(
             f"conv has none: {formula} (exact in eval mode)"
         )
     return staged
+
+
+@dataclasses.dataclass
+class StagedPart:
+    """A model layer outside the pairs and the values it receives, in the neutral layout and the
+    model's flatten order: ``kernel``/``bias`` for a conv or dense layer, ``norm`` for a norm."""
+
+    part: Part
+    layer: str
+    kernel: Any = None
+    bias: Any = None
+    norm: Norm | None = None
+    eps: float | None = None
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def out_width(part: Part) -> int:
+    """The output channels or features of a conv, transposed conv or dense part."""
+    return part.shape[2] * (part.groups or 1) if part.kind == "conv_transpose" else part.shape[-1]
+
+
+def _what(index: int, pairs: int, items: Sequence[Any] | None) -> str:
+    """How a matched layer's shape is described: a pair's or other layer's kernel, or a norm's width."""
+    if index < pairs:
+        return "kernel (HWIO)"
+    kind = items[index - pairs].kind if items else ""
+    return {"dense": "dense kernel (in, out)", "conv": "kernel (HWIO)",
+            "conv_transpose": "transposed kernel (kh, kw, out, in)"}.get(kind, f"{kind} width")
+
+
+def stage_parts(
+    matched: Sequence[tuple[Part, SourcePart]],
+    ckpt: Checkpoint,
+    report: LoadReport,
+    *,
+    fold_bias: str | None,
+    eps: str,
+    eps_differs: list[str],
+    zero_bias: list[str],
+    unknown_eps: set[float],
+) -> list[StagedPart]:
+    """The values each matched model layer outside the pairs receives; fills ``report``.
+
+    A dense layer's flattened features are put in the model's order (:meth:`Layer.as_order`); an
+    undecided flatten is :attr:`LoadReport.undecided`, never guessed. A bias the model's layer lacks
+    folds into the BatchNorm after it when the checkpoint has that BatchNorm after it too (else a
+    non-zero bias is a mismatch); a bias the checkpoint lacks is zero.
+    """
+    from convbn.convert import fold_layer_bias
+
+    by_part = {p.name: (p, a) for p, a in matched}
+    by_piece = {(a.key, a.is_norm): p for p, a in matched}
+    ready: dict[str, CheckpointLayer] = {}
+    refused: set[str] = set()
+    out: list[StagedPart] = []
+    for part, piece in matched:  # kernel layers first: a fold changes the BatchNorm after them
+        if piece.is_norm:
+            continue
+        layer = ckpt.others[piece.key]
+        if layer.geometry and part.groups is not None and part.groups != layer.groups:
+            report.mismatched.append(Mismatch(part.name, piece.name,
+                                              f"groups {layer.groups} in the checkpoint, {part.groups} in the model"))
+            refused.add(piece.key)
+            continue
+        try:
+            moved = layer.as_order(part.order, piece.key)
+        except ConvBNError as exc:
+            report.undecided.append(f"{part.name} <- {piece.key}: {exc}")
+            refused.add(piece.key)
+            continue
+        if moved is not layer:
+            sides = [s for s, m in (("in", layer.flat_in), ("out", layer.flat_out)) if m is not None and m.order != part.order]
+            report.permuted[part.name] = "+".join(sides)
+        layer = moved
+        if layer.bias is not None and not part.bias:
+            after = by_part.get(part.norm)
+            if after is not None and layer.norm is not None and after[1].key == piece.key and after[1].is_norm:
+                if fold_bias is None:
+                    raise ConvBNError(
+                        f"the model's {part.kind} {part.name!r} has no bias but checkpoint layer {piece.key!r} has "
+                        "one, and fold_bias=None refuses to fold it. Pass fold_bias='beta' or 'moving_mean', or "
+                        f"give the layer a bias. Received: fold_bias={fold_bias!r}"
+                    )
+                model_eps = after[0].eps if after[0].eps is not None and eps == "model" else layer.norm.eps
+                into = fold_bias if model_eps is not None else "moving_mean"  # beta' needs the eps it runs with
+                folded = fold_layer_bias(
+                    dataclasses.replace(layer, norm=dataclasses.replace(layer.norm, eps=model_eps)), into)  # type: ignore[arg-type]
+                assert folded.norm is not None
+                layer = dataclasses.replace(folded, norm=dataclasses.replace(folded.norm, eps=layer.norm.eps))
+                report.folded[part.name] = into
+            elif _absent_conflict(layer.bias, 0.0):
+                report.mismatched.append(Mismatch(
+                    part.name, piece.key,
+                    f"the checkpoint's {layer.kind} has a bias and the model's has none, and no BatchNorm reads it "
+                    "in both to fold it into: give the layer a bias",
+                ))
+                refused.add(piece.key)
+                continue
+            else:
+                layer = dataclasses.replace(layer, bias=None)
+        bias = layer.bias
+        if bias is None and part.bias:
+            bias = np.zeros(layer.out_features, np.asarray(layer.kernel).dtype)
+            zero_bias.append(part.name)
+        ready[piece.key] = layer
+        out.append(StagedPart(part, piece.key, kernel=layer.kernel, bias=bias))
+        report.matched[part.name] = piece.name
+    for part, piece in matched:
+        if not piece.is_norm:
+            continue
+        if piece.key in refused or (piece.key not in ready and by_piece.get((piece.key, False)) is not None):
+            continue  # its layer was refused (reported already)
+        norm = ready.get(piece.key, ckpt.others[piece.key]).norm
+        assert norm is not None
+        lost = [
+            f"the model's {part.kind} has no {name}, and the checkpoint's {name} is not all {word}"
+            for name, present, value, fill, word in (
+                ("gamma", part.gamma, norm.gamma, 1.0, "ones"), ("beta", part.bias, norm.beta, 0.0, "zeros"))
+            if not present and _absent_conflict(value, fill)
+        ]
+        if norm.kind == "group_norm" and part.groups is not None and norm.groups != part.groups:
+            lost.append(f"groups {norm.groups} in the checkpoint, {part.groups} in the model")
+        if lost:
+            report.mismatched.append(Mismatch(part.name, piece.name, "; ".join(lost)))
+            continue
+        new_eps = None
+        if part.eps is None:
+            if norm.eps is not None:
+                unknown_eps.add(norm.eps)
+        elif norm.eps is not None and norm.eps != part.eps:
+            eps_differs.append(f"{part.name} (model {part.eps:g}, checkpoint {norm.eps:g})")
+            new_eps = norm.eps if eps == "checkpoint" else None
+        extras = dict(ckpt.others[piece.key].extras)
+        out.append(StagedPart(part, piece.key, norm=norm, eps=new_eps, extras=extras))
+        report.matched[part.name] = piece.name
+    return out
 
 
 # -- entry points ------------------------------------------------------------------------------------
@@ -438,12 +677,13 @@ def _strict_error(what: str, report: LoadReport) -> LoadError:
         )
     problems = ", ".join(
         f"{len(items)} {label}" for label, items in (
-            ("missing", report.missing), ("unexpected", report.unexpected), ("mismatched", report.mismatched)
+            ("missing", report.missing), ("unexpected", report.unexpected), ("mismatched", report.mismatched),
+            ("with an undecided flatten", report.undecided), ("of a kind not filled (untouched)", report.untouched),
         ) if items
     )
     return LoadError(
-        f"{what} with strict=True needs every model pair matched to a checkpoint layer of the same "
-        f"shape and every checkpoint layer used; nothing was changed (pass strict=False to load what "
+        f"{what} with strict=True needs every model layer with parameters matched to a checkpoint layer of "
+        f"the same kind and shape and every checkpoint layer used; nothing was changed (pass strict=False to load what "
         f"matches). Received: {problems}\n{report.summary()}",
         report,
     )
@@ -579,17 +819,18 @@ def load_into(
         pairing=found.pairing,
         pairs={t.name: t.bn_name for t in found.targets},
         notes=list(found.notes),
-        unused=_unused(ckpt),
+        unused=list(ckpt.tensors),
         untouched=list(found.untouched),
+        parts={p.name: p.kind for p in found.parts},
     )
-    if found.graph is None and found.targets:
+    if found.graph is None and (found.targets or found.parts):
         report.notes.append(
             "the model's graph is unknown (" + _why_no_graph(kind, model) + "): layers of a repeated shape "
             "cannot be told apart by order, and are reported ambiguous unless names or mapping= decide"
         )
     order = checkpoint_order(ckpt, report.notes)
     staged = stage(found.targets, ckpt, order, report, fold_bias=into, eps=eps, graph=found.graph,
-                   source_graph=source_graph, mapping=mapping)
+                   source_graph=source_graph, mapping=mapping, parts=found.parts)
     if strict and not report.ok:
         raise _strict_error("load_into", report)
     if staged:
@@ -654,8 +895,10 @@ def _live_kind(source: Any) -> str | None:
 
 
 def _live_checkpoint(source: Any, framework: Any, example: np.ndarray | None) -> tuple[Checkpoint, Graph | None]:
-    """A live source model's conv+BatchNorm pairs as a checkpoint under its own names, and its graph."""
+    """A live source model's layers as a checkpoint under its own names (its pairs in ``layers``,
+    every other layer in ``others``, in its order), and its graph."""
     from convbn.checkpoint import Checkpoint, LayerSource
+    from convbn.formats._common import mark_flatten_undecided
 
     found: ModelPairs = framework.find_pairs(source, example)
     ckpt = Checkpoint(format="live", metadata={"source_format": "live"})
@@ -665,7 +908,33 @@ def _live_checkpoint(source: Any, framework: Any, example: np.ndarray | None) ->
             conv={}, bn={}, reason="graph", conv_name=target.name, bn_name=target.bn_name,
             geometry=target.geometry is not None, settings=target.eps is not None,
         )
+    ckpt.others = framework.read_parts(source, found)
+    ckpt.order = [n for n in found.order if n in ckpt.layers or n in ckpt.others]
+    orders = {p.order for p in found.parts}
+    # A live model states no flattened map: a dense layer that may read (or feed) one is undecided,
+    # as it is in a file of the same framework.
+    mark_flatten_undecided(ckpt, orders.pop() if len(orders) == 1 else "hwc")
     return ckpt, found.graph
+
+
+def parts_as_layers(found: ModelPairs, read: Callable[[Part], CheckpointLayer | Norm]) -> dict[str, CheckpointLayer]:
+    """A live model's other layers as checkpoint layers: ``read(part)`` gives a conv or dense layer
+    (without BatchNorm) or a norm's :class:`~convbn.checkpoint.Norm`; a BatchNorm a part names as
+    directly after it (:attr:`Part.norm`) is carried by that layer, as readers of files do."""
+    from convbn.checkpoint import Layer as CheckpointLayer
+
+    values = {p.name: read(p) for p in found.parts}
+    carried = {p.norm: p.name for p in found.parts if p.norm and p.norm in values}
+    out: dict[str, CheckpointLayer] = {}
+    for part in found.parts:
+        value = values[part.name]
+        if isinstance(value, CheckpointLayer):
+            norm = values.get(part.norm) if part.norm in carried else None
+            out[part.name] = value if norm is None else dataclasses.replace(
+                value, norm=norm, norm_name=part.norm)  # type: ignore[arg-type]
+        elif part.name not in carried:
+            out[part.name] = CheckpointLayer(part.kind, norm=value)  # type: ignore[arg-type]
+    return out
 
 
 def _arrays(value: Any) -> list[np.ndarray]:
@@ -797,7 +1066,7 @@ def conform_checkpoint(
                    graph=like_graph, source_graph=source_graph)
     if strict and not report.ok:
         raise _strict_error("conforming to the like file", report)
-    by_name = {s.target.name: s for s in staged}
+    by_name = {s.target.name: s for s in staged if isinstance(s, Staged)}
     out = Checkpoint(format=like.format, convention=like.convention, metadata=dict(like.metadata))
     out.metadata["source_format"] = origin_format(like)
     for key, params in like.layers.items():

@@ -28,13 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from convbn.checkpoint import Layer, Norm
 from convbn.errors import ConvBNError
 from convbn.formats._pairing import Unit, natural_key, pair_units
-from convbn.loading import ModelPairs, Staged, Target
+from convbn.loading import ModelPairs, Part, Staged, StagedPart, Target, out_width, parts_as_layers
 from convbn.loading.matching import Flow, Graph, State
 from convbn.params import ConvBNParams
 
-__all__ = ["apply", "find_pairs", "read", "restore", "run", "snapshot"]
+__all__ = ["apply", "find_pairs", "read", "read_parts", "restore", "run", "snapshot"]
 
 Path = tuple[str, ...]
 
@@ -137,8 +138,49 @@ def _tree_pairs(variables: Mapping[str, Any]) -> ModelPairs:
             handle=(conv_path, bn_path),
         ))
         used.update((conv_path, bn_path))
+    parts: list[Part] = []
+    previous: Part | None = None
+    order: list[str] = []
+    paired_bns = {t.handle[1] for t in targets}
+    for path, leaves in [*param_modules.items(), *((p, {}) for p in stat_modules if p not in param_modules)]:
+        if path in paired_bns:
+            continue
+        part = None if path in used else _part(path, leaves, stat_modules.get(path, {}))
+        if part is not None and part.kind == "batch_norm" and previous is not None and not lost and (
+                previous.kind in ("conv", "dense") and out_width(previous) == part.shape[0]):
+            previous.norm = part.name  # Flax creates a module's variables when it first runs
+        previous = part
+        if part is not None:
+            parts.append(part)
+            used.add(path)
+        if path in used:
+            order.append("/".join(path))
     untouched = ["/".join(p) for p in param_modules if p not in used]
-    return ModelPairs(targets, pairing, notes, untouched)
+    return ModelPairs(targets, pairing, notes, untouched, parts=parts, order=order)
+
+
+def _part(path: Path, leaves: Mapping[str, Any], stat: Mapping[str, Any]) -> Part | None:
+    """A module's variables as a layer load_into fills outside the pairs; None for another kind.
+
+    A tree does not say a module's class: a rank-4 kernel is a conv (a ``ConvTranspose`` holds the same
+    leaves, so a transposed conv is only recognized with its module), a rank-2 one a dense layer;
+    ``scale``/``bias`` alone are a norm only under Flax's own names (``LayerNorm_0``, ``GroupNorm_0``).
+    """
+    name = "/".join(path)
+    kernel = leaves.get("kernel")
+    if kernel is not None and set(leaves) <= {"kernel", "bias"} and not stat and np.ndim(kernel) in (2, 4):
+        kind = "conv" if np.ndim(kernel) == 4 else "dense"
+        return Part(name, kind, tuple(int(d) for d in np.shape(kernel)), "bias" in leaves, handle=path)
+    if not set(leaves) <= {"scale", "bias"} or (not leaves and not stat):
+        return None
+    width = int(np.shape(next(iter({**leaves, **stat}.values())))[-1])
+    if {"mean", "var"} <= set(stat):
+        return Part(name, "batch_norm", (width,), "bias" in leaves, "scale" in leaves, handle=path)
+    last = path[-1] if path else ""
+    for kind, prefix in (("layer_norm", "LayerNorm_"), ("group_norm", "GroupNorm_")):
+        if not stat and last.startswith(prefix):
+            return Part(name, kind, (width,), "bias" in leaves, "scale" in leaves, handle=path)
+    return None
 
 
 def _copy(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -223,18 +265,13 @@ def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:
     _, variables, _ = _split(model)
     params, stats = _roots(variables)
 
-    def at(tree: Mapping[str, Any], path: Path) -> Mapping[str, Any]:
-        for key in path:
-            tree = tree.get(key, {})
-        return tree
-
     def array(name: str, tree: Mapping[str, Any]) -> np.ndarray | None:
         return None if name not in tree else np.array(tree[name])
 
     out = []
     for t in found.targets:
         conv_path, bn_path = t.handle
-        conv, bn, stat = at(params, conv_path), at(params, bn_path), at(stats, bn_path)
+        conv, bn, stat = _at(params, conv_path), _at(params, bn_path), _at(stats, bn_path)
         out.append(ConvBNParams(
             kernel=np.array(conv["kernel"]), bias=array("bias", conv),
             gamma=array("scale", bn), beta=array("bias", bn),
@@ -242,6 +279,28 @@ def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:
             eps=1e-5, momentum=0.99, var_update="biased",
         ))
     return out
+
+
+def read_parts(model: Any, found: ModelPairs) -> dict[str, Layer]:
+    """Every other layer's values as the tree holds them; a norm's eps is unknown (a tree records none)."""
+    _, variables, _ = _split(model)
+    params, stats = _roots(variables)
+
+    def read_part(part: Part) -> Layer | Norm:
+        leaves, stat = _at(params, part.handle), _at(stats, part.handle)
+        value = {k: np.array(v) for k, v in {**leaves, **stat}.items()}
+        if part.kind in ("conv", "dense"):
+            return Layer(part.kind, value["kernel"], value.get("bias"))  # type: ignore[arg-type]
+        return Norm(part.kind, value.get("scale"), value.get("bias"), value.get("mean"), value.get("var"),  # type: ignore[arg-type]
+                    var_update="biased" if part.kind == "batch_norm" else None)
+
+    return parts_as_layers(found, read_part)
+
+
+def _at(tree: Mapping[str, Any], path: Path) -> Mapping[str, Any]:
+    for key in path:
+        tree = tree.get(key, {})
+    return tree
 
 
 def run(model: Any, x: np.ndarray) -> list[np.ndarray]:
@@ -265,12 +324,34 @@ def restore(model: Any, saved: Any) -> None:
     """Nothing to restore (see :func:`snapshot`)."""
 
 
-def apply(model: Any, staged: list[Staged]) -> Any:
+def _write_part(params: dict[str, Any], stats: dict[str, Any], s: StagedPart) -> None:
+    path, part = s.part.handle, s.part
+    if part.kind in ("conv", "dense"):
+        _set(params, path, "kernel", s.kernel)
+        if part.bias:
+            _set(params, path, "bias", s.bias)
+        return
+    norm = s.norm
+    assert norm is not None
+    n = part.shape[0]
+    if part.gamma:
+        _set(params, path, "scale", np.ones(n) if norm.gamma is None else norm.gamma)
+    if part.bias:
+        _set(params, path, "bias", np.zeros(n) if norm.beta is None else norm.beta)
+    if part.kind == "batch_norm":
+        _set(stats, path, "mean", norm.moving_mean)
+        _set(stats, path, "var", norm.moving_var)
+
+
+def apply(model: Any, staged: list[Staged | StagedPart]) -> Any:
     """A new tree holding the staged values; the model's tree is not modified."""
     _, variables, _ = _split(model)
     out = _copy(variables)
     params, stats = out["params"], out.setdefault("batch_stats", {})
     for s in staged:
+        if isinstance(s, StagedPart):
+            _write_part(params, stats, s)
+            continue
         conv_path, bn_path = s.target.handle
         p = s.params
         n = p.out_channels

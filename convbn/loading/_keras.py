@@ -18,13 +18,14 @@ import keras
 import numpy as np
 
 from convbn.adapters import assign_keras, check_keras_pair, from_keras, keras_var_update
+from convbn.checkpoint import Layer, Norm
 from convbn.errors import ConvBNError
-from convbn.layouts import depthwise_from_tf
-from convbn.loading import ModelPairs, Staged, Target
+from convbn.layouts import depthwise_from_tf, depthwise_to_tf
+from convbn.loading import ModelPairs, Part, Staged, StagedPart, Target, out_width, parts_as_layers
 from convbn.loading.matching import INPUT, Flow, Graph, State
 from convbn.params import ConvBNParams
 
-__all__ = ["apply", "find_pairs", "read", "restore", "run", "snapshot"]
+__all__ = ["apply", "find_pairs", "read", "read_parts", "restore", "run", "snapshot"]
 
 
 def _namespaces() -> list[Any]:
@@ -159,12 +160,68 @@ def find_pairs(model: Any, example: np.ndarray | None = None) -> ModelPairs:
             handle=(conv, bn),
         ))
         used.update((id(conv), id(bn)))
+    parts = [p for name, layer in layers if id(layer) not in used and (p := _part(name, layer)) is not None]
+    _link_norms(parts, layers)
+    used.update(id(p.handle) for p in parts)
     untouched = [name for name, layer in layers if id(layer) not in used and layer.weights]
     pairing = " and ".join(sorted(kinds, reverse=True)) or "layer graph"
     graph = _data_flow(model, layers, targets)
     if graph is None:
         graph = _traced_flow(model, layers, targets, example, notes)
-    return ModelPairs(targets, pairing, notes, untouched, graph)
+    paired = {t.bn_name for t in targets}
+    order = [name for name, layer in layers if id(layer) in used and name not in paired]
+    return ModelPairs(targets, pairing, notes, untouched, graph, parts, order)
+
+
+def _last_axis(layer: Any) -> bool:
+    """Whether a norm layer normalizes over the last axis only (the channels of NHWC, a dense output)."""
+    axis = layer.axis
+    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+    try:
+        rank: int | None = len(layer.input.shape)
+    except (AttributeError, ValueError, RuntimeError):  # never called, or called on several inputs
+        rank = None
+    return len(axes) == 1 and (axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
+
+
+def _part(name: str, layer: Any) -> Part | None:
+    """``layer`` as a layer load_into fills outside the pairs; None for another kind."""
+    bias = bool(getattr(layer, "use_bias", False))
+    if _is_conv(layer):
+        return Part(name, "conv", _hwio_shape(layer), bias, groups=_geometry(layer)["groups"], handle=layer)
+    if isinstance(layer, _classes("Conv2DTranspose")):
+        return Part(name, "conv_transpose", tuple(int(d) for d in layer.kernel.shape), bias,
+                    groups=int(getattr(layer, "groups", 1)), handle=layer)
+    if isinstance(layer, _classes("Dense")) and len(layer.kernel.shape) == 2:
+        return Part(name, "dense", tuple(int(d) for d in layer.kernel.shape), bias, handle=layer)
+    norms = (("batch_norm", "BatchNormalization"), ("layer_norm", "LayerNormalization"),
+             ("group_norm", "GroupNormalization"))
+    for kind, cls in norms:
+        if isinstance(layer, _classes(cls)) and layer.weights and _last_axis(layer) and not getattr(
+                layer, "rms_scaling", False):
+            width = int(layer.weights[0].shape[-1])
+            return Part(name, kind, (width,), bool(layer.center), bool(layer.scale), eps=float(layer.epsilon),
+                        groups=int(layer.groups) if kind == "group_norm" else None, handle=layer)
+    return None
+
+
+def _link_norms(parts: list[Part], layers: list[tuple[str, Any]]) -> None:
+    """Set :attr:`Part.norm` where a BatchNormalization part reads a conv's or dense part's output
+    directly and is its only consumer (the layer graph; without one, the layer listed right after it)."""
+    by_id = {id(p.handle): p for p in parts}
+    previous: Any = None
+    for _, layer in layers:
+        part = by_id.get(id(layer))
+        if part is not None and part.kind == "batch_norm":
+            producer = _producer(layer)
+            parent = producer[0] if producer is not None and producer[1] else None
+            if producer is None and previous is not None and _producer(previous) is None:
+                parent = previous
+            before = by_id.get(id(parent))
+            if before is not None and before.kind in ("conv", "conv_transpose", "dense") and (
+                    out_width(before) == part.shape[0]):
+                before.norm = part.name
+        previous = layer
 
 
 def _parents(layer: Any) -> list[Any] | None:
@@ -306,37 +363,99 @@ def run(model: Any, x: np.ndarray) -> list[np.ndarray]:
 
 def snapshot(model: Any) -> Any:
     """Every weight and BatchNorm setting :func:`apply` may change, copied, for :func:`restore`."""
-    bns = [layer for _, layer in _layers(model) if isinstance(layer, _classes("BatchNormalization"))]
-    return [np.array(w, copy=True) for w in model.get_weights()], [(b, b.epsilon, b.momentum) for b in bns]
+    norms = _classes("BatchNormalization", "LayerNormalization", "GroupNormalization")
+    bns = [layer for _, layer in _layers(model) if isinstance(layer, norms)]
+    return [np.array(w, copy=True) for w in model.get_weights()], [
+        (b, b.epsilon, getattr(b, "momentum", None)) for b in bns]
 
 
 def restore(model: Any, saved: Any) -> None:
     weights, settings = saved
     model.set_weights(weights)
     for bn, eps, momentum in settings:
-        bn.epsilon, bn.momentum = eps, momentum
+        bn.epsilon = eps
+        if momentum is not None:
+            bn.momentum = momentum
 
 
-def apply(model: Any, staged: list[Staged]) -> None:
-    """Write every staged pair with ``assign_keras``; restore all of them if any write fails."""
-    saved = []
-    for s in staged:
-        conv, bn = s.target.handle
-        variables = [*conv.weights, *bn.weights]
-        # A tf_keras weight is a tf.Variable, whose .value is a method.
-        read = (lambda v: v.numpy()) if _is_tf_keras(conv) else (lambda v: keras.ops.convert_to_numpy(v.value))
-        saved.append((bn, [(v, np.array(read(v), copy=True)) for v in variables], bn.epsilon, bn.momentum))
+def _numpy(layer: Any, variable: Any) -> np.ndarray:
+    # A tf_keras weight is a tf.Variable, whose .value is a method.
+    return np.array(variable.numpy() if _is_tf_keras(layer) else keras.ops.convert_to_numpy(variable.value))
+
+
+def _read_part(part: Part) -> Layer | Norm:
+    m = part.handle
+
+    def get(attribute: str, present: bool = True) -> np.ndarray | None:
+        return _numpy(m, getattr(m, attribute)) if present else None
+
+    if part.kind == "conv":
+        kernel = _numpy(m, _kernel(m))
+        return Layer("conv", depthwise_from_tf(kernel) if _depthwise(m) else kernel, get("bias", m.use_bias),
+                     **_geometry(m), geometry=True)
+    if part.kind in ("conv_transpose", "dense"):
+        return Layer(part.kind, get("kernel"), get("bias", m.use_bias),  # type: ignore[arg-type]
+                     groups=part.groups or 1)
+    if part.kind == "batch_norm":
+        return Norm("batch_norm", get("gamma", m.scale), get("beta", m.center), get("moving_mean"),
+                    get("moving_variance"), eps=float(m.epsilon), momentum=float(m.momentum),
+                    var_update=keras_var_update(m))
+    return Norm(part.kind, get("gamma", m.scale), get("beta", m.center), eps=float(m.epsilon),  # type: ignore[arg-type]
+                groups=part.groups)
+
+
+def read_parts(model: Any, found: ModelPairs) -> dict[str, Layer]:
+    """Every other layer's values, as a live source model holds them (neutral layout)."""
+    return parts_as_layers(found, _read_part)
+
+
+def _put(layer: Any, variable: Any, value: Any, where: str) -> None:
+    array = np.asarray(value)
+    if tuple(array.shape) != tuple(int(d) for d in variable.shape):
+        raise ConvBNError(f"{where} must keep its shape {tuple(variable.shape)}. Received: shape {array.shape}")
+    dtype = variable.dtype if _is_tf_keras(layer) else keras.backend.standardize_dtype(variable.dtype)
+    variable.assign(array.astype(getattr(dtype, "as_numpy_dtype", dtype)))
+
+
+def _write_part(s: StagedPart) -> None:
+    m, name, kind = s.part.handle, s.part.name, s.part.kind
+    if kind in ("conv", "conv_transpose", "dense"):
+        kernel = np.asarray(s.kernel)
+        if kind == "conv" and _depthwise(m):
+            kernel = depthwise_to_tf(kernel, int(_kernel(m).shape[2]))
+        _put(m, _kernel(m) if kind == "conv" else m.kernel, kernel, f"{name}/kernel")
+        if m.use_bias:
+            _put(m, m.bias, s.bias, f"{name}/bias")
+        return
+    norm = s.norm
+    assert norm is not None
+    n = s.part.shape[0]
+    if m.scale:
+        _put(m, m.gamma, np.ones(n) if norm.gamma is None else norm.gamma, f"{name}/gamma")
+    if m.center:
+        _put(m, m.beta, np.zeros(n) if norm.beta is None else norm.beta, f"{name}/beta")
+    if kind == "batch_norm":
+        _put(m, m.moving_mean, norm.moving_mean, f"{name}/moving_mean")
+        _put(m, m.moving_variance, norm.moving_var, f"{name}/moving_variance")
+    if s.eps is not None:
+        m.epsilon = s.eps
+
+
+def apply(model: Any, staged: list[Staged | StagedPart]) -> None:
+    """Write every staged pair with ``assign_keras`` and every other layer in Keras's layout; restore
+    the whole model if any write fails."""
+    saved = snapshot(model)
     try:
         for s in staged:
+            if isinstance(s, StagedPart):
+                _write_part(s)
+                continue
             conv, bn = s.target.handle
             assign_keras(conv, bn, dataclasses.replace(s.params, **_geometry(conv), var_update=keras_var_update(bn)))
     except BaseException:
-        for bn, variables, eps, momentum in saved:
-            for variable, value in variables:
-                variable.assign(value)
-            bn.epsilon, bn.momentum = eps, momentum
+        restore(model, saved)
         raise
-    if any(bn.epsilon != eps for bn, _, eps, _ in saved):
+    if any(layer.epsilon != eps for layer, eps, _ in saved[1]):
         # eps is read when a step function is traced: drop the model's compiled ones.
         for attribute in ("predict_function", "test_function", "train_function"):
             if getattr(model, attribute, None) is not None:

@@ -6,6 +6,7 @@ Loaded only once the model is known to be a torch module, so importing torch her
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 from typing import Any
 
@@ -20,14 +21,25 @@ from convbn.adapters import (
     kept_from_torch,
     torch_padding_to_convbn,
 )
+from convbn.checkpoint import Layer, Norm
 from convbn.errors import ConvBNError
-from convbn.loading import ModelPairs, Staged, Target
+from convbn.layouts import (
+    conv_from_torch,
+    conv_to_torch,
+    dense_from_torch,
+    dense_to_torch,
+    transpose_from_torch,
+    transpose_to_torch,
+)
+from convbn.loading import ModelPairs, Part, Staged, StagedPart, Target, out_width, parts_as_layers
 from convbn.loading.matching import INPUT, Flow, Graph, State
 from convbn.params import ConvBNParams
 
-__all__ = ["apply", "find_pairs", "read", "restore", "run", "snapshot"]
+__all__ = ["apply", "find_pairs", "read", "read_parts", "restore", "run", "snapshot"]
 
 _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+#: Every BatchNorm a part can be: after a Linear (1d), standalone (2d), of any rank.
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def _convbn_layer() -> type | None:
@@ -226,6 +238,7 @@ def find_pairs(model: nn.Module, example: np.ndarray | None = None) -> ModelPair
     layer = _convbn_layer()
     notes: list[str] = []
     graph: Graph | None = None
+    fx_graph: Any = None
     try:
         pairs, fx_graph = _fx_pairs(model, modules, layer, notes)
         pairing = "torch.fx"
@@ -267,6 +280,9 @@ def find_pairs(model: nn.Module, example: np.ndarray | None = None) -> ModelPair
             handle=(conv, bn),
         ))
         used.update((conv_name, bn_name))
+    parts = [p for name, module in modules.items() if name not in used and (p := _part(name, module)) is not None]
+    _link_norms(parts, modules, fx_graph if pairing == "torch.fx" else None)
+    used.update(p.name for p in parts)
     untouched = [
         name or "(root)"
         for name, module in modules.items()
@@ -274,7 +290,65 @@ def find_pairs(model: nn.Module, example: np.ndarray | None = None) -> ModelPair
         and (any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)))
         and not (layer is not None and isinstance(module, layer))
     ]
-    return ModelPairs(targets, pairing, notes, untouched, graph)
+    paired = {t.bn_name for t in targets}
+    order = [name for name in modules if name in used and name not in paired]
+    return ModelPairs(targets, pairing, notes, untouched, graph, parts, order)
+
+
+def _part(name: str, module: nn.Module) -> Part | None:
+    """``module`` as a layer load_into fills outside the pairs; None for another kind."""
+    bias = getattr(module, "bias", None) is not None
+    if isinstance(module, nn.Conv2d):
+        o, i, kh, kw = (int(d) for d in module.weight.shape)
+        return Part(name, "conv", (kh, kw, i, o), bias, groups=int(module.groups), order="chw", handle=module)
+    if isinstance(module, nn.ConvTranspose2d):
+        i, o, kh, kw = (int(d) for d in module.weight.shape)
+        return Part(name, "conv_transpose", (kh, kw, o, i), bias, groups=int(module.groups), order="chw",
+                    handle=module)
+    if isinstance(module, nn.Linear):
+        o, i = (int(d) for d in module.weight.shape)
+        return Part(name, "dense", (i, o), bias, order="chw", handle=module)
+    gamma = getattr(module, "weight", None) is not None
+    if isinstance(module, _NORMS) and module.running_mean is not None:
+        return Part(name, "batch_norm", (int(module.num_features),), bias, gamma, eps=float(module.eps),
+                    order="chw", handle=module)
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and (gamma or bias):
+        return Part(name, "layer_norm", (int(module.normalized_shape[0]),), bias, gamma, eps=float(module.eps),
+                    order="chw", handle=module)
+    if isinstance(module, nn.GroupNorm) and (gamma or bias):
+        return Part(name, "group_norm", (int(module.num_channels),), bias, gamma, groups=int(module.num_groups),
+                    eps=float(module.eps), order="chw", handle=module)
+    return None
+
+
+def _link_norms(parts: list[Part], modules: dict[str, nn.Module], fx_graph: Any) -> None:
+    """Set :attr:`Part.norm` where a BatchNorm part directly reads a conv's or dense part's output and
+    nothing else does (in the fx graph; without one, the BatchNorm registered right after it)."""
+    by_name = {p.name: p for p in parts}
+    norms = {p.name for p in parts if p.kind == "batch_norm"}
+    links: dict[str, str] = {}
+    if fx_graph is not None:
+        calls: dict[str, list[Any]] = {}
+        for node in fx_graph.nodes:
+            if node.op == "call_module":
+                calls.setdefault(str(node.target), []).append(node)
+        for name, nodes in calls.items():
+            if name not in by_name or by_name[name].kind == "batch_norm" or by_name[name].kind not in (
+                    "conv", "conv_transpose", "dense"):
+                continue
+            after = {str(u.target) if u.op == "call_module" else "" for n in nodes for u in n.users}
+            if len(after) == 1 and all(len(n.users) == 1 and next(iter(n.users)).args[:1] == (n,) for n in nodes):
+                (bn,) = after
+                if bn in norms and len(calls.get(bn, [])) == len(nodes):
+                    links[name] = bn
+    else:
+        leaves = [n for n, m in modules.items() if not any(True for _ in m.children())]
+        for a, b in itertools.pairwise(leaves):
+            if a in by_name and b in norms and by_name[a].kind != "batch_norm":
+                links[a] = b
+    for name, bn in links.items():
+        if by_name[bn].shape[0] == out_width(by_name[name]):
+            by_name[name].norm = bn
 
 
 def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:
@@ -284,6 +358,33 @@ def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:
         conv, bn = t.handle
         out.append(dataclasses.replace(from_torch(conv, bn), **(t.geometry or {})))
     return out
+
+
+def _numpy(t: Any) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().numpy().copy()
+
+
+def _read_part(part: Part) -> Layer | Norm:
+    m = part.handle
+    if part.kind == "conv":
+        return Layer("conv", conv_from_torch(m.weight.detach().cpu().numpy().copy()), _numpy(m.bias), stride=tuple(m.stride),
+                     padding=torch_padding_to_convbn(m.padding), dilation=tuple(m.dilation), groups=int(m.groups),
+                     geometry=True)
+    if part.kind == "conv_transpose":
+        return Layer("conv_transpose", transpose_from_torch(m.weight.detach().cpu().numpy().copy()), _numpy(m.bias), groups=int(m.groups))
+    if part.kind == "dense":
+        return Layer("dense", dense_from_torch(m.weight.detach().cpu().numpy().copy()), _numpy(m.bias))
+    if part.kind == "batch_norm":
+        return Norm("batch_norm", _numpy(m.weight), _numpy(m.bias), _numpy(m.running_mean), _numpy(m.running_var),
+                    eps=float(m.eps), momentum=None if m.momentum is None else kept_from_torch(m.momentum, part.name),
+                    var_update="unbiased")
+    return Norm(part.kind, _numpy(m.weight), _numpy(m.bias), eps=float(m.eps),  # type: ignore[arg-type]
+                groups=part.groups)
+
+
+def read_parts(model: Any, found: ModelPairs) -> dict[str, Layer]:
+    """Every other layer's values, as a live source model holds them (neutral layout)."""
+    return parts_as_layers(found, _read_part)
 
 
 def run(model: nn.Module, x: np.ndarray) -> list[np.ndarray]:
@@ -317,7 +418,8 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 def snapshot(model: nn.Module) -> Any:
     """Every tensor and BatchNorm setting :func:`apply` may change, copied, for :func:`restore`."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return state, [(m, m.eps, m.momentum) for m in model.modules() if isinstance(m, _BN)]
+    return state, [(m, m.eps, getattr(m, "momentum", None)) for m in model.modules()
+                   if isinstance(m, (*_NORMS, nn.LayerNorm, nn.GroupNorm))]
 
 
 def restore(model: nn.Module, saved: Any) -> None:
@@ -326,19 +428,20 @@ def restore(model: nn.Module, saved: Any) -> None:
         for k, v in model.state_dict().items():
             v.copy_(state[k])
     for m, eps, momentum in settings:
-        m.eps, m.momentum = eps, momentum
+        m.eps = eps
+        if isinstance(m, _NORMS):
+            m.momentum = momentum
 
 
-def apply(model: nn.Module, staged: list[Staged]) -> None:
-    """Write every staged pair with ``assign_torch``; restore all of them if any write fails."""
-    saved = []
-    for s in staged:
-        conv, bn = s.target.handle
-        tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                               bn.num_batches_tracked) if t is not None]
-        saved.append((bn, [(t, t.detach().clone()) for t in tensors], bn.eps, bn.momentum))
+def apply(model: nn.Module, staged: list[Staged | StagedPart]) -> None:
+    """Write every staged pair with ``assign_torch`` and every other layer in torch's layout;
+    restore the whole model if any write fails."""
+    saved = snapshot(model)
     try:
         for s in staged:
+            if isinstance(s, StagedPart):
+                _write_part(s)
+                continue
             conv, bn = s.target.handle
             momentum = bn.momentum
             # The conv's own geometry (checked by matching already) and torch's variance update, so
@@ -350,9 +453,38 @@ def apply(model: nn.Module, staged: list[Staged]) -> None:
                 with torch.no_grad():
                     bn.num_batches_tracked.copy_(torch.as_tensor(tracked))
     except BaseException:
-        with torch.no_grad():
-            for bn, tensors, eps, momentum in saved:
-                for tensor, value in tensors:
-                    tensor.copy_(value)
-                bn.eps, bn.momentum = eps, momentum
+        restore(model, saved)
         raise
+
+
+def _put(tensor: torch.Tensor | None, value: Any, where: str) -> None:
+    """Copy ``value`` into ``tensor`` (same shape), in the tensor's dtype and device."""
+    if tensor is None or value is None:
+        return
+    array = np.asarray(value)
+    if tuple(array.shape) != tuple(tensor.shape):
+        raise ConvBNError(f"{where} must keep its shape {tuple(tensor.shape)}. Received: shape {array.shape}")
+    with torch.no_grad():
+        tensor.copy_(torch.as_tensor(array.copy()).to(dtype=tensor.dtype, device=tensor.device))
+
+
+def _write_part(s: StagedPart) -> None:
+    m, name, kind = s.part.handle, s.part.name, s.part.kind
+    if kind in ("conv", "conv_transpose", "dense"):
+        to_torch = {"conv": conv_to_torch, "conv_transpose": transpose_to_torch, "dense": dense_to_torch}[kind]
+        _put(m.weight, to_torch(np.asarray(s.kernel)), f"{name}.weight")
+        _put(m.bias, s.bias, f"{name}.bias")
+        return
+    norm = s.norm
+    assert norm is not None
+    n = s.part.shape[0]
+    _put(m.weight, np.ones(n) if norm.gamma is None else norm.gamma, f"{name}.weight")
+    _put(m.bias, np.zeros(n) if norm.beta is None else norm.beta, f"{name}.bias")
+    if kind == "batch_norm":
+        _put(m.running_mean, norm.moving_mean, f"{name}.running_mean")
+        _put(m.running_var, norm.moving_var, f"{name}.running_var")
+        tracked = s.extras.get("num_batches_tracked")
+        if tracked is not None:
+            _put(m.num_batches_tracked, np.asarray(tracked).reshape(()), f"{name}.num_batches_tracked")
+    if s.eps is not None:
+        m.eps = s.eps

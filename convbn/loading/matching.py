@@ -514,7 +514,9 @@ def match(
     for gap in sorted({place(i, 0) for i in left_m}):
         ts = [i for i in left_m if place(i, 0) == gap]
         ls = [j for j in left_s if place(j, 1) == gap]
-        mismatched += zip(ts, ls, strict=False)
+        for kind in dict.fromkeys(model[i].kind for i in ts):  # a layer only mismatches one of its kind
+            mismatched += zip((i for i in ts if model[i].kind == kind), (j for j in ls if source[j].kind == kind),
+                              strict=False)
     moved = [(i, j) for i, j in anchors if (i, j) not in in_order]
     if moved:
         notes.append(

@@ -165,13 +165,15 @@ def test_flax_eps_checkpoint_is_refused_and_eps_is_named():
     assert any("epsilon=0.001" in note for note in report.notes)
 
 
-def test_keras_model_with_a_head_loads_pairs_and_leaves_the_head(sources):
+def test_keras_model_with_a_head_the_checkpoint_lacks_is_refused_or_left(sources):
     _need("keras")
     src = sources["get"]("torch")
     model = bm.keras_build(head=True)
     head = [w.copy() for w in model.get_layer("head").get_weights()]
-    report = convbn.load_into(model, src.path)
-    assert report.ok and report.untouched == ["head"]
+    with pytest.raises(LoadError, match="1 missing"):
+        convbn.load_into(model, src.path)  # strict: every model layer with parameters is filled
+    report = convbn.load_into(model, src.path, strict=False)
+    assert report.missing == ["head"] and report.parts == {"head": "dense"} and report.untouched == []
     assert all(np.array_equal(a, b) for a, b in zip(head, model.get_layer("head").get_weights(), strict=True))
     import keras
 
@@ -317,15 +319,11 @@ def test_dcgan_slim_checkpoint_with_conv_biases_loads_into_a_torch_model_without
     model = Discriminator().eval()
     report = convbn.load_into(model, dcgan["prefix"])
     assert report.ok
-    assert report.matched == {"h1": "d_h1_conv", "h2": "d_h2_conv"}
-    assert report.folded == {"h1": "beta", "h2": "beta"}
-    assert sorted(report.unused) == ["d_h0_conv/biases", "d_h0_conv/w"] and report.untouched == ["h0"]
-    # The lone first conv is not a conv+BatchNorm pair: the user loads it, from the same checkpoint
-    # (one of its other layers, kernel HWIO).
-    lone = convbn.load_checkpoint(dcgan["prefix"]).others["d_h0_conv"]
+    assert report.matched == {"h0": "d_h0_conv", "h1": "d_h1_conv", "h2": "d_h2_conv"}
+    assert report.folded == {"h1": "beta", "h2": "beta"} and report.parts == {"h0": "conv"}
+    assert report.unused == [] and report.untouched == []
+    # The lone first conv is no conv+BatchNorm pair: it is loaded as a layer of its own (it keeps its bias).
     with torch.no_grad():
-        model.h0.weight.copy_(torch.from_numpy(np.asarray(lone.kernel).transpose(3, 2, 0, 1).copy()))
-        model.h0.bias.copy_(torch.from_numpy(np.asarray(lone.bias)))
         y1, y2 = model(torch.from_numpy(dcgan["x"]).permute(0, 3, 1, 2))
     for got, want in zip((y1, y2), dcgan["outputs"], strict=True):
         assert rel_err(got.permute(0, 2, 3, 1).numpy(), want) <= TOL
@@ -469,7 +467,8 @@ def test_conv_feeding_more_than_its_batchnorm_is_not_a_pair():
     model = Tap()
     before = _parameters(model)
     report = convbn.load_into(model, bm.checkpoint_of(bm.random_values()[:1]), strict=False)
-    assert report.pairs == {} and report.unexpected == ["L0"] and report.untouched == ["conv", "bn"]
+    assert report.pairs == {} and report.unexpected == ["L0"] and report.missing == ["conv", "bn"]
+    assert report.parts == {"conv": "conv", "bn": "batch_norm"} and report.untouched == []
     assert "conv: its output feeds more than its BatchNorm; not a pair" in report.notes
     assert all(np.array_equal(before[k], v) for k, v in _parameters(model).items())
 
