@@ -690,8 +690,8 @@ def verify_checkpoint(
     return checks + verify_others(source, converted, rng)
 
 
-#: Layer kinds :func:`verify_others` does not run (their outputs are not computed here).
-NOT_VERIFIED = ("conv_transpose",)
+#: Layer kinds :func:`verify_others` does not run (their outputs are not computed here): none.
+NOT_VERIFIED: tuple[str, ...] = ()
 
 
 def verify_others(source: Checkpoint, converted: Checkpoint, rng: np.random.Generator | None = None) -> list[LayerCheck]:
@@ -699,7 +699,8 @@ def verify_others(source: Checkpoint, converted: Checkpoint, rng: np.random.Gene
     random input and compare, as :func:`verify_checkpoint` does for conv+BatchNorm pairs.
 
     Dense layers (with the BatchNorm after them, their flattened input in the source's order), lone
-    convs, standalone BatchNorms, LayerNorms and GroupNorms are run; a kind in
+    convs, transposed convs (with the BatchNorm after them; :func:`convbn.conv_transpose.conv_transpose`),
+    standalone BatchNorms, LayerNorms and GroupNorms are run; a kind in
     :data:`NOT_VERIFIED` is listed as a check that is ok with the problem "not run". Layers match by
     name when both sides hold the same names, else by position.
     """
@@ -759,6 +760,8 @@ def _other_input(rng: np.random.Generator, layer: Layer) -> np.ndarray:
         kh, kw, cin, _ = np.shape(layer.kernel)
         dh, dw = layer.dilation
         return rng.standard_normal((2, (kh - 1) * dh + 4, (kw - 1) * dw + 4, int(cin) * layer.groups))
+    if layer.kind == "conv_transpose":
+        return rng.standard_normal((2, 3, 4, int(np.shape(layer.kernel)[3])))  # odd and even sizes
     return rng.standard_normal((2, 3, 3, layer.out_features))
 
 
@@ -791,6 +794,12 @@ def _run_other(layer: Layer, x: np.ndarray, *, converted: Layer | None) -> np.nd
             dilation=geo.dilation, groups=layer.groups,
         )
         y = conv_bn(x, params, backend="numpy")
+    elif layer.kind == "conv_transpose":
+        from convbn.conv_transpose import conv_transpose
+
+        geo = layer if converted is None else converted  # the source's geometry, as for a conv
+        y = conv_transpose(x, _f64(layer.kernel), _f64(layer.bias), stride=geo.stride, padding=geo.padding,
+                           dilation=geo.dilation, groups=geo.groups, output_padding=geo.output_padding)
     else:
         y = x
     if norm is None:
