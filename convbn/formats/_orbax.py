@@ -229,16 +229,18 @@ def _declared_bytes(tree: Any) -> int:
     return total
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The variables of the Orbax checkpoint at ``path``: nested dicts (lists become dicts keyed
-    ``"0"``, ``"1"``, ...) of NumPy arrays and Python scalars, after the checks above."""
+    ``"0"``, ``"1"``, ...) of NumPy arrays and Python scalars, after the checks above; and the
+    custom metadata saved with them (empty when there is none)."""
     item = _item(path).absolute()  # orbax finds no metadata under a relative path
     on_disk = _check_tree(item)
     _check_metadata(item)
     ocp = _ocp()
     try:
         with _quiet(), contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
-            metadata = checkpointer.metadata(item).item_metadata
+            step = checkpointer.metadata(item)
+            metadata, custom = step.item_metadata, getattr(step, "custom_metadata", None)
             if metadata is None:  # orbax logs a warning and returns none when it cannot read it
                 raise ConvBNError(f"{path}: not a readable Orbax checkpoint (truncated or corrupted): "
                                   "Orbax finds no item metadata in it")
@@ -256,7 +258,7 @@ def load(path: Path) -> dict[str, Any]:
         raise ConvBNError(f"{path}: not a readable Orbax checkpoint (truncated or corrupted): {first}") from None
     if not isinstance(restored, dict):
         raise ConvBNError(f"{path}: an Orbax checkpoint of Flax variables must hold a dict. Received: {type(restored).__name__}")
-    return _plain(restored)  # type: ignore[no-any-return]
+    return _plain(restored), dict(custom) if isinstance(custom, dict) else {}
 
 
 def _plain(node: Any) -> Any:
@@ -272,10 +274,11 @@ def _plain(node: Any) -> Any:
     return np.asarray(node)
 
 
-def save(tree: dict[str, Any], path: Path) -> None:
+def save(tree: dict[str, Any], path: Path, custom_metadata: dict[str, Any] | None = None) -> None:
     """Write ``tree`` (nested dicts of arrays) as ``ocp.StandardCheckpointer().save(path, tree)``
-    does; ``path`` must not exist (the writer gives a fresh scratch path)."""
+    does, with ``custom_metadata`` (JSON) in its ``_CHECKPOINT_METADATA``, which ``restore`` ignores;
+    ``path`` must not exist (the writer gives a fresh scratch path)."""
     ocp = _ocp()
     with _quiet(), contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
-        checkpointer.save(path.absolute(), tree)
+        checkpointer.save(path.absolute(), tree, custom_metadata=custom_metadata)
         checkpointer.wait_until_finished()

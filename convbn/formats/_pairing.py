@@ -129,7 +129,7 @@ def naming_candidates(conv: str) -> list[str]:
     - ``Conv_<n>`` → sibling ``BatchNorm_<n>``: flax.linen's default names. linen numbers each
       module class separately, so the indices only correspond when every ``Conv_*`` of the parent
       has a BatchNorm: :func:`pair_units` applies this rule only where a parent holds as many
-      ``Conv_*`` as ``BatchNorm_*`` (a model with a conv without BatchNorm falls to the order rule
+      ``Conv_*`` as ``BatchNorm_*`` and no transposed conv (a model with a conv without BatchNorm falls to the order rule
       or stays unpaired, rather than pairing ``Conv_1`` with the first conv's neighbour).
 
     Example:
@@ -155,16 +155,20 @@ _LINEN_BN = re.compile(r"BatchNorm_\d+")
 
 
 def _linen_unbalanced_parents(units: Sequence[Unit]) -> set[str]:
-    """Parents whose ``Conv_*`` and ``BatchNorm_*`` counts differ: there linen's per-class indices
-    do not say which BatchNorm follows which conv."""
+    """Parents whose ``Conv_*`` and ``BatchNorm_*`` counts differ, or that hold a transposed conv
+    (``ConvTranspose_*`` takes BatchNorm indices too): there linen's per-class indices do not say
+    which BatchNorm follows which conv."""
     counts: dict[str, list[int]] = {}
+    transposed: set[str] = set()
     for unit in units:
         parent, _sep, leaf = _split(unit.name)
         if unit.kind == "conv" and _LINEN_CONV.fullmatch(leaf):
             counts.setdefault(parent, [0, 0])[0] += 1
+        elif unit.kind == "conv_transpose":
+            transposed.add(parent)
         elif unit.kind == "bn" and _LINEN_BN.fullmatch(leaf):
             counts.setdefault(parent, [0, 0])[1] += 1
-    return {parent for parent, (convs, bns) in counts.items() if convs != bns}
+    return transposed | {parent for parent, (convs, bns) in counts.items() if convs != bns}
 
 
 def layer_key(conv: str, bn: str) -> str:

@@ -10,7 +10,11 @@ Layer ``L`` is written as::
 so ``flax.serialization.from_bytes(variables, data)`` restores it into the same model. Reading
 understands any module names: a ``kernel`` of rank 4 is a conv, a module with
 ``batch_stats/.../{mean,var}`` a BatchNorm, and they pair by convbn's ``L/conv`` + ``L/bn``
-template, linen's default names (``Conv_0`` + ``BatchNorm_0``), or order. A training state's
+template, linen's default names (``Conv_0`` + ``BatchNorm_0``), or order. A module of rank-4
+``kernel`` is a transposed conv when named ``ConvTranspose_<n>`` (linen's default) or listed in
+convbn's record (below); its kernel is read as flax's default ``transpose_kernel=False`` stores it,
+``(kh, kw, in, out)`` spatially flipped (:func:`convbn.layouts.transpose_from_flax`), and written so.
+Under another name it reads as a conv, with a note: the file names no layer class. A training state's
 ``opt_state`` and ``step`` are dropped (listed in ``Checkpoint.dropped``). Flax files store no eps or
 momentum; reading assumes flax's defaults (eps 1e-5, momentum 0.99) unless overridden.
 
@@ -18,6 +22,12 @@ The msgpack encoding is flax's own (arrays as extension type 1 holding ``(shape,
 bytes)``, arrays over 1 GiB chunked), implemented here with ``msgpack`` alone: reading and writing
 import neither flax nor JAX, and stream one tensor at a time. Reading refuses maps and lists nested
 deeper than :data:`MAX_DEPTH` (100) and any array whose shape and dtype do not match its bytes.
+
+Files convbn writes from another format carry a record of what the tree cannot say: in a msgpack
+file a top-level ``convbn`` map of strings (``flax.serialization.from_bytes`` ignores keys its
+target lacks), in an Orbax directory the checkpoint's custom metadata (which ``restore`` ignores):
+``conv_transpose``, a JSON list of the ConvTranspose kernel modules, and ``layer_names: torch``
+where modules are named after torch modules.
 
 Orbax checkpoints (Flax's recommended format; :mod:`convbn.formats._orbax`) hold the same tree and
 read into the same Checkpoint, a train state's ``opt_state`` and ``step`` dropped alike. Writing
@@ -31,6 +41,7 @@ directory, as ``ocp.StandardCheckpointer().save(path, variables)`` writes it (wh
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -39,6 +50,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 
+from convbn import layouts
 from convbn._dtypes import ml_dtype
 from convbn.conventions import FLAX
 from convbn.errors import ConvBNError
@@ -71,7 +83,7 @@ if TYPE_CHECKING:
 NAME = "flax"
 #: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
 WRITES_FUSED = True
-#: write() writes Checkpoint.others (every layer kind but transposed convs, which it names as not written).
+#: write() writes Checkpoint.others (every layer kind; a grouped transposed conv it names as not written).
 WRITES_OTHERS = True
 
 __all__ = ["NAME", "read", "sniff", "write", "writes_directory"]
@@ -249,8 +261,32 @@ def read(
     """Read a flax msgpack file or Orbax checkpoint; see the module docstring."""
     if use_ema:
         raise ConvBNError(f"{path}: use_ema applies to slim checkpoints with moving-average shadows, not flax files")
-    tree = _orbax.load(path) if path.is_dir() else _load(path)
+    if path.is_dir():
+        tree, metadata = _orbax.load(path)
+        record = metadata.get(_RECORD)
+        if isinstance(record, Mapping):  # an Orbax directory keeps convbn's record beside the tree
+            tree = {**tree, _RECORD: record}
+    else:
+        tree = _load(path)
     return _from_tree(tree, path, pairs=pairs, eps=eps, momentum=momentum)
+
+
+def _transposed_modules(record: Mapping[str, str], path: Path) -> set[str] | None:
+    """The kernel modules (``params/...``) convbn's record names as ConvTranspose; None when the
+    record predates the entry (kinds then come from names)."""
+    text = record.get(_TRANSPOSED)
+    if text is None:
+        return None
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConvBNError(
+            f"{path}: the {_RECORD!r} entry's {_TRANSPOSED!r} must be a JSON list of module paths. "
+            f"Received: {text[:80]!r}"
+        )
+    return set(names)
 
 
 def _from_tree(
@@ -262,9 +298,11 @@ def _from_tree(
     ckpt = Checkpoint(format=NAME, convention=FLAX.name)
     ckpt.metadata["source_format"] = NAME
     record = tree.get(_RECORD) if isinstance(tree, Mapping) else None
+    transposed: set[str] | None = None  # from convbn's record; None: the file does not say
     if isinstance(record, Mapping) and all(isinstance(v, str) for v in record.values()):
         if record.get(LAYER_NAMES) == "torch":
             ckpt.metadata[LAYER_NAMES] = "torch"
+        transposed = _transposed_modules(record, path)
         tree = {k: v for k, v in tree.items() if k != _RECORD}
     params_root: tuple[str, ...]
     stats_root: tuple[str, ...]
@@ -294,11 +332,20 @@ def _from_tree(
                 break
     units: list[Unit] = []
     affine_only: list[str] = []
+    undecided: list[str] = []  # 4-D kernels under names of their own, read as Conv
     for module, leaves in modules.items():
         kernel = leaves.get("params:kernel")
         vectors = {name: arrays[name].shape for leaf, name in leaves.items() if leaf != "params:kernel"}
         if kernel is not None and arrays[kernel].ndim in (2, 4) and set(leaves) <= {"params:kernel", "params:bias"}:
-            kind: Literal["conv", "dense"] = "conv" if arrays[kernel].ndim == 4 else "dense"
+            kind: Literal["conv", "conv_transpose", "dense"] = "conv" if arrays[kernel].ndim == 4 else "dense"
+            leaf = module.rsplit("/", 1)[-1]
+            if kind == "conv" and (
+                kernel.rsplit("/", 1)[0] in transposed if transposed is not None else _LINEN_TRANSPOSE.fullmatch(leaf)
+            ):
+                kind = "conv_transpose"
+            elif kind == "conv" and transposed is None and not _LINEN_CONV.fullmatch(leaf):
+                undecided.append(module)
+            # A flax ConvTranspose kernel is (kh, kw, in, out) with transpose_kernel=False: out is last too.
             units.append(Unit(module, kind, int(arrays[kernel].shape[-1]), payload=leaves, vectors=vectors,
                               kernel=kernel))
         elif leaves and set(leaves) <= {"params:scale", "params:bias"} and all(
@@ -364,6 +411,20 @@ def _from_tree(
             "flax files do not store stride, padding, dilation or groups: the layers keep ConvBNParams "
             "defaults (stride 1, 'SAME', groups 1); set them with dataclasses.replace"
         )
+    deconvs = [name for name, layer in ckpt.others.items() if layer.kind == "conv_transpose"]
+    if deconvs:
+        ckpt.notes.append(
+            f"read {len(deconvs)} ConvTranspose layer(s) ({', '.join(deconvs[:5])}) with kernels as flax's default "
+            "transpose_kernel=False stores them ((kh, kw, in, out), spatially flipped) and no stored stride or "
+            "padding (Layer defaults: stride 1, 'VALID')"
+        )
+    if undecided:
+        shown = ", ".join(undecided[:5]) + (f", ... ({len(undecided) - 5} more)" if len(undecided) > 5 else "")
+        ckpt.notes.append(
+            f"read {len(undecided)} module(s) with a 4-D kernel as Conv ({shown}): a flax file names no layer "
+            "class, and only linen's default names (Conv_<n>, ConvTranspose_<n>) or convbn's record say which; "
+            "a ConvTranspose under a name of its own would read as a Conv too"
+        )
     return ckpt
 
 
@@ -371,6 +432,12 @@ def _from_tree(
 #: ignores keys its target lacks): ``{"layer_names": "torch"}`` where the modules are named after
 #: torch modules (``.`` nests), so torch -> flax -> torch comes back under the source's names.
 _RECORD = "convbn"
+#: The record's entry listing, as a JSON list, the kernel modules (``params/...``) that are
+#: ConvTranspose layers: a flax file names no layer class, so reading would take them for Conv.
+_TRANSPOSED = "conv_transpose"
+#: linen's default module names, which say the class.
+_LINEN_CONV = re.compile(r"Conv_\d+")
+_LINEN_TRANSPOSE = re.compile(r"ConvTranspose_\d+")
 #: flax.linen.LayerNorm's default epsilon.
 _LAYER_NORM_EPS = 1e-6
 
@@ -403,8 +470,11 @@ def _other(
     own = {"kernel": unit.payload["params:kernel"]}
     if "params:bias" in unit.payload:
         own["bias"] = unit.payload["params:bias"]
+    kernel = arrays[own["kernel"]]
+    if unit.kind == "conv_transpose":
+        kernel = np.ascontiguousarray(layouts.transpose_from_flax(kernel))
     return build_other(
-        path, unit.name, {**own, **tensors}, kind=unit.kind, kernel=arrays[own["kernel"]],
+        path, unit.name, {**own, **tensors}, kind=unit.kind, kernel=kernel,
         bias=arrays[own["bias"]] if "bias" in own else None, norm=norm, norm_name=bn.name if bn else "",
     )
 
@@ -491,7 +561,10 @@ def _other_tree(name: str, layer: Layer, *, exact: bool) -> dict[str, Any]:
     norm_module = nest(layer.norm_name) if layer.norm_name else module if layer.kernel is None else f"{module}_bn"
     out: dict[str, Any] = {}
     if layer.kernel is not None:
-        out[names.get("kernel", f"params/{module}/kernel")] = as_numpy(layer.kernel)
+        kernel = as_numpy(layer.kernel)
+        if layer.kind == "conv_transpose":
+            kernel = np.ascontiguousarray(layouts.transpose_to_flax(kernel))  # transpose_kernel=False
+        out[names.get("kernel", f"params/{module}/kernel")] = kernel
         if layer.bias is not None:
             out[names.get("bias", f"params/{module}/bias")] = as_numpy(layer.bias)
     norm = layer.norm
@@ -531,14 +604,17 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
     tree: dict[str, Any] = {}
     last_array: dict[int, str] = {}
     unwritten: list[str] = []
+    transposed: dict[str, str] = {}  # layer -> the kernel's module path
     for layer, item in ckpt.in_order():
         if not isinstance(item, ConvBNParams):
-            if item.kind == "conv_transpose":
+            if item.kind == "conv_transpose" and item.groups > 1:
                 unwritten.append(layer)
                 continue
             for name, value in _other_tree(layer, item, exact=same_format).items():
                 _set(tree, name, value, path)
                 last_array[id(value)] = layer
+                if item.kind == "conv_transpose" and value is not None and np.ndim(value) == 4:
+                    transposed[layer] = name.rsplit("/", 1)[0]
             continue
         params = item
         source = ckpt.sources.get(layer)
@@ -603,13 +679,19 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
             ckpt.notes.append(not_written_note(ckpt))
     if unwritten:
         ckpt.notes.append(
-            f"not written: {len(unwritten)} transposed conv(s) ({', '.join(unwritten[:5])}): flax's ConvTranspose "
-            "kernel convention is not one convbn has verified; convert them with load_into"
+            f"not written: {len(unwritten)} grouped transposed conv(s) ({', '.join(unwritten[:5])}): flax's "
+            "ConvTranspose has no feature groups"
         )
+    if transposed:
+        _transposed_note(ckpt, transposed)
     if not ckpt.fused:
         unstored_settings_note(ckpt, NAME, FLAX)
+    record: dict[str, str] = {}
     if named:
-        tree[_RECORD] = {LAYER_NAMES: "torch"}
+        record[LAYER_NAMES] = "torch"
+    if transposed or not same_format:
+        # Which 4-D kernels are ConvTranspose: without it, reading takes names of their own for Conv.
+        record[_TRANSPOSED] = json.dumps(sorted(set(transposed.values())))
 
     if writes_directory(path):
         if path.exists():
@@ -618,7 +700,8 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
                 "an existing one (as Orbax itself refuses): remove it or name another"
             )
         with atomic_output(path) as tmp:
-            _orbax.save(_numpy_tree(tree), tmp)
+            # Orbax saves arrays only; the record goes in its custom metadata, which restore() ignores.
+            _orbax.save(_numpy_tree(tree), tmp, custom_metadata={_RECORD: record} if record else None)
         for layer in ckpt.layers:  # Orbax writes the tree at once
             tick(progress, layer)
         return
@@ -629,5 +712,51 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
         if layer is not None:
             tick(progress, layer)
 
+    if record:
+        tree[_RECORD] = record  # flax.serialization.from_bytes ignores keys its target lacks
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         _pack(f, tree, msgpack, on_array if progress is not None else None)
+
+
+def transpose_padding(layer: Layer) -> str:
+    """The ``padding=`` of the ``flax.linen.ConvTranspose`` (``transpose_kernel=False``) that keeps
+    the outputs a transposed conv of ``layer``'s geometry keeps (:mod:`convbn.conv_transpose`):
+    ``'SAME'`` for SAME (flax's equals TF's crop), else per-side pads of the stride-dilated input,
+    ``(k_eff - 1 - top, k_eff - 1 - bottom + output_padding)`` per dim.
+
+    Example:
+        >>> from convbn.checkpoint import Layer
+        >>> transpose_padding(Layer("conv_transpose", kernel=np.zeros((5, 5, 3, 8)), padding=((2, 2), (2, 2)),
+        ...                         output_padding=(1, 1)))
+        '((2, 3), (2, 3))'
+    """
+    if layer.padding == "SAME":
+        return "'SAME'"
+    pads = []
+    for dim in range(2):
+        k_eff = (int(np.shape(layer.kernel)[dim]) - 1) * layer.dilation[dim] + 1
+        top, bottom = (0, 0) if layer.padding == "VALID" else layer.padding[dim]
+        pads.append((k_eff - 1 - top, k_eff - 1 - bottom + layer.output_padding[dim]))
+    return str(tuple(pads))
+
+
+def _transposed_note(ckpt: Checkpoint, transposed: Mapping[str, str]) -> None:
+    """What to build the ConvTranspose layers with: flax files store no geometry."""
+    by_geometry: dict[str, list[str]] = {}
+    unknown = []
+    for name in transposed:
+        layer = ckpt.others[name]
+        if not layer.geometry:
+            unknown.append(name)
+            continue
+        strides = tuple(layer.stride)
+        dilation = "" if layer.dilation == (1, 1) else f", kernel_dilation={tuple(layer.dilation)}"
+        key = f"strides={strides}, padding={transpose_padding(layer)}{dilation}"
+        by_geometry.setdefault(key, []).append(name)
+    parts = [f"{key} for {', '.join(names[:5])}" for key, names in by_geometry.items()]
+    if unknown:
+        parts.append(f"the stride and padding of the model for {', '.join(unknown[:5])} (the source does not state them)")
+    ckpt.notes.append(
+        f"wrote {len(transposed)} transposed conv(s) as flax ConvTranspose kernels for transpose_kernel=False "
+        f"((kh, kw, in, out), spatially flipped); flax files store no geometry: build them with {'; '.join(parts)}"
+    )

@@ -599,7 +599,8 @@ def _other(
     else:
         keys = unit.payload
         weight = arrays[keys["weight"]]
-        kernel = layouts.conv_from_torch(weight) if unit.kind == "conv" else layouts.dense_from_torch(weight)
+        kernel = (layouts.conv_from_torch(weight) if unit.kind == "conv" else layouts.transpose_from_torch(weight)
+                  if unit.kind == "conv_transpose" else layouts.dense_from_torch(weight))
         own = {"kernel": keys["weight"], **({"bias": keys["bias"]} if "bias" in keys else {})}
         layer = build_other(
             source, unit.name, {**own, **tensors}, kind=unit.kind, kernel=kernel,
@@ -616,9 +617,13 @@ def _unit(module: str, leaves: dict[str, str], arrays: Mapping[str, np.ndarray])
     shape = {leaf: tuple(np.shape(arrays[key])) for leaf, key in leaves.items()}
     if set(leaves) <= {"weight", "bias"} and len(shape.get("weight", ())) in (2, 4):
         vectors = {leaves["bias"]: shape["bias"]} if "bias" in leaves else {}
-        kind: Literal["conv", "dense"] = "conv" if len(shape["weight"]) == 4 else "dense"
-        return Unit(module, kind, int(shape["weight"][0]), payload=dict(leaves), vectors=vectors,
-                    kernel=leaves["weight"])
+        kind: Literal["conv", "conv_transpose", "dense"] = "conv" if len(shape["weight"]) == 4 else "dense"
+        out = int(shape["weight"][0])
+        if kind == "conv" and len(shape.get("bias", ())) == 1 and shape["bias"][0] == shape["weight"][1] != out:
+            # A Conv2d's bias has weight.shape[0] values; one of weight.shape[1] is a ConvTranspose2d's
+            # (in, out, kh, kw) weight (with groups 1). Without a bias the two cannot be told apart.
+            kind, out = "conv_transpose", int(shape["weight"][1])
+        return Unit(module, kind, out, payload=dict(leaves), vectors=vectors, kernel=leaves["weight"])
     if {"running_mean", "running_var"} <= set(leaves) and set(leaves) <= {*_BN_FIELDS, "num_batches_tracked"}:
         vectors = {key: shape[leaf] for leaf, key in leaves.items() if leaf in _BN_FIELDS}
         n = shape["running_mean"]

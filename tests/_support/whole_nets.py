@@ -154,7 +154,24 @@ class EfficientBlock(nn.Module):
         return self.classifier(torch.relu(self.head_bn(self.pre_logits(x))))
 
 
-NETS = {"resnet": ResNet, "mobilenet_v2": MobileNetV2, "efficient": EfficientBlock}
+class Decoder(nn.Module):
+    """A DCGAN-style upsampler: a conv + BatchNorm, a ``ConvTranspose2d`` without bias + BatchNorm
+    (stride 2, TF's SAME window for k=4), and a last ``ConvTranspose2d`` with its bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.up = nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1, bias=False)
+        self.up_bn = nn.BatchNorm2d(6)
+        self.head = nn.ConvTranspose2d(6, 3, 3, stride=1, padding=1)
+
+    def forward(self, x: Any) -> Any:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        return torch.tanh(self.head(torch.relu(self.up_bn(self.up(x)))))
+
+
+NETS = {"resnet": ResNet, "mobilenet_v2": MobileNetV2, "efficient": EfficientBlock, "decoder": Decoder}
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

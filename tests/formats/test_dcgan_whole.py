@@ -236,3 +236,109 @@ def test_the_whole_dcgan_converts_to_a_faithful_torch_port(
     with torch.no_grad():
         wrong = model.discriminator(torch.from_numpy(dcgan["x"]).permute(0, 3, 1, 2)).numpy()
     assert rel_err(wrong, dcgan["logits"]) > 1e-2
+
+
+@pytest.mark.needs("jax", "flax", "tensorflow")
+def test_the_flax_ports_transposed_conv_padding_is_tf_same() -> None:
+    """The port's ConvTranspose padding, derived in dcgan_flax.py, against tf.nn.conv2d_transpose
+    (SAME, stride 2) at odd and even sizes; flax's own 'SAME' agrees, and the window one row off does not."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import tensorflow as tf
+
+    from convbn import layouts
+    from tests.formats.dcgan_flax import tf_same_transpose_padding
+
+    assert tf_same_transpose_padding(5, 2) == (3, 2)
+    rng = np.random.default_rng(5)
+    for k, size in ((5, 3), (5, 4), (4, 3)):
+        x = rng.standard_normal((2, size, size + 1, 3)).astype(np.float32)
+        kernel = rng.standard_normal((k, k, 4, 3)).astype(np.float32)  # TF's (kh, kw, out, in)
+        want = tf.nn.conv2d_transpose(x, kernel, (2, 2 * size, 2 * size + 2, 4), 2, "SAME").numpy()
+        flax_kernel = {"params": {"kernel": jnp.asarray(layouts.transpose_to_flax(kernel))}}
+        for padding in ((tf_same_transpose_padding(k, 2),) * 2, "SAME"):
+            layer = nn.ConvTranspose(4, (k, k), strides=(2, 2), padding=padding, use_bias=False)
+            assert rel_err(np.asarray(layer.apply(flax_kernel, x)), want) < TOL
+        low, high = tf_same_transpose_padding(k, 2)
+        if low != high:
+            off = nn.ConvTranspose(4, (k, k), strides=(2, 2), padding=((high, low),) * 2, use_bias=False)
+            assert rel_err(np.asarray(off.apply(flax_kernel, x)), want) > 1e-2
+
+
+@pytest.mark.needs("jax", "flax", "msgpack")
+def test_the_whole_dcgan_converts_to_a_faithful_flax_port(
+    dcgan: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import flax.serialization
+
+    from convbn.layouts import transpose_to_flax
+    from tests.formats import dcgan_flax
+    from tests.formats import dcgan_graphs as g
+
+    _as_documented(dcgan, tmp_path, monkeypatch)
+    argv = _doc_command("dcgan.msgpack --to flax")
+    assert "--pair" not in argv and "--verify" in argv
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    # Every layer is run against the source, the transposed convs included: 3 pairs and 8 others.
+    assert out.splitlines()[-1] == "verified: all 11 layer(s) within tolerance" and "not run" not in out
+    written = convbn.save_checkpoint(
+        convbn.load_checkpoint(dcgan["prefix"]), tmp_path / "api.msgpack", "flax", conv_bias=False
+    )
+    notes = " ".join(written.notes)
+    assert "folded the bias of 3 conv_transpose layer(s)" in notes and all(n in notes for n in DECONVS_BN)
+    assert "folded the conv bias of 3 layer(s)" in notes and written.tensors == {}
+    assert "strides=(2, 2), padding='SAME' for generator/g_h1, generator/g_h2, generator/g_h3, generator/g_h4" in notes
+    data = (tmp_path / "dcgan.msgpack").read_bytes()
+    assert data == (tmp_path / "api.msgpack").read_bytes()
+
+    # Every source tensor is in the file, in flax's layout; every bias before a BatchNorm folded into beta.
+    stored = {k: v for k, v in _values(Path(dcgan["prefix"])).items() if "Adam" not in k and not k.endswith("_power")}
+    tree = flax.serialization.msgpack_restore(data)
+    params, stats = tree["params"], tree["batch_stats"]
+    seen: set[str] = set()
+
+    def take(name: str) -> np.ndarray:
+        seen.add(name)
+        return stored[name]
+
+    def bn(owner: str, module: dict[str, Any], stat: dict[str, Any], bias: str | None) -> None:
+        beta, gamma, var = take(f"{owner}/beta"), take(f"{owner}/gamma"), take(f"{owner}/moving_variance")
+        folded = beta if bias is None else beta + gamma * take(bias) / np.sqrt(var.astype(np.float64) + 1e-5)
+        np.testing.assert_allclose(module["bias"], folded, rtol=1e-6, atol=1e-7)
+        assert np.array_equal(module["scale"], gamma) and np.array_equal(stat["var"], var)
+        assert np.array_equal(stat["mean"], take(f"{owner}/moving_mean"))
+
+    gen, disc = params["generator"], params["discriminator"]
+    for scope, module in (("generator/g_h0_lin", gen["g_h0_lin"]), ("discriminator/d_h4_lin", disc["d_h4_lin"])):
+        assert np.array_equal(module["kernel"], take(f"{scope}/Matrix")) and np.array_equal(module["bias"], take(f"{scope}/bias"))
+    bn("generator/g_bn0", gen["g_bn0"], stats["generator"]["g_bn0"], None)
+    for scope, norm, _ in g.G_DECONVS:
+        assert np.array_equal(gen[scope]["kernel"], transpose_to_flax(take(f"generator/{scope}/w")))
+        if norm is None:
+            assert np.array_equal(gen[scope]["bias"], take(f"generator/{scope}/biases"))
+        else:
+            assert "bias" not in gen[scope]
+            bn(f"generator/{norm}", gen[f"{scope}_bn"], stats["generator"][f"{scope}_bn"], f"generator/{scope}/biases")
+    for scope, norm, _ in g.D_CONVS:
+        if norm is None:
+            assert np.array_equal(disc[scope]["kernel"], take(f"discriminator/{scope}/w"))
+            assert np.array_equal(disc[scope]["bias"], take(f"discriminator/{scope}/biases"))
+        else:
+            assert np.array_equal(disc[scope]["conv"]["kernel"], take(f"discriminator/{scope}/w"))
+            assert "bias" not in disc[scope]["conv"]
+            bn(f"discriminator/{norm}", disc[scope]["bn"], stats["discriminator"][scope]["bn"],
+               f"discriminator/{scope}/biases")
+    assert seen == set(stored)
+
+    # The port restores the file with flax's own from_bytes and reproduces both TF nets.
+    variables = flax.serialization.from_bytes(dcgan_flax.template(dcgan["z"], dcgan["x"]), data)
+    got = dcgan_flax.run(variables, dcgan["z"], dcgan["x"])
+    assert rel_err(got["fake"], dcgan["fake"]) < TOL
+    assert rel_err(got["logits"], dcgan["logits"]) < TOL
+    # Control: a ConvTranspose kernel with in/out swapped but not flipped is visibly wrong.
+    unflipped = np.ascontiguousarray(stored["generator/g_h2/w"].transpose(0, 1, 3, 2))
+    variables["params"]["generator"]["g_h2"]["kernel"] = unflipped
+    wrong = dcgan_flax.run(variables, dcgan["z"], dcgan["x"])
+    assert rel_err(wrong["fake"], dcgan["fake"]) > 1e-2
+

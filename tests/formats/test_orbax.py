@@ -230,7 +230,7 @@ def test_an_existing_destination_is_never_written_into(tmp_path, capsys):
 def test_a_failed_orbax_write_leaves_nothing(tmp_path, monkeypatch):
     from convbn.formats import _orbax
 
-    def half(tree: Any, path: Path) -> None:
+    def half(tree: Any, path: Path, custom_metadata: Any = None) -> None:
         path.mkdir()
         (path / "_METADATA").write_text("{}")
         raise OSError("disk full (simulated)")

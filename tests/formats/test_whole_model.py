@@ -311,7 +311,7 @@ def test_keras_loads_the_written_archive_with_every_layer_in_place(tmp_path, nam
     assert checked == len([m for m in model.modules() if type(m).__name__ in ("Conv2d", "Linear", "BatchNorm2d", "BatchNorm1d")])
 
 
-@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("name", [*NETS, "decoder"])
 def test_torch_to_flax_to_torch_loads_strictly(tmp_path, name):
     """A flax msgpack file nests every layer under the torch module path (params/layer1/0/conv1,
     batch_stats/layer1/0/bn1) and says so in a top-level 'convbn' entry that from_bytes ignores:
@@ -327,6 +327,39 @@ def test_torch_to_flax_to_torch_loads_strictly(tmp_path, name):
     convbn.save_checkpoint(mid, tmp_path / "back.pt", "torch")
     _assert_same_state_values(tmp_path / "back.pt", state)
     assert np.array_equal(_outputs(_reloaded(name, tmp_path / "back.pt")), expected)
+
+
+def test_transposed_convs_go_through_flax_as_flax_conv_transpose_kernels_and_back(tmp_path):
+    """torch -> flax -> torch of a net with ConvTranspose2d layers, the transposed convs stated as such
+    (a state_dict shows one only by its bias): the flax file holds ConvTranspose kernels, recorded as
+    such, and the torch file written from it loads strictly and computes the original's outputs."""
+    need("msgpack")
+    from convbn import layouts
+    from convbn.formats.flax import transpose_padding
+
+    model = _net("decoder")
+    state = _save(model, tmp_path / "m.pt")
+    expected = _outputs(model)
+    ckpt = convbn.load_checkpoint(tmp_path / "m.pt")
+    assert ckpt.others["head"].kind == "conv_transpose"  # its bias has weight.shape[1] values
+    # As a model states it: 'up' is a ConvTranspose2d (stride 2, padding 1) and up_bn its BatchNorm.
+    bn = ckpt.others.pop("up_bn")
+    ckpt.order.remove("up_bn")
+    ckpt.others["up"] = dataclasses.replace(ckpt.others["up"], kind="conv_transpose", stride=(2, 2),
+                                            padding=((1, 1), (1, 1)), geometry=True, norm=bn.norm,
+                                            norm_name="up_bn", tensors={**ckpt.others["up"].tensors, **bn.tensors},
+                                            extras=bn.extras)
+    written = convbn.save_checkpoint(ckpt, tmp_path / "m.msgpack", "flax")
+    assert any("padding=((2, 2), (2, 2)) for up" in n for n in written.notes)
+    assert transpose_padding(ckpt.others["up"]) == "((2, 2), (2, 2))"
+    mid = convbn.load_checkpoint(tmp_path / "m.msgpack")
+    assert {n: layer.kind for n, layer in mid.others.items() if n in ("up", "head")} == {
+        "up": "conv_transpose", "head": "conv_transpose"}
+    assert np.array_equal(mid.others["up"].kernel, layouts.transpose_from_torch(state["up.weight"].numpy()))
+    assert all(c.ok for c in convbn.convert.verify_checkpoint(ckpt, mid))
+    convbn.save_checkpoint(mid, tmp_path / "back.pt", "torch")
+    _assert_same_state_values(tmp_path / "back.pt", state)
+    assert np.array_equal(_outputs(_reloaded("decoder", tmp_path / "back.pt")), expected)
 
 
 def test_verify_runs_every_other_layer_and_catches_a_wrong_one(tmp_path):
