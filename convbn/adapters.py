@@ -789,10 +789,10 @@ def from_flax(
     if _is_nnx(conv_vars, "Conv"):
         conv, conv_vars = conv_vars, {"kernel": conv_vars.kernel, "bias": getattr(conv_vars, "bias", None)}
     if _is_nnx(bn_vars, "BatchNorm"):
-        module = bn_vars
-        bn, bn_vars = module, {
-            "params": {"scale": getattr(module, "scale", None), "bias": getattr(module, "bias", None)},
-            "batch_stats": {"mean": module.mean, "var": module.var},
+        nnx_bn = bn_vars
+        bn, bn_vars = nnx_bn, {
+            "params": {"scale": getattr(nnx_bn, "scale", None), "bias": getattr(nnx_bn, "bias", None)},
+            "batch_stats": {"mean": nnx_bn.mean, "var": nnx_bn.var},
         }
     conv_params = as_mapping(conv_vars, "conv_vars")
     conv_params = as_mapping(conv_params.get("params", conv_params), "conv_vars['params']")

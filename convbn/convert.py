@@ -10,7 +10,6 @@ in :mod:`convbn.formats`; :func:`load_checkpoint` and :func:`save_checkpoint` pi
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import os
 import stat
@@ -24,10 +23,9 @@ from convbn import layouts
 from convbn.checkpoint import Checkpoint, Layer, LayerSource
 from convbn.errors import ConvBNError
 from convbn.folding import FoldTarget, fit, fold_bias, fold_layer_bias
-from convbn.formats import FORMATS, load_format
+from convbn.formats import FORMATS, caps, load_format
 from convbn.formats._io import parent_directories, placement
 from convbn.formats._pairing import natural_key, parse_pairs
-from convbn.layouts import FlatOrder
 from convbn.params import ConvBNParams
 
 __all__ = [
@@ -57,19 +55,6 @@ PairSpec = Mapping[str, str] | str | os.PathLike[str] | Iterable[str] | None
 
 # -- formats ----------------------------------------------------------------------------------------
 
-#: Destination suffixes → format, for ``convbn convert SRC DST`` without ``--to``.
-_SUFFIXES = {
-    ".pt": "torch",
-    ".pth": "torch",
-    ".bin": "torch",
-    ".keras": "keras",
-    ".h5": "keras",
-    ".hdf5": "keras",
-    ".msgpack": "flax",
-    ".safetensors": "safetensors",
-    ".ckpt": "slim",
-    ".index": "slim",
-}
 #: Content sniffing order; slim last, since its sniff may look for companion files.
 _SNIFF_ORDER = ("torch", "safetensors", "keras", "flax", "slim")
 
@@ -93,11 +78,12 @@ def format_for_path(path: str | os.PathLike[str]) -> str | None:
     p = Path(path)
     if p.name.endswith(".index.json"):  # a shard index: model.safetensors.index.json
         p = p.with_name(p.name[: -len(".index.json")])
+    named = {suffix: name for name in FORMATS for suffix in caps(name).suffixes}
     for suffix in reversed(p.suffixes):
-        if suffix.lower() in _SUFFIXES:
-            return _SUFFIXES[suffix.lower()]
-    if p.suffix.startswith(".data-"):
-        return "slim"
+        if suffix.lower() in named:
+            return named[suffix.lower()]
+    if p.suffix.startswith(".data-"):  # a data file of a checkpoint named by its prefix
+        return next((name for name in FORMATS if caps(name).prefix), None)
     return None
 
 
@@ -175,7 +161,7 @@ def read_format(path: Path, format: str | None = None) -> str:
     module = _format_module(name)
     if module.sniff(path):
         return name
-    if not path.exists() and name != "slim":
+    if not path.exists() and not module.CAPS.prefix:  # a prefix names files, not itself
         raise ConvBNError(f"a checkpoint must exist at the path given. Received: {str(path)!r} (no such file)")
     try:
         actual = detect_format(path)
@@ -258,11 +244,11 @@ def prepare_for_format(
     target = fold_bias
     if target is not None and target not in ("beta", "moving_mean"):
         raise ConvBNError(f"fold_bias must be 'beta' or 'moving_mean'. Received: fold_bias={target!r}")
-    holds_bias = name != "slim"
+    holds_bias = caps(name).conv_bias
     if conv_bias and not holds_bias:
         raise ConvBNError(
-            "conv_bias=True needs a target whose conv+BatchNorm layers hold a conv bias; tf-slim's "
-            "conv2d with a normalizer has none. Received: format='slim', conv_bias=True"
+            f"conv_bias=True needs a target whose conv+BatchNorm layers hold a conv bias; the {name} "
+            f"format's have none (tf-slim's conv2d with a normalizer). Received: format={name!r}, conv_bias=True"
         )
     if ckpt.fused and conv_bias is False:
         raise ConvBNError("a fused checkpoint has no BatchNorm to fold a bias into. Received: conv_bias=False")
@@ -315,10 +301,6 @@ def prepare_for_format(
     return out
 
 
-#: The order a format's frameworks flatten feature maps in (safetensors keeps the source's).
-_FLAT_ORDER: dict[str, FlatOrder] = {"torch": "chw", "keras": "hwc", "flax": "hwc", "slim": "hwc"}
-
-
 def check_flatten_order(ckpt: Checkpoint, format: str) -> None:
     """Refuse to guess the feature order of a dense layer that may read a flattened feature map
     (or be reshaped into one) when the source and the target flatten maps differently (torch
@@ -329,8 +311,10 @@ def check_flatten_order(ckpt: Checkpoint, format: str) -> None:
     Raises:
         ConvBNError: naming the dense layer and how to state its map.
     """
-    source = _FLAT_ORDER.get(ckpt.metadata.get("source_format") or ckpt.format)
-    target = _FLAT_ORDER.get(format)
+    source, target = (
+        caps(name).flatten_order if name in FORMATS else None
+        for name in (ckpt.metadata.get("source_format") or ckpt.format, format)
+    )
     if source is None or target is None or source == target:
         return
     for name, item in ckpt.others.items():
@@ -414,29 +398,29 @@ def save_checkpoint(
         raise ConvBNError(f"format must be one of {list(FORMATS)}. Received: format={format!r}")
     module = _format_module(name)
     p = Path(path)
+    declared = caps(name)
     options: dict[str, Any] = {}
-    accepted = inspect.signature(module.write).parameters
     if max_shard_size is not None:  # parsed here, once: every writer gets a number of bytes
         options["max_shard_size"] = check_shard_size(name, max_shard_size)
-    if progress is not None and "progress" in accepted:
+    if progress is not None and "progress" in declared.write_options:
         options["progress"] = progress
     if not overwrite and _destination_exists(p, name):
         raise ConvBNError(f"{p} exists; refusing to overwrite it (pass overwrite=True / --force)")
     check_layout(p, name, max_shard_size)
     prepared = prepare_for_format(ckpt, name, fold_bias=fold_bias, conv_bias=conv_bias)
-    if prepared.others and not getattr(module, "WRITES_OTHERS", False):
+    if prepared.others and not declared.writes_others:
         from convbn.formats._common import others_as_tensors
 
         others_as_tensors(prepared)
     # A Keras target's update depends on the layout its name asks for (Keras 2's *.h5 is fused).
-    expected = module.target_var_update(p) if name == "keras" else _TARGET_VAR_UPDATE.get(name)
+    expected = module.target_var_update(p) if declared.var_update == "by_path" else declared.var_update
     _var_update_change(prepared, name, expected, refuse=keep_var_update)
-    if name == "slim" and not prepared.fused:
-        # A TF checkpoint stores no BatchNorm settings; the slim writer leaves this note to us.
-        from convbn.conventions import SLIM
+    if declared.settings_note is not None and declared.convention is not None and not prepared.fused:
+        # The files store no BatchNorm settings, and the writer leaves this note to us.
+        from convbn import conventions
         from convbn.formats._common import unstored_settings_note
 
-        unstored_settings_note(prepared, "TF checkpoints", SLIM)
+        unstored_settings_note(prepared, declared.settings_note, conventions.get(declared.convention))
     # A directory (an Orbax checkpoint) is placed exclusively too: its final name is claimed with
     # mkdir, then the written directory renamed onto the empty claim (formats/_io.py).
     with parent_directories(p), placement(overwrite=overwrite):
@@ -455,26 +439,13 @@ def check_shard_size(format: str, max_shard_size: int | str) -> int:
     from convbn.formats._sharded import parse_size
 
     size = parse_size(max_shard_size)
-    shardable = [n for n in FORMATS if "max_shard_size" in _write_parameters(n)]
+    shardable = [n for n in FORMATS if caps(n).shards is not None]
     if format not in shardable:
         raise ConvBNError(
             f"the {format} format is written whole, not in shards; max_shard_size applies to "
             f"{', '.join(shardable)}. Received: max_shard_size={max_shard_size!r}, format={format!r}"
         )
     return size
-
-
-def _write_parameters(name: str) -> Mapping[str, inspect.Parameter]:
-    """The parameters of format ``name``'s ``write`` (none for a format not in this build)."""
-    try:
-        return inspect.signature(_format_module(name).write).parameters
-    except ConvBNError:
-        return {}
-
-
-#: The moving-variance update of the BatchNorms a format's files are loaded into (safetensors
-#: stores each layer's own; keras's depends on the file's name: ``formats.keras.target_var_update``).
-_TARGET_VAR_UPDATE = {"torch": "unbiased", "slim": "unbiased", "flax": "biased"}
 
 
 def _var_update_change(ckpt: Checkpoint, format: str, expected: str | None, *, refuse: bool) -> None:
@@ -506,7 +477,7 @@ def check_layout(path: Path, format: str, max_shard_size: int | str | None) -> N
     torch checkpoint at ``path`` beside it: shards and an index next to an old single file, or a
     single file next to an old index. Placement replaces files by name only, so the old one would
     stay, and ``path`` and its directory would then read as two different checkpoints."""
-    if format not in ("safetensors", "torch") or path.name.endswith(".index.json"):
+    if caps(format).shards != "index_json" or path.name.endswith(".index.json"):
         return
     index = Path(f"{path}.index.json")
     if max_shard_size is not None and path.is_file():
@@ -524,7 +495,7 @@ def check_layout(path: Path, format: str, max_shard_size: int | str | None) -> N
 def _destination_exists(path: Path, format: str) -> bool:
     if path.exists():
         return True
-    if format == "slim":
+    if caps(format).prefix:
         return Path(f"{path}.index").exists()
     return Path(f"{path}.index.json").exists()  # the index of a sharded write at ``path``
 

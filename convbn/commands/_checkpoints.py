@@ -17,7 +17,7 @@ import numpy as np
 from convbn import conventions
 from convbn.convert import Checkpoint, LayerCheck, format_for_path, read_format
 from convbn.errors import ConvBNError
-from convbn.formats import FORMATS, import_frameworks, load_format
+from convbn.formats import FORMATS, caps, import_frameworks, load_format
 from convbn.formats._io import placement, staging
 from convbn.formats._sharded import index_files
 
@@ -67,15 +67,10 @@ def target_format(args: argparse.Namespace, dst: Path, default: str | None = Non
     return name
 
 
-#: The package each format's reader and writer import, and the extra that installs it.
-# slim needs no package: TF checkpoints are read and written without TensorFlow.
-_NEEDS = {"torch": ("torch", "torch"), "keras": ("h5py", "keras"), "flax": ("msgpack", "jax")}
-
-
 def require_packages(*formats: str) -> None:
     """Refuse, before any reading, a format whose package is not installed (no import needed)."""
     for name in formats:
-        package, extra = _NEEDS.get(name, (None, None))
+        package, extra = caps(name).package or (None, None)
         if package is not None and importlib.util.find_spec(package) is None:
             raise ConvBNError(
                 f"the {name} format needs {package}, which is not installed: pip install 'convbn[{extra}]'"
@@ -92,11 +87,13 @@ def momentum(args: argparse.Namespace, source_format: str) -> float | None:
         if not 0.0 <= args.torch_momentum <= 1.0:
             raise ConvBNError(f"--torch-momentum must be in [0, 1]. Received: --torch-momentum {args.torch_momentum:g}")
         return 1.0 - float(args.torch_momentum)
-    if args.momentum is not None and args.momentum < 0.5 and source_format == "torch":
+    convention = caps(source_format).convention
+    spells_new = convention is not None and not conventions.get(convention).native_momentum_is_kept
+    if args.momentum is not None and args.momentum < 0.5 and spells_new:
         kept = 1.0 - args.momentum
         raise ConvBNError(
-            f"--momentum is the fraction kept, and {args.momentum:g} from a torch source looks like torch's "
-            f"spelling: torch's momentum={args.momentum:g} is {kept:g} kept; pass --momentum {kept:g} or "
+            f"--momentum is the fraction kept, and {args.momentum:g} from a {source_format} source looks like "
+            f"{convention}'s spelling: {convention}'s momentum={args.momentum:g} is {kept:g} kept; pass --momentum {kept:g} or "
             f"--torch-momentum {args.momentum:g}. Received: --momentum {args.momentum:g}"
         )
     return args.momentum
@@ -113,9 +110,9 @@ def prepare_source(args: argparse.Namespace, src: Path, *targets: str | None) ->
 def source_files(src: Path, source_format: str) -> list[Path]:
     """Every file SRC consists of: the file (or Orbax directory), a sharded checkpoint's index and
     every shard it names, or a TF checkpoint's index, data shards and graph."""
-    if source_format != "slim":
+    if not caps(source_format).prefix:
         return index_files(src)
-    prefix = load_format("slim").resolve(src)
+    prefix = load_format(source_format).resolve(src)
     files = [Path(f"{prefix}.index"), *prefix.parent.glob(f"{glob.escape(prefix.name)}.data-*"),
              Path(f"{prefix}.meta")]
     if src.is_dir():
@@ -132,8 +129,9 @@ def check_destination(src: Path, source_format: str, dst: Path, to: str, force: 
     refused too; placement checks again (see :func:`staged`).
     """
     protected = source_files(src, source_format)
-    if to == "slim":
-        prefix = load_format("slim").write_prefix(dst)
+    prefixed = caps(to).prefix
+    if prefixed:
+        prefix = load_format(to).write_prefix(dst)
         written = [Path(f"{prefix}.index"), Path(f"{prefix}.data-00000-of-00001"),
                    *prefix.parent.glob(f"{glob.escape(prefix.name)}.data-*")]
     else:
@@ -153,7 +151,7 @@ def check_destination(src: Path, source_format: str, dst: Path, to: str, force: 
         )
     if dst.is_dir():
         raise ConvBNError(f"DST must name a file (a prefix for slim), not a directory. Received: DST={str(dst)!r}")
-    if not force and (dst.exists() or (to == "slim" and Path(f"{written[0]}").exists())):
+    if not force and (dst.exists() or (prefixed and written[0].exists())):
         raise ConvBNError(f"{dst} exists; pass --force to overwrite it")
     for parent in (dst.parent, *dst.parent.parents):
         if parent.exists():
@@ -171,9 +169,8 @@ def prepare_conversion(source_format: str, target_format: str | None) -> None:
 def check_target(ckpt: Checkpoint, dst: Path, to: str) -> None:
     """What the target format refuses at DST itself (a slim prefix's stale ``.meta``), checked
     before writing to the staging path, where the format's writer cannot see it."""
-    check = getattr(load_format(to), "check_destination", None)
-    if check is not None:
-        check(ckpt, dst)
+    if caps(to).checks_destination:
+        load_format(to).check_destination(ckpt, dst)
 
 
 @contextlib.contextmanager

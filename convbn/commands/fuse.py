@@ -21,7 +21,7 @@ from convbn.convert import (
     verify_checkpoint,
 )
 from convbn.errors import ConvBNError
-from convbn.formats import load_format
+from convbn.formats import caps
 
 
 def register(sub: Any) -> None:
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     source_format = common.read_format(src, args.source_format)
     to = common.target_format(args, dst, default=source_format)
-    if not getattr(load_format(to), "WRITES_FUSED", False):
+    if not caps(to).writes_fused:
         raise ConvBNError(f"the {to} format cannot write fused layers (conv weight + bias without BatchNorm)")
     common.require_packages(source_format, to)
     momentum = common.momentum(args, source_format)

@@ -9,21 +9,16 @@ Every format module defines:
 - ``read(path, *, pairs, eps, momentum, use_ema) -> convbn.convert.Checkpoint``: the layers in
   source order, every other tensor in ``tensors``, and what was deliberately left out in
   ``dropped``. ``pairs`` maps conv names to BatchNorm names and wins over every other rule.
-- ``write(ckpt, path) -> None``: write ``ckpt`` (already folded by ``save_checkpoint`` where the
-  target has no conv bias) through :func:`convbn.formats._io.atomic_output`. A writer may append
-  report lines to ``ckpt.notes`` (it gets a copy).
-
-Optional, added later and backward compatible (a module without them keeps working):
-
-- ``write(ckpt, path, *, progress=None)``: when ``write`` accepts ``progress``,
-  ``save_checkpoint`` passes a callable to call with each layer's name once it is written.
-- ``WRITES_FUSED = True``: ``write`` honours ``ckpt.fused`` (write each layer's conv weight and
-  bias, no BatchNorm), so ``convbn fuse`` may target the format.
-- ``FRAMEWORK``: the framework module ``read``/``write`` import (``"torch"``, ``"tensorflow"``), so
-  :func:`import_frameworks` can load them in a safe order first.
-- ``check_destination(ckpt, path) -> None``: raise ``ConvBNError`` when writing ``ckpt`` at
-  ``path`` would leave it next to files that contradict it (a TF ``.meta`` graph). ``write`` checks
-  its own target; the CLI, which writes to a staging directory, calls it for the final path.
+- ``write(ckpt, path, **options) -> None``: write ``ckpt`` (already folded by ``save_checkpoint``
+  where the target has no conv bias) through :func:`convbn.formats._io.atomic_output`, taking the
+  keyword options its ``CAPS.write_options`` names (``progress``, ``max_shard_size``). A writer may
+  append report lines to ``ckpt.notes`` (it gets a copy).
+- ``CAPS``: a :class:`convbn.formats._caps.FormatCaps`, what the format can do (the framework it
+  imports, whether its layers hold a conv bias, which ``write`` options it takes, its flatten
+  order, ...). Everything above the format modules reads this record (:func:`caps`) and never
+  probes a module or compares format names; the functions a flag promises (``check_destination``
+  for ``checks_destination``, ``resolve``/``write_prefix`` for ``prefix``, ``target_var_update``
+  for ``var_update="by_path"``) are defined by the modules that set it.
 
 Shared helpers: :mod:`convbn.formats._pairing` (explicit pairs, graph/naming/order pairing,
 natural sort, mapping files) and :mod:`convbn.formats._common` (sniffing, conventions' defaults,
@@ -39,6 +34,8 @@ import importlib.util
 import sys
 from types import ModuleType
 
+from convbn.formats._caps import FormatCaps
+
 FORMATS = ("torch", "slim", "keras", "flax", "safetensors")
 
 
@@ -49,7 +46,21 @@ def load_format(name: str) -> ModuleType:
     key = str(name).lower()
     if key not in FORMATS:
         raise ConvBNError(f"format must be one of {list(FORMATS)}. Received: format={name!r}")
-    return importlib.import_module(f"convbn.formats.{key}")
+    module = importlib.import_module(f"convbn.formats.{key}")
+    if not isinstance(vars(module).get("CAPS"), FormatCaps):
+        raise ConvBNError(f"format module {module.__name__} must declare CAPS = FormatCaps(...). Received: none")
+    return module
+
+
+def caps(name: str) -> FormatCaps:
+    """What format ``name`` can do (its module's ``CAPS``; raises ConvBNError for an unknown name).
+
+    Example:
+        >>> caps("slim").conv_bias
+        False
+    """
+    declared: FormatCaps = load_format(name).CAPS
+    return declared
 
 
 #: The order frameworks are imported in where several load: importing TensorFlow before torch can
@@ -67,7 +78,7 @@ def import_frameworks(*formats: str) -> None:
     Example:
         >>> import_frameworks("slim", "torch")  # doctest: +SKIP
     """
-    needed = {getattr(load_format(name), "FRAMEWORK", None) for name in formats}
+    needed = {caps(name).framework for name in formats}
     for module in _IMPORT_ORDER:
         if module in needed and module not in sys.modules and importlib.util.find_spec(module) is not None:
             importlib.import_module(module)

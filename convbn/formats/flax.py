@@ -55,6 +55,7 @@ from convbn._dtypes import ml_dtype
 from convbn.conventions import FLAX
 from convbn.errors import ConvBNError
 from convbn.formats import _orbax
+from convbn.formats._caps import FormatCaps
 from convbn.formats._common import (
     LAYER_NAMES,
     Progress,
@@ -81,12 +82,16 @@ if TYPE_CHECKING:
     from convbn.checkpoint import Checkpoint, Layer
 
 NAME = "flax"
-#: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
-WRITES_FUSED = True
-#: write() writes Checkpoint.others (every layer kind; a grouped transposed conv it names as not written).
-WRITES_OTHERS = True
+#: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm) and writes Checkpoint.others
+#: (every layer kind; a grouped transposed conv it names as not written).
+CAPS = FormatCaps(
+    suffixes=(".msgpack",),
+    package=("msgpack", "jax"), writes_others=True, writes_fused=True, write_options=frozenset({"progress"}),
+    flatten_order="hwc", var_update="biased",
+    convention="flax",
+)
 
-__all__ = ["NAME", "read", "sniff", "write", "writes_directory"]
+__all__ = ["CAPS", "NAME", "read", "sniff", "write", "writes_directory"]
 
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3
 _CHUNKED = "__msgpack_chunked_array__"

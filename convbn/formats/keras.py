@@ -87,6 +87,7 @@ import numpy as np
 from convbn._dtypes import keras_float_name
 from convbn.conventions import KERAS2_FUSED, KERAS3
 from convbn.errors import ConvBNError
+from convbn.formats._caps import FormatCaps
 from convbn.formats._common import (
     LAYER_NAMES,
     Progress,
@@ -114,13 +115,17 @@ if TYPE_CHECKING:
     from convbn.checkpoint import Checkpoint, Layer, Norm
 
 NAME = "keras"
-#: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
-WRITES_FUSED = True
-#: write() writes Checkpoint.others (every layer kind) to Keras 3 files; the Keras 2 layout keeps
-#: writing pairs only, and names the rest as not written.
-WRITES_OTHERS = True
+#: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm) and writes Checkpoint.others
+#: (every layer kind) to Keras 3 files; the Keras 2 layout keeps writing pairs only, and names the
+#: rest as not written. The file's name decides the moving-variance update (target_var_update).
+CAPS = FormatCaps(
+    suffixes=(".keras", ".h5", ".hdf5"),
+    package=("h5py", "keras"), writes_others=True, writes_fused=True, write_options=frozenset({"progress"}),
+    flatten_order="hwc", var_update="by_path",
+    convention="keras3",
+)
 
-__all__ = ["NAME", "read", "sniff", "target_var_update", "write"]
+__all__ = ["CAPS", "NAME", "read", "sniff", "target_var_update", "write"]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 #: Opens the HDF5 file's bytes again (the file, or the archive's member), to check them raw.

@@ -42,6 +42,7 @@ import numpy as np
 from convbn import conventions
 from convbn._dtypes import ml_dtype
 from convbn.errors import ConvBNError
+from convbn.formats._caps import FormatCaps
 from convbn.formats._common import Progress, as_numpy, build_layer, contiguous, head, origin_format, tick
 from convbn.formats._io import atomic_output
 from convbn.formats._pairing import natural_key
@@ -59,13 +60,17 @@ if TYPE_CHECKING:
     from convbn.checkpoint import Checkpoint
 
 NAME = "safetensors"
-#: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
-WRITES_FUSED = True
-#: write() writes Checkpoint.others (every layer kind), not only conv+BatchNorm pairs.
-WRITES_OTHERS = True
+#: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm) and writes Checkpoint.others
+#: (every layer kind), not only conv+BatchNorm pairs. Each layer's moving-variance update and the
+#: source's flatten order are stored, not assumed.
+CAPS = FormatCaps(
+    suffixes=(".safetensors",),
+    writes_others=True, writes_fused=True, write_options=frozenset({"progress", "max_shard_size"}),
+    shards="index_json",
+)
 LAYOUT_VERSION = "1"
 
-__all__ = ["NAME", "read", "sniff", "write"]
+__all__ = ["CAPS", "NAME", "read", "sniff", "write"]
 
 _DTYPES = {
     "BOOL": "bool",

@@ -64,18 +64,24 @@ from convbn import conventions
 from convbn.checkpoint import Checkpoint, FeatureMap, Layer, LayerSource, Norm
 from convbn.errors import ConvBNError
 from convbn.formats import _tfbundle, _tfgraph, _tfproto
+from convbn.formats._caps import FormatCaps
 from convbn.formats._common import not_written_note, origin_format
 from convbn.formats._pairing import natural_key
 from convbn.layouts import depthwise_from_tf, depthwise_to_tf
 from convbn.params import ConvBNParams
 
-__all__ = ["NAME", "WRITES_FUSED", "WRITES_OTHERS", "check_destination", "read", "resolve", "sniff", "write", "write_prefix"]
+__all__ = ["CAPS", "NAME", "check_destination", "read", "resolve", "sniff", "write", "write_prefix"]
 
 NAME = "slim"
-#: write() writes Checkpoint.others, every layer kind, under slim's names.
-WRITES_OTHERS = True
-#: write() honours Checkpoint.fused (conv weights + biases, what slim.conv2d without a normalizer has).
-WRITES_FUSED = True
+#: TF checkpoints are read and written without TensorFlow. slim.conv2d with a normalizer has no
+#: conv bias; write() writes Checkpoint.others (every layer kind, under slim's names) and honours
+#: Checkpoint.fused (conv weights + biases, what slim.conv2d without a normalizer has).
+CAPS = FormatCaps(
+    suffixes=(".ckpt", ".index"),
+    conv_bias=False, writes_others=True, writes_fused=True, write_options=frozenset({"max_shard_size"}),
+    prefix=True, shards="data_files", flatten_order="hwc", var_update="unbiased", checks_destination=True,
+    convention="slim", settings_note="TF checkpoints",
+)
 
 _DATA_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
 _STATE_PATH = re.compile(r'^\s*model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', re.MULTILINE)

@@ -38,6 +38,7 @@ from convbn import layouts
 from convbn._dtypes import numpy_to_torch, torch_to_numpy
 from convbn.conventions import TORCH
 from convbn.errors import ConvBNError
+from convbn.formats._caps import FormatCaps
 from convbn.formats._common import (
     Progress,
     add_other,
@@ -71,14 +72,17 @@ if TYPE_CHECKING:
     from convbn.checkpoint import Checkpoint, Layer
 
 NAME = "torch"
-#: The framework read() and write() import (see convbn.formats.import_frameworks).
-FRAMEWORK = "torch"
-#: write() honours Checkpoint.fused (conv weight + bias, no BatchNorm).
-WRITES_FUSED = True
-#: write() writes Checkpoint.others (every layer kind), not only conv+BatchNorm pairs.
-WRITES_OTHERS = True
+#: read() and write() import torch; write() writes Checkpoint.others (every layer kind), not only
+#: conv+BatchNorm pairs, and honours Checkpoint.fused (conv weight + bias, no BatchNorm).
+CAPS = FormatCaps(
+    suffixes=(".pt", ".pth", ".bin"),
+    framework="torch", package=("torch", "torch"), writes_others=True, writes_fused=True,
+    write_options=frozenset({"progress", "max_shard_size"}), shards="index_json", flatten_order="chw",
+    var_update="unbiased",
+    convention="torch",
+)
 
-__all__ = ["FRAMEWORK", "NAME", "layers_from_state_dict", "read", "sniff", "write"]
+__all__ = ["CAPS", "NAME", "layers_from_state_dict", "read", "sniff", "write"]
 
 # The pickle of torch's legacy (non-zip) magic number 0x1950a86a20f9469cfc6c, protocol 2.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
