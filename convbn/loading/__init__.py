@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from convbn.errors import ConvBNError
+from convbn.folding import loses
 from convbn.loading.graphs import file_graph
 from convbn.loading.matching import Graph, Layer, Matching, match
 from convbn.params import ConvBNParams
@@ -586,7 +587,7 @@ def stage_parts(
                 assert folded.norm is not None
                 layer = dataclasses.replace(folded, norm=dataclasses.replace(folded.norm, eps=layer.norm.eps))
                 report.folded[part.name] = into
-            elif _absent_conflict(layer.bias, 0.0):
+            elif loses(layer.bias, "bias"):
                 report.mismatched.append(Mismatch(
                     part.name, piece.key,
                     f"the checkpoint's {layer.kind} has a bias and the model's has none, and no BatchNorm reads it "
@@ -612,9 +613,9 @@ def stage_parts(
         assert norm is not None
         lost = [
             f"the model's {part.kind} has no {name}, and the checkpoint's {name} is not all {word}"
-            for name, present, value, fill, word in (
-                ("gamma", part.gamma, norm.gamma, 1.0, "ones"), ("beta", part.bias, norm.beta, 0.0, "zeros"))
-            if not present and _absent_conflict(value, fill)
+            for name, present, value, word in (
+                ("gamma", part.gamma, norm.gamma, "ones"), ("beta", part.bias, norm.beta, "zeros"))
+            if not present and loses(value, name)
         ]
         if norm.kind == "group_norm" and part.groups is not None and norm.groups != part.groups:
             lost.append(f"groups {norm.groups} in the checkpoint, {part.groups} in the model")
