@@ -135,8 +135,11 @@ def test_a_format_module_without_caps_is_refused(monkeypatch):
 
 # -- no probing, no format names ------------------------------------------------------------------
 
-#: What reading the record replaced: probing a module for what it can do.
-PROBES = re.compile(r"inspect\.signature|getattr\((load_format|_format_module|module)\b|hasattr\((load_format|module)\b")
+#: What reading the record replaced: probing a format module for what it can do.
+PROBES = re.compile(r"inspect\.signature|(?:get|has)attr\((load_format|_format_module)\(")
+#: The same, where a format module was held in a variable (a torch module's ``getattr(module,
+#: "bias")`` elsewhere is no format probe).
+MODULE_PROBES = re.compile(r"(?:get|has)attr\(module\b")
 SLIM_BY_NAME = re.compile(r"""[!=]=\s*["']slim["']|["']slim["']\s*[!=]=|in\s*\(\s*["']slim["']""")
 ANY_BY_NAME = re.compile(r"""[!=]=\s*["'](torch|slim|keras|flax|safetensors)["']|in\s*\(\s*["'](torch|slim|keras|flax|safetensors)["']""")
 #: The per-format tables and module flags the record replaced.
@@ -160,17 +163,19 @@ def test_nothing_probes_a_format_module_or_asks_for_slim_by_name():
     assert _offending(REPLACED, every) == []
     assert _offending(SLIM_BY_NAME, [p for p in every if p != ROOT / "formats" / "slim.py"]) == []
     assert _offending(ANY_BY_NAME, [ROOT / f for f in READERS]) == []
+    assert _offending(MODULE_PROBES, [ROOT / f for f in READERS]) == []
 
 
 def test_the_greps_find_what_they_guard_against():
     samples = {
-        PROBES: ['accepted = inspect.signature(module.write).parameters', 'getattr(module, "WRITES_OTHERS", False)',
-                 'check = getattr(load_format(to), "check_destination", None)'],
+        PROBES: ['accepted = inspect.signature(module.write).parameters',
+                 'check = getattr(load_format(to), "check_destination", None)', 'hasattr(_format_module(n), "X")'],
+        MODULE_PROBES: ['getattr(module, "WRITES_OTHERS", False)'],
         SLIM_BY_NAME: ['if name != "slim":', "if to == 'slim' and x:", 'if format in ("slim", "torch"):'],
         ANY_BY_NAME: ['expected = f(p) if name == "keras" else g', 'if format not in ("safetensors", "torch"):'],
         REPLACED: ['_FLAT_ORDER = {"torch": "chw"}', 'needed = {m.FRAMEWORK}'],
     }
     for pattern, lines in samples.items():
         assert all(pattern.search(line) for line in lines), pattern.pattern
-    assert not PROBES.search('getattr(nnx_bn, "scale", None)')
+    assert not PROBES.search('bias = getattr(module, "bias", None)')
     assert not SLIM_BY_NAME.search('if style == "slim_like":')
