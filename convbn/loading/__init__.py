@@ -229,6 +229,10 @@ class Part:
         norm: the BatchNorm part that directly reads this conv's or dense layer's output (and
             nothing else reads it), where the model says so; a checkpoint bias folds into it.
         order: the framework's flatten order (``"chw"`` for torch, ``"hwc"`` otherwise).
+        flat: for a dense layer, what the model's graph says of its sides: ``flat["in"]`` is the
+            feature map its input is a flattening of (``(height, width, channels)``), or None where
+            its input is a vector (after pooling); ``flat["out"]`` the map its output is reshaped
+            into, or None. A side the graph does not decide is absent.
         handle: the framework's own objects.
     """
 
@@ -241,6 +245,7 @@ class Part:
     eps: float | None = None
     norm: str = ""
     order: FlatOrder = "hwc"
+    flat: dict[str, tuple[int, int, int] | None] = dataclasses.field(default_factory=dict)
     handle: Any = None
 
 
@@ -513,6 +518,40 @@ class StagedPart:
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def _decide_flatten(part: Part, layer: CheckpointLayer) -> tuple[CheckpointLayer, str]:
+    """``layer`` with the flatten sides it leaves undecided stated from the model's graph
+    (:attr:`Part.flat`), and a description of any side where the two contradict each other."""
+    from convbn.checkpoint import FeatureMap
+
+    if layer.kind != "dense" or not part.flat:
+        return layer, ""
+    undecided = dict(layer.flat_undecided)
+    fields: dict[str, Any] = {}
+    for side, size in (("in", part.shape[0]), ("out", part.shape[1])):
+        if side not in part.flat:
+            continue
+        model = part.flat[side]
+        spatial = model is not None and model[0] * model[1] > 1
+        stated = layer.flat_in if side == "in" else layer.flat_out
+        if side in undecided:
+            fields[f"flat_{side}"] = FeatureMap(*model, order=undecided[side]) if spatial else None  # type: ignore[misc]
+            fields["flat_undecided"] = tuple((s, o) for s, o in fields.get("flat_undecided", layer.flat_undecided)
+                                             if s != side)
+            if spatial and model is not None and model[0] * model[1] * model[2] != size:
+                return layer, f"the model's graph gives a {_dims(model)} map for a {size}-wide {side}put"
+        elif stated is not None and stated.height * stated.width > 1 and stated.order != part.order:
+            if not spatial or model is None or (
+                    model[0] * model[1], model[2]) != (stated.height * stated.width, stated.channels):
+                what = "a vector" if not spatial or model is None else f"a flattened {_dims(model)} map"
+                return layer, (f"the checkpoint says its {side}put is a flattened {stated.height}x{stated.width}x"
+                               f"{stated.channels} map, the model's graph {what}")
+    return (dataclasses.replace(layer, **fields) if fields else layer), ""
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
 def out_width(part: Part) -> int:
     """The output channels or features of a conv, transposed conv or dense part."""
     return part.shape[2] * (part.groups or 1) if part.kind == "conv_transpose" else part.shape[-1]
@@ -545,7 +584,7 @@ def stage_parts(
     folds into the BatchNorm after it when the checkpoint has that BatchNorm after it too (else a
     non-zero bias is a mismatch); a bias the checkpoint lacks is zero.
     """
-    from convbn.convert import fold_layer_bias
+    from convbn.folding import fold_layer_bias, loses
 
     by_part = {p.name: (p, a) for p, a in matched}
     by_piece = {(a.key, a.is_norm): p for p, a in matched}
@@ -561,14 +600,22 @@ def stage_parts(
                                               f"groups {layer.groups} in the checkpoint, {part.groups} in the model"))
             refused.add(piece.key)
             continue
-        try:
-            moved = layer.as_order(part.order, piece.key)
-        except ConvBNError as exc:
-            report.undecided.append(f"{part.name} <- {piece.key}: {exc}")
+        decided, conflict = _decide_flatten(part, layer)
+        if conflict:
+            report.mismatched.append(Mismatch(part.name, piece.key, conflict))
             refused.add(piece.key)
             continue
-        if moved is not layer:
-            sides = [s for s, m in (("in", layer.flat_in), ("out", layer.flat_out)) if m is not None and m.order != part.order]
+        try:
+            moved = decided.as_order(part.order, piece.key)
+        except ConvBNError as exc:
+            report.undecided.append(f"{part.name} <- {piece.key}: {exc}" + (
+                "" if part.flat else "; the model's graph does not say either (example_input= lets a model "
+                "that cannot be traced without one run)"))
+            refused.add(piece.key)
+            continue
+        if moved is not decided:
+            sides = [s for s, m in (("in", decided.flat_in), ("out", decided.flat_out))
+                     if m is not None and m.order != part.order]
             report.permuted[part.name] = "+".join(sides)
         layer = moved
         if layer.bias is not None and not part.bias:
@@ -898,7 +945,7 @@ def _live_kind(source: Any) -> str | None:
 def _live_checkpoint(source: Any, framework: Any, example: np.ndarray | None) -> tuple[Checkpoint, Graph | None]:
     """A live source model's layers as a checkpoint under its own names (its pairs in ``layers``,
     every other layer in ``others``, in its order), and its graph."""
-    from convbn.checkpoint import Checkpoint, LayerSource
+    from convbn.checkpoint import Checkpoint, FeatureMap, LayerSource
     from convbn.formats._common import mark_flatten_undecided
 
     found: ModelPairs = framework.find_pairs(source, example)
@@ -915,6 +962,15 @@ def _live_checkpoint(source: Any, framework: Any, example: np.ndarray | None) ->
     # A live model states no flattened map: a dense layer that may read (or feed) one is undecided,
     # as it is in a file of the same framework.
     mark_flatten_undecided(ckpt, orders.pop() if len(orders) == 1 else "hwc")
+    for part in found.parts:  # what the source's own graph decides is decided
+        layer = ckpt.others.get(part.name)
+        if layer is None or layer.kind != "dense" or not part.flat:
+            continue
+        maps: dict[str, Any] = {side: None if m is None or m[0] * m[1] == 1 else FeatureMap(*m, order=part.order)
+                                for side, m in part.flat.items()}
+        fields: dict[str, Any] = {f"flat_{side}": m for side, m in maps.items()}
+        fields["flat_undecided"] = tuple((s, o) for s, o in layer.flat_undecided if s not in maps)
+        ckpt.others[part.name] = dataclasses.replace(layer, **fields)
     return ckpt, found.graph
 
 

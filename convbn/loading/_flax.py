@@ -82,7 +82,7 @@ def find_pairs(model: Any, example: np.ndarray | None = None) -> ModelPairs:
     found = _tree_pairs(variables)
     if module is not None:
         try:
-            found.graph = _data_flow(module, variables, kwargs, example, found.targets)
+            found.graph = _data_flow(module, variables, kwargs, example, found.targets, found.parts)
         except Exception as exc:  # tracing user code raises anything
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
             found.notes.append(f"module.apply could not be traced ({type(exc).__name__}: {first[:160]}): no graph")
@@ -208,10 +208,12 @@ def _set(tree: dict[str, Any], path: Path, leaf: str, value: Any) -> None:
 
 
 def _data_flow(
-    module: Any, variables: Mapping[str, Any], kwargs: dict[str, Any], example: np.ndarray | None, targets: list[Target]
+    module: Any, variables: Mapping[str, Any], kwargs: dict[str, Any], example: np.ndarray | None,
+    targets: list[Target], parts: list[Part] = (),  # type: ignore[assignment]
 ) -> Graph:
     """Which modules feed which, from the jaxpr of ``module.apply``: an operation reading a module's
-    variables and data computed from the input belongs to that module."""
+    variables and data computed from the input belongs to that module. Sets each dense part's
+    :attr:`Part.flat` from the same jaxpr (:func:`_flat_sides`)."""
     import jax
     import jax.extend.core as jax_core
     import jax.numpy as jnp
@@ -230,10 +232,16 @@ def _data_flow(
     recorder = Flow()
     states: dict[Any, State] = {}
     jaxpr = closed.jaxpr
+    owners: dict[Any, str] = {}
+    made: dict[Any, Any] = {}
+    alias: dict[Any, Any] = {}
+    users: dict[Any, list[Any]] = {}
     for var, path in zip(jaxpr.invars, paths, strict=False):
         keys = [str(getattr(k, "key", k)) for k in path]
         owner = "/".join(keys[1:-1])
         states[var] = Flow.parameter(unit.get(owner, owner))
+        if keys[0] == "params" and keys[-1] == "kernel":
+            owners[var] = owner
     for var in jaxpr.invars[len(paths):]:
         states[var] = Flow.INPUT
 
@@ -248,16 +256,105 @@ def _data_flow(
             reads = any(n for _, n in ins) and any(d for d, _ in ins)
             if reads and inner is not None and len(getattr(inner, "invars", ())) == len(eqn.invars):
                 states.update(zip(inner.invars, ins, strict=True))  # a call (pjit, custom_jvp): look inside
+                alias.update((i, o) for i, o in zip(inner.invars, eqn.invars, strict=True)
+                             if isinstance(o, jax_core.Var))
                 walk(inner.eqns)
                 outs = [state(v) for v in inner.outvars]
                 if len(outs) == len(eqn.outvars):
                     states.update(zip(eqn.outvars, outs, strict=True))
+                    alias.update((o, i) for o, i in zip(eqn.outvars, inner.outvars, strict=True)
+                                 if isinstance(i, jax_core.Var))
                     continue
             out = recorder.step(ins)
             states.update((o, out) for o in eqn.outvars)
+            for v in eqn.outvars:
+                made[v] = eqn
+            for v in eqn.invars:
+                if isinstance(v, jax_core.Var):
+                    users.setdefault(_resolve(v, alias), []).append(eqn)
 
     walk(jaxpr.eqns)
+    outputs = {_resolve(v, alias) for v in jaxpr.outvars if isinstance(v, jax_core.Var)}
+    dense = {p.name: p for p in parts if p.kind == "dense"}
+    for eqn in [e for e in made.values() if e.primitive.name == "dot_general"]:
+        kernel = owners.get(_resolve(eqn.invars[1], alias)) if isinstance(eqn.invars[1], jax_core.Var) else None
+        if kernel in dense and not dense[kernel].flat:
+            dense[kernel].flat = _flat_sides(eqn, made, alias, users, outputs)
     return recorder.graph(t.name for t in targets)
+
+
+def _resolve(var: Any, alias: Mapping[Any, Any]) -> Any:
+    """The variable ``var`` stands for across call boundaries (a pjit's inner inputs and outputs)."""
+    for _ in range(256):
+        if var not in alias:
+            break
+        var = alias[var]
+    return var
+
+
+#: jaxpr primitives that reduce a map to a vector (a mean is a reduce_sum and a division).
+_REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_mean"}
+
+
+def _flat_sides(dot: Any, made: Mapping[Any, Any], alias: Mapping[Any, Any], users: Mapping[Any, list[Any]],
+                outputs: set[Any]) -> dict[str, tuple[int, int, int] | None]:
+    """What the jaxpr says of a ``Dense``'s sides (:attr:`Part.flat`): a ``reshape`` of a rank-4 value
+    into its input, or of its output into a rank-4 value, through shape-keeping operations, gives the
+    map; a reduction or another dense layer a vector; anything else (a ``transpose`` before the
+    reshape) leaves the side undecided."""
+    out: dict[str, tuple[int, int, int] | None] = {}
+    var = dot.invars[0]
+    for _ in range(64):  # the input side
+        eqn = made.get(_resolve(var, alias))
+        if eqn is None:
+            if len(var.aval.shape) == 2:
+                out["in"] = None
+            break
+        name = eqn.primitive.name
+        if name == "reshape":
+            shape = tuple(eqn.invars[0].aval.shape)
+            before = made.get(_resolve(eqn.invars[0], alias))
+            if before is not None and before.primitive.name == "transpose":
+                break
+            if len(shape) == 4:
+                out["in"] = (int(shape[1]), int(shape[2]), int(shape[3]))
+            elif len(shape) == 2:
+                out["in"] = None
+            break
+        if (name in _REDUCTIONS and len(eqn.outvars[0].aval.shape) == 2) or name == "dot_general":
+            out["in"] = None
+            break
+        if len(eqn.outvars) != 1 or not eqn.invars or tuple(eqn.outvars[0].aval.shape) != tuple(
+                eqn.invars[0].aval.shape) or not hasattr(eqn.invars[0], "aval"):
+            break
+        var = eqn.invars[0]
+    var = dot.outvars[0]
+    for _ in range(64):  # the output side
+        if _resolve(var, alias) in outputs or var in outputs:
+            out["out"] = None
+            break
+        after = users.get(_resolve(var, alias), [])
+        if len(after) != 1:
+            break
+        eqn = after[0]
+        name = eqn.primitive.name
+        if name == "reshape":
+            shape = tuple(eqn.outvars[0].aval.shape)
+            later = users.get(_resolve(eqn.outvars[0], alias), [])
+            if any(e.primitive.name == "transpose" for e in later):
+                break
+            if len(shape) == 4:
+                out["out"] = (int(shape[1]), int(shape[2]), int(shape[3]))
+            elif len(shape) == 2:
+                out["out"] = None
+            break
+        if name == "dot_general":
+            out["out"] = None
+            break
+        if len(eqn.outvars) != 1 or tuple(eqn.outvars[0].aval.shape) != tuple(var.aval.shape):
+            break
+        var = eqn.outvars[0]
+    return out
 
 
 def read(model: Any, found: ModelPairs) -> list[ConvBNParams]:

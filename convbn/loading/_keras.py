@@ -162,6 +162,9 @@ def find_pairs(model: Any, example: np.ndarray | None = None) -> ModelPairs:
         used.update((id(conv), id(bn)))
     parts = [p for name, layer in layers if id(layer) not in used and (p := _part(name, layer)) is not None]
     _link_norms(parts, layers)
+    for part in parts:
+        if part.kind == "dense":
+            part.flat = _flat_sides(part.handle)
     used.update(id(p.handle) for p in parts)
     untouched = [name for name, layer in layers if id(layer) not in used and layer.weights]
     pairing = " and ".join(sorted(kinds, reverse=True)) or "layer graph"
@@ -203,6 +206,62 @@ def _part(name: str, layer: Any) -> Part | None:
             return Part(name, kind, (width,), bool(layer.center), bool(layer.scale), eps=float(layer.epsilon),
                         groups=int(layer.groups) if kind == "group_norm" else None, handle=layer)
     return None
+
+
+def _neighbours(layer: Any, side: str) -> list[Any] | None:
+    """The layers feeding (``side="in"``) or reading (``"out"``) ``layer`` in the graph; None without one."""
+    nodes = getattr(layer, "_inbound_nodes" if side == "in" else "_outbound_nodes", None)
+    if nodes is None or (side == "in" and not nodes):
+        return None
+    if side == "in":
+        return [p.layer if _is_tf_keras(layer) else p.operation for node in nodes for p in node.parent_nodes]
+    return [n.layer if _is_tf_keras(layer) else n.operation for n in nodes]
+
+
+def _shape(layer: Any, side: str) -> tuple[Any, ...] | None:
+    try:
+        return tuple((layer.input if side == "in" else layer.output).shape)
+    except (AttributeError, ValueError, RuntimeError):  # never called, or called more than once
+        return None
+
+
+def _flat_sides(dense: Any) -> dict[str, tuple[int, int, int] | None]:
+    """What the layer graph says of a Dense layer's input and output (:attr:`Part.flat`): the
+    ``(height, width, channels)`` map a ``Flatten``/``Reshape`` turned into its input, or reshapes its
+    output into; None for a vector. Layers that keep the shape (activations, dropout) are passed
+    through; a side reached through anything else is left undecided."""
+    out: dict[str, tuple[int, int, int] | None] = {}
+    if not getattr(dense, "_inbound_nodes", None):
+        return out  # called eagerly (a subclassed model): no graph says anything
+    reshapes = _classes("Flatten", "Reshape")
+    vectors = _classes("Dense", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "InputLayer")
+    for side in ("in", "out"):
+        layer = dense
+        for _ in range(64):
+            near = _neighbours(layer, side)
+            if near == [] and side == "out":
+                out[side] = None  # a model output: nothing reshapes it
+            if near is None or len(near) != 1:
+                break
+            layer = near[0]
+            if isinstance(layer, vectors):
+                shape = _shape(layer, "out" if side == "in" else "in")
+                if shape is not None and len(shape) == 2:
+                    out[side] = None
+                break
+            before, after = _shape(layer, "in"), _shape(layer, "out")
+            if before is None or after is None:
+                break
+            if isinstance(layer, reshapes):
+                map_shape = before if side == "in" else after
+                if len(map_shape) == 4 and None not in map_shape[1:]:
+                    out[side] = tuple(int(d) for d in map_shape[1:])  # type: ignore[assignment]
+                elif len(map_shape) == 2:
+                    out[side] = None
+                break
+            if before != after or layer.weights:
+                break
+    return out
 
 
 def _link_norms(parts: list[Part], layers: list[tuple[str, Any]]) -> None:

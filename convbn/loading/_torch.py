@@ -282,6 +282,8 @@ def find_pairs(model: nn.Module, example: np.ndarray | None = None) -> ModelPair
         used.update((conv_name, bn_name))
     parts = [p for name, module in modules.items() if name not in used and (p := _part(name, module)) is not None]
     _link_norms(parts, modules, fx_graph if pairing == "torch.fx" else None)
+    if pairing == "torch.fx" and any(p.kind == "dense" for p in parts):
+        _flat_sides(model, fx_graph, parts, modules, example, notes)
     used.update(p.name for p in parts)
     untouched = [
         name or "(root)"
@@ -319,6 +321,113 @@ def _part(name: str, module: nn.Module) -> Part | None:
         return Part(name, "group_norm", (int(module.num_channels),), bias, gamma, groups=int(module.num_groups),
                     eps=float(module.eps), order="chw", handle=module)
     return None
+
+
+_RESHAPES = {"flatten", "view", "reshape"}
+#: Operations that reorder a map's axes: a flatten after one (or a reshape before one) is in no known order.
+_REORDERS = {"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "t"}
+#: Reductions over the spatial axes: a Linear after one reads a vector.
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "adaptive_avg_pool2d", "adaptive_max_pool2d"}
+
+
+def _name(node: Any) -> str:
+    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+
+
+def _reordered(node: Any, side: str) -> bool:
+    """Whether an axis reorder comes right before (``side="in"``) or after a reshape node."""
+    near = [a for a in node.args if isinstance(a, torch.fx.Node)][:1] if side == "in" else list(node.users)
+    return any(n.op in ("call_method", "call_function") and _name(n) in _REORDERS | {"contiguous"} and (
+        _name(n) != "contiguous" or _reordered(n, side)) for n in near)
+
+
+def _is_reshape(node: Any, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), (nn.Flatten, nn.Unflatten))
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and target in _RESHAPES
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return tuple(int(d) for d in meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _flat_sides(model: nn.Module, fx_graph: Any, parts: list[Part], modules: dict[str, nn.Module],
+                example: np.ndarray | None, notes: list[str]) -> None:
+    """Set each dense part's :attr:`Part.flat` from the fx graph, its shapes propagated on the example
+    (or a ``(1, C, 32, 32)`` input for the first conv's ``C``): a Linear reads a flattened map where
+    a flatten/view/reshape of a rank-4 tensor (through shape-keeping operations) feeds it, and
+    feeds one where its output is viewed as a rank-4 tensor."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    if example is not None:
+        x = np.moveaxis(example, -1, 1) if example.ndim == 4 else example
+    else:
+        convs = [m for m in modules.values() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+        if not convs:
+            return
+        first = convs[0]
+        x = np.zeros((1, int(first.in_channels), 32, 32), np.float32)
+    parameter = next(iter(model.parameters()), None)
+    tensor = torch.as_tensor(np.ascontiguousarray(x))
+    if parameter is not None:
+        tensor = tensor.to(dtype=parameter.dtype, device=parameter.device)
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(torch.fx.GraphModule(model, fx_graph)).propagate(tensor)
+    except Exception as exc:  # running user code raises anything
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        notes.append(f"the model's shapes could not be propagated ({type(exc).__name__}: {first_line[:120]}): "
+                     "whether a Linear reads a flattened feature map is left to the checkpoint (example_input= "
+                     "gives the input)")
+        return
+    finally:
+        for m, training in was:
+            m.training = training
+    calls: dict[str, list[Any]] = {}
+    for node in fx_graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(node)
+    for part in parts:
+        nodes = calls.get(part.name, [])
+        if part.kind != "dense" or len(nodes) != 1:
+            continue
+        part.flat = {}
+        for side in ("in", "out"):
+            node = nodes[0]
+            for _ in range(64):
+                near = [a for a in node.args if isinstance(a, torch.fx.Node)][:1] if side == "in" else list(node.users)
+                if side == "out" and len(near) == 1 and near[0].op == "output":
+                    part.flat[side] = None
+                if len(near) != 1 or near[0].op in ("placeholder", "output"):
+                    break
+                node = near[0]
+                before = _shape(next((a for a in node.args if isinstance(a, torch.fx.Node)), None))
+                after = _shape(node)
+                if before is None or after is None:
+                    break
+                if node.op in ("call_method", "call_function") and _name(node) in _REDUCTIONS and (
+                        side == "in" and len(after) == 2):
+                    part.flat[side] = None
+                    break
+                if _is_reshape(node, modules):
+                    shape = before if side == "in" else after
+                    if _reordered(node, side):
+                        break  # a map flattened after its axes were reordered: in no order convbn knows
+                    if len(shape) == 4:
+                        part.flat[side] = (shape[2], shape[3], shape[1])
+                    elif len(shape) == 2:
+                        part.flat[side] = None
+                    break
+                owner = modules.get(str(node.target)) if node.op == "call_module" else None
+                if isinstance(owner, nn.Linear):
+                    part.flat[side] = None
+                    break
+                if before != after or (owner is not None and any(True for _ in owner.parameters())):
+                    break
 
 
 def _link_norms(parts: list[Part], modules: dict[str, nn.Module], fx_graph: Any) -> None:
