@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -319,10 +319,15 @@ def tick(progress: Progress | None, name: str) -> None:
         progress(name)
 
 
+def listing(names: Sequence[str], limit: int = 5) -> str:
+    """``"a, b, c, d, e, ... (3 more)"``: the first ``limit`` names for a report line."""
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
 def not_written_note(ckpt: Checkpoint) -> str:
     """The report line for other tensors a cross-format write leaves out."""
     names = list(ckpt.tensors)
-    shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+    shown = listing(names)
     return (
         f"not written: {len(names)} other tensor(s) of the {origin_format(ckpt)} source ({shown}); "
         "tensors of no known layer kind convert only to the same format (safetensors keeps every tensor)"

@@ -66,6 +66,7 @@ from convbn.formats._common import (
     build_other,
     contiguous,
     head,
+    listing,
     mark_flatten_undecided,
     not_written_note,
     origin_format,
@@ -424,7 +425,7 @@ def _from_tree(
             "padding (Layer defaults: stride 1, 'VALID')"
         )
     if undecided:
-        shown = ", ".join(undecided[:5]) + (f", ... ({len(undecided) - 5} more)" if len(undecided) > 5 else "")
+        shown = listing(undecided)
         ckpt.notes.append(
             f"read {len(undecided)} module(s) with a 4-D kernel as Conv ({shown}): a flax file names no layer "
             "class, and only linen's default names (Conv_<n>, ConvTranspose_<n>) or convbn's record say which; "

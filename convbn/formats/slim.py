@@ -65,7 +65,7 @@ from convbn.checkpoint import Checkpoint, FeatureMap, Layer, LayerSource, Norm
 from convbn.errors import ConvBNError
 from convbn.formats import _tfbundle, _tfgraph, _tfproto
 from convbn.formats._caps import FormatCaps
-from convbn.formats._common import not_written_note, origin_format
+from convbn.formats._common import listing, not_written_note, origin_format
 from convbn.formats._pairing import natural_key
 from convbn.layouts import depthwise_from_tf, depthwise_to_tf
 from convbn.params import ConvBNParams
@@ -596,7 +596,7 @@ def _layer_kinds(
     if undecided and any(k == "conv_transpose" for k in kinds.values()):
         # A file with transposed convs elsewhere: a square kernel here could be one too, and nothing
         # in the file says which. Read as a conv (slim's reading), and say so.
-        shown = ", ".join(undecided[:5]) + (f", ... ({len(undecided) - 5} more)" if len(undecided) > 5 else "")
+        shown = listing(undecided)
         notes.append(
             f"read as convs: {len(undecided)} kernel(s) whose shape cannot tell a conv from a transposed "
             f"conv (as many inputs as outputs) and that no .meta graph or scope name places ({shown}); "

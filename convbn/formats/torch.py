@@ -47,6 +47,7 @@ from convbn.formats._common import (
     build_other,
     contiguous,
     head,
+    listing,
     mark_flatten_undecided,
     not_written_note,
     origin_format,
@@ -562,7 +563,7 @@ def layers_from_state_dict(
         )
     mark_flatten_undecided(ckpt, "chw")
     if affine_only:
-        shown = ", ".join(affine_only[:5]) + (f", ... ({len(affine_only) - 5} more)" if len(affine_only) > 5 else "")
+        shown = listing(affine_only)
         ckpt.notes.append(
             f"kept by name: {len(affine_only)} module(s) of weight and bias vectors only ({shown}): a torch "
             "state_dict cannot tell a LayerNorm from a GroupNorm (or another affine layer); they are "
