@@ -97,7 +97,7 @@ def _as_documented(dcgan: dict[str, Any], tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_the_whole_dcgan_converts_to_its_slim_rewrite(
-    dcgan: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dcgan: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from tests.formats import dcgan_graphs
 
@@ -106,6 +106,9 @@ def test_the_whole_dcgan_converts_to_its_slim_rewrite(
     argv = _doc_command("DCGAN.model-1000 slim/model.ckpt")
     assert "--pair" not in argv
     assert main(argv) == 0
+    # Every layer is run against the source, the four transposed convs included: 3 pairs and 8 others.
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "verified: all 11 layer(s) within tolerance" and "not run" not in out
     out = tmp_path / "slim" / "model.ckpt"
     written = convbn.save_checkpoint(convbn.load_checkpoint(dcgan["prefix"]), tmp_path / "api.ckpt", "slim")
     notes = " ".join(written.notes)
