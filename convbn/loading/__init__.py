@@ -1,11 +1,14 @@
 """Load any checkpoint into an existing model built from a framework's ordinary layers.
 
 :func:`load_into` finds the model's Conv -> BatchNorm pairs (torch: ``torch.fx`` tracing, else
-module order; Keras: the layer graph, else layer order; Flax: variable-tree order), matches them
-to the checkpoint's (or a live source model's) layers with :mod:`convbn.loading.matching` (names,
-the graphs' structure, order only where a graph fixes it; ambiguity refused, ``mapping=``
-decides), folds a conv bias the model's conv lacks,
-translates every convention, and writes everything at once, or nothing. It returns a
+module order; Keras: the layer graph, else layer order; Flax: variable-tree order) and every other
+layer (:class:`Part`: conv, transposed conv, dense, BatchNorm, LayerNorm, GroupNorm), matches them
+to the checkpoint's (or a live source model's) pairs and other layers with
+:mod:`convbn.loading.matching` (kinds agree; names, the graphs' structure, order only where a graph
+fixes it; ambiguity refused, ``mapping=`` decides), folds a bias the model's layer lacks into the
+BatchNorm after it, puts a dense layer's flattened features in the model's order (as the
+checkpoint or the model's graph says; undecided, refused), translates every convention, and
+writes everything at once, or nothing. It returns a
 :class:`LoadReport`; with ``strict=True`` anything unmatched raises :class:`LoadError` carrying the
 report before a single weight changes.
 
@@ -584,7 +587,7 @@ def stage_parts(
     folds into the BatchNorm after it when the checkpoint has that BatchNorm after it too (else a
     non-zero bias is a mismatch); a bias the checkpoint lacks is zero.
     """
-    from convbn.folding import fold_layer_bias, loses
+    from convbn.folding import fold_layer_bias
 
     by_part = {p.name: (p, a) for p, a in matched}
     by_piece = {(a.key, a.is_norm): p for p, a in matched}
@@ -752,8 +755,11 @@ def load_into(
     """Load a checkpoint of any supported format into a model built from ordinary layers.
 
     The model is a ``torch.nn.Module``, a Keras 3 model, or a Flax variable tree (what
-    ``module.init`` returns) or ``(module, variables)``, made of the framework's own ``Conv2d``/``Conv2D``/``Conv`` and
-    ``BatchNorm2d``/``BatchNormalization``/``BatchNorm`` (convbn's own layers work too). Its
+    ``module.init`` returns) or ``(module, variables)``, made of the framework's own layers
+    (convbn's own layers work too). Every layer with parameters of these kinds is filled: Conv ->
+    BatchNorm pairs, and every other conv (grouped, depthwise), transposed conv, dense layer,
+    BatchNorm (after a dense layer, or standalone), LayerNorm and GroupNorm
+    (:attr:`LoadReport.parts`); a layer of another kind is :attr:`LoadReport.untouched`. Its
     Conv -> BatchNorm pairs are found from the model itself: torch traces the forward with
     ``torch.fx`` (a conv whose only consumer is a BatchNorm; residual blocks included) and falls
     back to module registration order when tracing fails; Keras follows the layer graph (or the
@@ -770,8 +776,8 @@ def load_into(
     layers that nothing tells apart (a bottleneck's ``conv3`` and its shortcut against a file, any
     repeated shape in a model without a graph) are never guessed: they are
     :attr:`LoadReport.ambiguous`, and ``strict`` raises :class:`LoadError` naming them; ``mapping``
-    or a live source decides. :attr:`LoadReport.how` says what decided each layer. Each matched
-    pair receives:
+    or a live source decides. :attr:`LoadReport.how` says what decided each layer. The other layers
+    match the same way, only ever to a checkpoint layer of their kind. Each matched pair receives:
 
     - the kernel in the framework's layout (OIHW for torch, HWIO otherwise);
     - the conv bias, or, when the model's conv has none, the bias folded into the BatchNorm
@@ -779,6 +785,14 @@ def load_into(
       checkpoint has none;
     - gamma, beta and the moving statistics, as they are (a moving variance estimated with the
       biased or the unbiased batch variance estimates the same quantity).
+
+    Every other layer receives its tensors in the framework's layout (:mod:`convbn.layouts`); a
+    bias the model's layer lacks folds into the BatchNorm reading it when the checkpoint has that
+    BatchNorm after it too (else a nonzero one is mismatched). A dense layer reading a flattened
+    feature map (or reshaped into one) gets its features in the model's order (NCHW for torch,
+    NHWC otherwise), the map taken from the checkpoint or from the model's graph (torch.fx shapes
+    on the example, Keras ``Flatten``/``Reshape``, the jaxpr's reshapes):
+    :attr:`LoadReport.permuted`; one neither decides is :attr:`LoadReport.undecided` and refused.
 
     BatchNorm eps and momentum are the model's own layer configuration and are kept (eps may be
     set to the checkpoint's with ``eps="checkpoint"``); an eps that differs from the checkpoint's
@@ -811,8 +825,9 @@ def load_into(
         fold_bias: where a checkpoint conv bias goes when the model's conv has none: ``"beta"``
             (the default: ``beta' = beta + gamma * b / sqrt(var + eps)``) or ``"moving_mean"``
             (``mean' = mean - b``, right for fine-tuning); None or False refuses (an error).
-        strict: raise :class:`LoadError` (with the report) when any model pair or checkpoint
-            layer is unmatched or mismatched. With False, load what matches and report the rest.
+        strict: raise :class:`LoadError` (with the report) when any model layer with parameters or
+            checkpoint layer is unmatched, mismatched, ambiguous or undecided, or the model has a
+            layer of a kind not filled. With False, load what matches and report the rest.
         eps: ``"model"`` keeps each BatchNorm's eps; ``"checkpoint"`` sets it to the checkpoint's
             (torch and Keras; a Flax tree holds no eps).
 

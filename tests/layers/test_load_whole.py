@@ -427,3 +427,83 @@ def test_a_flatten_no_graph_decides_is_refused_naming_the_layer_until_stated(tmp
     with torch.no_grad():
         want = model(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     assert rel_err(keras.ops.convert_to_numpy(sub(x, training=False)), want) <= TOL
+
+
+def _upsampling_torch() -> Any:
+    """A transposed conv (torch's ``padding=1`` at stride 2 and k=4 is TF's SAME crop), a GroupNorm,
+    a Linear and a LayerNorm over its features."""
+    import torch
+    from torch import nn
+
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.ConvTranspose2d(3, 4, 4, 2, 1)
+            self.gn = nn.GroupNorm(2, 4)
+            self.fc = nn.Linear(4, 6)
+            self.ln = nn.LayerNorm(6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ln(self.fc(torch.relu(self.gn(self.up(x))).mean((2, 3))))
+
+    torch.manual_seed(11)
+    model = Up().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("keras_name", ["keras", "tf_keras"])
+def test_transposed_conv_group_norm_and_layer_norm_load_both_ways(keras_name):
+    need("torch", keras_name)
+    import importlib
+
+    import torch
+
+    ns = importlib.import_module(keras_name)
+    L = ns.layers
+    model = _upsampling_torch()
+    inp = ns.Input((5, 5, 3))
+    h = L.GlobalAveragePooling2D()(L.ReLU()(L.GroupNormalization(2, epsilon=1e-5)(
+        L.Conv2DTranspose(4, 4, 2, padding="same")(inp))))
+    keras_model = ns.Model(inp, L.LayerNormalization(epsilon=1e-5)(L.Dense(6)(h)))
+    report = convbn.load_into(keras_model, model)
+    kinds = {"conv_transpose", "group_norm", "dense", "layer_norm"}
+    assert report.ok and set(report.parts.values()) == kinds and len(report.matched) == 4
+    x = _x(5)[:, :5, :5]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    assert rel_err(np.asarray(keras_model(x, training=False)), want) <= TOL
+    back = type(model)().eval()
+    report = convbn.load_into(back, keras_model)
+    assert report.ok and set(report.parts.values()) == kinds
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+def test_a_write_failing_part_way_restores_every_layer(torch_files, monkeypatch):
+    """All or nothing: a write that fails after the pairs and some other layers were written puts
+    every tensor back."""
+    import torch
+
+    from convbn.loading import _torch
+    from tests._support import whole_nets
+
+    path = torch_files["efficient"][1]
+
+    model = whole_nets.NETS["efficient"]().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    write = _torch._write_part
+    calls = []
+
+    def failing(staged: Any) -> None:
+        calls.append(staged.part.name)
+        if len(calls) == 4:
+            raise MemoryError("out of memory")
+        write(staged)
+
+    monkeypatch.setattr(_torch, "_write_part", failing)
+    with pytest.raises(MemoryError):
+        convbn.load_into(model, path)
+    assert len(calls) == 4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
