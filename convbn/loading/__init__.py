@@ -551,6 +551,18 @@ def _decide_flatten(part: Part, layer: CheckpointLayer) -> tuple[CheckpointLayer
     return (dataclasses.replace(layer, **fields) if fields else layer), ""
 
 
+def flat_map(shape: Sequence[Any], order: FlatOrder) -> tuple[bool, tuple[int, int, int] | None]:
+    """What a reshape's rank-4 (or rank-2) side says of a dense layer's side (:attr:`Part.flat`):
+    ``(True, (height, width, channels))`` for a map in ``order`` (``"chw"``: NCHW), ``(True, None)``
+    for a vector, ``(False, None)`` for anything else."""
+    if len(shape) == 2:
+        return True, None
+    if len(shape) != 4 or any(d is None for d in shape[1:]):
+        return False, None
+    _, a, b, c = shape
+    return True, ((int(b), int(c), int(a)) if order == "chw" else (int(a), int(b), int(c)))
+
+
 def _dims(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 

@@ -31,7 +31,7 @@ import numpy as np
 from convbn.checkpoint import Layer, Norm
 from convbn.errors import ConvBNError
 from convbn.formats._pairing import Unit, natural_key, pair_units
-from convbn.loading import ModelPairs, Part, Staged, StagedPart, Target, out_width, parts_as_layers
+from convbn.loading import ModelPairs, Part, Staged, StagedPart, Target, flat_map, out_width, parts_as_layers
 from convbn.loading.matching import Flow, Graph, State
 from convbn.params import ConvBNParams
 
@@ -314,12 +314,9 @@ def _flat_sides(dot: Any, made: Mapping[Any, Any], alias: Mapping[Any, Any], use
         if name == "reshape":
             shape = tuple(eqn.invars[0].aval.shape)
             before = made.get(_resolve(eqn.invars[0], alias))
-            if before is not None and before.primitive.name == "transpose":
-                break
-            if len(shape) == 4:
-                out["in"] = (int(shape[1]), int(shape[2]), int(shape[3]))
-            elif len(shape) == 2:
-                out["in"] = None
+            decided, found = flat_map(shape, "hwc")
+            if decided and (before is None or before.primitive.name != "transpose"):
+                out["in"] = found
             break
         if (name in _REDUCTIONS and len(eqn.outvars[0].aval.shape) == 2) or name == "dot_general":
             out["in"] = None
@@ -341,12 +338,9 @@ def _flat_sides(dot: Any, made: Mapping[Any, Any], alias: Mapping[Any, Any], use
         if name == "reshape":
             shape = tuple(eqn.outvars[0].aval.shape)
             later = users.get(_resolve(eqn.outvars[0], alias), [])
-            if any(e.primitive.name == "transpose" for e in later):
-                break
-            if len(shape) == 4:
-                out["out"] = (int(shape[1]), int(shape[2]), int(shape[3]))
-            elif len(shape) == 2:
-                out["out"] = None
+            decided, found = flat_map(shape, "hwc")
+            if decided and not any(e.primitive.name == "transpose" for e in later):
+                out["out"] = found
             break
         if name == "dot_general":
             out["out"] = None

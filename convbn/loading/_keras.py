@@ -21,7 +21,7 @@ from convbn.adapters import assign_keras, check_keras_pair, from_keras, keras_va
 from convbn.checkpoint import Layer, Norm
 from convbn.errors import ConvBNError
 from convbn.layouts import depthwise_from_tf, depthwise_to_tf
-from convbn.loading import ModelPairs, Part, Staged, StagedPart, Target, out_width, parts_as_layers
+from convbn.loading import ModelPairs, Part, Staged, StagedPart, Target, flat_map, out_width, parts_as_layers
 from convbn.loading.matching import INPUT, Flow, Graph, State
 from convbn.params import ConvBNParams
 
@@ -253,11 +253,9 @@ def _flat_sides(dense: Any) -> dict[str, tuple[int, int, int] | None]:
             if before is None or after is None:
                 break
             if isinstance(layer, reshapes):
-                map_shape = before if side == "in" else after
-                if len(map_shape) == 4 and None not in map_shape[1:]:
-                    out[side] = tuple(int(d) for d in map_shape[1:])  # type: ignore[assignment]
-                elif len(map_shape) == 2:
-                    out[side] = None
+                decided, found = flat_map(before if side == "in" else after, "hwc")
+                if decided:
+                    out[side] = found
                 break
             if before != after or layer.weights:
                 break

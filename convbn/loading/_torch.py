@@ -31,7 +31,7 @@ from convbn.layouts import (
     transpose_from_torch,
     transpose_to_torch,
 )
-from convbn.loading import ModelPairs, Part, Staged, StagedPart, Target, out_width, parts_as_layers
+from convbn.loading import ModelPairs, Part, Staged, StagedPart, Target, flat_map, out_width, parts_as_layers
 from convbn.loading.matching import INPUT, Flow, Graph, State
 from convbn.params import ConvBNParams
 
@@ -415,12 +415,9 @@ def _flat_sides(model: nn.Module, fx_graph: Any, parts: list[Part], modules: dic
                     break
                 if _is_reshape(node, modules):
                     shape = before if side == "in" else after
-                    if _reordered(node, side):
-                        break  # a map flattened after its axes were reordered: in no order convbn knows
-                    if len(shape) == 4:
-                        part.flat[side] = (shape[2], shape[3], shape[1])
-                    elif len(shape) == 2:
-                        part.flat[side] = None
+                    decided, found = flat_map(shape, "chw")
+                    if decided and not _reordered(node, side):  # after a reorder: in no order convbn knows
+                        part.flat[side] = found
                     break
                 owner = modules.get(str(node.target)) if node.op == "call_module" else None
                 if isinstance(owner, nn.Linear):
