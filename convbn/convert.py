@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from convbn import layouts
 from convbn.checkpoint import Checkpoint, Layer, LayerSource
 from convbn.errors import ConvBNError
 from convbn.folding import FoldTarget, fit, fold_bias, fold_layer_bias
@@ -700,7 +699,7 @@ def verify_others(source: Checkpoint, converted: Checkpoint, rng: np.random.Gene
             continue
         try:
             x = _other_input(rng, a)
-            y_ref, y_new = _run_other(a, x, converted=None), _run_other(b, x, converted=a)
+            y_ref, y_new = _run_other(a, x, converted=None), _run_other(_in_order_of(b, a), x, converted=a)
         except ConvBNError as exc:
             checks.append(LayerCheck(name, target, np.inf, np.inf, tol, False, str(exc), label))
             continue
@@ -740,6 +739,28 @@ def _f64(value: Any) -> Any:
     return None if value is None else np.asarray(value, np.float64)
 
 
+def _in_order_of(layer: Layer, source: Layer) -> Layer:
+    """The converted dense ``layer`` with its flattened sides in ``source``'s feature order, so the
+    two compute on the same input. A side of ``layer`` whose map its file does not record (a Keras,
+    Flax or TF file read back reads it as undecided, in its framework's order) takes the source's
+    map in that order: the stored rows are what the target framework's own flatten feeds them."""
+    if layer.kind != "dense" or source.kind != "dense":
+        return layer
+    undecided = dict(layer.flat_undecided)
+    fields: dict[str, Any] = {}
+    for side in ("in", "out"):
+        mine, theirs = getattr(layer, f"flat_{side}"), getattr(source, f"flat_{side}")
+        if mine is None and theirs is not None and side in undecided:
+            fields[f"flat_{side}"] = dataclasses.replace(theirs, order=undecided[side])
+    # A side still undecided runs as stored: the source reads it as a vector, in either order.
+    layer = dataclasses.replace(layer, **fields, flat_undecided=())
+    for side in ("in", "out"):
+        mine, theirs = getattr(layer, f"flat_{side}"), getattr(source, f"flat_{side}")
+        if mine is not None and theirs is not None and mine.order != theirs.order:
+            layer = layer.as_order(theirs.order)
+    return layer
+
+
 def _run_other(layer: Layer, x: np.ndarray, *, converted: Layer | None) -> np.ndarray:
     """``layer``'s eval output for ``x`` in float64 (NHWC maps, neutral layouts). For the converted
     side (``converted`` is the source layer), a norm whose file stored no eps runs with the source's."""
@@ -751,9 +772,6 @@ def _run_other(layer: Layer, x: np.ndarray, *, converted: Layer | None) -> np.nd
         eps = converted.norm.eps  # the target is built with the source's eps, as the report says
     if layer.kind == "dense":
         kernel = _f64(layer.kernel)
-        if layer.flat_in is not None and converted is not None and converted.flat_in is not None:
-            f = layer.flat_in
-            kernel = layouts.flat_rows(kernel, f.height, f.width, f.channels, f.order, converted.flat_in.order)
         y = x @ kernel + (0.0 if layer.bias is None else _f64(layer.bias))
     elif layer.kind == "conv":
         # The converted side runs with the source's geometry, as conv+BatchNorm pairs do: a format
