@@ -84,7 +84,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from convbn._dtypes import keras_float_name
+from convbn._dtypes import keras_float_name, ml_dtype
 from convbn.conventions import KERAS2_FUSED, KERAS3
 from convbn.errors import ConvBNError
 from convbn.formats._caps import FormatCaps
@@ -297,7 +297,18 @@ class _Reader:
                 + (f", more than the {self.left} bytes of the file left" if stored > self.left else ""),
             )
         self.left -= stored
-        return np.asarray(ds[()])
+        value = np.asarray(ds[()])
+        if dtype.kind == "V":
+            # Keras 3 stores bfloat16 as 2-byte opaque data marked dtype='bfloat16' (saving_lib's
+            # H5Entry); an opaque dataset without that mark holds no numbers Keras would read.
+            marked = ds.attrs.get("dtype")
+            if isinstance(marked, bytes):
+                marked = marked.decode("utf-8", "replace")
+            if marked != "bfloat16" or dtype.itemsize != 2:
+                raise self.fail(where, f"a Keras dataset must hold numbers; this one has opaque dtype {dtype} "
+                                       f"marked dtype={marked!r} (Keras marks only 2-byte bfloat16 data)")
+            value = value.view(ml_dtype("bfloat16", f"{self.source}: dataset {where!r}"))
+        return value
 
     def layer_name(self, item: Any, where: str) -> str:
         """The layer's name (the ``vars`` group's ``name`` attribute), else its group's."""
@@ -1183,13 +1194,13 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
                 vars_group = f.require_group(f"{group_path}/vars")
                 vars_group.attrs["name"] = layer_name
                 for i, array in enumerate(arrays):
-                    vars_group.create_dataset(str(i), data=contiguous(array))
+                    _dataset(vars_group, str(i), array)
                 if layer is not None:
                     tick(progress, layer)
             for name, array in loose.items():
                 if name in f:
                     raise ConvBNError(f"{path}: tensor name {name!r} is used twice (a layer and another tensor)")
-                f.create_dataset(name, data=contiguous(array))
+                _dataset(f, name, array)
 
     with atomic_output(path) as tmp:
         if not archive:
@@ -1212,6 +1223,13 @@ def target_var_update(path: Path) -> str:
     Keras 2's fused one (unbiased) for the Keras 2 layout (``*.h5``), Keras 3's (biased) otherwise."""
     legacy = Path(path).suffix in _LEGACY_SUFFIXES and not Path(path).name.endswith(".weights.h5")
     return KERAS2_FUSED.var_update if legacy else KERAS3.var_update
+
+
+def _dataset(group: Any, name: str, array: Any) -> None:
+    """One Keras 3 dataset; bfloat16 marked dtype='bfloat16' as Keras marks it, which its loader needs."""
+    ds = group.create_dataset(name, data=contiguous(array))
+    if ds.dtype.name == "bfloat16" or (ds.dtype.kind == "V" and np.asarray(array).dtype.name == "bfloat16"):
+        ds.attrs["dtype"] = "bfloat16"
 
 
 def _write_legacy(ckpt: Checkpoint, path: Path, h5py: Any, progress: Progress | None) -> None:
