@@ -1082,13 +1082,28 @@ def _same_groups(key: str, layer: Layer) -> list[tuple[str, str, list[np.ndarray
         tensor, value = layer.tensors.get(field), values.get(field)
         if tensor is not None and value is not None:
             group, _, index = tensor.rpartition("/vars/")
-            groups.setdefault(group, []).append((int(index), as_numpy(value)))
+            array = as_numpy(value)
+            if field == "kernel" and layer.kind == "conv":
+                array = _as_group_kernel(group, array, layer.groups)
+            groups.setdefault(group, []).append((int(index), array))
     own = layer.tensors.get("kernel", "").rpartition("/vars/")[0]
     out: list[tuple[str, str, list[np.ndarray], str | None]] = []
     for i, (group, items) in enumerate(groups.items()):
         name = key if group == own or layer.kernel is None else layer.norm_name
         out.append((group, name, [a for _, a in sorted(items, key=lambda t: t[0])], key if i == len(groups) - 1 else None))
     return out
+
+
+def _as_group_kernel(group: str, kernel: np.ndarray, groups: int) -> np.ndarray:
+    """A grouped HWIO kernel as the Keras 3 group ``group`` holds it: a ``depthwise_conv2d`` group's
+    DepthwiseConv2D keeps ``(kH, kW, C, m)``, the layout the reader turned into ``(kH, kW, 1, C*m)``."""
+    base = group.rsplit("/", 1)[-1]
+    if groups > 1 and kernel.ndim == 4 and kernel.shape[2] == 1 and _GROUP_CLASSES.get(
+        re.sub(r"_\d+$", "", base)
+    ) == "DepthwiseConv2D":
+        kh, kw, _, out = kernel.shape
+        return kernel.reshape(kh, kw, groups, out // groups)
+    return kernel
 
 
 def _numbered(base: str, counters: dict[str, int]) -> str:
@@ -1152,6 +1167,7 @@ def write(ckpt: Checkpoint, path: Path, *, progress: Progress | None = None) -> 
         conv_arrays = [as_numpy(params.kernel)] + ([as_numpy(params.bias)] if params.bias is not None else [])
         if same_format and source is not None:
             conv_group = source.conv["kernel"].rsplit("/vars/", 1)[0]
+            conv_arrays[0] = _as_group_kernel(conv_group, conv_arrays[0], params.groups)
             conv_name = source.conv_name
             bn_group = source.bn.get("moving_mean", "").rsplit("/vars/", 1)[0]
             bn_name = source.bn_name

@@ -1159,6 +1159,11 @@ def conform_checkpoint(
         if key in by_name:
             s = by_name[key]
             out.layers[key] = s.params
+            if params.groups != 1 and s.params.groups == 1:
+                # The like file knows the conv is grouped (a Keras DepthwiseConv2D) where a source
+                # that stores no groups (a torch state_dict) does not; the same HWIO kernel, and the
+                # writer needs the groups to lay it out as the like file's layer.
+                out.layers[key] = dataclasses.replace(s.params, groups=params.groups)
             extras = s.extras or like.extras.get(key)
         else:
             out.layers[key] = params
