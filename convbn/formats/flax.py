@@ -285,7 +285,7 @@ def _transposed_modules(record: Mapping[str, str], path: Path) -> set[str] | Non
         return None
     try:
         names = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a list nested past Python's recursion limit
         names = None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ConvBNError(
