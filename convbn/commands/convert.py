@@ -23,14 +23,13 @@ from convbn.convert import (
     verify_checkpoint,
 )
 from convbn.errors import ConvBNError
-from convbn.formats import _orbax
+from convbn.formats import FORMATS, _orbax, caps, load_format
 from convbn.formats._sharded import INDEX_SUFFIX
-from convbn.formats.flax import writes_directory
 from convbn.loading import LoadReport, conform_checkpoint
 from convbn.loading.graphs import file_graph
 
 #: Formats whose writers keep the names of a checkpoint read from the same format.
-LIKE_FORMATS = ("torch", "keras", "flax")
+LIKE_FORMATS = tuple(name for name in FORMATS if caps(name).like_files)
 
 
 def register(sub: Any) -> None:
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     like_format = _like_format(args, dst)
     to = common.target_format(args, dst, default=like_format)
     common.require_packages(source_format, to)
-    if (source_format == "flax" and src.is_dir()) or (to == "flax" and writes_directory(dst)):
+    if (caps(source_format).directories and src.is_dir()) or _writes_directory(to, dst):
         _orbax.require()
     momentum = common.momentum(args, source_format)
     common.check_destination(src, source_format, dst, to, args.force)
@@ -126,6 +125,11 @@ def _check_shard_size(size: str, to: str) -> None:
         check_shard_size(to, size)
     except ConvBNError as exc:
         raise ConvBNError(str(exc).replace("max_shard_size=", "--max-shard-size ").replace("max_shard_size", "--max-shard-size")) from None
+
+
+def _writes_directory(to: str, dst: Path) -> bool:
+    """Whether writing format ``to`` at ``dst`` makes a directory (an Orbax checkpoint)."""
+    return caps(to).directories and bool(load_format(to).writes_directory(dst))
 
 
 def _like_format(args: argparse.Namespace, dst: Path) -> str | None:
@@ -211,7 +215,7 @@ def _write(
     target = ckpt if to_write is None else to_write
     common.check_target(target, dst, to)
     # An existing DST was refused above for a directory always, for a file here.
-    directory = to == "flax" and writes_directory(dst)
+    directory = _writes_directory(to, dst)
     if directory and dst.exists():
         raise ConvBNError(f"{dst} exists; an Orbax checkpoint is written as a new directory, even with --force")
     with common.staged(dst, force=args.force, protect=protect) as staging:

@@ -55,6 +55,12 @@ class FormatCaps:
             into; ``"by_path"`` when the file's name decides, through the module's
             ``target_var_update(path)`` (Keras 2's ``*.h5`` against Keras 3's); None when each
             layer's own is stored.
+        directories: a checkpoint may be a directory (an Orbax checkpoint): read when the source
+            is one, written where the module's ``writes_directory(path)`` says; either needs
+            orbax-checkpoint (:func:`convbn.formats._orbax.require`).
+        like_files: a file of the format can be ``convert --like``'s state file: its writer keeps
+            the names of a checkpoint read from the same format, so the user's model loads the
+            result with its framework's own strict loader.
         checks_destination: the module defines ``check_destination(ckpt, path)``, raising
             ConvBNError when writing ``ckpt`` at ``path`` would leave it next to files that
             contradict it (a TF ``.meta`` graph); ``write`` checks its own target, the CLI, which
@@ -78,6 +84,8 @@ class FormatCaps:
     shards: Literal["index_json", "data_files"] | None = None
     flatten_order: Literal["chw", "hwc"] | None = None
     var_update: Literal["biased", "unbiased", "by_path"] | None = None
+    directories: bool = False
+    like_files: bool = False
     checks_destination: bool = False
     convention: str | None = None
     settings_note: str | None = None

@@ -80,7 +80,7 @@ CAPS = FormatCaps(
     framework="torch", package=("torch", "torch"), writes_others=True, writes_fused=True,
     write_options=frozenset({"progress", "max_shard_size"}), shards="index_json", flatten_order="chw",
     var_update="unbiased",
-    convention="torch",
+    convention="torch", like_files=True,
 )
 
 __all__ = ["CAPS", "NAME", "layers_from_state_dict", "read", "sniff", "write"]

@@ -61,6 +61,7 @@ def drift(module: Any) -> list[str]:
         "resolve": declared.prefix,
         "write_prefix": declared.prefix,
         "target_var_update": declared.var_update == "by_path",
+        "writes_directory": declared.directories,
     }
     for function, flag in promised.items():
         if callable(vars(module).get(function)) != flag:
