@@ -5,7 +5,9 @@ Loaded only once the model is known to be a torch module, so importing torch her
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import itertools
 import sys
 from typing import Any
@@ -356,19 +358,21 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 def _flat_sides(model: nn.Module, fx_graph: Any, parts: list[Part], modules: dict[str, nn.Module],
                 example: np.ndarray | None, notes: list[str]) -> None:
     """Set each dense part's :attr:`Part.flat` from the fx graph, its shapes propagated on the example
-    (or a ``(1, C, 32, 32)`` input for the first conv's ``C``): a Linear reads a flattened map where
+    (or, for a first layer called that is a Linear, a ``(1, in_features)`` input; a conv, ``(1, C, 32,
+    32)``): a Linear reads a flattened map where
     a flatten/view/reshape of a rank-4 tensor (through shape-keeping operations) feeds it, and
     feeds one where its output is viewed as a rank-4 tensor."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     if example is not None:
         x = np.moveaxis(example, -1, 1) if example.ndim == 4 else example
-    else:
-        convs = [m for m in modules.values() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-        if not convs:
+    else:  # the first layer called sizes the input: a Linear (1, in), a conv (1, C, 32, 32)
+        called = (modules.get(str(n.target)) for n in fx_graph.nodes if n.op == "call_module")
+        first = next((m for m in called if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))), None)
+        if first is None:
             return
-        first = convs[0]
-        x = np.zeros((1, int(first.in_channels), 32, 32), np.float32)
+        x = np.zeros((1, int(first.in_features)) if isinstance(first, nn.Linear)
+                     else (1, int(first.in_channels), 32, 32), np.float32)
     parameter = next(iter(model.parameters()), None)
     tensor = torch.as_tensor(np.ascontiguousarray(x))
     if parameter is not None:
@@ -376,7 +380,7 @@ def _flat_sides(model: nn.Module, fx_graph: Any, parts: list[Part], modules: dic
     was = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback
             ShapeProp(torch.fx.GraphModule(model, fx_graph)).propagate(tensor)
     except Exception as exc:  # running user code raises anything
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
