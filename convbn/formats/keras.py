@@ -144,6 +144,9 @@ _LEGACY_ORDER = "keras2_layers"
 _LEGACY_FIELDS = {"kernel": "kernel", "depthwise_kernel": "kernel", "bias": "bias", "gamma": "gamma",
                   "beta": "beta", "moving_mean": "moving_mean", "moving_variance": "moving_var"}
 _CONV_CLASSES = ("Conv2D", "DepthwiseConv2D")
+#: Layers a BatchNorm after them in the config's graph belongs to (a Dense + BatchNorm1d-like pair,
+#: DCGAN's deconv + BatchNorm), as convbn's own record and the weights-only order pair them.
+_PRODUCER_CLASSES = (*_CONV_CLASSES, "Conv2DTranspose", "Dense")
 #: The Keras 3 class a ``layers/<group>`` name is the snake case of (Keras names groups after the
 #: class, with a per-class counter).
 _GROUP_CLASSES = {
@@ -636,14 +639,14 @@ def _layer_configs(
     if config.get("class_name") == "Sequential":
         chain = [n for n in order if layers[n].get("class_name") != "InputLayer"]
         for a, b in itertools.pairwise(chain):
-            if layers[a].get("class_name") in _CONV_CLASSES and layers[b].get("class_name") == "BatchNormalization":
+            if layers[a].get("class_name") in _PRODUCER_CLASSES and layers[b].get("class_name") == "BatchNormalization":
                 graph[a] = b
     else:
         for name in order:
             if layers[name].get("class_name") != "BatchNormalization":
                 continue
             producer = _producer(layers[name].get("inbound_nodes"))
-            if producer in layers and layers[producer].get("class_name") in _CONV_CLASSES:
+            if producer in layers and layers[producer].get("class_name") in _PRODUCER_CLASSES:
                 graph[producer] = name
     return layers, graph, order
 
