@@ -403,7 +403,7 @@ def match(
         unknown += [f"checkpoint layer {v!r}" for v in mapping.values() if v not in s_index]
         if unknown:
             raise ConvBNError(
-                f"mapping names {', '.join(unknown)}, which is no conv+BatchNorm layer there. The model's are "
+                f"mapping names {', '.join(unknown)}, which that side does not have. The model's layers are "
                 f"{_names(m.name for m in model)}; the checkpoint's {_names(s.name for s in source)}"
             )
         taken = [s_index[v] for v in mapping.values()]
