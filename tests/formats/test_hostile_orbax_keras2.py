@@ -81,7 +81,8 @@ def test_a_failed_orbax_restore_leaves_logging_hooks_and_threads_as_they_were(
     threads = set(threading.enumerate())
     refused(path, "not a readable Orbax checkpoint")
     assert absl.level == logging.INFO
-    assert set(threading.enumerate()) == threads
+    # No new thread is left behind (one an earlier save started may have ended meanwhile).
+    assert set(threading.enumerate()) <= threads
 
     loop = asyncio.new_event_loop()
     loop.close()
@@ -107,7 +108,8 @@ def test_an_orbax_round_trip_still_reads_back_bit_exactly(tmp_path: Path) -> Non
 
     tree = {"params": {"conv": {"kernel": np.arange(24, dtype="f4").reshape(2, 3, 1, 4)}}}
     _orbax.save(tree, tmp_path / "ckpt")
-    back = _orbax.load(tmp_path / "ckpt")
+    back, custom = _orbax.load(tmp_path / "ckpt")
+    assert custom == {}
     assert np.array_equal(back["params"]["conv"]["kernel"], tree["params"]["conv"]["kernel"])
     assert back["params"]["conv"]["kernel"].dtype == np.float32
 
