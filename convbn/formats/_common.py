@@ -276,6 +276,13 @@ def mark_flatten_undecided(ckpt: Checkpoint, order: FlatOrder) -> None:
         after = _width(items[i + 1][1], "in") if i + 1 < len(items) else None
         if item.flat_in is None and before and before != n_in and n_in % before == 0:
             sides.append(("in", order))
+        elif item.flat_in is None and i == 0 and any(
+            (w := _width(other, "out")) and w != n_in and n_in % w == 0
+            for _, other in items[1:] if isinstance(other, ConvBNParams) or other.kind in ("conv", "conv_transpose")
+        ):
+            # Listed first, with convs after it: a module registered before the layers that feed it
+            # (self.fc defined before self.features) may read their flattened map all the same.
+            sides.append(("in", order))
         if item.flat_out is None and after and after != n_out and n_out % after == 0:
             sides.append(("out", order))
         known = dict(item.flat_undecided)
