@@ -431,6 +431,30 @@ def _flat_sides(model: nn.Module, fx_graph: Any, parts: list[Part], modules: dic
                     break
 
 
+def _writer(bn: Any, parts: dict[str, Part], calls: dict[str, list[Any]]) -> str | None:
+    """The conv or dense part whose output, and nothing else, a BatchNorm call reads, through
+    crops (``y[:, :, :h, :w]``, which keep a per-channel bias per channel): a call of the part's
+    module, or, for a module whose own forward fx traced through (a ``ConvTranspose2d`` subclass
+    cropping its output), the one operation that reads the part's weight."""
+    node = bn.args[0] if bn.args else None
+    while isinstance(node, torch.fx.Node) and len(node.users) == 1 and node.op == "call_function" and (
+            getattr(node.target, "__name__", "") == "getitem"):
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node) or len(node.users) != 1:
+        return None
+    kinds = ("conv", "conv_transpose", "dense")
+    if node.op == "call_module":
+        name = str(node.target)
+        return name if name in parts and parts[name].kind in kinds and len(calls[name]) == 1 else None
+    weights = [a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+    owners = {str(a.target).rpartition(".")[0] for a in weights if str(a.target).endswith(".weight")}
+    if node.op != "call_function" or len(owners) != 1:
+        return None
+    (name,) = owners
+    return name if name in parts and parts[name].kind in kinds and name not in calls and all(
+        len(a.users) == 1 for a in weights) else None
+
+
 def _link_norms(parts: list[Part], modules: dict[str, nn.Module], fx_graph: Any) -> None:
     """Set :attr:`Part.norm` where a BatchNorm part directly reads a conv's or dense part's output and
     nothing else does (in the fx graph; without one, the BatchNorm registered right after it)."""
@@ -442,15 +466,9 @@ def _link_norms(parts: list[Part], modules: dict[str, nn.Module], fx_graph: Any)
         for node in fx_graph.nodes:
             if node.op == "call_module":
                 calls.setdefault(str(node.target), []).append(node)
-        for name, nodes in calls.items():
-            if name not in by_name or by_name[name].kind == "batch_norm" or by_name[name].kind not in (
-                    "conv", "conv_transpose", "dense"):
-                continue
-            after = {str(u.target) if u.op == "call_module" else "" for n in nodes for u in n.users}
-            if len(after) == 1 and all(len(n.users) == 1 and next(iter(n.users)).args[:1] == (n,) for n in nodes):
-                (bn,) = after
-                if bn in norms and len(calls.get(bn, [])) == len(nodes):
-                    links[name] = bn
+        for bn in norms:
+            if len(calls.get(bn, [])) == 1 and (name := _writer(calls[bn][0], by_name, calls)) is not None:
+                links[name] = bn
     else:
         leaves = [n for n, m in modules.items() if not any(True for _ in m.children())]
         for a, b in itertools.pairwise(leaves):

@@ -507,3 +507,21 @@ def test_a_write_failing_part_way_restores_every_layer(torch_files, monkeypatch)
         convbn.load_into(model, path)
     assert len(calls) == 4
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_bare_flax_tree_loads_where_shapes_decide_and_refuses_repeated_shapes(torch_files):
+    """Without its module a Flax tree has no graph: the EfficientNet-style net, whose layers all
+    differ in kind or shape, loads whole; the ResNet's repeated 3x3 8->8 convs are refused by name."""
+    from tests._support import whole_ports
+
+    model, path = torch_files["efficient"]
+    module, variables = _flax("efficient")
+    report = convbn.load_into(variables, path)
+    assert report.ok and set(report.how.values()) == {"shape"}
+    x = _x()
+    assert rel_err(whole_ports.flax_run(module, report.variables, x), _torch_run(model, x)) <= TOL
+    _, variables = _flax("resnet")
+    with pytest.raises(LoadError, match="the model's graph is unknown") as caught:
+        convbn.load_into(variables, torch_files["resnet"][1])
+    message = str(caught.value)
+    assert all(name in message for name in ("s1b0/a/w", "s2b1/spatial/w", "layer1.0.conv1", "layer2.1.conv2"))
