@@ -780,7 +780,10 @@ def _run_other(layer: Layer, x: np.ndarray, *, converted: Layer | None) -> np.nd
         params = ConvBNParams(
             kernel=_f64(layer.kernel), bias=_f64(layer.bias), moving_mean=np.zeros(layer.out_features),
             moving_var=np.ones(layer.out_features), eps=0.0, stride=geo.stride, padding=geo.padding,
-            dilation=geo.dilation, groups=layer.groups,
+            dilation=geo.dilation,
+            # A file that stores no geometry (a torch state_dict) reads groups 1; the model it loads
+            # into has the source's groups, which the kernel's shape allows.
+            groups=layer.groups if converted is None or layer.geometry else converted.groups,
         )
         y = conv_bn(x, params, backend="numpy")
     elif layer.kind == "conv_transpose":
