@@ -237,6 +237,7 @@ class Part:
             its input is a vector (after pooling); ``flat["out"]`` the map its output is reshaped
             into, or None. A side the graph does not decide is absent.
         handle: the framework's own objects.
+        options: settings the framework's writer needs (Flax ``ConvTranspose``'s ``transpose_kernel``).
     """
 
     name: str
@@ -250,6 +251,7 @@ class Part:
     order: FlatOrder = "hwc"
     flat: dict[str, tuple[int, int, int] | None] = dataclasses.field(default_factory=dict)
     handle: Any = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

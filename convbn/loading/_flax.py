@@ -31,6 +31,7 @@ import numpy as np
 from convbn.checkpoint import Layer, Norm
 from convbn.errors import ConvBNError
 from convbn.formats._pairing import Unit, natural_key, pair_units
+from convbn.layouts import transpose_from_flax, transpose_to_flax
 from convbn.loading import ModelPairs, Part, Staged, StagedPart, Target, flat_map, out_width, parts_as_layers
 from convbn.loading.matching import Flow, Graph, State
 from convbn.params import ConvBNParams
@@ -82,7 +83,7 @@ def find_pairs(model: Any, example: np.ndarray | None = None) -> ModelPairs:
     found = _tree_pairs(variables)
     if module is not None:
         try:
-            found.graph = _data_flow(module, variables, kwargs, example, found.targets, found.parts)
+            found.graph = _data_flow(module, variables, kwargs, example, found.targets, found.parts, found.untouched)
         except Exception as exc:  # tracing user code raises anything
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
             found.notes.append(f"module.apply could not be traced ({type(exc).__name__}: {first[:160]}): no graph")
@@ -210,6 +211,7 @@ def _set(tree: dict[str, Any], path: Path, leaf: str, value: Any) -> None:
 def _data_flow(
     module: Any, variables: Mapping[str, Any], kwargs: dict[str, Any], example: np.ndarray | None,
     targets: list[Target], parts: list[Part] = (),  # type: ignore[assignment]
+    untouched: list[str] = (),  # type: ignore[assignment]
 ) -> Graph:
     """Which modules feed which, from the jaxpr of ``module.apply``: an operation reading a module's
     variables and data computed from the input belongs to that module. Sets each dense part's
@@ -218,16 +220,28 @@ def _data_flow(
     import jax.extend.core as jax_core
     import jax.numpy as jnp
 
+    if example is None:  # the first module created (tree order) sizes it: a Dense (1, in), a conv (1, 32, 32, C)
+        kernels = [np.shape(v["kernel"]) for _, v in _modules(variables["params"]) if np.ndim(v.get("kernel", 0)) in (2, 4)]
+        if not kernels:
+            raise ConvBNError("no conv or dense kernel to size an input by")
+        first = kernels[0]
+        example = np.zeros((1, first[0]) if len(first) == 2 else (1, 32, 32, first[2]), np.float32)
+    x = jnp.asarray(example)
+    import flax.linen as nn
+
+    called: dict[str, Any] = {}
+
+    def record(call: Any, args: Any, kw: Any, context: Any) -> Any:
+        if context.method_name == "__call__":
+            called.setdefault("/".join(context.module.path), context.module)
+        return call(*args, **kw)
+
+    with nn.intercept_methods(record):
+        closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **kwargs))(variables, x)
+    _by_class(parts, targets, called, untouched, variables)
     unit: dict[str, str] = {}
     for t in targets:
         unit["/".join(t.handle[0])] = unit["/".join(t.handle[1])] = t.name
-    if example is None:
-        kernels = [np.shape(v["kernel"]) for _, v in _modules(variables["params"]) if np.ndim(v.get("kernel", 0)) == 4]
-        if not kernels:
-            raise ConvBNError("no conv kernel to size an input by")
-        example = np.zeros((1, 32, 32, kernels[0][2]), np.float32)
-    x = jnp.asarray(example)
-    closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **kwargs))(variables, x)
     paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
     recorder = Flow()
     states: dict[Any, State] = {}
@@ -281,6 +295,48 @@ def _data_flow(
         if kernel in dense and not dense[kernel].flat:
             dense[kernel].flat = _flat_sides(eqn, made, alias, users, outputs)
     return recorder.graph(t.name for t in targets)
+
+
+def _by_class(parts: list[Part], targets: list[Target], called: Mapping[str, Any], untouched: list[str],
+              variables: Mapping[str, Any]) -> None:
+    """The parts as their modules' classes say, once the module ran: a ``ConvTranspose`` (whose
+    leaves are a ``Conv``'s) is a transposed conv, and no conv of a pair, a conv's
+    ``feature_group_count`` its groups, a norm's ``epsilon`` its eps; a ``LayerNorm`` or
+    ``GroupNorm`` under a name of its own is a part."""
+    import flax.linen as nn
+
+    params, stats = _roots(variables)
+    for t in [t for t in targets if isinstance(called.get("/".join(t.handle[0])), nn.ConvTranspose)]:
+        targets.remove(t)
+        conv_path, bn_path = t.handle
+        width = int(np.shape(_at(stats, bn_path)["mean"])[-1])
+        parts += [Part(t.name, "conv", t.kernel_shape, t.bias, norm=t.bn_name, handle=conv_path),
+                  Part(t.bn_name, "batch_norm", (width,), t.beta, t.gamma, handle=bn_path)]
+    for part in parts:
+        m = called.get(part.name)
+        if isinstance(m, nn.ConvTranspose):
+            flag = bool(getattr(m, "transpose_kernel", False))
+            kh, kw, a, b = part.shape
+            part.kind, part.options = "conv_transpose", {"transpose_kernel": flag}
+            part.shape, part.groups = ((kh, kw, a, b) if flag else (kh, kw, b, a)), 1
+        elif isinstance(m, nn.Conv):
+            part.groups = int(m.feature_group_count)
+        elif isinstance(m, (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+            part.eps = float(m.epsilon)
+    for name in list(untouched):
+        m = called.get(name)
+        kind = "layer_norm" if isinstance(m, nn.LayerNorm) else "group_norm" if isinstance(m, nn.GroupNorm) else None
+        leaves = _at(params, tuple(name.split("/")))
+        if kind is None or not leaves or not set(leaves) <= {"scale", "bias"} or _at(stats, tuple(name.split("/"))):
+            continue
+        assert m is not None
+        width = int(np.shape(next(iter(leaves.values())))[-1])
+        groups = None
+        if kind == "group_norm":  # flax states num_groups or group_size
+            groups = int(m.num_groups) if m.num_groups else width // int(m.group_size)
+        parts.append(Part(name, kind, (width,), "bias" in leaves, "scale" in leaves, groups=groups,
+                          eps=float(m.epsilon), handle=tuple(name.split("/"))))
+        untouched.remove(name)
 
 
 def _resolve(var: Any, alias: Mapping[Any, Any]) -> Any:
@@ -380,8 +436,11 @@ def read_parts(model: Any, found: ModelPairs) -> dict[str, Layer]:
     def read_part(part: Part) -> Layer | Norm:
         leaves, stat = _at(params, part.handle), _at(stats, part.handle)
         value = {k: np.array(v) for k, v in {**leaves, **stat}.items()}
+        if part.kind == "conv_transpose":
+            kernel = transpose_from_flax(value["kernel"], part.options.get("transpose_kernel", False))
+            return Layer("conv_transpose", kernel, value.get("bias"))
         if part.kind in ("conv", "dense"):
-            return Layer(part.kind, value["kernel"], value.get("bias"))  # type: ignore[arg-type]
+            return Layer(part.kind, value["kernel"], value.get("bias"), groups=part.groups or 1)  # type: ignore[arg-type]
         return Norm(part.kind, value.get("scale"), value.get("bias"), value.get("mean"), value.get("var"),  # type: ignore[arg-type]
                     var_update="biased" if part.kind == "batch_norm" else None)
 
@@ -417,8 +476,10 @@ def restore(model: Any, saved: Any) -> None:
 
 def _write_part(params: dict[str, Any], stats: dict[str, Any], s: StagedPart) -> None:
     path, part = s.part.handle, s.part
-    if part.kind in ("conv", "dense"):
-        _set(params, path, "kernel", s.kernel)
+    if part.kind in ("conv", "conv_transpose", "dense"):
+        kernel = s.kernel if part.kind != "conv_transpose" else transpose_to_flax(
+            np.asarray(s.kernel), part.options.get("transpose_kernel", False))
+        _set(params, path, "kernel", kernel)
         if part.bias:
             _set(params, path, "bias", s.bias)
         return

@@ -370,3 +370,31 @@ def test_load_into_fills_the_whole_port_from_the_slim_checkpoint(dcgan: dict[str
         fake = model.generator(torch.from_numpy(dcgan["z"])).permute(0, 2, 3, 1).numpy()
     assert rel_err(logits, dcgan["logits"]) < TOL
     assert rel_err(fake, dcgan["fake"]) < TOL
+
+
+@pytest.mark.needs("jax", "flax")
+def test_load_into_fills_the_whole_flax_port_from_the_slim_checkpoint(dcgan: dict[str, Any]) -> None:
+    """The Flax port's modules, each half given as (module, variables): the traced modules' classes
+    say its ``ConvTranspose`` layers are transposed convs (their leaves are a ``Conv``'s), loaded with
+    flax's kernel convention; ``g_h0_lin``'s output and ``d_h4_lin``'s input are NHWC as the slim
+    checkpoint's, so nothing is permuted. Both outputs are TF's."""
+    import jax
+
+    from tests.formats import dcgan_flax
+
+    generator, discriminator = dcgan_flax.models()
+    out = {}
+    for module, key, name, other in ((generator, "z", "fake", "discriminator"), (discriminator, "x", "logits", "generator")):
+        variables = module.init(jax.random.key(0), dcgan[key])
+        report = convbn.load_into((module, variables), dcgan["prefix"], strict=False,
+                                  example_input=dcgan[key], expected_output=dcgan[name])
+        assert report.missing == [] and report.mismatched == [] and report.untouched == [], report.summary()
+        assert report.unexpected and all(u.startswith(f"{other}/") for u in report.unexpected)
+        assert report.permuted == {}
+        out[name] = np.asarray(module.apply(report.variables, dcgan[key]))
+        assert report.output_error is not None and report.output_error < TOL
+        if name == "fake":
+            assert [report.parts[f"g_h{i}"] for i in range(1, 5)] == ["conv_transpose"] * 4
+            assert set(report.folded) == {"g_h1", "g_h2", "g_h3"}
+    assert report.parts["d_h0_conv"] == "conv" and report.parts["d_h4_lin"] == "dense"
+    assert rel_err(out["fake"], dcgan["fake"]) < TOL and rel_err(out["logits"], dcgan["logits"]) < TOL

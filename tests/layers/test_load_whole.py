@@ -525,3 +525,30 @@ def test_a_bare_flax_tree_loads_where_shapes_decide_and_refuses_repeated_shapes(
         convbn.load_into(variables, torch_files["resnet"][1])
     message = str(caught.value)
     assert all(name in message for name in ("s1b0/a/w", "s2b1/spatial/w", "layer1.0.conv1", "layer2.1.conv2"))
+
+
+def test_flax_conv_transpose_group_norm_and_layer_norm_are_told_by_their_modules():
+    """In a Flax tree a ConvTranspose holds a Conv's leaves, and a LayerNorm or GroupNorm named in
+    the model's own words (``gn``, ``ln``) holds only ``scale`` and ``bias``: with the module given,
+    its traced classes say what each is, so all load from the torch net, in flax's kernel convention."""
+    need("torch", "flax")
+    import flax.linen as nn
+    import jax
+    import torch
+
+    class Up(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            h = nn.ConvTranspose(4, (4, 4), (2, 2), padding="SAME", name="up")(x)
+            h = nn.relu(nn.GroupNorm(num_groups=2, epsilon=1e-5, name="gn")(h)).mean((1, 2))
+            return nn.LayerNorm(epsilon=1e-5, name="ln")(nn.Dense(6, name="fc")(h))
+
+    model = _upsampling_torch()
+    module = Up()
+    x = _x(5)[:, :5, :5]
+    variables = module.init(jax.random.PRNGKey(0), x)
+    report = convbn.load_into((module, variables), model, example_input=x)
+    assert report.ok and report.parts == {"up": "conv_transpose", "fc": "dense", "gn": "group_norm", "ln": "layer_norm"}
+    with torch.no_grad():
+        want = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    assert rel_err(np.asarray(module.apply(report.variables, x)), want) <= TOL
