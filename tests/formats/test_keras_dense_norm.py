@@ -17,7 +17,8 @@ def test_a_keras_archive_pairs_a_dense_layer_with_the_batchnorm_after_it(tmp_pat
 
     layers = keras.layers
     model = keras.Sequential([
-        keras.Input((6,)), layers.Dense(5), layers.BatchNormalization(), layers.ReLU(), layers.Dense(2),
+        keras.Input((6,)), layers.Dense(5, name="fc"), layers.BatchNormalization(name="fc_bn"), layers.ReLU(),
+        layers.Dense(2, name="head"),
     ])
     rng = np.random.default_rng(0)
     for layer in model.layers:
@@ -25,8 +26,8 @@ def test_a_keras_archive_pairs_a_dense_layer_with_the_batchnorm_after_it(tmp_pat
                            for w in layer.weights])
     model.save(tmp_path / "k.keras")
     archive = convbn.load_checkpoint(tmp_path / "k.keras")
-    norm = archive.others["dense"].norm
-    assert norm is not None and "batch_normalization" not in archive.others
+    norm = archive.others["fc"].norm
+    assert norm is not None and "fc_bn" not in archive.others
     np.testing.assert_array_equal(norm.moving_var, np.asarray(model.layers[1].moving_variance))
     assert norm.eps == pytest.approx(model.layers[1].epsilon)
 
