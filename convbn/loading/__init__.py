@@ -528,7 +528,10 @@ def _decide_flatten(part: Part, layer: CheckpointLayer) -> tuple[CheckpointLayer
     (:attr:`Part.flat`), and a description of any side where the two contradict each other."""
     from convbn.checkpoint import FeatureMap
 
-    if layer.kind != "dense" or not part.flat:
+    if layer.kind != "dense" or not (layer.flat_undecided or layer.flat_in or layer.flat_out):
+        return layer, ""
+    resolve_flat(part)
+    if not part.flat:
         return layer, ""
     undecided = dict(layer.flat_undecided)
     fields: dict[str, Any] = {}
@@ -563,6 +566,14 @@ def flat_map(shape: Sequence[Any], order: FlatOrder) -> tuple[bool, tuple[int, i
         return False, None
     _, a, b, c = shape
     return True, ((int(b), int(c), int(a)) if order == "chw" else (int(a), int(b), int(c)))
+
+
+def resolve_flat(part: Part) -> None:
+    """Fill :attr:`Part.flat` where the framework left it to be computed on demand (torch runs a
+    forward pass to propagate shapes)."""
+    resolve = part.options.pop("resolve_flat", None)
+    if resolve is not None:
+        resolve()
 
 
 def _dims(shape: tuple[int, ...]) -> str:
@@ -993,7 +1004,10 @@ def _live_checkpoint(source: Any, framework: Any, example: np.ndarray | None) ->
     mark_flatten_undecided(ckpt, orders.pop() if len(orders) == 1 else "hwc")
     for part in found.parts:  # what the source's own graph decides is decided
         layer = ckpt.others.get(part.name)
-        if layer is None or layer.kind != "dense" or not part.flat:
+        if layer is None or layer.kind != "dense" or not layer.flat_undecided:
+            continue
+        resolve_flat(part)
+        if not part.flat:
             continue
         maps: dict[str, Any] = {side: None if m is None or m[0] * m[1] == 1 else FeatureMap(*m, order=part.order)
                                 for side, m in part.flat.items()}

@@ -284,8 +284,18 @@ def find_pairs(model: nn.Module, example: np.ndarray | None = None) -> ModelPair
         used.update((conv_name, bn_name))
     parts = [p for name, module in modules.items() if name not in used and (p := _part(name, module)) is not None]
     _link_norms(parts, modules, fx_graph if pairing == "torch.fx" else None)
-    if pairing == "torch.fx" and any(p.kind == "dense" for p in parts):
-        _flat_sides(model, fx_graph, parts, modules, example, notes)
+    dense = [p for p in parts if p.kind == "dense"]
+    if pairing == "torch.fx" and dense:
+        # Shapes need a forward pass: only run it when a checkpoint leaves a flatten to the graph.
+        done: list[bool] = []
+
+        def resolve() -> None:
+            if not done:
+                done.append(True)
+                _flat_sides(model, fx_graph, parts, modules, example, notes)
+
+        for part in dense:
+            part.options["resolve_flat"] = resolve
     used.update(p.name for p in parts)
     untouched = [
         name or "(root)"
