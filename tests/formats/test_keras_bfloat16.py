@@ -14,18 +14,9 @@ pytestmark = pytest.mark.needs("torch")
 
 
 def _randomize(model: Any) -> Any:
-    import torch
-    from torch import nn
+    from tests._support.whole_nets import randomize
 
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=gen) * 2 - 1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                module.bias.copy_(torch.rand(module.bias.shape, generator=gen) * 2 - 1)
-    return model.eval()
+    return randomize(model)
 
 
 def test_a_bfloat16_keras_file_reads_back_and_loads_into_keras(tmp_path):
