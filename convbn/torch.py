@@ -26,6 +26,7 @@ from convbn import adapters
 from convbn.backends import torch as backend
 from convbn.errors import ConvBNError
 from convbn.geometry import check_data_format, plan_for
+from convbn.layouts import HWIO_TO_OIHW, OIHW_TO_HWIO
 from convbn.params import ConvBNParams, with_arrays
 from convbn.spec import ConvBNSpec, VarUpdate, symmetric
 
@@ -173,7 +174,7 @@ class ConvBN2d(nn.Module):
         if mean is None or var is None:
             raise ConvBNError("bn must track running statistics. Received: bn.track_running_stats=False")
         return ConvBNParams(
-            kernel=weight.permute(2, 3, 1, 0), bias=bias, gamma=gamma, beta=beta,  # type: ignore[union-attr]
+            kernel=weight.permute(OIHW_TO_HWIO), bias=bias, gamma=gamma, beta=beta,  # type: ignore[union-attr]
             moving_mean=mean, moving_var=var, stride=conv.stride,
             padding=self.padding, dilation=conv.dilation, groups=conv.groups, eps=bn.eps,
             momentum=adapters.kept_from_torch(bn.momentum, "bn"), var_update=self.var_update,
@@ -233,7 +234,7 @@ class ConvBN2d(nn.Module):
             data_format=data_format, device=device, dtype=dtype,
         )
         values = {
-            "weight": (layer.conv.weight, kernel.permute(3, 2, 0, 1)),
+            "weight": (layer.conv.weight, kernel.permute(HWIO_TO_OIHW)),
             "bias": (layer.conv.bias, params.bias),
             "gamma": (layer.bn.weight, params.gamma),
             "beta": (layer.bn.bias, params.beta),
@@ -332,7 +333,7 @@ class ConvBN2d(nn.Module):
             device=kernel.device, dtype=kernel.dtype,
         )
         with torch.no_grad():
-            conv.weight.copy_(kernel.permute(3, 2, 0, 1))
+            conv.weight.copy_(kernel.permute(HWIO_TO_OIHW))
             conv.bias.copy_(bias)  # type: ignore[union-attr]
         if one_conv:
             return conv

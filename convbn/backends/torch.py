@@ -32,6 +32,7 @@ from convbn.backends._common import (
 from convbn.caches import Folded, ParamArrays, TorchFold
 from convbn.errors import ConvBNError
 from convbn.geometry import Plan
+from convbn.layouts import HWIO_TO_OIHW, OIHW_TO_HWIO
 from convbn.params import ARRAY_FIELDS, ConvBNParams, with_arrays
 
 NAME = "torch"
@@ -145,7 +146,7 @@ def _param_tensors(params: ConvBNParams, device: torch.device) -> ParamArrays:
 def _fold(t: ParamArrays, eps: float, dtype: torch.dtype) -> Folded:
     cd = _compute_dtype(dtype)
     w, b = fold_arrays(ParamArrays._make(None if v is None else v.to(cd) for v in t), eps, torch.rsqrt)
-    return Folded(w.permute(3, 2, 0, 1).to(dtype).contiguous(), b.to(dtype))
+    return Folded(w.permute(HWIO_TO_OIHW).to(dtype).contiguous(), b.to(dtype))
 
 
 class _Unversioned:
@@ -237,7 +238,7 @@ class _FoldGrad(torch.autograd.Function):
         g = gamma.to(cd) if gamma is not None else None
         s = r if g is None else g * r
         centered = -m if bias is None else bias.to(cd) - m
-        gk = torch.zeros_like(k) if gw is None else gw.to(cd).permute(2, 3, 1, 0)
+        gk = torch.zeros_like(k) if gw is None else gw.to(cd).permute(OIHW_TO_HWIO)
         gb_ = torch.zeros_like(m) if gb is None else gb.to(cd)
         ds = (gk * k).sum(dim=(0, 1, 2)) + gb_ * centered
         dkernel = (gk * s).to(kernel.dtype)
@@ -315,7 +316,7 @@ def _train_conv(
     conv_bias = t.bias
     if conv_bias is not None and conv_bias.dtype != dtype:
         conv_bias = conv_bias.to(dtype)
-    z = _conv(x, kernel.permute(3, 2, 0, 1), conv_bias, plan)
+    z = _conv(x, kernel.permute(HWIO_TO_OIHW), conv_bias, plan)
     bn_dtype = _compute_dtype(dtype)
     gamma, beta = t.gamma, t.beta
     if gamma is not None and gamma.dtype != bn_dtype:
