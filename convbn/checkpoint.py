@@ -305,6 +305,12 @@ class Checkpoint:
             norms). Their tensors are no longer in ``tensors``.
         order: the names of ``layers`` and ``others`` in source order; empty means ``layers`` then
             ``others``. :meth:`in_order` walks it.
+        kind_undecided: the names of layers (in ``layers`` or ``others``) read as convs whose file
+            cannot tell a conv from a transposed conv (a torch ``weight`` of ``(O, I, kh, kw)`` is a
+            Conv2d's ``(out, in)`` or a ConvTranspose2d's ``(in, out)``, and the neutral kernel is the
+            same array either way). :meth:`with_kinds` (``convbn convert --kind``) states them;
+            writing to a format that records the kind is refused while the checkpoint also holds
+            transposed convs (:func:`convbn.convert.check_kinds`).
     """
 
     layers: dict[str, ConvBNParams] = dataclasses.field(default_factory=dict)
@@ -320,6 +326,7 @@ class Checkpoint:
     fused: bool = False
     others: dict[str, Layer] = dataclasses.field(default_factory=dict)
     order: list[str] = dataclasses.field(default_factory=list)
+    kind_undecided: list[str] = dataclasses.field(default_factory=list)
 
     def in_order(self) -> list[tuple[str, ConvBNParams | Layer]]:
         """Every layer, pairs and others, in source order.
@@ -424,7 +431,92 @@ class Checkpoint:
             unpaired=dict(self.unpaired),
             others=dict(self.others),
             order=list(self.order),
+            kind_undecided=list(self.kind_undecided),
         )
+
+    def with_kinds(self, spec: Mapping[str, str]) -> Checkpoint:
+        """A copy with the kinds of the named layers stated (``convbn convert --kind LAYER=KIND``):
+        ``{layer: "conv" | "conv_transpose"}`` for layers in :attr:`kind_undecided`.
+
+        A layer stated ``"conv_transpose"`` keeps its kernel array (the neutral layouts of the two
+        kinds are the same axes of a torch weight) and its transposed reading decides the rest: a
+        conv+BatchNorm pair becomes a transposed conv carrying that BatchNorm (its kernel must be
+        square, as the BatchNorm's width is then both readings' output); a lone conv takes the
+        standalone BatchNorm that directly follows it in :attr:`order` when that BatchNorm has the
+        transposed conv's output width. ``"conv"`` keeps the layer and removes it from
+        :attr:`kind_undecided`. Each is noted.
+
+        Raises:
+            ConvBNError: a name that is not undecided, a kind other than the two, or a layer whose
+                tensors cannot be a transposed conv's (a bias or a BatchNorm of the conv's width).
+        """
+        out = self.copy()
+        for name, kind in spec.items():
+            if name not in self.kind_undecided or not (name in self.layers or name in self.others):
+                undecided = [n for n in self.kind_undecided if n in self.layers or n in self.others]
+                raise ConvBNError(
+                    f"--kind must name a layer whose kind the file could not decide; this checkpoint has "
+                    f"{undecided[:8] or 'none'}. Received: {name!r}"
+                )
+            if kind not in ("conv", "conv_transpose"):
+                raise ConvBNError(f"--kind takes LAYER=conv or LAYER=conv_transpose. Received: {name}={kind}")
+            out.kind_undecided.remove(name)
+            if kind == "conv":
+                out.notes.append(f"kind of layer {name!r} given explicitly: conv")
+                continue
+            taken = out._as_transpose(name)
+            out.notes.append(
+                f"kind of layer {name!r} given explicitly: conv_transpose"
+                + (f", with the BatchNorm {taken!r} after it" if taken else "")
+            )
+        return out
+
+    def _as_transpose(self, name: str) -> str:
+        """Re-read layer ``name`` (a conv, in place) as a transposed conv; the name of a standalone
+        BatchNorm it took, else ``""``."""
+        def refuse(why: str) -> ConvBNError:
+            return ConvBNError(f"layer {name!r} cannot be a transposed conv: {why}")
+
+        taken = ""
+        params = self.layers.pop(name, None)
+        if params is not None:
+            cin, cout = np.shape(params.kernel)[2:]
+            if cin != cout or params.groups != 1:
+                raise refuse(f"the BatchNorm after it has {cout} values, a transposed conv of its kernel gives {cin}")
+            source = self.sources.pop(name, None)
+            norm = Norm("batch_norm", params.gamma, params.beta, params.moving_mean, params.moving_var,
+                        eps=params.eps, momentum=params.momentum, var_update=params.var_update)
+            layer = Layer("conv_transpose", kernel=params.kernel, bias=params.bias, norm=norm,
+                          tensors={**(source.conv if source else {}), **(source.bn if source else {})},
+                          extras=self.extras.pop(name, {}), norm_name=source.bn_name if source else "",
+                          stride=params.stride, padding=params.padding, dilation=params.dilation,
+                          geometry=bool(source and source.geometry))
+        else:
+            conv = self.others[name]
+            if conv.kind != "conv" or conv.groups != 1:
+                raise refuse(f"it is a {conv.kind} with groups={conv.groups}")
+            _, _, out_width, in_width = np.shape(conv.kernel)
+            if conv.bias is not None and out_width != in_width:
+                raise refuse(f"its bias has {in_width} values, a transposed conv of its kernel gives {out_width}")
+            if conv.norm is not None and out_width != in_width:
+                raise refuse(f"the BatchNorm after it has {in_width} values, a transposed conv gives {out_width}")
+            fields: dict[str, Any] = {}
+            order = self.order or [*self.layers, *self.others]
+            after = order[order.index(name) + 1] if name in order and order.index(name) + 1 < len(order) else ""
+            bn = self.others.get(after)
+            if conv.norm is None and bn is not None and bn.kind == "batch_norm" and bn.out_features == out_width:
+                assert bn.norm is not None
+                taken = after
+                del self.others[after]
+                fields = {"norm": bn.norm, "tensors": {**conv.tensors, **bn.tensors},
+                          "extras": {**conv.extras, **bn.extras}, "norm_name": after}
+            layer = dataclasses.replace(conv, kind="conv_transpose", **fields)
+        self.others[name] = layer
+        # others in source order: verification matches them by position
+        order = [n for n in (self.order or [*self.layers, *self.others]) if n != taken]
+        self.order = order
+        self.others = {n: self.others[n] for n in [*order, *self.others] if n in self.others}
+        return taken
 
 
 

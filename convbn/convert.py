@@ -31,6 +31,7 @@ __all__ = [
     "Checkpoint",
     "LayerCheck",
     "LayerSource",
+    "check_kinds",
     "check_layout",
     "check_shard_size",
     "check_source",
@@ -257,6 +258,7 @@ def prepare_for_format(
             f"fold_bias={target!r}, conv_bias=True"
         )
     check_flatten_order(ckpt, name)
+    check_kinds(ckpt, name)
     fold = not ckpt.fused and (conv_bias is False or not holds_bias or target is not None)
     into: FoldTarget = target or "beta"
     out = ckpt.copy()
@@ -318,6 +320,34 @@ def check_flatten_order(ckpt: Checkpoint, format: str) -> None:
         return
     for name, item in ckpt.others.items():
         item.as_order(target, name)  # a side the source itself could not decide: refused, naming --flatten
+
+
+def check_kinds(ckpt: Checkpoint, format: str) -> None:
+    """Refuse to write, to a format that records which layers are transposed convs
+    (:attr:`FormatCaps.records_kinds <convbn.formats._caps.FormatCaps>`: Flax, Keras, safetensors),
+    a layer whose source could not say whether it is a conv or a transposed conv
+    (:attr:`Checkpoint.kind_undecided`) when the checkpoint holds transposed convs too: written as
+    a conv, a model with a transposed conv there would load it wrong (flax even stores the two
+    kinds' kernels differently). Without transposed convs elsewhere, such layers are the convs of a
+    conv net and are written as convs. torch and TF targets store the same array either way.
+
+    Raises:
+        ConvBNError: naming the layers and how to state them (``--kind``, :meth:`Checkpoint.with_kinds`).
+    """
+    from convbn.formats._common import listing
+
+    if format not in FORMATS or not caps(format).records_kinds:
+        return
+    undecided = [n for n in ckpt.kind_undecided if n in ckpt.layers or n in ckpt.others]
+    transposed = [n for n, layer in ckpt.others.items() if layer.kind == "conv_transpose"]
+    if undecided and transposed:
+        raise ConvBNError(
+            f"{len(undecided)} layer(s) were read as convs but their source file cannot tell a conv from a "
+            f"transposed conv ({listing(undecided)}), and the checkpoint has transposed convs "
+            f"({listing(transposed)}); the {format} format records which each is, so state it: convbn "
+            f"convert --kind {undecided[0]}=conv_transpose (or ={'conv'}), once per layer; in Python "
+            "Checkpoint.with_kinds"
+        )
 
 
 def save_checkpoint(
@@ -629,6 +659,16 @@ def verify_checkpoint(
     (:attr:`LayerCheck.geometry`): where the source format stores none, that is stride 1,
     ``"SAME"``, dilation 1, which checks the stored numbers but not the model's own geometry.
 
+    A converted file that cannot record whether a layer is a conv or a transposed conv (a torch
+    state_dict, or a safetensors file without convbn's metadata, stores a bias-free ConvTranspose2d
+    weight as a Conv2d's: the same tensor, the same neutral kernel) is read back under the source's
+    structure: a converted layer its reader lists in :attr:`Checkpoint.kind_undecided` is read as a
+    transposed conv where the source has one at the same place (by name, else in layer order), with
+    the standalone BatchNorm that follows it in the file when the source's carries one
+    (:meth:`Checkpoint.with_kinds`). Only that label changes: every number is still compared, a
+    kernel of another shape or other values still fails, and a layer the reader decided (by its
+    bias, its BatchNorm, or a format that records kinds) is never re-read.
+
     Returns:
         One :class:`LayerCheck` per layer.
 
@@ -639,6 +679,7 @@ def verify_checkpoint(
     """
     rng = np.random.default_rng(seed)
     checks: list[LayerCheck] = []
+    converted = _under_source_kinds(source, converted)
     if set(converted.layers) == set(source.layers):
         target_items = [(name, converted.layers[name]) for name in source.layers]
     else:
@@ -660,6 +701,38 @@ def verify_checkpoint(
     return checks + verify_others(source, converted, rng)
 
 
+def _under_source_kinds(source: Checkpoint, converted: Checkpoint) -> Checkpoint:
+    """``converted`` with each layer whose kind its file could not decide read as the source's
+    transposed conv at the same place (see :func:`verify_checkpoint`)."""
+    undecided = set(converted.kind_undecided)
+    if not undecided:
+        return converted
+    theirs, mine = source.in_order(), converted.in_order()
+    spec: dict[str, str] = {}
+    if {n for n, _ in theirs} == {n for n, _ in mine}:
+        spec = {n: "conv_transpose" for n, item in theirs
+                if n in undecided and isinstance(item, Layer) and item.kind == "conv_transpose"}
+    else:
+        j = 0
+        for _, item in theirs:
+            if j >= len(mine):
+                break
+            name, got = mine[j]
+            if name in undecided and isinstance(item, Layer) and item.kind == "conv_transpose":
+                spec[name] = "conv_transpose"
+                after = mine[j + 1][1] if j + 1 < len(mine) else None
+                if (item.norm is not None and isinstance(got, Layer) and got.norm is None
+                        and isinstance(after, Layer) and after.kind == "batch_norm"):
+                    j += 1  # the BatchNorm with_kinds gives it, if its width fits
+            j += 1
+    if not spec:
+        return converted
+    try:
+        return converted.with_kinds(spec)
+    except ConvBNError:
+        return converted  # tensors no transposed conv has: the kinds then differ, and the check fails
+
+
 #: Layer kinds :func:`verify_others` does not run (their outputs are not computed here): none.
 NOT_VERIFIED: tuple[str, ...] = ()
 
@@ -672,9 +745,11 @@ def verify_others(source: Checkpoint, converted: Checkpoint, rng: np.random.Gene
     convs, transposed convs (with the BatchNorm after them; :func:`convbn.conv_transpose.conv_transpose`),
     standalone BatchNorms, LayerNorms and GroupNorms are run; a kind in
     :data:`NOT_VERIFIED` is listed as a check that is ok with the problem "not run". Layers match by
-    name when both sides hold the same names, else by position.
+    name when both sides hold the same names, else by position. A converted layer whose file could
+    not say conv or transposed conv is read as the source's, as :func:`verify_checkpoint` says.
     """
     rng = np.random.default_rng(0) if rng is None else rng
+    converted = _under_source_kinds(source, converted)
     if set(source.others) == set(converted.others):
         pairs = [(name, name) for name in source.others]
     else:

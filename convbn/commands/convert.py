@@ -70,6 +70,11 @@ def register(sub: Any) -> None:
                              "LAYER=HxWxC, its input is a flattened HxWxC feature map; LAYER=out:HxWxC, its "
                              "output is reshaped into one; LAYER=none, neither. Needed to convert such a layer "
                              "between NHWC and NCHW frameworks, which reorders its features")
+    parser.add_argument("--kind", metavar="LAYER=KIND", action="append", default=[], dest="kinds",
+                        help="state whether a layer the source cannot decide is a conv or a transposed conv "
+                             "(repeatable): LAYER=conv_transpose or LAYER=conv. A torch state_dict stores a "
+                             "bias-free ConvTranspose2d weight as a Conv2d's; the notes list such layers, and a "
+                             "target that records kinds (flax, keras, safetensors) is refused until they are stated")
     common.add_target_options(parser)
     parser.set_defaults(func=run)
 
@@ -97,12 +102,15 @@ def run(args: argparse.Namespace) -> int:
     elif args.mapping:
         raise ConvBNError(f"--map applies with --like only. Received: --map {args.mapping[0]!r} without --like")
     flatten = parse_flatten(args.flatten)
+    kinds = _kinds(args.kinds)
     common.prepare_conversion(source_format, to)
     ckpt = load_checkpoint(
         src, source_format, pairs=args.pair, eps=args.eps, momentum=momentum, use_ema=args.use_ema
     )
     if flatten:
         ckpt = ckpt.with_flatten(flatten)
+    if kinds:
+        ckpt = ckpt.with_kinds(kinds)
     read_notes = len(ckpt.notes)
     match: LoadReport | None = None
     to_write: Checkpoint | None = None
@@ -164,6 +172,20 @@ def _check_like(args: argparse.Namespace, dst: Path, to: str, like_format: str) 
         raise ConvBNError("--no-conv-bias does not apply with --like: the like file's convs decide which keep a bias")
     if dst.resolve() == like.resolve():
         raise ConvBNError(f"DST must differ from the --like file: convbn never modifies its inputs. Received: DST={str(dst)!r}")
+
+
+def _kinds(items: list[str]) -> dict[str, str]:
+    """``--kind LAYER=KIND`` options as :meth:`Checkpoint.with_kinds` takes them."""
+    out: dict[str, str] = {}
+    for item in items:
+        layer, sep, kind = item.rpartition("=")
+        if not sep or not layer or kind not in ("conv", "conv_transpose") or layer in out:
+            raise ConvBNError(
+                "--kind takes LAYER=conv or LAYER=conv_transpose, each layer once. Received: --kind "
+                f"{item!r}" + (" (given twice)" if layer in out else "")
+            )
+        out[layer] = kind
+    return out
 
 
 def _mapping(items: list[str]) -> dict[str, str]:

@@ -68,6 +68,11 @@ class FormatCaps:
         convention: the :mod:`convbn.conventions` preset the format's files follow where they
             store no setting (its eps, its momentum and how it spells momentum); None when each
             layer's own is stored (safetensors).
+        records_kinds: the files say which layer is a conv and which a transposed conv (a Keras
+            class name, convbn's Flax record and flipped ConvTranspose kernels, convbn's safetensors
+            metadata), so writing a layer the source could not decide (:attr:`Checkpoint.kind_undecided`)
+            would state a kind nobody knows: :func:`convbn.convert.check_kinds` refuses it. torch
+            and TF files store the same array for either kind and record none.
         settings_note: the files store no BatchNorm eps/momentum and the writer leaves saying so
             to ``save_checkpoint``, which names them so (``"TF checkpoints"``) and compares the
             layers with the defaults of ``convention``.
@@ -89,6 +94,7 @@ class FormatCaps:
     checks_destination: bool = False
     convention: str | None = None
     settings_note: str | None = None
+    records_kinds: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.write_options) - OPTIONS

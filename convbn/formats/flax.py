@@ -89,7 +89,7 @@ CAPS = FormatCaps(
     suffixes=(".msgpack",),
     package=("msgpack", "jax"), writes_others=True, writes_fused=True, write_options=frozenset({"progress"}),
     flatten_order="hwc", var_update="biased",
-    convention="flax", directories=True, like_files=True,
+    convention="flax", directories=True, like_files=True, records_kinds=True,
 )
 
 __all__ = ["CAPS", "NAME", "read", "sniff", "write", "writes_directory"]

@@ -122,7 +122,7 @@ CAPS = FormatCaps(
     suffixes=(".keras", ".h5", ".hdf5"),
     package=("h5py", "keras"), writes_others=True, writes_fused=True, write_options=frozenset({"progress"}),
     flatten_order="hwc", var_update="by_path",
-    convention="keras3", like_files=True,
+    convention="keras3", like_files=True, records_kinds=True,
 )
 
 __all__ = ["CAPS", "NAME", "read", "sniff", "target_var_update", "write"]

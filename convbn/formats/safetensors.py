@@ -66,7 +66,7 @@ NAME = "safetensors"
 CAPS = FormatCaps(
     suffixes=(".safetensors",),
     writes_others=True, writes_fused=True, write_options=frozenset({"progress", "max_shard_size"}),
-    shards="index_json",
+    shards="index_json", records_kinds=True,
 )
 LAYOUT_VERSION = "1"
 

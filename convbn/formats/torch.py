@@ -504,12 +504,15 @@ def layers_from_state_dict(
         modules.setdefault(module, {})[leaf] = key
     units: list[Unit] = []
     affine_only: list[str] = []
+    listed: list[Unit | None] = []  # one per module, in state_dict order
     for module, leaves in modules.items():
         unit = _unit(module, leaves, arrays)
+        listed.append(unit)
         if unit is not None:
             units.append(unit)
         elif set(leaves) == {"weight", "bias"} and all(np.ndim(arrays[k]) == 1 for k in leaves.values()):
             affine_only.append(module)
+    _transposed_by_batch_norm(listed, arrays)
     found, unpaired = pair_units(units, explicit=pairs, source=str(source))
     ckpt = Checkpoint(format=fmt, convention=TORCH.name)
     ckpt.metadata["source_format"] = NAME
@@ -556,6 +559,7 @@ def layers_from_state_dict(
         if unit.kind in ("conv", "bn"):
             ckpt.unpaired[unit.name] = unit.kind
     ckpt.tensors = {key: value for key, value in arrays.items() if key not in used}
+    _mark_kind_undecided(ckpt, arrays, fmt)
     if ckpt.layers or any(o.kind == "conv" for o in ckpt.others.values()):
         ckpt.notes.append(
             f"{fmt} files do not store stride, padding, dilation or groups: the layers keep "
@@ -570,6 +574,64 @@ def layers_from_state_dict(
             "written back under these names to torch and safetensors only"
         )
     return ckpt
+
+
+def _transposed_by_batch_norm(listed: list[Unit | None], arrays: Mapping[str, np.ndarray]) -> None:
+    """Read a bias-free 4-D weight ``W`` as a ConvTranspose2d's ``(in, out, kh, kw)`` when the
+    modules around it chain only that way: the next module is a BatchNorm of ``F = W.shape[1] !=
+    W.shape[0]`` features, and the one after it a 4-D weight ``V`` with ``V.shape[0] == F !=
+    V.shape[1]`` (what a transposed conv reading those ``F`` channels has).
+
+    Why this cannot misread a net of plain convs: there a BatchNorm normalizes the output of the
+    layer listed before it (post-activation: ``conv -> bn``, so ``F == W.shape[0]``) or the input of
+    the one listed after it (pre-activation ResNets, DenseNets: ``bn -> conv``, so ``F ==
+    V.shape[1]``); both are excluded. The BatchNorm of a pre-activation block listed after the
+    block's shortcut conv (timm's ``downsample`` before ``norm1``), or a DenseNet layer's ``norm1``
+    after the previous layer's ``conv2``, has ``W.shape[1]`` features but feeds the next conv, and
+    stays a standalone BatchNorm. A transposed conv this does not reach (no BatchNorm after it, or
+    one followed by a conv that reads it) stays a conv, and :func:`_mark_kind_undecided` says so.
+    """
+    for i, unit in enumerate(listed[:-2]):
+        bn, nxt = listed[i + 1], listed[i + 2]
+        if unit is None or unit.kind != "conv" or "bias" in unit.payload or bn is None or bn.kind != "bn":
+            continue
+        if nxt is None or nxt.kind not in ("conv", "conv_transpose"):
+            continue
+        w, v = np.shape(arrays[unit.payload["weight"]]), np.shape(arrays[nxt.payload["weight"]])
+        if bn.channels == w[1] != w[0] and v[0] == bn.channels != v[1]:
+            unit.kind, unit.channels = "conv_transpose", int(w[1])
+
+
+def _mark_kind_undecided(ckpt: Checkpoint, arrays: Mapping[str, np.ndarray], fmt: str) -> None:
+    """List in ``ckpt.kind_undecided`` every layer read as a conv that a ConvTranspose2d would
+    store the same way: groups 1 and neither a bias of ``weight.shape[0] != weight.shape[1]``
+    values nor a BatchNorm of that width after it says Conv2d. Where the file holds transposed
+    convs too, say so in the notes (elsewhere every conv would be listed, and none is in doubt)."""
+    undecided: list[str] = []
+    for name, item in ckpt.in_order():
+        if isinstance(item, ConvBNParams):
+            source = ckpt.sources.get(name)
+            weight = np.shape(arrays[source.conv["kernel"]]) if source else (0, 0)
+            square = weight[0] == weight[1]
+        elif item.kind == "conv" and item.groups == 1:
+            weight = np.shape(arrays[item.tensors["kernel"]])
+            square = weight[0] == weight[1]
+            if not square and item.bias is None and item.norm is None:
+                undecided.append(name)
+                continue
+        else:
+            continue
+        if square:
+            undecided.append(name)
+    ckpt.kind_undecided = undecided
+    transposed = [n for n, o in ckpt.others.items() if o.kind == "conv_transpose"]
+    if undecided and transposed:
+        ckpt.notes.append(
+            f"read as convs: {len(undecided)} kernel(s) whose {fmt} file cannot tell a Conv2d from a "
+            f"ConvTranspose2d ({listing(undecided)}): no bias or BatchNorm of one width only after them, or "
+            f"as many inputs as outputs; the file has transposed convs ({listing(transposed)}). State "
+            "which they are: convbn convert --kind LAYER=conv_transpose or LAYER=conv (Checkpoint.with_kinds)"
+        )
 
 
 def _other(

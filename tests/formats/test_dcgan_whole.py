@@ -211,12 +211,17 @@ def _torch_port() -> Any:
 
 @pytest.mark.needs("torch")
 def test_the_whole_dcgan_converts_to_a_faithful_torch_port(
-    dcgan: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dcgan: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import torch
 
     _as_documented(dcgan, tmp_path, monkeypatch)
-    assert main(_doc_command("dcgan.pt --to torch")) == 0
+    argv = _doc_command("dcgan.pt --to torch")
+    assert "--verify" in argv and "--no-conv-bias" in argv
+    assert main(argv) == 0
+    # The bias-free transposed convs read back as ConvTranspose2d weights (their BatchNorms say so),
+    # and every layer is run against the source.
+    assert capsys.readouterr().out.splitlines()[-1] == "verified: all 11 layer(s) within tolerance"
     out = tmp_path / "dcgan.pt"
     written = convbn.save_checkpoint(
         convbn.load_checkpoint(dcgan["prefix"]), tmp_path / "api.pt", "torch", conv_bias=False
@@ -239,6 +244,41 @@ def test_the_whole_dcgan_converts_to_a_faithful_torch_port(
     with torch.no_grad():
         wrong = model.discriminator(torch.from_numpy(dcgan["x"]).permute(0, 3, 1, 2)).numpy()
     assert rel_err(wrong, dcgan["logits"]) > 1e-2
+
+
+@pytest.mark.needs("torch")
+def test_verifying_the_torch_file_hides_no_wrong_transposed_kernel(dcgan: dict[str, Any], tmp_path: Path) -> None:
+    """A generator whose last transposed conv is bias-free too: nothing in the .pt says ConvTranspose2d
+    for it, so verify reads it under the source's structure; a transposed-conv kernel corrupted in
+    the file still fails, whether or not its kind was decided."""
+    import torch
+
+    from convbn.convert import verify_checkpoint
+
+    source = convbn.load_checkpoint(dcgan["prefix"])
+    source.others["generator/g_h4"] = dataclasses.replace(source.others["generator/g_h4"], bias=None)
+    convbn.save_checkpoint(source, tmp_path / "g.pt", "torch", conv_bias=False)
+    back = convbn.load_checkpoint(tmp_path / "g.pt")
+    assert back.kind_undecided == ["generator.g_h4"] and back.others["generator.g_h4"].kind == "conv"
+    assert any(n.startswith("read as convs: 1 kernel(s)") and "generator.g_h4" in n for n in back.notes)
+    checks = verify_checkpoint(source, back)
+    assert len(checks) == 11 and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    state = torch.load(tmp_path / "g.pt", weights_only=True)
+    for layer, tamper in (
+        ("generator.g_h4", lambda w: w.transpose(2, 3)),  # undecided: spatially transposed
+        ("generator.g_h2", lambda w: w.transpose(2, 3)),  # decided by its BatchNorm
+        ("generator.g_h2", lambda w: w.transpose(0, 1)),  # in and out swapped: another shape
+        ("generator.g_h4", lambda w: w.flip(2, 3)),  # a flipped kernel, as flax stores it
+    ):
+        bad = dict(state, **{f"{layer}.weight": tamper(state[f"{layer}.weight"]).contiguous()})
+        torch.save(bad, tmp_path / "bad.pt")
+        failed = [c for c in verify_checkpoint(source, convbn.load_checkpoint(tmp_path / "bad.pt")) if not c.ok]
+        assert failed, layer
+    # A kernel with its input channels out of order fails, and only that layer.
+    bad = dict(state, **{"generator.g_h1.weight": state["generator.g_h1.weight"].roll(1, 0)})
+    torch.save(bad, tmp_path / "bad.pt")
+    names = [c.source for c in verify_checkpoint(source, convbn.load_checkpoint(tmp_path / "bad.pt")) if not c.ok]
+    assert names == ["generator/g_h1"]
 
 
 @pytest.mark.needs("jax", "flax", "tensorflow")
