@@ -165,6 +165,7 @@ def _randomize_keras(model: Any, seed: int = 3) -> Any:
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("net", NETS)
 def test_keras_port_loads_whole_into_the_torch_net(net, source, tmp_path):
+    need("torch", "keras")
     from tests._support import whole_nets, whole_ports
 
     keras_model = _randomize_keras(_keras(net))
@@ -215,6 +216,7 @@ def _two_heads_keras() -> Any:
 def test_interchangeable_dense_heads_are_refused_by_name_then_decided_by_mapping(tmp_path):
     """Two same-shaped heads on parallel branches: neither names (Keras's are generated), the graph
     nor order tell them apart, so load_into refuses and names all four; mapping= decides."""
+    need("torch", "keras")
     import torch
 
     model = _two_heads_torch()
