@@ -80,7 +80,10 @@ def run(route: str, workdir: Path, whole: bool = True) -> dict[str, Any]:
     if not _files(src):
         make_source(src_fmt, src, whole)
     dst = workdir / f"dst_{src_fmt}.{SUFFIX[dst_fmt]}"
-    result = measure(src, dst, dst_fmt, "", [IMPORTS[src_fmt], IMPORTS[dst_fmt]], route)
+    # A TF checkpoint without its .meta graph cannot say whether fc reads a flattened map (2048 could
+    # be 2x2x512): convert refuses until it is stated, as a user states it with --flatten fc=none.
+    flatten = "fc=none" if whole and src_fmt == "slim" else ""
+    result = measure(src, dst, dst_fmt, "", [IMPORTS[src_fmt], IMPORTS[dst_fmt]], route, flatten)
     size = sum(f.stat().st_size for f in _files(src))
     result.update(route=route, size=size, peak_x=result["peak"] / size,
                   extra_x=(result["peak"] - result["before"]) / size)

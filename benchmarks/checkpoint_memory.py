@@ -59,7 +59,7 @@ IMPORTS = {"torch": ["torch"], "flax": ["orbax.checkpoint"]}
 #: (the formats' frameworks) are imported first and timed; then the peak-RSS counter is reset and
 #: ``load_checkpoint`` (+ ``save_checkpoint`` when a format is given) is timed. Prints one JSON line.
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 src, dst, to, shard = sys.argv[2:6]
 t = time.perf_counter()
@@ -77,6 +77,10 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 t = time.perf_counter()
 ckpt = convbn.load_checkpoint(src)
+flatten = os.environ.get("CONVBN_BENCH_FLATTEN")
+if flatten:  # what `convert --flatten` states, where the source cannot say
+    from convbn.checkpoint import parse_flatten
+    ckpt = ckpt.with_flatten(parse_flatten(flatten.split(",")))
 if to:
     convbn.save_checkpoint(ckpt, dst, to, max_shard_size=shard or None)
 seconds = time.perf_counter() - t
@@ -85,12 +89,15 @@ print(json.dumps({"before": before, "peak": status("VmHWM"), "seconds": seconds,
 """
 
 
-def measure(src: Path, dst: Path | None, to: str, shard_size: str, imports: list[str], what: str) -> dict[str, Any]:
+def measure(src: Path, dst: Path | None, to: str, shard_size: str, imports: list[str], what: str,
+            flatten: str = "") -> dict[str, Any]:
     """Run :data:`CHILD` on one route (``to=""``: only read ``src``): its JSON result. torch is
-    imported first where it is among ``imports``; ``what`` names the route if it fails."""
+    imported first where it is among ``imports``; ``what`` names the route if it fails; ``flatten``
+    (``"fc=none"``, comma-separated) is stated after reading, as ``convert --flatten`` does."""
     modules = sorted(set(imports), key=lambda m: m != "torch")
     argv = [sys.executable, "-c", CHILD, str(ROOT), str(src), str(dst or ""), to, shard_size, *modules]
-    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CONVBN_BENCH_FLATTEN": flatten}
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"{what} failed:\n{out.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
