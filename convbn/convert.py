@@ -23,6 +23,7 @@ from convbn.checkpoint import Checkpoint, Layer, LayerSource
 from convbn.errors import ConvBNError
 from convbn.folding import FoldTarget, fit, fold_bias, fold_layer_bias
 from convbn.formats import FORMATS, caps, load_format
+from convbn.formats._common import listing
 from convbn.formats._io import parent_directories, placement
 from convbn.formats._pairing import natural_key, parse_pairs
 from convbn.params import ConvBNParams
@@ -334,8 +335,6 @@ def check_kinds(ckpt: Checkpoint, format: str) -> None:
     Raises:
         ConvBNError: naming the layers and how to state them (``--kind``, :meth:`Checkpoint.with_kinds`).
     """
-    from convbn.formats._common import listing
-
     if format not in FORMATS or not caps(format).records_kinds:
         return
     undecided = [n for n in ckpt.kind_undecided if n in ckpt.layers or n in ckpt.others]
@@ -345,7 +344,7 @@ def check_kinds(ckpt: Checkpoint, format: str) -> None:
             f"{len(undecided)} layer(s) were read as convs but their source file cannot tell a conv from a "
             f"transposed conv ({listing(undecided)}), and the checkpoint has transposed convs "
             f"({listing(transposed)}); the {format} format records which each is, so state it: convbn "
-            f"convert --kind {undecided[0]}=conv_transpose (or ={'conv'}), once per layer; in Python "
+            f"convert --kind {undecided[0]}=conv_transpose (or =conv), once per layer; in Python "
             "Checkpoint.with_kinds"
         )
 
