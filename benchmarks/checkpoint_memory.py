@@ -57,7 +57,8 @@ IMPORTS = {"torch": ["torch"], "flax": ["orbax.checkpoint"]}
 
 #: One measured route, in a fresh process: ``root src dst format shard_size module...``. The modules
 #: (the formats' frameworks) are imported first and timed; then the peak-RSS counter is reset and
-#: ``load_checkpoint`` (+ ``save_checkpoint`` when a format is given) is timed. Prints one JSON line.
+#: ``load_checkpoint`` (+ ``save_checkpoint`` when a format is given) is timed, in wall and CPU
+#: seconds. Prints one JSON line.
 CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -75,7 +76,7 @@ def status(key):
 before = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 ckpt = convbn.load_checkpoint(src)
 flatten = os.environ.get("CONVBN_BENCH_FLATTEN")
 if flatten:  # what `convert --flatten` states, where the source cannot say
@@ -83,8 +84,8 @@ if flatten:  # what `convert --flatten` states, where the source cannot say
     ckpt = ckpt.with_flatten(parse_flatten(flatten.split(",")))
 if to:
     convbn.save_checkpoint(ckpt, dst, to, max_shard_size=shard or None)
-seconds = time.perf_counter() - t
-print(json.dumps({"before": before, "peak": status("VmHWM"), "seconds": seconds, "import_s": import_s,
+seconds, cpu_s = time.perf_counter() - t, time.process_time() - cpu
+print(json.dumps({"before": before, "peak": status("VmHWM"), "seconds": seconds, "cpu_s": cpu_s, "import_s": import_s,
                   "layers": len(ckpt.layers), "tensorflow": "tensorflow" in sys.modules}))
 """
 
