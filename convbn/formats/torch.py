@@ -42,6 +42,7 @@ from convbn.formats._caps import FormatCaps
 from convbn.formats._common import (
     Progress,
     add_other,
+    as_numpy,
     build_layer,
     build_norm,
     build_other,
@@ -738,10 +739,18 @@ def _other_state(name: str, layer: Layer, *, exact: bool) -> dict[str, Any]:
 
 
 def _tensor(array: Any) -> Any:
+    """``array`` as a contiguous CPU tensor. A permuted view (an HWIO kernel as OIHW, a dense
+    kernel transposed) is made contiguous by torch, whose strided copy runs on its intra-op threads
+    and is about twice as fast as NumPy's on a 2-core machine (``benchmarks/checkpoint_conversion.py``)."""
+    a = as_numpy(array)
     with warnings.catch_warnings():
         # Arrays read from msgpack/h5 may be read-only; torch.save only reads them.
         warnings.simplefilter("ignore", UserWarning)
-        return numpy_to_torch(contiguous(array))
+        if a.flags.c_contiguous:
+            return numpy_to_torch(a)
+        if a.ndim and a.size and all(s > 0 and s % a.itemsize == 0 for s in a.strides):
+            return numpy_to_torch(a).contiguous()  # strides torch.from_numpy takes
+        return numpy_to_torch(contiguous(a))
 
 
 def write(
