@@ -746,11 +746,9 @@ def _tensor(array: Any) -> Any:
     with warnings.catch_warnings():
         # Arrays read from msgpack/h5 may be read-only; torch.save only reads them.
         warnings.simplefilter("ignore", UserWarning)
-        if a.flags.c_contiguous:
-            return numpy_to_torch(a)
-        if a.ndim and a.size and all(s > 0 and s % a.itemsize == 0 for s in a.strides):
-            return numpy_to_torch(a).contiguous()  # strides torch.from_numpy takes
-        return numpy_to_torch(contiguous(a))
+        if not a.flags.c_contiguous and not all(s > 0 and s % a.itemsize == 0 for s in a.strides):
+            a = contiguous(a)  # strides torch.from_numpy refuses (negative: a flipped kernel)
+        return numpy_to_torch(a).contiguous()  # no copy when already contiguous
 
 
 def write(

@@ -229,3 +229,26 @@ def test_a_bias_of_the_wrong_length_names_the_file_and_tensors(tmp_path):
     assert str(info.value).endswith(
         "bias must have shape (out_channels,) = (8,) to match the kernel. Received: bias.shape=(5,), "
         "kernel.shape=(3, 3, 3, 8)")
+
+
+def test_written_tensors_equal_their_arrays_whatever_the_strides(tmp_path):
+    """The torch writer makes each array contiguous: permuted views through torch, flipped
+    (negative-stride) and broadcast ones through NumPy; the file holds the same values either way."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from convbn.formats.torch import _tensor
+
+    k = np.random.default_rng(0).standard_normal((3, 3, 4, 5)).astype(np.float32)
+    arrays = {
+        "permuted": k.transpose(3, 2, 0, 1),
+        "flipped": k[::-1, ::-1].transpose(3, 2, 0, 1),
+        "broadcast": np.broadcast_to(k[:1], k.shape),
+        "bfloat16": k.astype(ml_dtypes.bfloat16).transpose(3, 2, 0, 1),
+        "empty": np.zeros((0, 3), np.float32).T,
+    }
+    torch.save({name: _tensor(a) for name, a in arrays.items()}, tmp_path / "t.pt")
+    back = torch.load(tmp_path / "t.pt", weights_only=True)
+    for name, a in arrays.items():
+        t = back[name]
+        assert t.is_contiguous(), name
+        want = np.asarray(a, np.float32)
+        assert np.array_equal(t.float().numpy(), want), name
