@@ -231,10 +231,12 @@ def test_a_bias_of_the_wrong_length_names_the_file_and_tensors(tmp_path):
         "kernel.shape=(3, 3, 3, 8)")
 
 
+@pytest.mark.needs("torch", "ml_dtypes")
 def test_written_tensors_equal_their_arrays_whatever_the_strides(tmp_path):
     """The torch writer makes each array contiguous: permuted views through torch, flipped
     (negative-stride) and broadcast ones through NumPy; the file holds the same values either way."""
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import ml_dtypes
+
     from convbn.formats.torch import _tensor
 
     k = np.random.default_rng(0).standard_normal((3, 3, 4, 5)).astype(np.float32)
