@@ -11,8 +11,8 @@ order) and calls :func:`pair_units`. The rules, strongest first:
    (:func:`naming_candidates`).
 4. ``order``: a conv whose next unit in source order is an unpaired BatchNorm with the same
    channel count (``order="adjacent"``); or, for files that only keep the order within each layer
-   class (Keras ``.weights.h5``), the k-th conv with the next BatchNorm that fits
-   (``order="by_kind"``).
+   class (Keras ``.weights.h5``), the k-th conv of a width with the k-th BatchNorm of that width,
+   where nothing else could own them (``order="by_kind"``, which refuses the file otherwise).
 
 A dense layer pairs with the BatchNorm after it (torch's ``BatchNorm1d`` after a ``Linear``) by the
 same rules, except ``by_kind``: a file that keeps the order only within each layer class cannot say
@@ -41,6 +41,7 @@ __all__ = [
     "natural_key",
     "naming_candidates",
     "pair_units",
+    "preview_names",
     "parse_pairs",
     "source_order",
 ]
@@ -80,6 +81,8 @@ class Unit:
             leaving it out would convert the file without it, silently (a paired unit's tensors are
             checked when its layer is built, with every tensor of the layer named).
         kernel: a conv's kernel name, which ``channels`` comes from (for the error message).
+        family: the layer's class where a file orders layers only within each class (a Keras
+            ``.weights.h5``: ``"Conv2D"``, ``"DepthwiseConv2D"``), for ``order="by_kind"``.
     """
 
     name: str
@@ -88,6 +91,7 @@ class Unit:
     payload: Any = None
     vectors: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     kernel: str = ""
+    family: str = ""
 
 
 @dataclasses.dataclass
@@ -290,7 +294,7 @@ def pair_units(
                 label = "conv" if kind == "conv" else "BatchNorm"
                 raise ConvBNError(
                     f"an explicit pair must name a {label} {where}; known {label}s: "
-                    f"{_preview(known)}. Received: pair {conv_name}={bn_name}"
+                    f"{preview_names(known)}. Received: pair {conv_name}={bn_name}"
                 )
         assert conv is not None and bn is not None
         if id(conv) in paired or id(bn) in paired:
@@ -334,16 +338,7 @@ def pair_units(
             ):
                 take(conv, bn, "order")
     elif order == "by_kind":
-        bns = [u for u in units if u.kind == "bn" and id(u) not in paired]
-        start = 0
-        for conv in units:
-            if conv.kind != "conv" or id(conv) in paired:
-                continue
-            for j in range(start, len(bns)):
-                if bns[j].channels == conv.channels:
-                    take(conv, bns[j], "order")
-                    start = j + 1
-                    break
+        _pair_by_class_order(units, paired, take, where)
 
     pairs = []
     used_keys: set[str] = set()
@@ -358,6 +353,38 @@ def pair_units(
     for unit in unpaired:
         check_unit(unit, source or "the checkpoint")
     return pairs, unpaired
+
+
+def _pair_by_class_order(units: Sequence[Unit], paired: set[int], take: Any, where: str) -> None:
+    """``order="by_kind"``: the k-th conv of a width takes the k-th BatchNorm of that width.
+
+    A file that keeps its layers' order only within each class (a Keras ``.weights.h5``) can say
+    which BatchNorm a conv owns only when nothing else could own that width's BatchNorms: all the
+    width's convs are of one class (``Unit.family``), no transposed conv or dense layer has that
+    width, and there are as many convs as BatchNorms. Otherwise any of them may follow any conv,
+    and guessing would load a wrong model: the width's layers are named and the file refused. A
+    width whose BatchNorms only a dense or transposed conv layer could follow keeps them standalone.
+    """
+    loose = [u for u in units if id(u) not in paired]
+    for width in dict.fromkeys(u.channels for u in loose if u.kind == "bn"):
+        bns = [u for u in loose if u.kind == "bn" and u.channels == width]
+        owners = [u for u in loose if u.kind in PRODUCERS and u.channels == width]
+        convs = [u for u in owners if u.kind == "conv"]
+        if not convs:
+            continue
+        classes = sorted({u.family or u.kind for u in owners})
+        if len(classes) == 1 and len(convs) == len(bns):
+            for conv, bn in zip(convs, bns, strict=True):
+                take(conv, bn, "order")
+            continue
+        why = (f"{len(bns)} BatchNorm(s) and {len(convs)} {classes[0]}(s)" if len(classes) == 1
+               else "layers of the classes " + ", ".join(classes))
+        raise ConvBNError(
+            f"the file keeps its layers' order only within each class (a Keras .weights.h5), so it cannot "
+            f"say which layer each BatchNorm of width {width} {where} follows ({why}: "
+            f"{preview_names([u.name for u in owners])} / {preview_names([u.name for u in bns])}); pass "
+            "pairs / --pair CONV=BN for them, or read the .keras file, whose config says"
+        )
 
 
 @dataclasses.dataclass
@@ -397,7 +424,8 @@ def source_order(units: Sequence[Unit], pairs: Sequence[Pair], unpaired: Sequenc
     return [by_first[id(u)] for u in units if id(u) in by_first]
 
 
-def _preview(names: Sequence[str], limit: int = 8) -> str:
+def preview_names(names: Sequence[str], limit: int = 8) -> str:
+    """Names for an error message: the first ``limit`` quoted, then how many more."""
     shown = ", ".join(repr(n) for n in names[:limit])
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return f"[{shown}{more}]" if names else "none"

@@ -802,7 +802,8 @@ def _conv_unit(group: _Group, fields: dict[str, tuple[str, np.ndarray]], cfg: Ma
         fields = {**fields, "kernel": (name, kernel.reshape(kh, kw, 1, c * m))}
         geometry["groups"] = int(c)
     out = fields["kernel"][1].shape[3]
-    return Unit(group.name, "conv", int(out), payload=(fields, cfg, geometry))
+    return Unit(group.name, "conv", int(out), payload=(fields, cfg, geometry),
+                family="DepthwiseConv2D" if depthwise else "Conv2D")
 
 
 def _bn_unit(group: _Group, fields: dict[str, tuple[str, np.ndarray]], cfg: Mapping[str, Any]) -> Unit | None:
@@ -884,8 +885,8 @@ def read(
         )
     elif found and not with_graph and any(p.reason == "order" for p in found):
         ckpt.notes.append(
-            ".weights.h5 files do not record which BatchNorm follows which conv: paired the k-th Conv2D "
-            "with the next BatchNormalization of the same width (check with 'convbn inspect'; pass "
+            ".weights.h5 files do not record which BatchNorm follows which conv: paired the k-th conv of "
+            "each width with the k-th BatchNormalization of that width (check with 'convbn inspect'; pass "
             "pairs / --pair, or read the .keras file, to be explicit)"
         )
     used: set[str] = set()

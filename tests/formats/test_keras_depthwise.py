@@ -74,8 +74,9 @@ def test_a_keras_file_with_depthwise_convs_converts_back_to_keras(tmp_path):
     def build() -> Any:
         return keras.Sequential([
             keras.Input((5, 5, 4)),
-            layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False),
-            layers.BatchNormalization(), layers.ReLU(), layers.DepthwiseConv2D(3, padding="same"),
+            layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False, name="depthwise_conv2d"),
+            layers.BatchNormalization(name="batch_normalization"), layers.ReLU(),
+            layers.DepthwiseConv2D(3, padding="same", name="depthwise_conv2d_1"),
         ])
 
     rng = np.random.default_rng(0)
@@ -86,33 +87,88 @@ def test_a_keras_file_with_depthwise_convs_converts_back_to_keras(tmp_path):
     source.save_weights(tmp_path / "src.weights.h5")
     x = rng.standard_normal((2, 5, 5, 4)).astype(np.float32)
     expected = np.asarray(source(x, training=False))
-    convbn.save_checkpoint(convbn.load_checkpoint(tmp_path / "src.weights.h5"), tmp_path / "out.weights.h5", "keras")
+    # Two DepthwiseConv2Ds of width 8 and one BatchNorm: the file cannot say whose it is (see below).
+    ckpt = convbn.load_checkpoint(tmp_path / "src.weights.h5", pairs={"depthwise_conv2d": "batch_normalization"})
+    convbn.save_checkpoint(ckpt, tmp_path / "out.weights.h5", "keras")
     k = build()
     k.load_weights(tmp_path / "out.weights.h5")
     np.testing.assert_array_equal(np.asarray(k(x, training=False)), expected)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a .weights.h5 without a config pairs each conv class's k-th conv with the next BatchNorm of its "
-    "width; with a DepthwiseConv2D before a Conv2D of the same width the classes' interleaving is "
-    "unknown, and the Conv2D takes the depthwise conv's BatchNorm instead of being refused as ambiguous"
-))
-def test_a_weights_file_with_depthwise_before_conv_of_one_width_is_not_paired_by_guess(tmp_path):
+def _save(tmp_path: Any, *layers_: Any) -> Any:
+    import keras
+
+    model = keras.Sequential([keras.Input((5, 5, 4)), *layers_])
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        layer.set_weights([rng.uniform(0.5, 1.5, w.shape) if "variance" in w.path else rng.standard_normal(w.shape)
+                           for w in layer.weights])
+    model.save_weights(tmp_path / "k.weights.h5")
+    return model
+
+
+def test_a_weights_file_with_depthwise_before_conv_of_one_width_is_refused_not_guessed(tmp_path):
+    """DepthwiseConv2D+BN before a Conv2D+BN of the same width: a .weights.h5 orders layers only
+    within each class, so either conv may own either BatchNorm. The old rule (k-th conv with the
+    next BatchNorm of its width) gave the Conv2D the depthwise conv's BatchNorm; now the file is
+    refused, naming the width's layers and --pair, and the explicit pairs load it exactly."""
     need("h5py")
     need("keras")
     import keras
 
     layers = keras.layers
-    model = keras.Sequential([
-        keras.Input((5, 5, 4)),
-        layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False, name="l1"),
-        layers.BatchNormalization(name="l2"), layers.Conv2D(8, 1, use_bias=False, name="l3"),
-        layers.BatchNormalization(name="l4"),
-    ])
-    model.save_weights(tmp_path / "k.weights.h5")
-    try:
-        ckpt = convbn.load_checkpoint(tmp_path / "k.weights.h5")
-    except convbn.ConvBNError:
-        return  # refused: fine
-    assert ckpt.sources["l1"].bn_name == "l2"
-    assert ckpt.sources["l3"].bn_name == "l4"
+    model = _save(tmp_path, layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False,
+                                                   name="depthwise_conv2d"),
+                  layers.BatchNormalization(name="batch_normalization"),
+                  layers.Conv2D(8, 1, use_bias=False, name="conv2d"), layers.BatchNormalization(name="batch_normalization_1"))
+    with pytest.raises(convbn.ConvBNError, match=r"width 8 .*Conv2D, DepthwiseConv2D.*'conv2d'.*--pair") as refused:
+        convbn.load_checkpoint(tmp_path / "k.weights.h5")
+    assert "'batch_normalization_1'" in str(refused.value)
+    ckpt = convbn.load_checkpoint(tmp_path / "k.weights.h5", pairs={
+        "depthwise_conv2d": "batch_normalization", "conv2d": "batch_normalization_1"})
+    convbn.save_checkpoint(ckpt, tmp_path / "out.weights.h5", "keras")
+    back = keras.Sequential([keras.Input((5, 5, 4)), *(type(layer).from_config(layer.get_config())
+                                                       for layer in model.layers)])
+    back.load_weights(tmp_path / "out.weights.h5")
+    x = np.random.default_rng(2).standard_normal((2, 5, 5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(back(x, training=False)), np.asarray(model(x, training=False)))
+
+
+def test_a_weights_file_with_a_conv_more_than_batchnorms_of_its_width_is_refused(tmp_path):
+    """Two Conv2Ds of width 8 and one BatchNorm of width 8: which conv the BatchNorm follows is not
+    in a .weights.h5, so the file is refused rather than paired with the first conv."""
+    need("h5py")
+    need("keras")
+    import keras
+
+    layers = keras.layers
+    _save(tmp_path, layers.Conv2D(8, 3, padding="same", name="conv2d"), layers.ReLU(),
+          layers.Conv2D(8, 1, use_bias=False, name="conv2d_1"), layers.BatchNormalization(name="batch_normalization"))
+    with pytest.raises(convbn.ConvBNError, match=r"1 BatchNorm\(s\) and 2 Conv2D\(s\)"):
+        convbn.load_checkpoint(tmp_path / "k.weights.h5")
+
+
+def test_a_weights_file_with_one_conv_class_per_width_still_pairs_by_class_order(tmp_path):
+    """Conv2D+BN of widths 8 and 16 and a DepthwiseConv2D+BN of width 24: each width's
+    BatchNorms can only follow one class, with as many layers as BatchNorms, so the file pairs
+    without flags and Keras's load_weights takes the converted file with equal outputs."""
+    need("h5py")
+    need("keras")
+    import keras
+
+    layers = keras.layers
+    model = _save(tmp_path, layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv2d"),
+                  layers.BatchNormalization(name="batch_normalization"),
+                  layers.DepthwiseConv2D(3, depth_multiplier=3, padding="same", use_bias=False, name="depthwise_conv2d"),
+                  layers.BatchNormalization(name="batch_normalization_1"),
+                  layers.Conv2D(16, 1, use_bias=False, name="conv2d_1"), layers.BatchNormalization(name="batch_normalization_2"))
+    ckpt = convbn.load_checkpoint(tmp_path / "k.weights.h5")
+    assert {(s.conv_name, s.bn_name) for s in ckpt.sources.values()} == {
+        ("conv2d", "batch_normalization"), ("depthwise_conv2d", "batch_normalization_1"),
+        ("conv2d_1", "batch_normalization_2")}
+    convbn.save_checkpoint(ckpt, tmp_path / "out.weights.h5", "keras")
+    back = keras.Sequential([keras.Input((5, 5, 4)), *(type(layer).from_config(layer.get_config())
+                                                       for layer in model.layers)])
+    back.load_weights(tmp_path / "out.weights.h5")
+    x = np.random.default_rng(2).standard_normal((2, 5, 5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(back(x, training=False)), np.asarray(model(x, training=False)))

@@ -97,16 +97,18 @@ def test_the_graph_keeps_a_batchnorm_that_follows_no_conv_unpaired(tmp_path):
     assert list(convbn.load_checkpoint(tmp_path / "m.weights.h5").layers) == ["a"]
 
 
-def test_weights_h5_without_a_graph_needs_explicit_pairs_when_order_misleads(tmp_path):
+def test_weights_h5_without_a_graph_is_refused_when_order_could_mislead(tmp_path):
+    """Two Conv2Ds and one BatchNorm of one width: the old rule (k-th conv, next BatchNorm of its
+    width) paired the lone conv with the main conv's BatchNorm; the file is refused instead, and
+    an explicit pair loads it."""
     inp = keras.Input((6, 6, 4))
     x = layers.Conv2D(4, 1, name="lone")(inp)                    # conv2d, no BatchNorm after it
     x = layers.Conv2D(4, 3, padding="same", name="main")(x)      # conv2d_1
     x = layers.BatchNormalization(name="norm")(x)                # batch_normalization
     model = _randomize_bn(keras.Model(inp, x))
     model.save_weights(tmp_path / "m.weights.h5")
-    guessed = convbn.load_checkpoint(tmp_path / "m.weights.h5")
-    assert {k: s.bn_name for k, s in guessed.sources.items()} == {"lone": "norm"}  # the documented pitfall
-    assert any("do not record which BatchNorm follows which conv" in n for n in guessed.notes)
+    with pytest.raises(convbn.ConvBNError, match=r"width 4 .*\['lone', 'main'\] / \['norm'\].*--pair"):
+        convbn.load_checkpoint(tmp_path / "m.weights.h5")
     fixed = convbn.load_checkpoint(tmp_path / "m.weights.h5", pairs={"main": "norm"})
     assert {k: (s.bn_name, s.reason) for k, s in fixed.sources.items()} == {"main": ("norm", "explicit")}
     assert fixed.unpaired == {"lone": "conv"}
