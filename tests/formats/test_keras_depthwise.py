@@ -107,6 +107,19 @@ def _save(tmp_path: Any, *layers_: Any) -> Any:
     return model
 
 
+def _assert_loads_back(ckpt: Any, model: Any, tmp_path: Any) -> None:
+    """The checkpoint written as .weights.h5 loads into a fresh copy of ``model`` with Keras's own
+    load_weights, and that copy computes exactly what ``model`` does."""
+    import keras
+
+    convbn.save_checkpoint(ckpt, tmp_path / "out.weights.h5", "keras")
+    back = keras.Sequential([keras.Input((5, 5, 4)), *(type(layer).from_config(layer.get_config())
+                                                       for layer in model.layers)])
+    back.load_weights(tmp_path / "out.weights.h5")
+    x = np.random.default_rng(2).standard_normal((2, 5, 5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(back(x, training=False)), np.asarray(model(x, training=False)))
+
+
 def test_a_weights_file_with_depthwise_before_conv_of_one_width_is_refused_not_guessed(tmp_path):
     """DepthwiseConv2D+BN before a Conv2D+BN of the same width: a .weights.h5 orders layers only
     within each class, so either conv may own either BatchNorm. The old rule (k-th conv with the
@@ -126,12 +139,7 @@ def test_a_weights_file_with_depthwise_before_conv_of_one_width_is_refused_not_g
     assert "'batch_normalization_1'" in str(refused.value)
     ckpt = convbn.load_checkpoint(tmp_path / "k.weights.h5", pairs={
         "depthwise_conv2d": "batch_normalization", "conv2d": "batch_normalization_1"})
-    convbn.save_checkpoint(ckpt, tmp_path / "out.weights.h5", "keras")
-    back = keras.Sequential([keras.Input((5, 5, 4)), *(type(layer).from_config(layer.get_config())
-                                                       for layer in model.layers)])
-    back.load_weights(tmp_path / "out.weights.h5")
-    x = np.random.default_rng(2).standard_normal((2, 5, 5, 4)).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(back(x, training=False)), np.asarray(model(x, training=False)))
+    _assert_loads_back(ckpt, model, tmp_path)
 
 
 def test_a_weights_file_with_a_conv_more_than_batchnorms_of_its_width_is_refused(tmp_path):
@@ -166,9 +174,4 @@ def test_a_weights_file_with_one_conv_class_per_width_still_pairs_by_class_order
     assert {(s.conv_name, s.bn_name) for s in ckpt.sources.values()} == {
         ("conv2d", "batch_normalization"), ("depthwise_conv2d", "batch_normalization_1"),
         ("conv2d_1", "batch_normalization_2")}
-    convbn.save_checkpoint(ckpt, tmp_path / "out.weights.h5", "keras")
-    back = keras.Sequential([keras.Input((5, 5, 4)), *(type(layer).from_config(layer.get_config())
-                                                       for layer in model.layers)])
-    back.load_weights(tmp_path / "out.weights.h5")
-    x = np.random.default_rng(2).standard_normal((2, 5, 5, 4)).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(back(x, training=False)), np.asarray(model(x, training=False)))
+    _assert_loads_back(ckpt, model, tmp_path)
